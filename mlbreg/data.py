@@ -1,0 +1,400 @@
+"""Datasets held in memory as whole tensors, and a tensor-based batch loader.
+
+Every dataset is read once into a :class:`Split` per side (train/test): images
+as ``uint8`` NCHW (0..255) or, for data that is not 8-bit, ``float32`` in its
+natural scale.  :class:`BatchLoader` moves a split to the training device once
+and builds each batch with whole-batch tensor ops (shuffle, random crop with
+zero padding 4, horizontal flip, normalization) - no DataLoader workers, no PIL
+in the loop.  This follows KellerJordan/cifar10-airbench: at the small image
+sizes used here, per-sample Python transforms, not the model, are the bottleneck.
+
+Randomness of an epoch depends only on ``(seed, epoch)`` so that a run resumed
+at epoch ``e`` sees exactly the batches an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("digits", "cifar10", "tinyimagenet", "mnist", "fashion_mnist", "synthetic")
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+MNIST_URLS = {
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+}
+
+PAD = 4  # random-crop padding, as torchvision's RandomCrop(32, padding=4)
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The dataset's files are not where they are expected; the message says what to put where."""
+
+
+@dataclass
+class Split:
+    x: torch.Tensor  # (N, C, H, W) uint8 (0..255) or float32 (natural scale)
+    y: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    num_classes: int
+    in_shape: tuple[int, int, int]
+    mean: tuple[float, ...]  # per channel, in the scale after uint8 -> [0, 1]
+    std: tuple[float, ...]
+    augment: bool  # random crop (pad 4) + horizontal flip on train batches
+
+
+def load_dataset(name: str, root: str = "data", download: bool = False, **options) -> Dataset:
+    """Load dataset ``name`` (one of :data:`DATASETS`) whole into memory.
+
+    ``root`` is the data folder; ``download`` lets torchvision (or, for
+    TinyImageNet, this module) fetch missing files.  ``options`` are per-dataset
+    keyword arguments (see the ``_load_<name>`` functions).  Missing files raise
+    :class:`DataNotFoundError` (a ``FileNotFoundError``) saying what to put where.
+    """
+    if name not in _LOADERS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+    loader = _LOADERS[name]
+    # Say which options are valid instead of Python's bare "unexpected keyword".
+    valid = [p for p in inspect.signature(loader).parameters if p not in ("root", "download")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for dataset {name!r}; valid options: {valid}")
+    return loader(root=os.fspath(root), download=download, **options)
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def _load_digits(root: str, download: bool, test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
+    """sklearn's 8x8 digits (bundled with sklearn, so root/download are unused)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.data.reshape(-1, 1, 8, 8) / 16.0).float()  # 0..16 -> [0, 1]
+    y = torch.from_numpy(digits.target).long()
+    train_idx, test_idx = train_test_split(
+        np.arange(len(y)), test_size=test_fraction, stratify=digits.target, random_state=split_seed
+    )
+    # Sorted so a split is a plain subset in file order; the loader does the shuffling.
+    train_idx, test_idx = torch.from_numpy(np.sort(train_idx)), torch.from_numpy(np.sort(test_idx))
+    train, test = Split(x[train_idx], y[train_idx]), Split(x[test_idx], y[test_idx])
+    mean, std = _channel_stats(train.x)
+    return Dataset("digits", train, test, 10, (1, 8, 8), mean, std, augment=False)
+
+
+def _load_cifar10(root: str, download: bool) -> Dataset:
+    from torchvision.datasets import CIFAR10
+
+    splits = []
+    for is_train in (True, False):
+        try:
+            ds = CIFAR10(root, train=is_train, download=download)
+        except RuntimeError as e:
+            if "not found" not in str(e).lower():
+                raise
+            raise DataNotFoundError(
+                f"CIFAR-10 not found or corrupted: expected "
+                f"{_abs(root)}/cifar-10-batches-py/{{data_batch_1..5,test_batch,batches.meta}} "
+                f"(the python version). Download {CIFAR10_URL} and extract it into {_abs(root)}, "
+                f"or pass download=True (config: dataset.download=true)."
+            ) from e
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW uint8
+        splits.append(Split(x, torch.tensor(ds.targets, dtype=torch.long)))
+    return Dataset(
+        "cifar10", *splits, num_classes=10, in_shape=(3, 32, 32),
+        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), augment=True,
+    )
+
+
+def _load_mnist_like(name: str, root: str, download: bool) -> Dataset:
+    from torchvision.datasets import MNIST, FashionMNIST
+
+    cls, folder, mean, std = {
+        "mnist": (MNIST, "MNIST", (0.1307,), (0.3081,)),
+        "fashion_mnist": (FashionMNIST, "FashionMNIST", (0.2860,), (0.3530,)),
+    }[name]
+    splits = []
+    for is_train in (True, False):
+        try:
+            ds = cls(root, train=is_train, download=download)
+        except RuntimeError as e:
+            if "not found" not in str(e).lower():
+                raise
+            files = "train-images-idx3-ubyte,train-labels-idx1-ubyte,t10k-images-idx3-ubyte,t10k-labels-idx1-ubyte"
+            raise DataNotFoundError(
+                f"{folder} not found: expected the unzipped idx files {_abs(root)}/{folder}/raw/{{{files}}}. "
+                f"Download the .gz files from {MNIST_URLS[name]} and gunzip them there, "
+                f"or pass download=True (config: dataset.download=true)."
+            ) from e
+        splits.append(Split(ds.data.unsqueeze(1).contiguous(), ds.targets.long()))
+    return Dataset(name, *splits, num_classes=10, in_shape=(1, 28, 28), mean=mean, std=std, augment=False)
+
+
+def _load_mnist(root: str, download: bool) -> Dataset:
+    return _load_mnist_like("mnist", root, download)
+
+
+def _load_fashion_mnist(root: str, download: bool) -> Dataset:
+    return _load_mnist_like("fashion_mnist", root, download)
+
+
+_TINY_CACHE = "mlbreg_cache_v1.pt"
+
+
+def _load_tinyimagenet(root: str, download: bool, cache: bool = True) -> Dataset:
+    """TinyImageNet-200 from its standard folder layout; the labelled val split is the test split.
+
+    Class index = position in the *sorted* wnids of wnids.txt, which is also
+    what torchvision's ImageFolder gives on train/, so indices agree with
+    ImageFolder-based code.  mean/std are computed from the train split (and
+    cached) rather than borrowed from ImageNet.  The decoded uint8 arrays are
+    cached in ``tiny-imagenet-200/mlbreg_cache_v1.pt``; the cache is rebuilt when
+    the fingerprint of the file list (names, sizes, mtimes) changes.
+    """
+    base = Path(root) / "tiny-imagenet-200"
+    needed = [base / "wnids.txt", base / "train", base / "val" / "val_annotations.txt", base / "val" / "images"]
+    if download and not all(p.exists() for p in needed):
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        download_and_extract_archive(TINYIMAGENET_URL, download_root=root)
+    if not all(p.exists() for p in needed):
+        raise DataNotFoundError(
+            f"TinyImageNet not found: expected {_abs(base)}/ with wnids.txt, "
+            f"train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt "
+            f"(missing: {', '.join(str(p.relative_to(base)) for p in needed if not p.exists())}). "
+            f"Download {TINYIMAGENET_URL} and unzip it into {_abs(root)}, "
+            f"or pass download=True (config: dataset.download=true)."
+        )
+
+    wnids = sorted({w.strip() for w in (base / "wnids.txt").read_text().split() if w.strip()})
+    index = {w: i for i, w in enumerate(wnids)}
+    train_files, train_labels = [], []
+    for wnid in wnids:
+        files = sorted((base / "train" / wnid / "images").glob("*.JPEG"))
+        train_files += files
+        train_labels += [index[wnid]] * len(files)
+    test_files, test_labels = [], []
+    for line in (base / "val" / "val_annotations.txt").read_text().splitlines():
+        if line.strip():
+            fname, wnid = line.split("\t")[:2]
+            test_files.append(base / "val" / "images" / fname)
+            test_labels.append(index[wnid])
+    if not train_files:
+        raise DataNotFoundError(f"TinyImageNet: no training images under {_abs(base)}/train/<wnid>/images/*.JPEG")
+
+    fingerprint = _fingerprint(base, [base / "wnids.txt", *train_files, *test_files])
+    cache_path = base / _TINY_CACHE
+    blob = _read_cache(cache_path, fingerprint) if cache else None
+    if blob is None:
+        log.info("decoding %d TinyImageNet JPEGs (once; cached in %s)", len(train_files) + len(test_files), cache_path)
+        train_x = _read_jpegs(train_files)
+        mean, std = _channel_stats(train_x)
+        blob = {
+            "fingerprint": fingerprint, "wnids": wnids, "mean": mean, "std": std,
+            "train_x": train_x, "train_y": torch.tensor(train_labels, dtype=torch.long),
+            "test_x": _read_jpegs(test_files), "test_y": torch.tensor(test_labels, dtype=torch.long),
+        }
+        if cache:
+            _write_cache(cache_path, blob)
+    return Dataset(
+        "tinyimagenet", Split(blob["train_x"], blob["train_y"]), Split(blob["test_x"], blob["test_y"]),
+        num_classes=len(wnids), in_shape=(3, 64, 64),
+        mean=tuple(blob["mean"]), std=tuple(blob["std"]), augment=True,
+    )
+
+
+def _load_synthetic(
+    root: str, download: bool, shape=(3, 32, 32), num_classes: int = 10,
+    train_size: int = 1024, test_size: int = 256, seed: int = 0, augment: bool = False,
+) -> Dataset:
+    """Random uint8 images and labels, for benchmarks and smoke tests (root/download unused)."""
+    shape = tuple(int(s) for s in shape)  # may arrive as a list from a config
+    g = torch.Generator().manual_seed(seed)
+
+    def split(n: int) -> Split:
+        x = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
+        return Split(x, torch.randint(0, num_classes, (n,), generator=g))
+
+    train, test = split(train_size), split(test_size)
+    return Dataset(
+        "synthetic", train, test, num_classes=num_classes, in_shape=shape,
+        mean=(0.5,) * shape[0], std=(0.25,) * shape[0], augment=augment,
+    )
+
+
+_LOADERS = {
+    "digits": _load_digits,
+    "cifar10": _load_cifar10,
+    "tinyimagenet": _load_tinyimagenet,
+    "mnist": _load_mnist,
+    "fashion_mnist": _load_fashion_mnist,
+    "synthetic": _load_synthetic,
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _abs(path) -> str:
+    # Hydra changes the working directory, so relative paths in messages mislead.
+    return os.path.abspath(path)
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std, in [0, 1] scale for uint8 input.
+
+    Accumulated in float64 over chunks so 100k 64x64 images need no float copy.
+    """
+    scale = 1 / 255 if x.dtype == torch.uint8 else 1.0
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    for chunk in x.split(4096):
+        c = chunk.double().mul_(scale)
+        total += c.sum(dim=(0, 2, 3))
+        total_sq += c.square().sum(dim=(0, 2, 3))
+    count = x.numel() / x.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(0).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _read_jpegs(files: list[Path]) -> torch.Tensor:
+    from PIL import Image
+
+    out = np.empty((len(files), 64, 64, 3), dtype=np.uint8)
+    for i, f in enumerate(files):
+        with Image.open(f) as im:
+            a = np.asarray(im.convert("RGB"))  # a few TinyImageNet images are grayscale
+        if a.shape != (64, 64, 3):
+            raise ValueError(f"{f}: expected a 64x64 image, got {a.shape[1]}x{a.shape[0]}")
+        out[i] = a
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _fingerprint(base: Path, files: list[Path]) -> str:
+    # Names, sizes and mtimes: catches added, removed, replaced or re-extracted files
+    # without reading the images (one stat per file).
+    h = hashlib.sha1()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(base)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _read_cache(path: Path, fingerprint: str):
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: rebuild it
+        log.warning("ignoring unreadable cache %s (%s)", path, e)
+        return None
+    return blob if blob.get("fingerprint") == fingerprint else None
+
+
+def _write_cache(path: Path, blob: dict) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    except OSError as e:  # e.g. a read-only data folder: run on without the cache
+        log.warning("could not write cache %s (%s)", path, e)
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class BatchLoader:
+    """Batches of a :class:`Split` made with tensor ops on ``device``.
+
+    The split is moved to ``device`` once (uint8 stays uint8, so CIFAR-10 takes
+    150 MB, not 600); each batch is converted to float32 and normalized as
+    ``(x / 255 - mean) / std`` (no /255 for float splits).  With ``augment``,
+    each sample is randomly cropped from the image zero-padded by 4 (zero
+    *pixels*: padding happens before normalization, as in torchvision's
+    RandomCrop(padding=4)) and flipped horizontally with probability 1/2.
+
+    The permutation, crops and flips of an epoch come from one generator seeded
+    with ``(seed, epoch)``; call :meth:`set_epoch` before each epoch (like
+    DistributedSampler), otherwise every epoch repeats epoch 0.
+    """
+
+    def __init__(self, split: Split, batch_size: int, mean, std, *, shuffle: bool, augment: bool,
+                 drop_last: bool = False, device="cpu", seed: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        channels = split.x.shape[1]
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"mean/std need {channels} values (one per channel), got {len(mean)}/{len(std)}")
+        self.device = torch.device(device)
+        self.x = split.x.to(self.device)
+        self.y = split.y.to(self.device, torch.long)
+        self.scale = 1 / 255 if self.x.dtype == torch.uint8 else 1.0
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.batch_size, self.shuffle, self.augment, self.drop_last = batch_size, shuffle, augment, drop_last
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.y)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        g = torch.Generator(device=self.device)
+        # Large odd multiplier so (seed, epoch) pairs don't collide for any sane epoch count;
+        # masked to the 64 bits manual_seed accepts (negative seeds allowed).
+        g.manual_seed((self.seed * 1_000_003 + self.epoch) & 0xFFFF_FFFF_FFFF_FFFF)
+        n = len(self.y)
+        if self.shuffle:
+            order = torch.randperm(n, generator=g, device=self.device)
+        else:
+            order = torch.arange(n, device=self.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            x = self.x[idx]
+            if self.augment:
+                x = self._flip(self._crop(x, g), g)
+            yield (x.to(torch.float32) * self.scale - self.mean) / self.std, self.y[idx]
+
+    def _crop(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Per-sample random HxW window of the zero-padded batch, via two gathers."""
+        b, c, h, w = x.shape
+        padded = F.pad(x, (PAD, PAD, PAD, PAD))  # raw scale: zero is a black pixel
+        dy = torch.randint(0, 2 * PAD + 1, (b,), generator=g, device=x.device)
+        dx = torch.randint(0, 2 * PAD + 1, (b,), generator=g, device=x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device)).view(b, 1, h, 1)
+        cols = (dx[:, None] + torch.arange(w, device=x.device)).view(b, 1, 1, w)
+        # expand() is a view: no (B, C, H, W) int64 index is materialized.
+        padded = padded.gather(2, rows.expand(b, c, h, w + 2 * PAD))
+        return padded.gather(3, cols.expand(b, c, h, w))
+
+    def _flip(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        flip = torch.rand(len(x), generator=g, device=x.device) < 0.5
+        return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)

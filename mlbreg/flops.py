@@ -1,0 +1,87 @@
+"""FLOP accounting for sparse training (the RigL FLOP model).
+
+Only convolutions and linear layers are counted (BN, pooling, activations
+and residual additions are negligible and ignored), and a multiply-add is
+2 FLOPs, matching ``torch.utils.flop_counter.FlopCounterMode``. Biases are
+ignored too, as FlopCounterMode does.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .models import prunable_modules
+
+
+def _layer_flops(m: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> float:
+    """Analytic forward FLOPs of one Conv2d/Linear call, per sample."""
+    batch = inp.shape[0]
+    if isinstance(m, nn.Conv2d):
+        # Each output element is a dot product over (C_in / groups) * kh * kw.
+        macs_per_out = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        return 2.0 * macs_per_out * out.numel() / batch
+    # Linear: one in_features-long dot product per output element; leading
+    # dims other than the batch (e.g. tokens) multiply the work.
+    return 2.0 * m.in_features * out.numel() / batch
+
+
+def dense_layer_flops(model: nn.Module, in_shape) -> dict[str, float]:
+    """Dense forward FLOPs of one sample, per prunable layer (``prunable_modules`` names).
+
+    Runs one batch-1 forward pass in eval mode with forward hooks recording
+    each layer's input/output shapes; the model's train/eval mode is restored
+    and no parameter or buffer changes (eval-mode BN does not update stats).
+    """
+    layers = prunable_modules(model)
+    flops = {name: 0.0 for name, _ in layers}
+    handles = []
+    for name, m in layers:
+        def hook(mod, args, out, name=name):
+            # += : a module called more than once contributes each call.
+            flops[name] += _layer_flops(mod, args[0], out)
+        handles.append(m.register_forward_hook(hook))
+
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None else torch.float32
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *in_shape, device=device, dtype=dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return flops
+
+
+def sparse_forward_flops(layer_flops: dict, densities: dict) -> float:
+    """f_S = sum_l density_l * f_D,l; layers missing from `densities` count as dense."""
+    unknown = set(densities) - set(layer_flops)
+    if unknown:
+        raise ValueError(f"densities for unknown layers: {sorted(unknown)}")
+    return float(sum(f * float(densities.get(name, 1.0)) for name, f in layer_flops.items()))
+
+
+# Per-sample training FLOPs of one step, as multiples of (f_dense, f_sparse).
+# forward + backward (grad w.r.t. activations + grad w.r.t. weights) = 3 passes;
+# "full_grad" needs the dense weight gradient but a sparse forward and sparse
+# activation-gradient pass: 2 f_S + f_D.
+_STEP_KINDS = {
+    "dense": lambda fd, fs: 3.0 * fd,       # SGD; prune_finetune dense phase
+    "full_grad": lambda fd, fs: 2.0 * fs + fd,  # LinBreg; ML LinBreg fine step; RigL mask update
+    "sparse": lambda fd, fs: 3.0 * fs,      # ML LinBreg coarse step; RigL normal step; fine-tuning
+}
+
+
+def step_flops(kind: str, f_dense: float, f_sparse: float) -> float:
+    """Per-sample training FLOPs of one optimizer step of the given `kind`."""
+    if kind not in _STEP_KINDS:
+        raise ValueError(f"unknown step kind {kind!r}; valid: {', '.join(_STEP_KINDS)}")
+    return float(_STEP_KINDS[kind](f_dense, f_sparse))
+
+
+__all__ = ["dense_layer_flops", "sparse_forward_flops", "step_flops"]

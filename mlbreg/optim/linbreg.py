@@ -1,0 +1,319 @@
+r"""LinBreg and ML LinBreg optimizers (algorithms.md §2 and §3).
+
+LinBreg (linearized Bregman iterations, Bungert et al. 2022) is mirror descent with the
+elastic net J_δ(θ) = J(θ) + ‖θ‖²/(2δ). Per tensor it keeps the dual variable v:
+
+    v₀ = θ₀/δ + p(θ₀),  p ∈ ∂J(θ₀)           (lazily, at the first step; prox(δv₀) = θ₀)
+    b ← β·b + (1 − d)·g                      (b = g on the first step, as torch.optim.SGD)
+    v ← v − τ·b
+    θ ← prox_{δJ}(δ·v) = δ·shrink(v, λ)
+
+A coordinate is non-zero only while |v| > λ, so the optimizer itself prunes and regrows.
+Param groups whose `reg` is "none" are plain SGD (δ = 1, J = 0: v ≡ θ, so no v is kept).
+
+ML LinBreg (the paper's method) runs cycles of period m: a *fine* step (a full LinBreg
+step, after which the support S = {θ ≠ 0} of every regularized tensor is fixed) followed by
+m − 1 *coarse* steps restricted to S: b and v change on S only, θ outside S stays 0, and
+the state outside S is left untouched. m = 1 is exactly LinBreg.
+
+Both optimizers follow torch.optim.SGD's shape: lazy state, a functional core with a
+per-tensor loop and a multi-tensor `torch._foreach_*` path behind one signature, in-place
+updates only, and only plain numbers and strings in param groups so `state_dict()` works.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch.optim import Optimizer
+
+from .regularizers import check_regularizer, foreach_l1_prox_, prox_, subgradient, support
+
+__all__ = ["LinBreg", "MLLinBreg", "linbreg_update"]
+
+
+def linbreg_update(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    duals: list[Optional[torch.Tensor]],
+    bufs: list[Optional[torch.Tensor]],
+    masks: Optional[list[torch.Tensor]] = None,
+    *,
+    lr: float,
+    reg: str,
+    lam: float,
+    delta: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    foreach: bool,
+) -> None:
+    """One LinBreg step on a list of tensors of one param group.
+
+    `duals` hold v (ignored for reg == "none", where the step is SGD on θ itself).
+    `bufs` hold the momentum buffers; None entries are created (b = g) and written back
+    into the list. `masks` (0/1, same dtype) restrict the step to the support: b and v
+    change only where the mask is 1 (a coarse step of ML LinBreg)."""
+    if not params:
+        return
+    if weight_decay != 0:
+        grads = (torch._foreach_add(grads, params, alpha=weight_decay) if foreach
+                 else [g.add(p, alpha=weight_decay) for g, p in zip(grads, params)])
+    if momentum != 0:
+        _momentum_update(grads, bufs, masks, momentum, dampening, foreach)
+        direction = bufs
+    else:
+        direction = grads
+    if masks is not None:
+        # v changes on S only; exactly unchanged outside (v − τ·0)
+        direction = (torch._foreach_mul(direction, masks) if foreach
+                     else [d * m for d, m in zip(direction, masks)])
+    target = params if reg == "none" else duals
+    if foreach:
+        torch._foreach_add_(target, direction, alpha=-lr)
+    else:
+        for t, d in zip(target, direction):
+            t.add_(d, alpha=-lr)
+    if reg == "none":
+        return
+    # θ outside S is 0 and v there is unchanged, so prox(δv) is still 0 there: the full
+    # prox equals the restricted one and needs no mask.
+    if foreach and reg == "l1":
+        foreach_l1_prox_(params, duals, lam, delta)
+    else:
+        for p, v in zip(params, duals):
+            prox_(p, v, reg, lam, delta)
+
+
+def _momentum_update(grads, bufs, masks, momentum, dampening, foreach) -> None:
+    """b ← β·b + (1 − d)·g, in place; b = g the first time (torch.optim.SGD semantics).
+    With masks, b changes only on the support: b ← b + S·((β − 1)·b + (1 − d)·g)."""
+    fresh = [i for i, b in enumerate(bufs) if b is None]
+    for i in fresh:
+        bufs[i] = torch.clone(grads[i]).detach()
+        if masks is not None:
+            bufs[i].mul_(masks[i])
+    fresh_set = set(fresh)
+    old = [i for i in range(len(bufs)) if i not in fresh_set]
+    if not old:
+        return
+    b_old = [bufs[i] for i in old]
+    g_old = [grads[i] for i in old]
+    if masks is None:
+        if foreach:
+            torch._foreach_mul_(b_old, momentum)
+            torch._foreach_add_(b_old, g_old, alpha=1 - dampening)
+        else:
+            for b, g in zip(b_old, g_old):
+                b.mul_(momentum).add_(g, alpha=1 - dampening)
+        return
+    m_old = [masks[i] for i in old]
+    if foreach:
+        delta_b = torch._foreach_mul(b_old, momentum - 1)
+        torch._foreach_add_(delta_b, g_old, alpha=1 - dampening)
+        torch._foreach_mul_(delta_b, m_old)
+        torch._foreach_add_(b_old, delta_b)
+    else:
+        for b, g, m in zip(b_old, g_old, m_old):
+            b.add_((b * (momentum - 1)).add_(g, alpha=1 - dampening).mul_(m))
+
+
+class LinBreg(Optimizer):
+    """Linearized Bregman iterations (see the module docstring for the math).
+
+    Args:
+        params: parameters or param groups. Each group may set `reg` ("l1", "group",
+            "l1_group" or "none"), `lam`, `delta` and the usual SGD keys.
+        lr: learning rate τ.
+        lam: regularization strength λ ≥ 0.
+        reg: regularizer of the groups that do not set one (default "l1").
+        delta: elastic-net parameter δ > 0 (ignored for reg="none", where δ = 1).
+        momentum, dampening, weight_decay: as in torch.optim.SGD (b = g on the first
+            step; mlbreg's configs choose dampening, see the README).
+        foreach: use the multi-tensor path (default: True for CUDA tensors, like torch).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, lam: float = 0.0, reg: str = "l1", delta: float = 1.0,
+                 momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+                 foreach: Optional[bool] = None):
+        if lr < 0:
+            raise ValueError(f"invalid learning rate lr={lr}; must be >= 0")
+        if lam < 0:
+            raise ValueError(f"invalid lam={lam}; must be >= 0")
+        if delta <= 0:
+            raise ValueError(f"invalid delta={delta}; must be > 0")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"invalid momentum={momentum}; must be in [0, 1)")
+        if weight_decay < 0:
+            raise ValueError(f"invalid weight_decay={weight_decay}; must be >= 0")
+        check_regularizer(reg)
+        defaults = dict(lr=lr, lam=lam, reg=reg, delta=delta, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, foreach=foreach)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            check_regularizer(group["reg"])
+            if group["lam"] < 0:
+                raise ValueError(f"invalid lam={group['lam']} in a param group; must be >= 0")
+
+    # -- state ---------------------------------------------------------------------------
+    def _group_tensors(self, group):
+        """Tensors of one group that have a gradient, with their (lazily created) state."""
+        params, grads, duals, bufs = [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("LinBreg does not support sparse gradients")
+            state = self.state[p]
+            if group["reg"] != "none" and "v" not in state:
+                # v₀ = θ₀/δ + p(θ₀): the prox of δ·v₀ gives back θ₀ exactly
+                state["v"] = (p.detach() / group["delta"]).add_(subgradient(p.detach(), group["reg"], group["lam"]))
+            params.append(p)
+            grads.append(p.grad)
+            duals.append(state.get("v"))
+            bufs.append(state.get("momentum_buffer"))
+        return params, grads, duals, bufs
+
+    def _use_foreach(self, group, params) -> bool:
+        if group["foreach"] is not None:
+            return bool(group["foreach"])
+        return bool(params) and all(p.is_cuda for p in params)
+
+    def _step_group(self, group, masks_for: Optional[Callable] = None) -> None:
+        params, grads, duals, bufs = self._group_tensors(group)
+        masks = masks_for(params) if masks_for is not None else None
+        linbreg_update(params, grads, duals, bufs, masks, lr=group["lr"], reg=group["reg"], lam=group["lam"],
+                       delta=group["delta"], momentum=group["momentum"], dampening=group["dampening"],
+                       weight_decay=group["weight_decay"], foreach=self._use_foreach(group, params))
+        if group["momentum"] != 0:
+            for p, b in zip(params, bufs):
+                self.state[p]["momentum_buffer"] = b
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+
+class MLLinBreg(LinBreg):
+    """Multilevel LinBreg: fine step at k mod m = 0, then m − 1 coarse steps on the support.
+
+    Args (besides LinBreg's):
+        m: cycle period (m = 1 is LinBreg).
+        criterion: "fixed" (every cycle has m − 1 coarse steps) or "adaptive" (paper eq. 10:
+            at a fine step start a coarse cycle only if ‖R g‖ ≥ κ‖g‖ and ‖θ − θ_last‖ ≥ ε‖θ‖,
+            θ_last being the iterate at the last coarse cycle's start; otherwise the next
+            m − 1 steps are fine too).
+        kappa, eps: the adaptive criterion's κ and ε (ML BPGD defaults 0.45 and 1e-3).
+
+    `next_step_is_fine()` tells a training loop whether the next `step()` needs the full
+    gradient; the support of each regularized tensor lives in `state[p]["support"]`.
+    """
+
+    CRITERIA = ("fixed", "adaptive")
+
+    def __init__(self, params, lr: float = 1e-3, lam: float = 0.0, reg: str = "l1", delta: float = 1.0,
+                 momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+                 m: int = 100, criterion: str = "fixed", kappa: float = 0.45, eps: float = 1e-3,
+                 foreach: Optional[bool] = None):
+        if int(m) != m or m < 1:
+            raise ValueError(f"invalid m={m}; the cycle period must be an integer >= 1")
+        if criterion not in self.CRITERIA:
+            raise ValueError(f"unknown criterion {criterion!r}; valid: {', '.join(self.CRITERIA)}")
+        super().__init__(params, lr=lr, lam=lam, reg=reg, delta=delta, momentum=momentum, dampening=dampening,
+                         weight_decay=weight_decay, foreach=foreach)
+        self.m = int(m)
+        self.criterion = criterion
+        self.kappa = kappa
+        self.eps = eps
+        self.steps_taken = 0          # k
+        self.coarse_cycle = True      # does the current cycle take coarse steps?
+        self.theta_last: Optional[list[torch.Tensor]] = None
+        self.coarse_cycles_started = 0
+
+    def next_step_is_fine(self) -> bool:
+        return self.steps_taken % self.m == 0 or not self.coarse_cycle
+
+    def _support_masks(self, params):
+        return [self.state[p]["support"] for p in params]
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        fine = self.next_step_is_fine()
+        cycle_start = self.steps_taken % self.m == 0
+        if fine:
+            grads_at_fine = self._gradient_norms() if (cycle_start and self.criterion == "adaptive") else None
+            for group in self.param_groups:
+                self._step_group(group)
+            self._refresh_support()
+            if cycle_start:
+                self.coarse_cycle = self._start_coarse_cycle(grads_at_fine)
+        else:
+            for group in self.param_groups:
+                if group["reg"] == "none":
+                    self._step_group(group)      # unregularized tensors are always updated
+                else:
+                    self._step_group(group, self._support_masks)
+        self.steps_taken += 1
+        return loss
+
+    def _refresh_support(self) -> None:
+        for group in self.param_groups:
+            if group["reg"] == "none":
+                continue
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]["support"] = support(p.detach(), group["reg"])
+
+    def _gradient_norms(self):
+        """(‖g‖², per-tensor g) before the step, for the adaptive criterion."""
+        return [(group["reg"], p, p.grad.detach().clone()) for group in self.param_groups
+                for p in group["params"] if p.grad is not None]
+
+    def _start_coarse_cycle(self, grads_at_fine) -> bool:
+        if self.criterion == "fixed":
+            self.coarse_cycles_started += 1
+            return True
+        # eq. 10 with R = restriction to the new support (unregularized tensors are always
+        # part of the coarse model, so their gradient counts fully in ‖R g‖)
+        g_sq = sum(float(g.pow(2).sum()) for _, _, g in grads_at_fine)
+        rg_sq = sum(float(g.pow(2).sum()) if reg == "none" else float((g * self.state[p]["support"]).pow(2).sum())
+                    for reg, p, g in grads_at_fine)
+        params = [p for _, p, _ in grads_at_fine]
+        moved_enough = True
+        if self.theta_last is not None:
+            diff_sq = sum(float((p - q).pow(2).sum()) for p, q in zip(params, self.theta_last))
+            norm_sq = sum(float(p.pow(2).sum()) for p in params)
+            moved_enough = diff_sq ** 0.5 >= self.eps * norm_sq ** 0.5
+        start = rg_sq ** 0.5 >= self.kappa * g_sq ** 0.5 and moved_enough
+        if start:
+            self.theta_last = [p.detach().clone() for p in params]
+            self.coarse_cycles_started += 1
+        return start
+
+    # -- checkpointing: the cycle position is part of the optimizer's state --------------
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["ml_linbreg"] = {"steps_taken": self.steps_taken, "coarse_cycle": self.coarse_cycle,
+                            "theta_last": self.theta_last, "coarse_cycles_started": self.coarse_cycles_started,
+                            "m": self.m, "criterion": self.criterion}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        ml = state_dict.pop("ml_linbreg", None)
+        super().load_state_dict(state_dict)
+        if ml is not None:
+            self.steps_taken = ml["steps_taken"]
+            self.coarse_cycle = ml["coarse_cycle"]
+            self.coarse_cycles_started = ml.get("coarse_cycles_started", 0)
+            self.theta_last = ml["theta_last"]
