@@ -1,0 +1,116 @@
+"""Config checks and run identity.
+
+`validate` runs before any data is loaded or any file is written: every bad value fails
+with a message that names the key, the value and what is allowed. `run_name` derives a
+run's directory name from the config keys that identify the run (not from the clock), so
+re-running a command finds its earlier run (to skip or resume it) and a different config
+never reuses a directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .data import DATASETS
+from .methods import METHODS
+from .models import list_models
+from .optim.regularizers import REGULARIZERS
+from .sparsity import SCHEMES
+
+DEVICES = ("auto", "cpu", "cuda")
+SCHEDULERS = ("cosine", "constant")
+# Keys that change how a run is executed or where its data comes from, not its results:
+# they are left out of the run's identity so that e.g. a resumed run may use another device.
+NON_IDENTIFYING = ("resume", "device", "progress", "checkpoint_every", "output_root", "num_threads",
+                   "hydra", "dataset.root", "dataset.download", "eval_batch_size")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value (raised before anything runs)."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"invalid {key}={value!r}: {allowed}")
+
+
+def _number(cfg, key: str):
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        _fail(key, value, "must be a number")
+    return value
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for the first invalid value."""
+    choices = {"dataset.name": DATASETS, "model.name": tuple(list_models()), "method.name": METHODS,
+               "regularizer.name": tuple(r for r in REGULARIZERS if r != "none"), "init.scheme": SCHEMES,
+               "device": DEVICES, "scheduler": SCHEDULERS}
+    for key, valid in choices.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in valid:
+            _fail(key, value, f"valid: {', '.join(valid)}")
+    if _number(cfg, "lam") < 0:
+        _fail("lam", cfg.lam, "must be >= 0")
+    m = _number(cfg, "m")
+    if int(m) != m or m < 1:
+        _fail("m", m, "must be an integer >= 1 (m = 1 is LinBreg)")
+    if _number(cfg, "lr") <= 0:
+        _fail("lr", cfg.lr, "must be > 0")
+    if not 0 <= _number(cfg, "momentum") < 1:
+        _fail("momentum", cfg.momentum, "must be in [0, 1)")
+    for key in ("epochs", "batch_size"):
+        value = _number(cfg, key)
+        if int(value) != value or value < 1:
+            _fail(key, value, "must be an integer >= 1")
+    if not 0 < _number(cfg, "init.density") <= 1:
+        _fail("init.density", cfg.init.density, "must be in (0, 1]")
+    if _number(cfg, "init.scale") <= 0:
+        _fail("init.scale", cfg.init.scale, "must be > 0")
+    if "delta" in cfg.method and _number(cfg, "method.delta") <= 0:
+        _fail("method.delta", cfg.method.delta, "must be > 0")
+    if "criterion" in cfg.method and cfg.method.criterion not in ("fixed", "adaptive"):
+        _fail("method.criterion", cfg.method.criterion, "valid: fixed, adaptive")
+    if int(_number(cfg, "checkpoint_every")) < 0:
+        _fail("checkpoint_every", cfg.checkpoint_every, "must be >= 0 (0 = only at the end and on signals)")
+    if cfg.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            _fail("device", "cuda", "CUDA is not available on this machine; use device=cpu or device=auto")
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without the non-identifying keys, as plain data."""
+    # node by node, leaving out `hydra`: its run dir is computed from this very identity
+    data = {}
+    for key in cfg.keys():
+        if key == "hydra":
+            continue
+        node = cfg._get_node(key)
+        data[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else cfg[key]
+    for key in NON_IDENTIFYING:
+        parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(parts[-1], None)
+    return data
+
+
+def run_name(cfg: DictConfig) -> str:
+    """`<dataset>/<model>/<method>/<lam,m,init,seed>-<hash of the identity>`."""
+    ident = identity(cfg)
+    digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    method = cfg.method.name
+    parts = []
+    if method in ("mllinbreg", "linbreg"):
+        parts.append(f"{cfg.regularizer.name}-lam{cfg.lam:g}")
+    if method == "mllinbreg":
+        parts.append(f"m{cfg.m}")
+    if OmegaConf.select(cfg, "method.sparsity") is not None:
+        parts.append(f"sp{cfg.method.sparsity:g}")
+    parts += [f"{cfg.init.scheme}{cfg.init.density:g}", f"seed{cfg.seed}", digest]
+    return f"{cfg.dataset.name}/{cfg.model.name}/{method}/{'_'.join(parts)}"

@@ -1,0 +1,58 @@
+"""Sparsity metrics of a model (algorithms.md §6).
+
+`layer_stats` is the one place that counts non-zeros; everything else (epoch rows, the
+per-layer CSV, the FLOPs account) is derived from its output.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .models import prunable_modules
+
+
+@torch.no_grad()
+def layer_stats(model: nn.Module) -> list[dict]:
+    """Per prunable layer: numel, non-zeros, density and (convs) zero / total 2-D kernels."""
+    rows = []
+    for name, mod in prunable_modules(model):
+        w = mod.weight.detach()
+        nnz = int(torch.count_nonzero(w))
+        row = dict(layer=name, kind="conv" if w.dim() == 4 else "linear", shape="x".join(map(str, w.shape)),
+                   numel=w.numel(), nonzeros=nnz, density=nnz / w.numel(), kernels=0, zero_kernels=0)
+        if w.dim() == 4:
+            kernel_nonzero = w.flatten(2).ne(0).any(-1)
+            row["kernels"] = kernel_nonzero.numel()
+            row["zero_kernels"] = int(kernel_nonzero.numel() - kernel_nonzero.sum())
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def sparsity_summary(model: nn.Module, rows: list[dict] | None = None) -> dict[str, float]:
+    """Sparsity in % over prunable weights, over all parameters, and of conv kernels."""
+    rows = layer_stats(model) if rows is None else rows
+    prunable = sum(r["numel"] for r in rows)
+    prunable_nnz = sum(r["nonzeros"] for r in rows)
+    prunable_ids = {id(m.weight) for _, m in prunable_modules(model)}
+    other_numel = other_nnz = 0
+    for p in model.parameters():
+        if id(p) not in prunable_ids:
+            other_numel += p.numel()
+            other_nnz += int(torch.count_nonzero(p))
+    kernels = sum(r["kernels"] for r in rows)
+    zero_kernels = sum(r["zero_kernels"] for r in rows)
+    return dict(
+        sparsity_pct=100.0 * (1 - prunable_nnz / prunable),
+        sparsity_all_params_pct=100.0 * (1 - (prunable_nnz + other_nnz) / (prunable + other_numel)),
+        conv_sparsity_pct=100.0 * zero_kernels / kernels if kernels else 0.0,
+        nonzeros=prunable_nnz,
+        prunable_params=prunable,
+    )
+
+
+def density_tensor(weights: list[torch.Tensor], layer_flops: torch.Tensor) -> torch.Tensor:
+    """f_S = Σ_l density_l·f_D,l as a 0-d tensor on the weights' device (no host sync), so
+    the training loop can add it up every step and read it once per epoch."""
+    nnz = torch.stack([torch.count_nonzero(w) for w in weights]).to(layer_flops.dtype)
+    return (nnz * layer_flops).sum()

@@ -1,0 +1,136 @@
+"""A run directory is the unit of truth: status, CSVs, checkpoint, final model.
+
+Files (all under the run directory):
+- `status.json`   running / finished / interrupted / diverged / failed, with step and message
+- `metrics.csv`   one row per epoch, appended and flushed as it is produced
+- `layers.csv`    one row per prunable layer per epoch
+- `summary.csv`   one row at the end: identifying config + final metrics
+- `checkpoint.pt` everything to continue bit-for-bit (written atomically)
+- `model.pt`      the final model's state_dict
+
+Every write that replaces a file goes through a temporary file and `os.replace`, so a
+kill at any moment leaves either the old or the new file, never half of one.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+STATUSES = ("running", "finished", "interrupted", "diverged", "failed")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not belong to this run."""
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CsvLog:
+    """Append-only CSV with a fixed header; every row is flushed to disk when written."""
+
+    def __init__(self, path: Path, columns: list[str]):
+        self.path = path
+        self.columns = columns
+
+    def append(self, rows: Iterable[dict[str, Any]]) -> None:
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="raise")
+            if new:
+                writer.writeheader()
+            for row in rows:
+                writer.writerow(row)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def keep_epochs_up_to(self, epoch: int) -> None:
+        """Drop rows of epochs after `epoch` (written after the checkpoint a run resumes
+        from), so a resumed run has neither duplicate nor missing rows."""
+        if not self.path.exists():
+            return
+        with open(self.path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or self.columns
+            kept = [row for row in reader if int(row["epoch"]) <= epoch]
+
+        def write(fb):
+            text = _rows_to_text(header, kept)
+            fb.write(text.encode())
+        _atomic_write_bytes(self.path, write)
+
+
+def _rows_to_text(header, rows) -> str:
+    import io
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=header, lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    # -- paths -------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    # -- status ------------------------------------------------------------------------
+    def read_status(self) -> dict[str, Any] | None:
+        path = self.path / "status.json"
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def write_status(self, status: str, **info: Any) -> None:
+        assert status in STATUSES, status
+        self.path.mkdir(parents=True, exist_ok=True)
+        data = dict(status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%S"), **info)
+        _atomic_write_bytes(self.path / "status.json", lambda f: f.write(json.dumps(data, indent=1).encode()))
+
+    # -- checkpoints -------------------------------------------------------------------
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        _atomic_write_bytes(self.checkpoint_path, lambda f: torch.save(state, f))
+
+    def load_checkpoint(self, run_key: str) -> dict[str, Any]:
+        try:
+            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem to the user
+            raise CheckpointError(
+                f"cannot read checkpoint {self.checkpoint_path}: {err}. Start this run fresh with resume=false "
+                f"(its rows and checkpoint are replaced), or move the file away.") from err
+        if not isinstance(state, dict) or state.get("run_key") != run_key:
+            raise CheckpointError(
+                f"checkpoint {self.checkpoint_path} belongs to a different config or mlbreg version "
+                f"(run key {state.get('run_key') if isinstance(state, dict) else None!r}, expected {run_key!r}). "
+                f"Start fresh with resume=false.")
+        return state
+
+    def save_model(self, model_state: dict[str, Any]) -> None:
+        _atomic_write_bytes(self.path / "model.pt", lambda f: torch.save(model_state, f))
+
+    def clear(self) -> None:
+        """Remove the results of an earlier attempt (resume=false)."""
+        for name in ("metrics.csv", "layers.csv", "summary.csv", "checkpoint.pt", "model.pt", "status.json"):
+            (self.path / name).unlink(missing_ok=True)

@@ -1,0 +1,347 @@
+"""The training loop: the one place where steps, evaluation, CSV rows and checkpoints meet.
+
+Data flows one way: config -> (data, model, method) -> loop -> rows -> files.
+
+Per step, nothing is read back to the host: loss, accuracy, the FLOPs account and a
+non-finite-loss flag accumulate in device tensors and are read once per epoch.
+
+Resuming: a checkpoint holds model, method (optimizer state, ML LinBreg's cycle and
+support, ...), LR scheduler, counters, the FLOPs account and the RNG states. The batch
+order and augmentation of an epoch depend only on (seed, epoch), so a run resumed at
+any step sees exactly the batches an uninterrupted run sees.
+"""
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import identity, run_name, validate
+from .data import BatchLoader, load_dataset
+from .flops import dense_layer_flops
+from .methods import Method, build_method, method_class
+from .metrics import layer_stats, sparsity_summary
+from .models import create_model, prunable_modules
+from .rundir import CsvLog, RunDir
+from .sparsity import sparse_init_
+
+METRIC_COLUMNS = [
+    "epoch", "step", "lr", "train_loss", "train_acc_pct", "test_loss", "test_acc_pct",
+    "sparsity_pct", "sparsity_all_params_pct", "conv_sparsity_pct", "nonzeros", "prunable_params",
+    "fine_steps", "coarse_steps", "train_gflops", "train_flops_vs_sgd", "inference_flops_vs_dense",
+    "epoch_s", "forward_s", "backward_s", "optimizer_s", "eval_s",
+]
+LAYER_COLUMNS = ["epoch", "layer", "kind", "shape", "numel", "nonzeros", "density", "kernels", "zero_kernels"]
+SUMMARY_KEYS = ["dataset", "model", "method", "regularizer", "lam", "m", "init", "density", "init_scale",
+                "lr", "momentum", "epochs", "batch_size", "seed"]
+STEP_KINDS = ("dense", "full_grad", "sparse")
+
+
+class _StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop checkpoints after the current step and exits."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self, signum, frame):
+        self.signal = signum
+
+
+@contextmanager
+def _catch_signals(stop: _StopRequest):
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, stop)
+        except ValueError:  # not the main thread: signals stay with whoever runs us
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _settings(cfg: DictConfig) -> dict[str, Any]:
+    """Method settings: top-level keys plus the method group's own keys."""
+    settings = dict(lr=cfg.lr, momentum=cfg.momentum, lam=cfg.lam, m=cfg.m, reg=cfg.regularizer.name)
+    settings.update({k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"})
+    return settings
+
+
+def build(cfg: DictConfig, device: torch.device):
+    """config -> (data, model, method, loaders, scheduler). Deterministic in cfg.seed."""
+    seed_everything(cfg.seed)
+    options = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
+               if k not in ("name", "root", "download")}
+    data = load_dataset(cfg.dataset.name, root=cfg.dataset.root, download=cfg.dataset.download, **options)
+    model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
+    model = create_model(cfg.model.name, data.num_classes, data.in_shape, **model_kwargs)
+    settings = _settings(cfg)
+    sparse = method_class(cfg.method.name).sparse_init  # dense methods start from dense Kaiming weights
+    sparse_init_(model, density=cfg.init.density if sparse else 1.0, scheme=cfg.init.scheme,
+                 scale=cfg.init.scale if sparse else 1.0, dense_first=cfg.init.dense_first,
+                 dense_last=cfg.init.dense_last, by_group=cfg.regularizer.name == "group", seed=cfg.seed)
+    model.to(device)
+    train_loader = BatchLoader(data.train, cfg.batch_size, data.mean, data.std, shuffle=True,
+                               augment=data.augment, drop_last=False, device=device, seed=cfg.seed)
+    test_loader = BatchLoader(data.test, cfg.eval_batch_size, data.mean, data.std, shuffle=False,
+                              augment=False, device=device, seed=cfg.seed)
+    method = build_method(cfg.method.name, model, **settings)
+    total_steps = cfg.epochs * len(train_loader)
+    if cfg.scheduler == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(method.optimizer, T_max=total_steps)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(method.optimizer, lambda step: 1.0)
+    return data, model, method, train_loader, test_loader, scheduler
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader) -> tuple[float, float]:
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=next(model.parameters()).device)
+    correct = torch.zeros((), device=loss_sum.device, dtype=torch.long)
+    count = 0
+    for x, y in loader:
+        out = model(x)
+        loss_sum += nn.functional.cross_entropy(out, y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+        count += y.numel()
+    model.train(was_training)
+    return loss_sum.item() / count, 100.0 * correct.item() / count
+
+
+class FlopsAccount:
+    """Training FLOPs of the steps actually taken (algorithms.md §6), kept on the device.
+
+    Per step and sample: dense 3·f_D, full_grad 2·f_S + f_D, sparse 3·f_S, where
+    f_S = Σ_l density_l·f_D,l with the densities of the weights used in that step."""
+
+    def __init__(self, model: nn.Module, in_shape, device):
+        per_layer = dense_layer_flops(model, in_shape)
+        self.weights = [mod.weight for name, mod in prunable_modules(model)]
+        names = [name for name, _ in prunable_modules(model)]
+        self.f_dense = float(sum(per_layer.values()))
+        self.flops_per_weight = torch.tensor([per_layer[n] / mod.weight.numel() for n, (_, mod) in
+                                              zip(names, prunable_modules(model))], dtype=torch.float64, device=device)
+        self.total = torch.zeros((), dtype=torch.float64, device=device)      # FLOPs of this run
+        self.sgd_total = torch.zeros((), dtype=torch.float64, device=device)  # 3·f_D per sample
+        self.counts = {kind: 0 for kind in STEP_KINDS}
+
+    def f_sparse(self) -> torch.Tensor:
+        nnz = torch.stack([torch.count_nonzero(w) for w in self.weights]).to(torch.float64)
+        return (nnz * self.flops_per_weight).sum()
+
+    def add_step(self, kind: str, batch: int) -> None:
+        self.counts[kind] += 1
+        if kind == "dense":
+            self.total += 3 * self.f_dense * batch
+        elif kind == "full_grad":
+            self.total += (2 * self.f_sparse() + self.f_dense) * batch
+        else:
+            self.total += 3 * self.f_sparse() * batch
+        self.sgd_total += 3 * self.f_dense * batch
+
+    def state_dict(self):
+        return dict(total=self.total.item(), sgd_total=self.sgd_total.item(), counts=dict(self.counts))
+
+    def load_state_dict(self, state):
+        self.total.fill_(state["total"])
+        self.sgd_total.fill_(state["sgd_total"])
+        self.counts = dict(state["counts"])
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Run (or resume, or skip if finished) one training; returns the run's final status dict."""
+    validate(cfg)
+    run = RunDir(run_dir)
+    run_key = f"{__version__}:{run_name(cfg)}"
+    previous = run.read_status()
+    if previous and cfg.resume and previous.get("status") == "finished" and previous.get("run_key") == run_key:
+        return previous  # a finished run is kept, not recomputed
+    if not cfg.resume:
+        run.clear()
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    device = resolve_device(cfg.device)
+    data, model, method, train_loader, test_loader, scheduler = build(cfg, device)
+    flops = FlopsAccount(model, data.in_shape, device)
+    pos = dict(epoch=0, batch=0, step=0)
+    partial = None
+    if cfg.resume and run.checkpoint_path.exists():
+        ckpt = run.load_checkpoint(run_key)
+        model.load_state_dict(ckpt["model"])
+        method.load_state_dict(ckpt["method"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        flops.load_state_dict(ckpt["flops"])
+        _set_rng_state(ckpt["rng"])
+        pos, partial = ckpt["position"], ckpt.get("partial_epoch")
+    elif cfg.resume and previous and previous.get("status") in ("running", "interrupted"):
+        run.clear()  # died before its first checkpoint: nothing to keep
+    run.path.mkdir(parents=True, exist_ok=True)
+    metrics_log = CsvLog(run.file("metrics.csv"), METRIC_COLUMNS)
+    layers_log = CsvLog(run.file("layers.csv"), LAYER_COLUMNS)
+    metrics_log.keep_epochs_up_to(pos["epoch"])
+    layers_log.keep_epochs_up_to(pos["epoch"])
+    OmegaConf.save(cfg, run.file("config.yaml"), resolve=True)
+    run.write_status("running", run_key=run_key, epoch=pos["epoch"], step=pos["step"])
+
+    def checkpoint(partial_epoch=None):
+        run.save_checkpoint(dict(run_key=run_key, model=model.state_dict(), method=method.state_dict(),
+                                 scheduler=scheduler.state_dict(), flops=flops.state_dict(), rng=_rng_state(),
+                                 position=dict(pos), partial_epoch=partial_epoch))
+
+    stop = _StopRequest()
+    bar = tqdm(total=cfg.epochs * len(train_loader), initial=pos["step"], disable=not cfg.progress,
+               desc=run_name(cfg).rsplit("/", 1)[0], dynamic_ncols=True)
+    try:
+        with _catch_signals(stop):
+            outcome = _loop(cfg, run, model, method, train_loader, test_loader, scheduler, flops, pos, partial,
+                            metrics_log, layers_log, checkpoint, stop, bar, device)
+    except Exception as err:
+        run.write_status("failed", run_key=run_key, epoch=pos["epoch"], step=pos["step"],
+                         message=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        bar.close()
+    outcome.update(run_key=run_key)
+    if outcome["status"] == "finished":
+        run.save_model(model.state_dict())
+        _write_summary(cfg, run, outcome)
+        checkpoint()
+    run.write_status(**outcome)
+    return outcome
+
+
+def _loop(cfg, run, model, method: Method, train_loader, test_loader, scheduler, flops, pos, partial,
+          metrics_log, layers_log, checkpoint, stop, bar, device) -> dict[str, Any]:
+    model.train()
+    last_row = None
+    while pos["epoch"] < cfg.epochs:
+        epoch = pos["epoch"]
+        acc = partial or dict(loss=0.0, correct=0, seen=0, fwd=0.0, bwd=0.0, opt=0.0, wall=0.0, bad_step=-1)
+        partial = None
+        loss_sum = torch.tensor(acc["loss"], dtype=torch.float64, device=device)
+        correct = torch.tensor(acc["correct"], dtype=torch.long, device=device)
+        bad_step = torch.tensor(acc["bad_step"], dtype=torch.long, device=device)
+        seen = acc["seen"]
+        times = dict(fwd=acc["fwd"], bwd=acc["bwd"], opt=acc["opt"])
+        t_epoch = time.perf_counter() - acc["wall"]
+        train_loader.set_epoch(epoch)
+        for b, (x, y) in enumerate(train_loader):
+            if b < pos["batch"]:
+                continue  # resumed inside this epoch: these batches were already trained on
+            kind = method.step_kind()
+            t0 = time.perf_counter()
+            out = model(x)
+            loss = nn.functional.cross_entropy(out, y)
+            t1 = time.perf_counter()
+            method.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            t2 = time.perf_counter()
+            flops.add_step(kind, y.numel())   # densities of the weights this step used
+            method.step()
+            scheduler.step()
+            t3 = time.perf_counter()
+            times["fwd"] += t1 - t0
+            times["bwd"] += t2 - t1
+            times["opt"] += t3 - t2
+            loss = loss.detach()
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), pos["step"], bad_step)
+            loss_sum += loss.double() * y.numel()
+            correct += (out.detach().argmax(1) == y).sum()
+            seen += y.numel()
+            pos["step"] += 1
+            pos["batch"] = b + 1
+            bar.update(1)
+            if stop.signal is not None:
+                checkpoint(dict(loss=loss_sum.item(), correct=correct.item(), seen=seen, **times,
+                                wall=time.perf_counter() - t_epoch, bad_step=int(bad_step)))
+                return dict(status="interrupted", epoch=epoch, step=pos["step"],
+                            message=f"stopped by signal {stop.signal} at step {pos['step']}; rerun to resume")
+        epoch_s = time.perf_counter() - t_epoch
+        t_eval = time.perf_counter()
+        test_loss, test_acc = evaluate(model, test_loader)
+        layers = layer_stats(model)
+        sparsity = sparsity_summary(model, layers)
+        f_sparse = flops.f_sparse().item()
+        pos["epoch"], pos["batch"] = epoch + 1, 0
+        row = dict(epoch=epoch + 1, step=pos["step"], lr=scheduler.get_last_lr()[0],
+                   train_loss=loss_sum.item() / seen, train_acc_pct=100.0 * correct.item() / seen,
+                   test_loss=test_loss, test_acc_pct=test_acc, **sparsity,
+                   fine_steps=flops.counts["full_grad"] + flops.counts["dense"], coarse_steps=flops.counts["sparse"],
+                   train_gflops=flops.total.item() / 1e9, train_flops_vs_sgd=flops.total.item() / flops.sgd_total.item(),
+                   inference_flops_vs_dense=f_sparse / flops.f_dense, epoch_s=epoch_s, forward_s=times["fwd"],
+                   backward_s=times["bwd"], optimizer_s=times["opt"], eval_s=time.perf_counter() - t_eval)
+        metrics_log.append([row])
+        layers_log.append([dict(epoch=epoch + 1, **layer) for layer in layers])
+        last_row = row
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", test_acc=f"{test_acc:.1f}",
+                        sparsity=f"{sparsity['sparsity_pct']:.1f}")
+        method.end_epoch(epoch + 1, model)
+        if int(bad_step) >= 0:
+            return dict(status="diverged", epoch=epoch + 1, step=pos["step"],
+                        message=f"non-finite training loss first at step {int(bad_step)} (epoch {epoch + 1})")
+        if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < cfg.epochs:
+            checkpoint()
+        if stop.signal is not None:
+            checkpoint()
+            return dict(status="interrupted", epoch=epoch + 1, step=pos["step"],
+                        message=f"stopped by signal {stop.signal} after epoch {epoch + 1}; rerun to resume")
+    return dict(status="finished", epoch=pos["epoch"], step=pos["step"], final=last_row)
+
+
+def _write_summary(cfg: DictConfig, run: RunDir, outcome: dict[str, Any]) -> None:
+    import csv
+    final = outcome.get("final") or {}
+    row = dict(dataset=cfg.dataset.name, model=cfg.model.name, method=cfg.method.name,
+               regularizer=cfg.regularizer.name, lam=cfg.lam, m=cfg.m, init=cfg.init.scheme,
+               density=cfg.init.density, init_scale=cfg.init.scale, lr=cfg.lr, momentum=cfg.momentum,
+               epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed)
+    row.update({k: v for k, v in final.items() if k not in ("epoch",)})
+    row.update(run_name=run_name(cfg), status="finished")
+    tmp = run.file("summary.csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerow(row)
+    tmp.replace(run.file("summary.csv"))
