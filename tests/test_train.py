@@ -1,0 +1,96 @@
+"""Whole tiny trainings on scikit-learn's digits, through the real config and loop."""
+import pandas as pd
+import pytest
+import torch
+
+from mlbreg.config import run_name
+from mlbreg.train import LAYER_COLUMNS, METRIC_COLUMNS, train
+
+from conftest import make_cfg
+
+
+def run(tmp_path, *overrides):
+    cfg = make_cfg(*overrides)
+    outcome = train(cfg, tmp_path)
+    return cfg, outcome, pd.read_csv(tmp_path / "metrics.csv")
+
+
+def test_mllinbreg_on_digits_is_accurate_and_sparse(tmp_path):
+    """The default run (ML LinBreg, l1, λ = 0.03, m = 100, 1% uniform init, 200 epochs)."""
+    cfg, outcome, metrics = run(tmp_path)
+    assert outcome["status"] == "finished"
+    last = metrics.iloc[-1]
+    assert last.test_acc_pct >= 93.0
+    assert last.sparsity_pct >= 90.0
+    # one fine step every m = 100 steps: the FLOPs are a small fraction of SGD's
+    assert last.fine_steps == -(-last.step // 100)
+    assert last.train_flops_vs_sgd < 0.1
+    assert (tmp_path / "model.pt").exists() and (tmp_path / "summary.csv").exists()
+    summary = pd.read_csv(tmp_path / "summary.csv").iloc[0]
+    assert summary.method == "mllinbreg" and summary.lam == 0.03 and summary.test_acc_pct == last.test_acc_pct
+
+
+def test_sgd_on_digits_reaches_its_usual_accuracy(tmp_path):
+    _, outcome, metrics = run(tmp_path, "method=sgd", "epochs=100")
+    last = metrics.iloc[-1]
+    assert last.test_acc_pct >= 96.0
+    assert last.sparsity_pct == 0.0
+    assert last.train_flops_vs_sgd == pytest.approx(1.0)
+
+
+def test_linbreg_on_digits_costs_a_full_gradient_per_step(tmp_path):
+    _, outcome, metrics = run(tmp_path, "method=linbreg", "epochs=100", "lam=0.1")
+    last = metrics.iloc[-1]
+    assert last.test_acc_pct >= 93.0 and last.sparsity_pct >= 90.0
+    assert last.coarse_steps == 0
+    # 2·f_S + f_D per step with f_S << f_D: a bit over a third of SGD's 3·f_D
+    assert 1 / 3 < last.train_flops_vs_sgd < 0.5
+
+
+def test_files_and_columns(tmp_path):
+    _, _, metrics = run(tmp_path, "epochs=3", "model=convnet", "init=erk", "init.density=0.1")
+    assert list(metrics.columns) == METRIC_COLUMNS
+    assert metrics.epoch.tolist() == [1, 2, 3]
+    layers = pd.read_csv(tmp_path / "layers.csv")
+    assert list(layers.columns) == LAYER_COLUMNS
+    assert set(layers.epoch) == {1, 2, 3}
+    # the per-layer rows add up to the model-level sparsity
+    last = layers[layers.epoch == 3]
+    assert 100 * (1 - last.nonzeros.sum() / last.numel.sum()) == pytest.approx(metrics.sparsity_pct.iloc[-1])
+    assert (tmp_path / "config.yaml").exists()
+
+
+def test_flops_account_matches_hand_computation(tmp_path):
+    """ML LinBreg with m = 2 on a 1-epoch run: alternating full_grad / sparse steps."""
+    from mlbreg.data import load_dataset
+    from mlbreg.flops import dense_layer_flops
+    from mlbreg.models import create_model
+    cfg, _, metrics = run(tmp_path, "epochs=1", "m=2", "lam=1000", "batch_size=1437")
+    # λ huge and one step per epoch: the weights never change from the 1% init, so f_S is constant
+    data = load_dataset("digits")
+    model = create_model("mlp", 10, data.in_shape, hidden=[256, 128])
+    f_dense = sum(dense_layer_flops(model, data.in_shape).values())
+    layers = pd.read_csv(tmp_path / "layers.csv")
+    flops = dense_layer_flops(model, data.in_shape)
+    f_sparse = sum(flops[row.layer] * row.density for row in layers.itertuples())
+    n = len(data.train.y)
+    expected = (2 * f_sparse + f_dense) * n  # the one step is a fine step
+    assert metrics.train_gflops.iloc[0] * 1e9 == pytest.approx(expected, rel=1e-9)
+    assert metrics.train_flops_vs_sgd.iloc[0] == pytest.approx(expected / (3 * f_dense * n), rel=1e-9)
+
+
+def test_run_name_is_determined_by_the_identifying_config():
+    a = make_cfg("lam=0.1", "seed=1")
+    assert run_name(a) == run_name(make_cfg("lam=0.1", "seed=1", "device=cpu", "resume=false"))
+    assert run_name(a) != run_name(make_cfg("lam=0.1", "seed=2"))
+    assert run_name(a) != run_name(make_cfg("lam=0.1", "seed=1", "lr=0.05"))  # not in the slug, in the hash
+    assert run_name(a).startswith("digits/mlp/mllinbreg/l1-lam0.1_m100_uniform0.01_seed1_")
+
+
+def test_same_seed_same_numbers(tmp_path):
+    _, _, a = run(tmp_path / "a", "epochs=4", "model=convnet")
+    _, _, b = run(tmp_path / "b", "epochs=4", "model=convnet")
+    timing = [c for c in a.columns if c.endswith("_s")]
+    pd.testing.assert_frame_equal(a.drop(columns=timing), b.drop(columns=timing))
+    ma, mb = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
