@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from .backends import BACKENDS
 from .data import DATASETS
 from .methods import METHODS
 from .models import list_models
@@ -47,7 +48,7 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first invalid value."""
     choices = {"dataset.name": DATASETS, "model.name": tuple(list_models()), "method.name": METHODS,
                "regularizer.name": tuple(r for r in REGULARIZERS if r != "none"), "init.scheme": SCHEMES,
-               "device": DEVICES, "scheduler": SCHEDULERS}
+               "device": DEVICES, "scheduler": SCHEDULERS, "backend": BACKENDS}
     for key, valid in choices.items():
         value = OmegaConf.select(cfg, key)
         if value not in valid:

@@ -32,7 +32,8 @@ def split_param_groups(model: nn.Module, reg: str, lam: float) -> list[dict]:
 
 class Method:
     name = "base"
-    sparse_init = True      # start from a sparse initialization (algorithms.md §4)
+    sparse_init = True             # start from a sparse initialization (algorithms.md §4)
+    uses_target_sparsity = False   # init density = 1 - cfg.sparsity (fixed-density methods)
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__
+from .backends import make_backend
 from .config import identity, run_name, validate
 from .data import BatchLoader, load_dataset
 from .flops import dense_layer_flops
@@ -40,7 +41,7 @@ METRIC_COLUMNS = [
     "epoch", "step", "lr", "train_loss", "train_acc_pct", "test_loss", "test_acc_pct",
     "sparsity_pct", "sparsity_all_params_pct", "conv_sparsity_pct", "nonzeros", "prunable_params",
     "fine_steps", "coarse_steps", "train_gflops", "train_flops_vs_sgd", "inference_flops_vs_dense",
-    "epoch_s", "forward_s", "backward_s", "optimizer_s", "eval_s",
+    "epoch_s", "forward_s", "backward_s", "optimizer_s", "swap_s", "eval_s",
 ]
 LAYER_COLUMNS = ["epoch", "layer", "kind", "shape", "numel", "nonzeros", "density", "kernels", "zero_kernels"]
 SUMMARY_KEYS = ["dataset", "model", "method", "regularizer", "lam", "m", "init", "density", "init_scale",
@@ -100,9 +101,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _settings(cfg: DictConfig) -> dict[str, Any]:
+def _settings(cfg: DictConfig, steps_per_epoch: int) -> dict[str, Any]:
     """Method settings: top-level keys plus the method group's own keys."""
-    settings = dict(lr=cfg.lr, momentum=cfg.momentum, lam=cfg.lam, m=cfg.m, reg=cfg.regularizer.name)
+    settings = dict(lr=cfg.lr, momentum=cfg.momentum, lam=cfg.lam, m=cfg.m, reg=cfg.regularizer.name,
+                    sparsity=cfg.sparsity, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+                    total_steps=cfg.epochs * steps_per_epoch)
     settings.update({k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"})
     return settings
 
@@ -115,17 +118,21 @@ def build(cfg: DictConfig, device: torch.device):
     data = load_dataset(cfg.dataset.name, root=cfg.dataset.root, download=cfg.dataset.download, **options)
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     model = create_model(cfg.model.name, data.num_classes, data.in_shape, **model_kwargs)
-    settings = _settings(cfg)
-    sparse = method_class(cfg.method.name).sparse_init  # dense methods start from dense Kaiming weights
-    sparse_init_(model, density=cfg.init.density if sparse else 1.0, scheme=cfg.init.scheme,
-                 scale=cfg.init.scale if sparse else 1.0, dense_first=cfg.init.dense_first,
+    cls = method_class(cfg.method.name)
+    if not cls.sparse_init:              # dense methods start from dense Kaiming weights
+        density, scale = 1.0, 1.0
+    elif cls.uses_target_sparsity:       # fixed-density methods (RigL) start at their target
+        density, scale = 1.0 - cfg.sparsity, cfg.init.scale
+    else:
+        density, scale = cfg.init.density, cfg.init.scale
+    sparse_init_(model, density=density, scheme=cfg.init.scheme, scale=scale, dense_first=cfg.init.dense_first,
                  dense_last=cfg.init.dense_last, by_group=cfg.regularizer.name == "group", seed=cfg.seed)
     model.to(device)
     train_loader = BatchLoader(data.train, cfg.batch_size, data.mean, data.std, shuffle=True,
                                augment=data.augment, drop_last=False, device=device, seed=cfg.seed)
     test_loader = BatchLoader(data.test, cfg.eval_batch_size, data.mean, data.std, shuffle=False,
                               augment=False, device=device, seed=cfg.seed)
-    method = build_method(cfg.method.name, model, **settings)
+    method = build_method(cfg.method.name, model, **_settings(cfg, len(train_loader)))
     total_steps = cfg.epochs * len(train_loader)
     if cfg.scheduler == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(method.optimizer, T_max=total_steps)
@@ -205,6 +212,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     data, model, method, train_loader, test_loader, scheduler = build(cfg, device)
     flops = FlopsAccount(model, data.in_shape, device)
+    backend = make_backend(cfg.backend, model, device, cfg.method.name, batch_size=cfg.batch_size,
+                           in_shape=data.in_shape)
     pos = dict(epoch=0, batch=0, step=0)
     partial = None
     if cfg.resume and run.checkpoint_path.exists():
@@ -235,7 +244,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
                desc=run_name(cfg).rsplit("/", 1)[0], dynamic_ncols=True)
     try:
         with _catch_signals(stop):
-            outcome = _loop(cfg, run, model, method, train_loader, test_loader, scheduler, flops, pos, partial,
+            outcome = _loop(cfg, run, model, method, backend, train_loader, test_loader, scheduler, flops, pos, partial,
                             metrics_log, layers_log, checkpoint, stop, bar, device)
     except Exception as err:
         run.write_status("failed", run_key=run_key, epoch=pos["epoch"], step=pos["step"],
@@ -252,39 +261,46 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return outcome
 
 
-def _loop(cfg, run, model, method: Method, train_loader, test_loader, scheduler, flops, pos, partial,
+def _loop(cfg, run, model, method: Method, backend, train_loader, test_loader, scheduler, flops, pos, partial,
           metrics_log, layers_log, checkpoint, stop, bar, device) -> dict[str, Any]:
     model.train()
     last_row = None
     while pos["epoch"] < cfg.epochs:
         epoch = pos["epoch"]
-        acc = partial or dict(loss=0.0, correct=0, seen=0, fwd=0.0, bwd=0.0, opt=0.0, wall=0.0, bad_step=-1)
+        acc = partial or dict(loss=0.0, correct=0, seen=0, fwd=0.0, bwd=0.0, opt=0.0, swap=0.0, wall=0.0,
+                                bad_step=-1)
         partial = None
         loss_sum = torch.tensor(acc["loss"], dtype=torch.float64, device=device)
         correct = torch.tensor(acc["correct"], dtype=torch.long, device=device)
         bad_step = torch.tensor(acc["bad_step"], dtype=torch.long, device=device)
         seen = acc["seen"]
-        times = dict(fwd=acc["fwd"], bwd=acc["bwd"], opt=acc["opt"])
+        times = dict(fwd=acc["fwd"], bwd=acc["bwd"], opt=acc["opt"], swap=acc["swap"])
         t_epoch = time.perf_counter() - acc["wall"]
         train_loader.set_epoch(epoch)
         for b, (x, y) in enumerate(train_loader):
             if b < pos["batch"]:
                 continue  # resumed inside this epoch: these batches were already trained on
             kind = method.step_kind()
+            t_swap = time.perf_counter()
+            backend.before_step(kind)
             t0 = time.perf_counter()
             out = model(x)
             loss = nn.functional.cross_entropy(out, y)
             t1 = time.perf_counter()
             method.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            backend.after_backward()
             t2 = time.perf_counter()
             flops.add_step(kind, y.numel())   # densities of the weights this step used
             method.step()
             scheduler.step()
             t3 = time.perf_counter()
+            backend.after_step(kind)
+            t4 = time.perf_counter()
             times["fwd"] += t1 - t0
             times["bwd"] += t2 - t1
             times["opt"] += t3 - t2
+            times["swap"] += (t0 - t_swap) + (t4 - t3)
             loss = loss.detach()
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), pos["step"], bad_step)
             loss_sum += loss.double() * y.numel()
@@ -294,11 +310,13 @@ def _loop(cfg, run, model, method: Method, train_loader, test_loader, scheduler,
             pos["batch"] = b + 1
             bar.update(1)
             if stop.signal is not None:
+                backend.use_dense()
                 checkpoint(dict(loss=loss_sum.item(), correct=correct.item(), seen=seen, **times,
                                 wall=time.perf_counter() - t_epoch, bad_step=int(bad_step)))
                 return dict(status="interrupted", epoch=epoch, step=pos["step"],
                             message=f"stopped by signal {stop.signal} at step {pos['step']}; rerun to resume")
         epoch_s = time.perf_counter() - t_epoch
+        backend.use_dense()
         t_eval = time.perf_counter()
         test_loss, test_acc = evaluate(model, test_loader)
         layers = layer_stats(model)
@@ -311,7 +329,7 @@ def _loop(cfg, run, model, method: Method, train_loader, test_loader, scheduler,
                    fine_steps=flops.counts["full_grad"] + flops.counts["dense"], coarse_steps=flops.counts["sparse"],
                    train_gflops=flops.total.item() / 1e9, train_flops_vs_sgd=flops.total.item() / flops.sgd_total.item(),
                    inference_flops_vs_dense=f_sparse / flops.f_dense, epoch_s=epoch_s, forward_s=times["fwd"],
-                   backward_s=times["bwd"], optimizer_s=times["opt"], eval_s=time.perf_counter() - t_eval)
+                   backward_s=times["bwd"], optimizer_s=times["opt"], swap_s=times["swap"], eval_s=time.perf_counter() - t_eval)
         metrics_log.append([row])
         layers_log.append([dict(epoch=epoch + 1, **layer) for layer in layers])
         last_row = row

@@ -1,0 +1,70 @@
+"""Compute backends for the layers: torch (any device) or SparseProp (CPU, sparse layers).
+
+The training loop calls, around every step:
+    backend.before_step(kind)   # kind from method.step_kind(): "dense" | "full_grad" | "sparse"
+    ... forward, backward ...
+    backend.after_backward()    # sparse layers: their value gradients -> the dense weight.grad
+    method.step()
+    backend.after_step(kind)    # the updated dense weights -> the sparse layers' values
+The dense `weight` parameters stay the single source of truth (the optimizer, checkpoints
+and metrics only ever see them), so results do not depend on the backend.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+BACKENDS = ("auto", "torch", "sparseprop")
+
+
+class TorchBackend:
+    """Plain torch layers: nothing to swap."""
+    name = "torch"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.swap_seconds = 0.0
+
+    def before_step(self, kind: str) -> None:
+        pass
+
+    def after_backward(self) -> None:
+        pass
+
+    def after_step(self, kind: str) -> None:
+        pass
+
+    def use_dense(self) -> None:
+        """Back to dense layers (before evaluation or checkpointing)."""
+
+
+def sparseprop_available() -> bool:
+    try:
+        import sparseprop  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken build is as unavailable as a missing one
+        return False
+    return True
+
+
+def make_backend(name: str, model: nn.Module, device: torch.device, method_name: str, **options):
+    """`auto`: SparseProp on CPU for ML LinBreg when it is installed, else torch."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
+    if name == "torch":
+        return TorchBackend(model)
+    wants_sparse = device.type == "cpu" and method_name == "mllinbreg"
+    if name == "auto" and not wants_sparse:
+        return TorchBackend(model)
+    if not sparseprop_available():
+        if name == "sparseprop":
+            raise RuntimeError("backend=sparseprop needs the SparseProp package: pip install pybind11 scipy && "
+                               "pip install --no-build-isolation 'sparseprop>=0.1.14' (see README); "
+                               "or use backend=torch")
+        warnings.warn("SparseProp is not installed: backend=auto uses torch layers", stacklevel=2)
+        return TorchBackend(model)
+    if device.type != "cpu":
+        raise ValueError(f"backend=sparseprop runs on the CPU only, not on device {device}; use backend=torch")
+    from .sparseprop import SparsePropBackend
+    return SparsePropBackend(model, **options)
