@@ -5,6 +5,7 @@ Nothing else happens here: the work is in `mlbreg.train.train(cfg, run_dir)` and
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -30,9 +31,12 @@ def config_dir() -> str:
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
-    from .config import run_name
+    from .config import run_name, validate
 
     def _run_name(*, _root_):
+        # Hydra resolves the run dir before it creates it: checking the config here makes
+        # a bad value fail before any file or directory is written.
+        validate(_root_)
         return run_name(_root_)
 
     if not OmegaConf.has_resolver("mlbreg_run_name"):
@@ -57,9 +61,36 @@ def _train(argv: list[str]) -> int:
         return status
 
     sys.argv = [sys.argv[0]] + argv
-    hydra_main()
+    # let Hydra re-raise instead of printing and exiting, so known user errors become one line
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        hydra_main()
+    except Exception as err:  # noqa: BLE001 - turn known user errors into one clear line
+        known = _user_error(err)
+        if known is None:
+            raise
+        print(f"mlbreg: {known}", file=sys.stderr)
+        return 2
     # a single run that did not finish exits non-zero; in a sweep each job reports itself
     return 0 if result.get("status") in (None, "finished") else 2
+
+
+def _user_error(err: BaseException) -> str | None:
+    """The message of a bad-input error (bad config value, missing data, bad checkpoint)
+    anywhere in the exception chain, or None for a real crash."""
+    from .config import ConfigError
+    from .data import DataNotFoundError
+    from .rundir import CheckpointError
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+    user_errors = (ConfigError, DataNotFoundError, CheckpointError, ConfigCompositionException,
+                   OverrideParseException)
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, user_errors):
+            return str(err)
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,6 +74,35 @@ def validate(cfg: DictConfig) -> None:
         _fail("method.delta", cfg.method.delta, "must be > 0")
     if "criterion" in cfg.method and cfg.method.criterion not in ("fixed", "adaptive"):
         _fail("method.criterion", cfg.method.criterion, "valid: fixed, adaptive")
+    # fixed-density baselines (rigl, prune_finetune) and their target `sparsity`
+    method = cfg.method.name
+    sparsity = OmegaConf.select(cfg, "sparsity")
+    if method in ("rigl", "prune_finetune") and sparsity is None:
+        _fail("sparsity", sparsity, f"method={method} needs a target sparsity in (0, 1), e.g. sparsity=0.9")
+    if sparsity is not None and not 0 < _number(cfg, "sparsity") < 1:
+        _fail("sparsity", sparsity, "must be in (0, 1) (the fraction of prunable weights that are zero)")
+    if "weight_decay" in cfg.method and _number(cfg, "method.weight_decay") < 0:
+        _fail("method.weight_decay", cfg.method.weight_decay, "must be >= 0")
+    if method == "rigl":
+        delta_t = _number(cfg, "method.delta_t")
+        if int(delta_t) != delta_t or delta_t < 1:
+            _fail("method.delta_t", delta_t, "must be an integer >= 1 (steps between mask updates)")
+        if not 0 <= _number(cfg, "method.alpha") <= 1:
+            _fail("method.alpha", cfg.method.alpha, "must be in [0, 1] (the initial drop fraction)")
+        if not 0 < _number(cfg, "method.end_fraction") <= 1:
+            _fail("method.end_fraction", cfg.method.end_fraction, "must be in (0, 1] (T_end as a fraction of all steps)")
+    if method == "prune_finetune":
+        from .sparsity.prune import checkpoint_file, finetune_split
+        source = OmegaConf.select(cfg, "method.from_checkpoint")
+        if source:
+            try:
+                checkpoint_file(source)
+            except FileNotFoundError:
+                _fail("method.from_checkpoint", source, "no such model.pt or run directory with a model.pt")
+        try:
+            finetune_split(cfg.epochs, OmegaConf.select(cfg, "method.finetune_epochs"), source)
+        except ValueError as err:
+            raise ConfigError(str(err).replace("invalid finetune_epochs", "invalid method.finetune_epochs")) from None
     if int(_number(cfg, "checkpoint_every")) < 0:
         _fail("checkpoint_every", cfg.checkpoint_every, "must be >= 0 (0 = only at the end and on signals)")
     if cfg.device == "cuda":

@@ -1,0 +1,61 @@
+"""Bad input fails early with a message naming the key, the value and what is allowed."""
+import pytest
+
+from mlbreg.cli import main
+from mlbreg.rundir import RunDir
+from mlbreg.train import train
+
+from conftest import make_cfg
+
+CASES = [
+    # (overrides, words the message must contain)
+    (["model=foo"], ["model/foo", "mlp", "resnet18", "wrn28_10"]),
+    (["dataset=imagenet"], ["dataset/imagenet", "cifar10", "digits"]),
+    (["method=adam"], ["method/adam", "mllinbreg", "sgd"]),
+    (["regularizer=l2"], ["regularizer/l2", "group", "l1"]),
+    (["init=random"], ["init/random", "erk", "uniform"]),
+    (["lam=-1"], ["lam=-1", ">= 0"]),
+    (["m=0"], ["m=0", "integer >= 1"]),
+    (["m=2.5"], ["m=2.5", "integer >= 1"]),
+    (["init.density=0"], ["init.density=0", "(0, 1]"]),
+    (["init.density=1.5"], ["init.density=1.5", "(0, 1]"]),
+    (["batch_size=0"], ["batch_size=0", "integer >= 1"]),
+    (["epochs=-3"], ["epochs=-3", "integer >= 1"]),
+    (["lr=0"], ["lr=0", "> 0"]),
+    (["momentum=1.0"], ["momentum=1.0", "[0, 1)"]),
+    (["device=tpu"], ["device='tpu'", "auto, cpu, cuda"]),
+    (["backend=mkl"], ["backend='mkl'", "torch", "sparseprop"]),
+    (["method.criterion=sometimes"], ["method.criterion='sometimes'", "fixed, adaptive"]),
+    (["lam=abc"], ["lam='abc'", "must be a number"]),
+    (["dataset=cifar10", "dataset.root=/nonexistent/data"],
+     ["/nonexistent/data/cifar-10-batches-py", "cifar-10-python.tar.gz", "dataset.download=true"]),
+    (["dataset=tinyimagenet", "dataset.root=/nonexistent/data"],
+     ["/nonexistent/data/tiny-imagenet-200", "val_annotations.txt"]),
+]
+
+
+@pytest.mark.parametrize("overrides,words", CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_bad_input_gives_one_clear_message_and_no_files(tmp_path, capsys, overrides, words):
+    code = main(["train", *overrides, f"output_root={tmp_path}/out", "progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "\nmlbreg: " in "\n" + err and "Traceback" not in err
+    for word in words:
+        assert word in err
+    # a bad config value fails before Hydra creates the run directory
+    if not any(o.startswith("dataset.root") for o in overrides):
+        assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_checkpoint_is_an_error_not_a_silent_restart(tmp_path, capsys):
+    cfg = make_cfg("epochs=2")
+    train(cfg, tmp_path)
+    RunDir(tmp_path).write_status("interrupted", run_key="x")
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    rows_before = (tmp_path / "metrics.csv").read_bytes()
+    with pytest.raises(Exception) as err:
+        train(cfg, tmp_path)
+    assert "cannot read checkpoint" in str(err.value) and "resume=false" in str(err.value)
+    assert (tmp_path / "metrics.csv").read_bytes() == rows_before  # nothing overwritten
+    out = train(make_cfg("epochs=2", "resume=false"), tmp_path)  # the documented way out
+    assert out["status"] == "finished"
