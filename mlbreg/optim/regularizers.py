@@ -72,15 +72,19 @@ def group_shrink_(x: torch.Tensor, t: float) -> torch.Tensor:
 
 def prox_(theta: torch.Tensor, v: torch.Tensor, reg: str, lam: float, delta: float) -> None:
     """θ ← prox_{δJ}(δ·v) = δ·shrink(v, λ), written into θ in place."""
-    theta.copy_(v)
     if reg == "l1":
-        soft_shrink_(theta, lam)
+        if lam != 0:
+            # one fused kernel, bitwise equal to v − clamp(v, −λ, λ)
+            torch.ops.aten.softshrink.out(v, lam, out=theta)
+        else:
+            theta.copy_(v)
     elif reg == "group":
-        group_shrink_(theta, lam)
+        group_shrink_(theta.copy_(v), lam)
     elif reg == "l1_group":
         # exact prox of the sparse group lasso: soft-shrink, then group-shrink
-        group_shrink_(soft_shrink_(theta, lam), lam)
-    elif reg != "none":
+        group_shrink_(soft_shrink_(theta.copy_(v), lam), lam)
+    else:
+        theta.copy_(v)
         check_regularizer(reg)
     if delta != 1.0:
         theta.mul_(delta)
