@@ -26,6 +26,7 @@ SCHEDULERS = ("cosine", "constant")
 # Keys that change how a run is executed or where its data comes from, not its results:
 # they are left out of the run's identity so that e.g. a resumed run may use another device.
 NON_IDENTIFYING = ("resume", "device", "progress", "checkpoint_every", "output_root", "num_threads",
+                   "distributed", "stop_check_every", "compile",
                    "hydra", "dataset.root", "dataset.download", "eval_batch_size")
 
 
@@ -48,7 +49,8 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first invalid value."""
     choices = {"dataset.name": DATASETS, "model.name": tuple(list_models()), "method.name": METHODS,
                "regularizer.name": tuple(r for r in REGULARIZERS if r != "none"), "init.scheme": SCHEMES,
-               "device": DEVICES, "scheduler": SCHEDULERS, "backend": BACKENDS}
+               "device": DEVICES, "scheduler": SCHEDULERS, "backend": BACKENDS,
+               "precision": ("fp32", "bf16")}
     for key, valid in choices.items():
         value = OmegaConf.select(cfg, key)
         if value not in valid:
@@ -105,6 +107,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(str(err).replace("invalid finetune_epochs", "invalid method.finetune_epochs")) from None
     if int(_number(cfg, "checkpoint_every")) < 0:
         _fail("checkpoint_every", cfg.checkpoint_every, "must be >= 0 (0 = only at the end and on signals)")
+    if cfg.compile and cfg.backend == "sparseprop":
+        _fail("compile", True, "torch.compile works with backend=torch only")
     if cfg.device == "cuda":
         import torch
         if not torch.cuda.is_available():

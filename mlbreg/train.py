@@ -16,7 +16,7 @@ import math
 import random
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .backends import make_backend
 from .config import identity, run_name, validate
 from .data import BatchLoader, load_dataset
@@ -205,95 +205,164 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     previous = run.read_status()
     if previous and cfg.resume and previous.get("status") == "finished" and previous.get("run_key") == run_key:
         return previous  # a finished run is kept, not recomputed
-    if not cfg.resume:
-        run.clear()
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
-    device = resolve_device(cfg.device)
-    data, model, method, train_loader, test_loader, scheduler = build(cfg, device)
-    flops = FlopsAccount(model, data.in_shape, device)
-    backend = make_backend(cfg.backend, model, device, cfg.method.name, batch_size=cfg.batch_size,
-                           in_shape=data.in_shape)
-    pos = dict(epoch=0, batch=0, step=0)
-    partial = None
-    if cfg.resume and run.checkpoint_path.exists():
-        ckpt = run.load_checkpoint(run_key)
-        model.load_state_dict(ckpt["model"])
-        method.load_state_dict(ckpt["method"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        flops.load_state_dict(ckpt["flops"])
+    device = distributed.local_device(resolve_device(cfg.device))
+    ctx = distributed.init(cfg.distributed, device)
+    if not cfg.resume and ctx.is_main:
+        run.clear()
+    ctx.barrier()
+    return Trainer(cfg, run, run_key, device, ctx, previous).run()
+
+
+class Trainer:
+    """One run: the built parts, the position in the run, and the files it writes."""
+
+    def __init__(self, cfg, run: RunDir, run_key: str, device, ctx, previous):
+        self.cfg, self.run_dir, self.run_key, self.device, self.ctx = cfg, run, run_key, device, ctx
+        data, self.model, self.method, self.train_loader, self.test_loader, self.scheduler = build(cfg, device)
+        self.flops = FlopsAccount(self.model, data.in_shape, device)
+        self.backend = make_backend(cfg.backend, self.model, device, cfg.method.name, batch_size=cfg.batch_size,
+                                    in_shape=data.in_shape)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.forward_model = self.model   # what the training step calls (DDP / compiled wrappers)
+        if ctx.enabled:
+            if cfg.sync_batchnorm:
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.forward_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile:
+            self.forward_model = torch.compile(self.forward_model)
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16"
+                         else nullcontext())
+        self.pos = dict(epoch=0, batch=0, step=0)
+        self.partial = None
+        if cfg.resume and run.checkpoint_path.exists():
+            self._restore(run.load_checkpoint(run_key))
+        elif cfg.resume and previous and previous.get("status") in ("running", "interrupted") and ctx.is_main:
+            run.clear()  # died before its first checkpoint: nothing to keep
+        self.stop = _StopRequest()
+        self.metrics_log = CsvLog(run.file("metrics.csv"), METRIC_COLUMNS)
+        self.layers_log = CsvLog(run.file("layers.csv"), LAYER_COLUMNS)
+        if ctx.is_main:
+            run.path.mkdir(parents=True, exist_ok=True)
+            self.metrics_log.keep_epochs_up_to(self.pos["epoch"])
+            self.layers_log.keep_epochs_up_to(self.pos["epoch"])
+            OmegaConf.save(cfg, run.file("config.yaml"), resolve=True)
+            run.write_status("running", run_key=run_key, epoch=self.pos["epoch"], step=self.pos["step"])
+
+    # -- checkpoints -------------------------------------------------------------------
+    def _restore(self, ckpt) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.method.load_state_dict(ckpt["method"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.flops.load_state_dict(ckpt["flops"])
         _set_rng_state(ckpt["rng"])
-        pos, partial = ckpt["position"], ckpt.get("partial_epoch")
-    elif cfg.resume and previous and previous.get("status") in ("running", "interrupted"):
-        run.clear()  # died before its first checkpoint: nothing to keep
-    run.path.mkdir(parents=True, exist_ok=True)
-    metrics_log = CsvLog(run.file("metrics.csv"), METRIC_COLUMNS)
-    layers_log = CsvLog(run.file("layers.csv"), LAYER_COLUMNS)
-    metrics_log.keep_epochs_up_to(pos["epoch"])
-    layers_log.keep_epochs_up_to(pos["epoch"])
-    OmegaConf.save(cfg, run.file("config.yaml"), resolve=True)
-    run.write_status("running", run_key=run_key, epoch=pos["epoch"], step=pos["step"])
+        self.pos, self.partial = ckpt["position"], ckpt.get("partial_epoch")
 
-    def checkpoint(partial_epoch=None):
-        run.save_checkpoint(dict(run_key=run_key, model=model.state_dict(), method=method.state_dict(),
-                                 scheduler=scheduler.state_dict(), flops=flops.state_dict(), rng=_rng_state(),
-                                 position=dict(pos), partial_epoch=partial_epoch))
+    def checkpoint(self, partial_epoch=None) -> None:
+        if self.ctx.is_main:
+            self.backend.use_dense()
+            self.run_dir.save_checkpoint(dict(
+                run_key=self.run_key, model=self.model.state_dict(), method=self.method.state_dict(),
+                scheduler=self.scheduler.state_dict(), flops=self.flops.state_dict(), rng=_rng_state(),
+                position=dict(self.pos), partial_epoch=partial_epoch))
+        self.ctx.barrier()
 
-    stop = _StopRequest()
-    bar = tqdm(total=cfg.epochs * len(train_loader), initial=pos["step"], disable=not cfg.progress,
-               desc=run_name(cfg).rsplit("/", 1)[0], dynamic_ncols=True)
-    try:
-        with _catch_signals(stop):
-            outcome = _loop(cfg, run, model, method, backend, train_loader, test_loader, scheduler, flops, pos, partial,
-                            metrics_log, layers_log, checkpoint, stop, bar, device)
-    except Exception as err:
-        run.write_status("failed", run_key=run_key, epoch=pos["epoch"], step=pos["step"],
-                         message=f"{type(err).__name__}: {err}")
-        raise
-    finally:
-        bar.close()
-    outcome.update(run_key=run_key)
-    if outcome["status"] == "finished":
-        run.save_model(model.state_dict())
-        _write_summary(cfg, run, outcome)
-        checkpoint()
-    run.write_status(**outcome)
-    return outcome
+    # -- the run -----------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg, run = self.cfg, self.run_dir
+        self.bar = tqdm(total=cfg.epochs * len(self.train_loader), initial=self.pos["step"],
+                        disable=not (cfg.progress and self.ctx.is_main), desc=run_name(cfg).rsplit("/", 1)[0],
+                        dynamic_ncols=True)
+        try:
+            with _catch_signals(self.stop):
+                outcome = self._epochs()
+        except Exception as err:
+            if self.ctx.is_main:
+                run.write_status("failed", run_key=self.run_key, epoch=self.pos["epoch"], step=self.pos["step"],
+                                 message=f"{type(err).__name__}: {err}")
+            raise
+        finally:
+            self.bar.close()
+        outcome.update(run_key=self.run_key)
+        if outcome["status"] == "finished":
+            if self.ctx.is_main:
+                run.save_model(self.model.state_dict())
+                _write_summary(cfg, run, outcome)
+            self.checkpoint()
+        if self.ctx.is_main:
+            run.write_status(**outcome)
+        return outcome
 
+    def _stop_requested(self) -> bool:
+        # under DDP every rank must stop at the same step: agree every `stop_check_every` steps
+        if not self.ctx.enabled:
+            return self.stop.signal is not None
+        if self.pos["step"] % self.cfg.stop_check_every:
+            return False
+        return self.ctx.any(self.stop.signal is not None, self.device)
 
-def _loop(cfg, run, model, method: Method, backend, train_loader, test_loader, scheduler, flops, pos, partial,
-          metrics_log, layers_log, checkpoint, stop, bar, device) -> dict[str, Any]:
-    model.train()
-    last_row = None
-    while pos["epoch"] < cfg.epochs:
-        epoch = pos["epoch"]
-        acc = partial or dict(loss=0.0, correct=0, seen=0, fwd=0.0, bwd=0.0, opt=0.0, swap=0.0, wall=0.0,
-                                bad_step=-1)
-        partial = None
+    def _epochs(self) -> dict[str, Any]:
+        cfg, pos = self.cfg, self.pos
+        self.model.train()
+        last_row = None
+        while pos["epoch"] < cfg.epochs:
+            epoch = pos["epoch"]
+            outcome = self._train_epoch(epoch)
+            if outcome is not None:
+                return outcome
+            row, bad_step = self._end_epoch(epoch)
+            last_row = row
+            if bad_step >= 0:
+                return dict(status="diverged", epoch=epoch + 1, step=pos["step"],
+                            message=f"non-finite training loss first at step {bad_step} (epoch {epoch + 1})")
+            if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < cfg.epochs:
+                self.checkpoint()
+            if self.ctx.any(self.stop.signal is not None, self.device):
+                self.checkpoint()
+                return dict(status="interrupted", epoch=epoch + 1, step=pos["step"],
+                            message=f"stopped by signal {self.stop.signal} after epoch {epoch + 1}; rerun to resume")
+        return dict(status="finished", epoch=pos["epoch"], step=pos["step"], final=last_row)
+
+    def _train_epoch(self, epoch: int):
+        """Train one epoch (or its rest, when resumed inside it). Returns an outcome dict if
+        the run must stop inside the epoch, else None; the epoch's sums are in self.acc."""
+        pos, device, method, backend = self.pos, self.device, self.method, self.backend
+        acc = self.partial or dict(loss=0.0, correct=0, seen=0, fwd=0.0, bwd=0.0, opt=0.0, swap=0.0, wall=0.0,
+                                   bad_step=-1)
+        if self.partial and not self.ctx.is_main:
+            acc = dict(acc, loss=0.0, correct=0)
+        self.partial = None
         loss_sum = torch.tensor(acc["loss"], dtype=torch.float64, device=device)
         correct = torch.tensor(acc["correct"], dtype=torch.long, device=device)
         bad_step = torch.tensor(acc["bad_step"], dtype=torch.long, device=device)
+        times = {k: acc[k] for k in ("fwd", "bwd", "opt", "swap")}
         seen = acc["seen"]
-        times = dict(fwd=acc["fwd"], bwd=acc["bwd"], opt=acc["opt"], swap=acc["swap"])
         t_epoch = time.perf_counter() - acc["wall"]
-        train_loader.set_epoch(epoch)
-        for b, (x, y) in enumerate(train_loader):
+        self.train_loader.set_epoch(epoch)
+        for b, (x, y) in enumerate(self.train_loader):
             if b < pos["batch"]:
                 continue  # resumed inside this epoch: these batches were already trained on
             kind = method.step_kind()
             t_swap = time.perf_counter()
             backend.before_step(kind)
+            x_local, y_local, weight = self.ctx.shard(x, y)
+            if self.cfg.channels_last and x_local.dim() == 4:
+                x_local = x_local.contiguous(memory_format=torch.channels_last)
             t0 = time.perf_counter()
-            out = model(x)
-            loss = nn.functional.cross_entropy(out, y)
+            with self.autocast:
+                out = self.forward_model(x_local)
+                loss = nn.functional.cross_entropy(out.float(), y_local)
             t1 = time.perf_counter()
             method.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight if weight != 1.0 else loss).backward()
             backend.after_backward()
             t2 = time.perf_counter()
-            flops.add_step(kind, y.numel())   # densities of the weights this step used
+            self.flops.add_step(kind, y.numel())   # densities of the weights this step used
             method.step()
-            scheduler.step()
+            self.scheduler.step()
             t3 = time.perf_counter()
             backend.after_step(kind)
             t4 = time.perf_counter()
@@ -303,49 +372,52 @@ def _loop(cfg, run, model, method: Method, backend, train_loader, test_loader, s
             times["swap"] += (t0 - t_swap) + (t4 - t3)
             loss = loss.detach()
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), pos["step"], bad_step)
-            loss_sum += loss.double() * y.numel()
-            correct += (out.detach().argmax(1) == y).sum()
+            loss_sum += loss.double() * y_local.numel()
+            correct += (out.detach().argmax(1) == y_local).sum()
             seen += y.numel()
             pos["step"] += 1
             pos["batch"] = b + 1
-            bar.update(1)
-            if stop.signal is not None:
-                backend.use_dense()
-                checkpoint(dict(loss=loss_sum.item(), correct=correct.item(), seen=seen, **times,
-                                wall=time.perf_counter() - t_epoch, bad_step=int(bad_step)))
+            self.bar.update(1)
+            if self._stop_requested():
+                # global sums (rank 0 carries them on resume, the other ranks restart at 0)
+                partial = dict(loss=self.ctx.all_sum(loss_sum.clone()).item(),
+                               correct=self.ctx.all_sum(correct.clone()).item(), seen=seen, **times,
+                               wall=time.perf_counter() - t_epoch, bad_step=int(bad_step))
+                self.checkpoint(partial)
                 return dict(status="interrupted", epoch=epoch, step=pos["step"],
-                            message=f"stopped by signal {stop.signal} at step {pos['step']}; rerun to resume")
-        epoch_s = time.perf_counter() - t_epoch
-        backend.use_dense()
+                            message=f"stopped by signal {self.stop.signal} at step {pos['step']}; rerun to resume")
+        self.acc = dict(loss_sum=self.ctx.all_sum(loss_sum), correct=self.ctx.all_sum(correct), seen=seen,
+                        bad_step=bad_step, times=times, epoch_s=time.perf_counter() - t_epoch)
+        return None
+
+    def _end_epoch(self, epoch: int):
+        """Evaluate, write the epoch's rows, run the method's epoch hook."""
+        acc, flops, pos = self.acc, self.flops, self.pos
+        self.backend.use_dense()
         t_eval = time.perf_counter()
-        test_loss, test_acc = evaluate(model, test_loader)
-        layers = layer_stats(model)
-        sparsity = sparsity_summary(model, layers)
+        test_loss, test_acc = evaluate(self.model, self.test_loader)
+        layers = layer_stats(self.model)
+        sparsity = sparsity_summary(self.model, layers)
         f_sparse = flops.f_sparse().item()
         pos["epoch"], pos["batch"] = epoch + 1, 0
-        row = dict(epoch=epoch + 1, step=pos["step"], lr=scheduler.get_last_lr()[0],
-                   train_loss=loss_sum.item() / seen, train_acc_pct=100.0 * correct.item() / seen,
+        times = acc["times"]
+        row = dict(epoch=epoch + 1, step=pos["step"], lr=self.scheduler.get_last_lr()[0],
+                   train_loss=acc["loss_sum"].item() / acc["seen"],
+                   train_acc_pct=100.0 * acc["correct"].item() / acc["seen"],
                    test_loss=test_loss, test_acc_pct=test_acc, **sparsity,
                    fine_steps=flops.counts["full_grad"] + flops.counts["dense"], coarse_steps=flops.counts["sparse"],
-                   train_gflops=flops.total.item() / 1e9, train_flops_vs_sgd=flops.total.item() / flops.sgd_total.item(),
-                   inference_flops_vs_dense=f_sparse / flops.f_dense, epoch_s=epoch_s, forward_s=times["fwd"],
-                   backward_s=times["bwd"], optimizer_s=times["opt"], swap_s=times["swap"], eval_s=time.perf_counter() - t_eval)
-        metrics_log.append([row])
-        layers_log.append([dict(epoch=epoch + 1, **layer) for layer in layers])
-        last_row = row
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", test_acc=f"{test_acc:.1f}",
-                        sparsity=f"{sparsity['sparsity_pct']:.1f}")
-        method.end_epoch(epoch + 1, model)
-        if int(bad_step) >= 0:
-            return dict(status="diverged", epoch=epoch + 1, step=pos["step"],
-                        message=f"non-finite training loss first at step {int(bad_step)} (epoch {epoch + 1})")
-        if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < cfg.epochs:
-            checkpoint()
-        if stop.signal is not None:
-            checkpoint()
-            return dict(status="interrupted", epoch=epoch + 1, step=pos["step"],
-                        message=f"stopped by signal {stop.signal} after epoch {epoch + 1}; rerun to resume")
-    return dict(status="finished", epoch=pos["epoch"], step=pos["step"], final=last_row)
+                   train_gflops=flops.total.item() / 1e9,
+                   train_flops_vs_sgd=flops.total.item() / flops.sgd_total.item(),
+                   inference_flops_vs_dense=f_sparse / flops.f_dense, epoch_s=acc["epoch_s"],
+                   forward_s=times["fwd"], backward_s=times["bwd"], optimizer_s=times["opt"], swap_s=times["swap"],
+                   eval_s=time.perf_counter() - t_eval)
+        if self.ctx.is_main:
+            self.metrics_log.append([row])
+            self.layers_log.append([dict(epoch=epoch + 1, **layer) for layer in layers])
+        self.bar.set_postfix(loss=f"{row['train_loss']:.3f}", test_acc=f"{test_acc:.1f}",
+                             sparsity=f"{sparsity['sparsity_pct']:.1f}")
+        self.method.end_epoch(epoch + 1, self.model)
+        return row, int(acc["bad_step"])
 
 
 def _write_summary(cfg: DictConfig, run: RunDir, outcome: dict[str, Any]) -> None:
