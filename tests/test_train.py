@@ -94,3 +94,21 @@ def test_same_seed_same_numbers(tmp_path):
     pd.testing.assert_frame_equal(a.drop(columns=timing), b.drop(columns=timing))
     ma, mb = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_bf16_autocast_trains_and_sparsity_comes_from_fp32_weights(tmp_path):
+    _, outcome, metrics = run(tmp_path, "precision=bf16", "model=convnet", "epochs=30", "init.density=0.05")
+    last = metrics.iloc[-1]
+    assert outcome["status"] == "finished" and last.test_acc_pct >= 85.0
+    state = torch.load(tmp_path / "model.pt")
+    weights = [v for k, v in state.items() if k.endswith("weight") and v.dim() in (2, 4)]
+    assert all(w.dtype == torch.float32 for w in weights)
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    assert 100 * zeros / sum(w.numel() for w in weights) == pytest.approx(last.sparsity_pct)
+
+
+def test_channels_last_gives_the_same_run(tmp_path):
+    _, _, a = run(tmp_path / "a", "model=convnet", "epochs=2", "m=5")
+    _, _, b = run(tmp_path / "b", "model=convnet", "epochs=2", "m=5", "channels_last=true")
+    cols = ["train_loss", "test_acc_pct", "sparsity_pct"]
+    pd.testing.assert_frame_equal(a[cols], b[cols], rtol=1e-4, atol=1e-4)

@@ -1,0 +1,47 @@
+"""DDP on CPU (gloo, 2 processes) equals one process with the same global batch."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CASES = [["method=mllinbreg", "m=5", "lam=0.03"]]
+if (ROOT / "conf/method/rigl.yaml").exists():
+    CASES.append(["method=rigl", "sparsity=0.9", "method.delta_t=5"])
+
+
+def worker(out: Path, *args, nproc: int = 1):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0"] if nproc > 1 \
+        else [sys.executable]
+    subprocess.run([*launcher, str(HERE / "ddp_worker.py"), str(out), *args], env=env, check=True, cwd=ROOT,
+                   capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_ddp_two_ranks_match_one_process(tmp_path, case):
+    common = ["model=mlp", "epochs=2", "batch_size=128", *case]  # 1437 samples: a last batch of 29 (14 + 15)
+    worker(tmp_path / "one", *common)
+    worker(tmp_path / "ddp", *common, "distributed=true", nproc=2)
+    one = torch.load(tmp_path / "one" / "rank0.pt", weights_only=False)
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for key, value in one["model"].items():
+        torch.testing.assert_close(ranks[0]["model"][key], value, rtol=1e-5, atol=1e-6)
+        assert torch.equal(ranks[0]["model"][key], ranks[1]["model"][key])  # ranks never drift apart
+    states = [one["method"]["optimizer"]["state"]] + [r["method"]["optimizer"]["state"] for r in ranks]
+    for idx, state in states[0].items():
+        for key in ("v", "support", "momentum_buffer"):
+            if key in state:
+                torch.testing.assert_close(states[1][idx][key], state[key], rtol=1e-5, atol=1e-6)
+                assert torch.equal(states[1][idx][key], states[2][idx][key])
+    if "masks" in str(one["method"].keys()):
+        for a, b in zip(ranks[0]["method"]["masks"], ranks[1]["method"]["masks"]):
+            assert torch.equal(a, b)
+    # only rank 0 wrote the run's files, once
+    metrics = (tmp_path / "ddp" / "run" / "metrics.csv").read_text().splitlines()
+    assert len(metrics) == 3
