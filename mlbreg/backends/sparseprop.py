@@ -1,0 +1,616 @@
+"""SparseProp backend: ML LinBreg's coarse steps on CPU sparse layers (SparseProp, Nikdan et al. 2023).
+
+How it works
+------------
+The dense ``weight`` parameters stay the single source of truth: the optimizer, checkpoints
+(``model.state_dict()``) and metrics only ever see them, and the module tree is never changed.
+A *swapped* layer gets an instance attribute ``mod.forward`` (``nn.Module.__call__`` calls it, so
+hooks still run) that computes the layer from a flat value vector ``W_val`` over a fixed
+structure with SparseProp's C++ kernels; ``del mod.forward`` makes it dense again. The sparse
+values and index tensors live in this backend (outside the module tree); a dense bias is added
+by plain torch ops so its gradient flows as usual.
+
+Per step (the training loop calls the hooks, see ``mlbreg.backends``):
+
+* ``before_step("sparse")`` (an ML LinBreg coarse step): after a fine step, rebuild the
+  structure from the support S (the optimizer's ``state[w]["support"]`` when the optimizer is
+  known, else ``w != 0``, which is S for the ``l1`` regularizer), re-choose the layers to swap,
+  and swap them. After ``use_dense()`` with no fine step in between it re-enables the same
+  layers without rebuilding.
+* ``before_step("full_grad" | "dense")``: dense layers (a fine step needs the full gradient).
+* ``after_backward()``: ``W_val.grad`` of the swapped layers is scattered into a zero
+  ``weight.grad``; the optimizer runs unchanged (outside S its coarse step ignores the gradient).
+* ``after_step("sparse")``: the updated dense values are gathered into ``W_val``.
+
+The structure is a superset of S; weights of S that shrink to 0 during a cycle keep their slot
+(SparseProp's own ``dense != 0`` constructor would drop them, so the index tensors are built here).
+
+Guards (SparseProp returns silently wrong results without them, see ../shared/sparseprop-notes.md)
+------------------------------------------------------------------------------------------------
+1. every input (and every incoming gradient) is made ``.contiguous()`` (NCHW) before a kernel;
+   the linear layer's transposes are torch copies (SparseProp's SIMD transpose needs aligned
+   memory);
+2. a batch whose size is not a multiple of 8 is zero-padded to the next multiple of 8 inside
+   the sparse conv and the output sliced back (the padded samples have zero input and zero
+   incoming gradient, so they add nothing: the result is the same up to fp32 summation order);
+3. the incoming gradient of the over-``on`` kernels is made contiguous inside the backward;
+4. only ``nn.Conv2d`` (exact type) with groups=1, dilation 1, square kernel, stride (1,1) or
+   (2,2), integer symmetric padding < kernel size and padding_mode="zeros" is swapped;
+5. a conv with more than 32767 structure entries in one output channel stays dense (int16 index);
+6. fp32 only: fp32 CPU weights at swap time, and an input that is not an fp32 CPU tensor of
+   the expected shape runs the dense layer for that call.
+The kernels are called with numpy views of exactly-typed contiguous tensors (a wrong dtype
+would make pybind11 write into a silently discarded copy).
+
+Which layers
+------------
+A layer that passes the guards is swapped when a timed comparison (interleaved rounds after a
+warm-up, median, dense vs. both ``vectorizing_over_on`` modes, forward + backward at this
+layer's input shape and the training batch size) finds a sparse mode at least ``min_speedup``
+times faster. Decisions are cached by (layer, nnz bucket of relative width ``bucket``), so a fine
+step only re-times layers whose number of non-zeros moved to a new bucket. ``force=True`` swaps
+every eligible layer without timing (``force_mode`` picks the ``vectorizing_over_on`` mode;
+default: the over-``on`` mode for stride-1 convs). Input shapes come from a forward pre-hook
+during dense steps, or from one dummy forward (eval mode, no grad) with ``in_shape``.
+Time spent rebuilding, timing and (un)swapping accumulates in ``swap_seconds``.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+try:
+    import sparseprop  # noqa: F401  (its __init__ imports the top-level extension module `backend`)
+    from sparseprop import backend as _spb
+except Exception as err:  # noqa: BLE001 - a broken build is as unusable as a missing one
+    raise ImportError("the SparseProp backend needs the SparseProp package (pip install pybind11 scipy && "
+                      "pip install --no-build-isolation 'sparseprop>=0.1.14'); use backend=torch") from err
+
+__all__ = ["SparsePropBackend", "conv_eligible", "linear_eligible"]
+
+INT16_MAX = 32767
+BATCH_ALIGN = 8     # SparseProp's conv kernels are wrong for the last batch % 8 samples
+
+
+# --------------------------------------------------------------------------- guards
+def conv_eligible(conv: nn.Module) -> Optional[str]:
+    """None if SparseProp computes this conv correctly, else why not (guards 4 and 6)."""
+    if type(conv) is not nn.Conv2d:
+        return "not a plain nn.Conv2d"
+    w = conv.weight
+    if w.dtype != torch.float32 or w.device.type != "cpu":
+        return f"weight is {w.dtype} on {w.device}; SparseProp is fp32 CPU only"
+    if conv.groups != 1:
+        return f"groups={conv.groups}"
+    if tuple(conv.dilation) != (1, 1):
+        return f"dilation={tuple(conv.dilation)}"
+    kh, kw = conv.kernel_size
+    if kh != kw:
+        return f"non-square kernel {kh}x{kw}"
+    if kh > 255:
+        return f"kernel {kh} too large for uint8 indices"
+    if tuple(conv.stride) not in ((1, 1), (2, 2)):
+        return f"stride={tuple(conv.stride)}"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r}"
+    pad = conv.padding
+    if isinstance(pad, str) or len(pad) != 2 or pad[0] != pad[1] or not isinstance(pad[0], int):
+        return f"padding={pad!r} (needs integer symmetric padding)"
+    if not 0 <= pad[0] < kh:
+        return f"padding {pad[0]} not below the kernel size {kh}"
+    return None
+
+
+def linear_eligible(linear: nn.Module) -> Optional[str]:
+    if type(linear) is not nn.Linear:
+        return "not a plain nn.Linear"
+    w = linear.weight
+    if w.dtype != torch.float32 or w.device.type != "cpu":
+        return f"weight is {w.dtype} on {w.device}; SparseProp is fp32 CPU only"
+    return None
+
+
+def _np(t: torch.Tensor, dtype) -> np.ndarray:
+    """A numpy view for the kernels, checked: a copy would silently lose the kernel's writes."""
+    assert t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu", (t.dtype, t.shape, t.stride())
+    return t.detach().numpy()
+
+
+# --------------------------------------------------------------------------- structure
+@dataclass
+class _Layer:
+    """One prunable layer and, while a structure is built, its sparse form."""
+    name: str
+    module: nn.Module
+    kind: str                                   # "conv" | "linear"
+    reason: Optional[str]                       # static guard failure (None: eligible)
+    in_shape: Optional[tuple] = None            # per-sample input shape seen in a forward
+    in_grad: bool = True                        # does the layer's input require grad in training?
+    idx: Optional[torch.Tensor] = None          # int64 flat positions of the structure (row-major)
+    w_val: Optional[torch.Tensor] = None        # fp32 values on idx, a leaf that gets .grad
+    w_idx: tuple = ()                           # SparseProp index tensors
+    nnz: int = 0
+    mode: Optional[bool] = None                 # None: dense; else vectorizing_over_on
+    why: str = ""                               # why this choice (for reports)
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    @property
+    def swapped(self) -> bool:
+        return self.mode is not None
+
+
+def _conv_structure(mask: torch.Tensor):
+    """SparseProp's conv format for a boolean (OC, IC, K, K) mask, vectorized:
+    W_OC int32 (OC+1) offsets per output channel, W_IC int16 (OC*(IC+1)) offsets per
+    (oc, ic) inside the channel, W_X/W_Y uint8 kernel positions; plus the flat int64 positions
+    in row-major order (the order of the values)."""
+    oc, ic, k, _ = mask.shape
+    flat = mask.reshape(-1)
+    idx = flat.nonzero().squeeze(1)
+    per_oc_ic = mask.reshape(oc, ic, k * k).sum(-1, dtype=torch.int64)       # (OC, IC)
+    per_oc = per_oc_ic.sum(1)
+    w_oc = torch.zeros(oc + 1, dtype=torch.int64)
+    torch.cumsum(per_oc, 0, out=w_oc[1:])
+    w_ic = torch.zeros(oc, ic + 1, dtype=torch.int64)
+    torch.cumsum(per_oc_ic, 1, out=w_ic[:, 1:])
+    pos = idx % (k * k)
+    w_x = (pos // k).to(torch.uint8)
+    w_y = (pos % k).to(torch.uint8)
+    return idx, (w_oc.to(torch.int32), w_ic.reshape(-1).to(torch.int16), w_x, w_y), int(per_oc.max()) if oc else 0
+
+
+def _linear_structure(mask: torch.Tensor):
+    """CSR of a boolean (N, M) mask: int32 row offsets and column indices; flat positions."""
+    n, m = mask.shape
+    idx = mask.reshape(-1).nonzero().squeeze(1)
+    indptr = torch.zeros(n + 1, dtype=torch.int64)
+    torch.cumsum(mask.sum(1, dtype=torch.int64), 0, out=indptr[1:])
+    return idx, (indptr.to(torch.int32), (idx % m).to(torch.int32))
+
+
+# --------------------------------------------------------------------------- autograd functions
+def _conv_out_size(size: int, k: int, pad: int, stride: int) -> int:
+    return (size + 2 * pad - k) // stride + 1
+
+
+class _SparseConvFn(torch.autograd.Function):
+    """SparseProp conv (no bias) on a contiguous fp32 NCHW input with batch % 8 == 0."""
+
+    @staticmethod
+    def forward(ctx, x, w_val, w_idx, oc, k, pad, stride, voo):
+        b, ic, h, w = x.shape
+        oh, ow = _conv_out_size(h, k, pad, stride), _conv_out_size(w, k, pad, stride)
+        val = _np(w_val, torch.float32)
+        idx = (_np(w_idx[0], torch.int32), _np(w_idx[1], torch.int16), _np(w_idx[2], torch.uint8),
+               _np(w_idx[3], torch.uint8))
+        if voo and stride == 1:
+            out = torch.zeros(b, oc, oh, ow)
+            _spb.sparse_conv2d_vectorized_forward_over_on_stride_1(_np(x, torch.float32), *idx, val, _np(out, torch.float32),
+                                                                   k, pad)
+            saved = x
+        else:
+            xp = x.permute(1, 2, 3, 0).contiguous()            # (IC, H, W, B)
+            outp = torch.zeros(oc, oh, ow, b)
+            fn = (_spb.sparse_conv2d_vectorized_forward_stride_1 if stride == 1
+                  else _spb.sparse_conv2d_vectorized_forward_stride_2)
+            fn(_np(xp, torch.float32), *idx, val, _np(outp, torch.float32), k, pad)
+            out = outp.permute(3, 0, 1, 2)
+            saved = x if voo else xp
+        ctx.save_for_backward(saved, w_val)
+        ctx.w_idx = w_idx
+        ctx.k, ctx.pad, ctx.stride, ctx.voo = k, pad, stride, voo
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved, w_val = ctx.saved_tensors
+        k, pad, stride, voo = ctx.k, ctx.pad, ctx.stride, ctx.voo
+        w_idx = ctx.w_idx
+        idx = (_np(w_idx[0], torch.int32), _np(w_idx[1], torch.int16), _np(w_idx[2], torch.uint8),
+               _np(w_idx[3], torch.uint8))
+        grad_val = torch.zeros_like(w_val)
+        grad_in = torch.zeros_like(saved)
+        if voo:
+            go = grad_out.contiguous()                          # guard 3: NCHW-contiguous grad
+            fn = (_spb.sparse_conv2d_vectorized_backward_over_on_stride_1 if stride == 1
+                  else _spb.sparse_conv2d_vectorized_backward_over_on_stride_2)
+        else:
+            go = grad_out.permute(1, 2, 3, 0).contiguous()      # (OC, OH, OW, B)
+            fn = (_spb.sparse_conv2d_vectorized_backward_stride_1 if stride == 1
+                  else _spb.sparse_conv2d_vectorized_backward_stride_2)
+        fn(_np(saved, torch.float32), *idx, _np(w_val, torch.float32), _np(go, torch.float32),
+           _np(grad_in, torch.float32), _np(grad_val, torch.float32), k, pad)
+        if not voo:
+            grad_in = grad_in.permute(3, 0, 1, 2)
+        return (grad_in if ctx.needs_input_grad[0] else None), grad_val, None, None, None, None, None, None
+
+
+class _SparseLinearFn(torch.autograd.Function):
+    """SparseProp linear (no bias) on a contiguous fp32 (B, M) input."""
+
+    @staticmethod
+    def forward(ctx, x, w_val, w_idx, n):
+        xt = x.t().contiguous()                                 # (M, B); a torch copy (guard 1)
+        out = torch.zeros(n, x.shape[0])
+        _spb.sparse_linear_vectorized_forward(_np(xt, torch.float32), _np(w_idx[0], torch.int32),
+                                              _np(w_idx[1], torch.int32), _np(w_val, torch.float32),
+                                              _np(out, torch.float32))
+        ctx.save_for_backward(xt, w_val)
+        ctx.w_idx = w_idx
+        return out.t()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xt, w_val = ctx.saved_tensors
+        go = grad_out.t().contiguous()                          # (N, B)
+        grad_xt = torch.zeros_like(xt)
+        grad_val = torch.zeros_like(w_val)
+        _spb.sparse_linear_vectorized_backward(_np(xt, torch.float32), _np(ctx.w_idx[0], torch.int32),
+                                               _np(ctx.w_idx[1], torch.int32), _np(w_val, torch.float32),
+                                               _np(go, torch.float32), _np(grad_xt, torch.float32),
+                                               _np(grad_val, torch.float32))
+        return (grad_xt.t() if ctx.needs_input_grad[0] else None), grad_val, None, None
+
+
+def sparse_conv2d(x: torch.Tensor, w_val: torch.Tensor, w_idx: tuple, conv: nn.Conv2d, voo: bool) -> torch.Tensor:
+    """conv(x) with the structure (w_val, w_idx); guards 1-3 applied; no bias."""
+    x = x.contiguous()                                          # guard 1 (also undoes channels_last)
+    b = x.shape[0]
+    extra = (-b) % BATCH_ALIGN
+    if extra:                                                   # guard 2: zero-pad the batch
+        x = torch.cat([x, x.new_zeros((extra,) + tuple(x.shape[1:]))])
+    out = _SparseConvFn.apply(x, w_val, w_idx, conv.out_channels, conv.kernel_size[0], conv.padding[0],
+                              conv.stride[0], voo)
+    return out[:b] if extra else out
+
+
+def sparse_linear(x: torch.Tensor, w_val: torch.Tensor, w_idx: tuple, linear: nn.Linear) -> torch.Tensor:
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()                # guard 1
+    out = _SparseLinearFn.apply(x2, w_val, w_idx, linear.out_features)
+    return out.reshape(*lead, linear.out_features)
+
+
+# --------------------------------------------------------------------------- the backend
+class SparsePropBackend:
+    """ML LinBreg's coarse steps on SparseProp layers; see the module docstring.
+
+    Args:
+        model: the model (its Conv2d/Linear layers are candidates).
+        batch_size: training batch size (the timed comparison runs at this batch).
+        in_shape: per-sample input shape (C, H, W), for a dummy forward when no dense step
+            has shown the layers' input shapes yet.
+        optimizer: the ML LinBreg optimizer; its ``state[w]["support"]`` gives the exact S
+            (needed for the ``group`` regularizer, whose S also holds zeros, and for resuming
+            inside a cycle). Without it the structure is ``w != 0``.
+        force: swap every eligible layer without timing (tests).
+        force_mode: ``vectorizing_over_on`` for forced swaps (None: True for stride-1 convs).
+        min_speedup: a sparse mode must be this much faster than dense to be chosen.
+        warmup, repeats: timed comparison: warm-up calls per candidate, interleaved timed rounds.
+        bucket: relative width of the nnz buckets that key the decision cache.
+        linear: also consider Linear layers.
+        verbose: print the decisions.
+    """
+    name = "sparseprop"
+
+    def __init__(self, model: nn.Module, batch_size: Optional[int] = None, in_shape=None, *,
+                 optimizer: Optional[torch.optim.Optimizer] = None, force: bool = False,
+                 force_mode: Optional[bool] = None, min_speedup: float = 1.05, warmup: int = 1, repeats: int = 3,
+                 bucket: float = 0.1, linear: bool = True, verbose: bool = False):
+        self.model = model
+        self.batch_size = batch_size
+        self.in_shape = tuple(in_shape) if in_shape is not None else None
+        self.optimizer = optimizer
+        self.force = force
+        self.force_mode = force_mode
+        self.min_speedup = min_speedup
+        self.warmup = warmup
+        self.repeats = max(1, repeats)
+        self.bucket = bucket
+        self.verbose = verbose
+        self.swap_seconds = 0.0       # rebuilding + timing + (un)swapping, all together
+        self.timing_seconds = 0.0     # the timed comparisons alone (part of swap_seconds)
+        self.rebuilds = 0
+        self.decisions: dict[tuple, tuple[Optional[bool], str, dict]] = {}
+        self.layers: list[_Layer] = []
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Conv2d):
+                self.layers.append(_Layer(name, mod, "conv", conv_eligible(mod)))
+            elif isinstance(mod, nn.Linear):
+                reason = linear_eligible(mod) if linear else "linear layers not considered"
+                self.layers.append(_Layer(name, mod, "linear", reason))
+        self._stale = True            # the structure must be (re)built before the next sparse step
+        self._active = False          # are the swapped layers' forwards installed?
+        self._hooks = [layer.module.register_forward_pre_hook(self._shape_hook(layer))
+                       for layer in self.layers if layer.reason is None]
+        self._generator = torch.Generator().manual_seed(0)    # timing inputs: leave the global RNG alone
+
+    # -- hooks called by the training loop ---------------------------------------------
+    def before_step(self, kind: str) -> None:
+        if kind == "sparse":
+            if self._stale:
+                self._rebuild()
+            elif not self._active:
+                self._activate(refresh=True)
+        elif self._active:
+            self._deactivate()
+
+    def after_backward(self) -> None:
+        if not self._active:
+            return
+        for layer in self.layers:
+            if not layer.swapped:
+                continue
+            g = layer.w_val.grad
+            if g is None:
+                continue                      # the layer was not used in this step
+            layer.w_val.grad = None
+            w = layer.weight
+            if w.grad is None:                # the usual case: the dense weight took no part
+                full = torch.zeros(w.numel(), dtype=w.dtype)
+                full.index_copy_(0, layer.idx, g)
+                w.grad = full.view_as(w)
+            else:                             # some call of this step ran dense (a fallback)
+                w.grad.view(-1).index_add_(0, layer.idx, g)
+
+    def after_step(self, kind: str) -> None:
+        if kind != "sparse":
+            self._stale = True                # a fine step may have changed the support
+            return
+        if self._active:
+            self._refresh_values()
+
+    def use_dense(self) -> None:
+        if self._active:
+            self._deactivate()
+
+    # -- reports -------------------------------------------------------------------------
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per prunable layer: the current choice and why."""
+        rows = []
+        for layer in self.layers:
+            numel = layer.weight.numel()
+            rows.append(dict(layer=layer.name, kind=layer.kind, in_shape=layer.in_shape, nnz=layer.nnz,
+                             density=layer.nnz / numel if numel else 0.0,
+                             choice="dense" if not layer.swapped else f"sparse(voo={layer.mode})",
+                             why=layer.reason or layer.why, **layer.timings))
+        return rows
+
+    def swapped_layers(self) -> list[str]:
+        return [layer.name for layer in self.layers if layer.swapped]
+
+    # -- structure ----------------------------------------------------------------------
+    def _shape_hook(self, layer: _Layer):
+        def hook(mod, args):
+            if args and isinstance(args[0], torch.Tensor) and torch.is_grad_enabled() and mod.training:
+                layer.in_shape = tuple(args[0].shape[1:])
+                layer.in_grad = bool(args[0].requires_grad)
+        return hook
+
+    def _ensure_shapes(self) -> None:
+        missing = [layer for layer in self.layers if layer.reason is None and layer.in_shape is None]
+        if not missing or self.in_shape is None:
+            return
+        seen: dict[int, tuple] = {}
+
+        def recorder(layer):
+            def hook(mod, args):
+                seen.setdefault(id(layer), (tuple(args[0].shape[1:]), args[0]))
+            return hook
+
+        handles = [layer.module.register_forward_pre_hook(recorder(layer)) for layer in missing]
+        was_training = self.model.training
+        param = next(self.model.parameters())
+        x = torch.zeros((2,) + self.in_shape, dtype=param.dtype, device=param.device)
+        try:
+            self.model.eval()                 # no BN statistics touched
+            with torch.no_grad():
+                self.model(x)
+        finally:
+            self.model.train(was_training)
+            for h in handles:
+                h.remove()
+        for layer in missing:
+            if id(layer) in seen:
+                shape, inp = seen[id(layer)]
+                layer.in_shape, layer.in_grad = shape, inp is not x
+        seen.clear()
+
+    def _support(self, layer: _Layer) -> torch.Tensor:
+        w = layer.weight.detach()
+        mask = w != 0
+        if self.optimizer is not None:
+            s = self.optimizer.state.get(layer.weight, {}).get("support")
+            if s is not None:
+                mask |= s.to(torch.bool)
+        return mask
+
+    def _rebuild(self) -> None:
+        t0 = time.perf_counter()
+        if self._active:
+            self._deactivate()
+        self._ensure_shapes()
+        for layer in self.layers:
+            self._build_layer(layer)
+        self._stale = False
+        self.rebuilds += 1
+        self._activate(refresh=False)
+        self.swap_seconds += time.perf_counter() - t0
+
+    def _build_layer(self, layer: _Layer) -> None:
+        layer.mode, layer.idx, layer.w_val, layer.w_idx, layer.timings = None, None, None, (), {}
+        layer.nnz = int(torch.count_nonzero(layer.weight.detach()))
+        if layer.reason is not None:
+            layer.why = layer.reason
+            return
+        with torch.no_grad():
+            mask = self._support(layer)
+            if layer.kind == "conv":
+                idx, w_idx, max_per_oc = _conv_structure(mask)
+                if max_per_oc > INT16_MAX:    # guard 5
+                    layer.nnz, layer.why = int(idx.numel()), f"{max_per_oc} > {INT16_MAX} non-zeros in one output channel"
+                    return
+            else:
+                idx, w_idx = _linear_structure(mask)
+            layer.nnz = int(idx.numel())
+            if layer.nnz == 0:
+                layer.why = "no non-zeros"
+                return
+            layer.idx, layer.w_idx = idx, w_idx
+            layer.w_val = layer.weight.detach().reshape(-1).index_select(0, idx).requires_grad_(True)
+        layer.mode, layer.why = self._choose(layer)
+        if layer.mode is None:
+            layer.idx, layer.w_val, layer.w_idx = None, None, ()
+
+    def _candidates(self, layer: _Layer) -> list[bool]:
+        if layer.kind == "linear":
+            return [False]                    # one linear kernel (the mode flag is unused)
+        return [False, True]
+
+    def _choose(self, layer: _Layer) -> tuple[Optional[bool], str]:
+        if self.force:
+            if layer.kind == "linear":
+                return False, "forced"
+            mode = self.force_mode if self.force_mode is not None else layer.module.stride[0] == 1
+            return bool(mode), "forced"
+        if layer.in_shape is None or not self.batch_size:
+            return None, "input shape unknown (no dense step seen, no in_shape)"
+        key = (layer.name, round(math.log(layer.nnz) / math.log1p(self.bucket)), layer.in_shape, layer.in_grad,
+               self.batch_size, torch.get_num_threads())
+        if key not in self.decisions:
+            t0 = time.perf_counter()
+            self.decisions[key] = self._time_layer(layer)
+            self.timing_seconds += time.perf_counter() - t0
+        mode, why, timings = self.decisions[key]
+        layer.timings = timings
+        return mode, why
+
+    # -- timed comparison --------------------------------------------------------------
+    def _time_layer(self, layer: _Layer) -> tuple[Optional[bool], str, dict]:
+        mod = layer.module
+        x = torch.randn((self.batch_size,) + layer.in_shape, generator=self._generator).requires_grad_(layer.in_grad)
+        w_dense = layer.weight.detach().clone().requires_grad_(True)
+        w_val = layer.w_val.detach().clone().requires_grad_(True)
+        with torch.no_grad():
+            out_shape = (mod._conv_forward(x, w_dense, None) if layer.kind == "conv" else F.linear(x, w_dense)).shape
+        grad = torch.randn(out_shape, generator=self._generator)
+
+        def run_dense():
+            out = mod._conv_forward(x, w_dense, None) if layer.kind == "conv" else F.linear(x, w_dense)
+            out.backward(grad)
+
+        def make_sparse(mode):
+            def run():
+                if layer.kind == "conv":
+                    out = sparse_conv2d(x, w_val, layer.w_idx, mod, mode)
+                else:
+                    out = sparse_linear(x, w_val, layer.w_idx, mod)
+                out.backward(grad)
+            return run
+
+        candidates = {"dense": run_dense}
+        for mode in self._candidates(layer):
+            candidates[f"voo{int(mode)}"] = make_sparse(mode)
+        times: dict[str, list[float]] = {name: [] for name in candidates}
+        with torch.enable_grad():
+            for _ in range(self.warmup):
+                for fn in candidates.values():
+                    fn()
+            for r in range(self.repeats):     # interleaved rounds: a load change hits all candidates alike
+                for name, fn in list(candidates.items()):
+                    t = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t)
+                    x.grad = w_dense.grad = w_val.grad = None
+                if r == 0 and self.repeats > 1:   # drop hopeless candidates after the first round
+                    best = min(v[0] for v in times.values())
+                    for name in [n for n in candidates if n != "dense" and times[n][0] > 3 * best]:
+                        del candidates[name]
+        med = {name: statistics.median(v) for name, v in times.items()}
+        timings = {f"{name}_ms": 1e3 * v for name, v in med.items()}
+        sparse = {name: v for name, v in med.items() if name != "dense"}
+        best = min(sparse, key=sparse.get)
+        speedup = med["dense"] / sparse[best]
+        timings["speedup"] = speedup
+        if speedup >= self.min_speedup:
+            return best == "voo1", f"{speedup:.2f}x faster than dense ({best})", timings
+        return None, f"dense is faster (best sparse {best}: {speedup:.2f}x)", timings
+
+    # -- swapping -----------------------------------------------------------------------
+    def _activate(self, refresh: bool) -> None:
+        t0 = time.perf_counter()
+        if refresh:
+            self._check_structure()
+            self._refresh_values()
+        for layer in self.layers:
+            if layer.swapped:
+                layer.module.forward = self._forward_fn(layer)
+        self._active = True
+        if self.verbose:
+            for row in self.summary():
+                print(f"[sparseprop] {row['layer']}: {row['choice']} ({row['why']})")
+        self.swap_seconds += time.perf_counter() - t0
+
+    def _deactivate(self) -> None:
+        t0 = time.perf_counter()
+        for layer in self.layers:
+            if "forward" in layer.module.__dict__:
+                del layer.module.forward
+            if layer.w_val is not None:
+                layer.w_val.grad = None
+        self._active = False
+        self.swap_seconds += time.perf_counter() - t0
+
+    def _check_structure(self) -> None:
+        """Re-enabling without a rebuild: every non-zero must still lie in the structure
+        (else someone changed the weights since: rebuild instead)."""
+        for layer in self.layers:
+            if layer.swapped:
+                w = layer.weight.detach().reshape(-1)
+                if int(torch.count_nonzero(w)) != int(torch.count_nonzero(w.index_select(0, layer.idx))):
+                    self._build_layer(layer)
+
+    @torch.no_grad()
+    def _refresh_values(self) -> None:
+        for layer in self.layers:
+            if layer.swapped:
+                torch.index_select(layer.weight.detach().reshape(-1), 0, layer.idx, out=layer.w_val.data)
+
+    def _forward_fn(self, layer: _Layer):
+        mod = layer.module
+        dense_forward = type(mod).forward
+        if layer.kind == "conv":
+            c_in = mod.in_channels
+
+            def forward(x):
+                if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4 or x.shape[1] != c_in \
+                        or x.shape[0] == 0:
+                    return dense_forward(mod, x)          # guard 6: anything unexpected runs dense
+                out = sparse_conv2d(x, layer.w_val, layer.w_idx, mod, layer.mode)
+                if mod.bias is not None:
+                    out = out + mod.bias.view(1, -1, 1, 1)
+                return out
+        else:
+            f_in = mod.in_features
+
+            def forward(x):
+                if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 1 or x.shape[-1] != f_in \
+                        or x.numel() == 0:
+                    return dense_forward(mod, x)
+                out = sparse_linear(x, layer.w_val, layer.w_idx, mod)
+                if mod.bias is not None:
+                    out = out + mod.bias
+                return out
+        return forward

@@ -1,0 +1,303 @@
+"""The SparseProp backend: same trajectory as torch layers, and every guard of the notes exercised.
+
+SparseProp returns silently wrong results for non-contiguous inputs, batches whose size is
+not a multiple of 8, non-contiguous incoming gradients and unsupported convs; these tests run
+each case through the backend and compare with plain torch layers.
+"""
+import copy
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+sparseprop_mod = pytest.importorskip(
+    "mlbreg.backends.sparseprop", reason="SparseProp is not installed or failed to build (pip install "
+    "pybind11 scipy && pip install --no-build-isolation 'sparseprop>=0.1.14')", exc_type=ImportError)
+SparsePropBackend = sparseprop_mod.SparsePropBackend
+
+from mlbreg.backends import TorchBackend, make_backend  # noqa: E402
+from mlbreg.optim import MLLinBreg  # noqa: E402
+from mlbreg.methods import split_param_groups  # noqa: E402
+
+from conftest import make_cfg  # noqa: E402
+
+
+class SmallNet(nn.Module):
+    """conv -> conv(stride 2) -> flatten -> linear, 16x16 inputs (the conv output reaches the
+    linear layer as a flattened view: guard 1)."""
+
+    def __init__(self, bias=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 8, 3, padding=1, bias=bias)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=True)
+        self.shortcut = nn.Conv2d(2, 16, 1, stride=2, bias=False)
+        self.fc = nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv1(x))
+        h = torch.relu(self.conv2(h) + self.shortcut(x))
+        return self.fc(h.flatten(1))
+
+
+def sparse_model(seed=0, density=0.3, **kwargs):
+    torch.manual_seed(seed)
+    model = SmallNet(**kwargs)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                mod.weight.mul_((torch.rand_like(mod.weight) < density).float() * 3)
+    return model
+
+
+def run_mllinbreg(model, backend, batches, m=3, lam=0.05):
+    opt = MLLinBreg(split_param_groups(model, "l1", lam), lr=0.05, lam=lam, momentum=0.9, m=m)
+    trace = []
+    for x, y in batches:
+        kind = "full_grad" if opt.next_step_is_fine() else "sparse"
+        backend.before_step(kind)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        backend.after_backward()
+        opt.step()
+        backend.after_step(kind)
+        trace.append((kind, loss.item()))
+    backend.use_dense()
+    return opt, trace
+
+
+def make_batches(sizes, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, 2, 16, 16, generator=g), torch.randint(0, 10, (b,), generator=g)) for b in sizes]
+
+
+@pytest.mark.parametrize("force_mode", [False, True], ids=["voo0", "voo1"])
+def test_same_trajectory_as_torch_layers(force_mode):
+    """Several fine/coarse cycles of ML LinBreg (m = 3): weights, v, momentum and support match
+    torch layers to fp32 tolerance, with batches of 13 and 5 (not multiples of 8) in coarse steps."""
+    sizes = [16, 13, 24, 16, 5, 16, 13, 8, 16, 24, 13, 16]
+    ref, model = sparse_model(), sparse_model()
+    init_support = {n: (p != 0).float() for n, p in ref.named_parameters() if p.dim() > 1}
+    ref_opt, ref_trace = run_mllinbreg(ref, TorchBackend(ref), make_batches(sizes))
+    backend = SparsePropBackend(model, batch_size=16, in_shape=(2, 16, 16), force=True, force_mode=force_mode)
+    opt, trace = run_mllinbreg(model, backend, make_batches(sizes))
+    assert [k for k, _ in trace] == [k for k, _ in ref_trace]
+    assert sum(k == "sparse" for k, _ in trace) == 8 and backend.rebuilds == 4
+    assert set(backend.swapped_layers()) == {"conv1", "conv2", "shortcut", "fc"}
+    for (_, a), (_, b) in zip(trace, ref_trace):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+        s, r = opt.state[p], ref_opt.state[q]
+        for key in ("v", "momentum_buffer"):
+            if key in r:
+                torch.testing.assert_close(s[key], r[key], rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+        if "support" in r:
+            assert torch.equal(s["support"], r["support"]), name
+    # the coarse steps really ran on the support only, and the support changed over the run
+    assert any(not torch.equal(ref_opt.state[q]["support"], init_support[n]) for n, q in ref.named_parameters()
+               if n in init_support)
+
+
+def test_state_dict_unchanged_while_swapped_and_rebuild_only_after_fine_steps():
+    model = sparse_model()
+    keys = list(model.state_dict())
+    backend = SparsePropBackend(model, batch_size=16, force=True)
+    backend.before_step("full_grad")
+    model(torch.randn(16, 2, 16, 16)).sum().backward()      # shapes come from the dense step
+    backend.after_step("full_grad")
+    backend.before_step("sparse")
+    assert backend.rebuilds == 1 and "forward" in model.conv1.__dict__
+    assert list(model.state_dict()) == keys and list(dict(model.named_parameters())) == [
+        "conv1.weight", "conv2.weight", "conv2.bias", "shortcut.weight", "fc.weight", "fc.bias"]
+    backend.use_dense()
+    assert "forward" not in model.conv1.__dict__
+    backend.before_step("sparse")                           # re-enabled, no rebuild (no fine step)
+    assert backend.rebuilds == 1 and "forward" in model.conv1.__dict__
+    backend.after_step("sparse")
+    backend.before_step("full_grad")
+    assert "forward" not in model.conv1.__dict__
+    backend.after_step("full_grad")
+    backend.before_step("sparse")
+    assert backend.rebuilds == 2
+
+
+def test_support_zeros_keep_their_slot_and_grad():
+    """A weight of S that is exactly 0 (group support, or shrunk to 0 inside a cycle) still gets
+    its gradient when the optimizer is known (SparseProp's own `w != 0` would drop it)."""
+    model = sparse_model()
+    opt = MLLinBreg(split_param_groups(model, "l1", 0.0), lr=0.1, m=10)
+    w = model.conv1.weight
+    support = (w != 0).float()
+    with torch.no_grad():
+        w.view(-1)[support.view(-1).nonzero()[0]] = 0.0      # a zero inside S
+    opt.state[w]["support"] = support
+    backend = SparsePropBackend(model, batch_size=8, in_shape=(2, 16, 16), force=True, optimizer=opt)
+    backend.before_step("sparse")
+    x = torch.randn(8, 2, 16, 16)
+    model(x).square().sum().backward()
+    backend.after_backward()
+    grad = w.grad.clone()
+    backend.use_dense()
+    w.grad = None
+    model(x).square().sum().backward()
+    torch.testing.assert_close(grad, w.grad * support, rtol=1e-5, atol=1e-5)
+    assert grad.view(-1)[support.view(-1).nonzero()[0]].abs().sum() > 0
+
+
+def close(a, b, msg=""):
+    """Equal to fp32 tolerance, relative to the tensor's scale (sums of many products)."""
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()), msg=msg)
+
+
+def _same_as_dense(model, backend, x, loss=lambda out: out.square().sum()):
+    """Forward/backward through the swapped model and through plain torch layers."""
+    model.zero_grad(set_to_none=True)
+    ref = copy.deepcopy(model)
+    xs, xr = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    backend.before_step("sparse")
+    out = model(xs)
+    loss(out).backward()
+    backend.after_backward()
+    out_ref = ref(xr)
+    loss(out_ref).backward()
+    close(out, out_ref)
+    close(xs.grad, xr.grad)
+    swapped = {f"{n}.weight".lstrip(".") for n in backend.swapped_layers()}
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if name in swapped:   # a sparse layer's weight gradient lives on the structure (w != 0) only
+            mask = p != 0
+            assert not p.grad[~mask].any(), name
+            close(p.grad[mask], q.grad[mask], msg=name)
+        else:
+            close(p.grad, q.grad, msg=name)
+    backend.use_dense()
+
+
+@pytest.mark.parametrize("force_mode", [False, True], ids=["voo0", "voo1"])
+def test_guard_non_contiguous_inputs_and_gradients(force_mode):
+    """Guards 1 and 3: channels_last and transposed inputs, an expanded incoming gradient
+    (`out.sum()`), and conv -> flatten -> linear at batch and features multiples of 16."""
+    model = sparse_model()
+    backend = SparsePropBackend(model, batch_size=16, in_shape=(2, 16, 16), force=True, force_mode=force_mode)
+    x = torch.randn(16, 2, 16, 16)
+    _same_as_dense(model, backend, x.to(memory_format=torch.channels_last))
+    _same_as_dense(model, backend, x.transpose(2, 3))
+    _same_as_dense(model, backend, x, loss=lambda out: out.sum())          # expanded grad
+    # a linear fed by a transposed (non-contiguous) view
+    lin = nn.Linear(32, 16)
+    with torch.no_grad():
+        lin.weight.mul_(torch.rand_like(lin.weight) < 0.3)
+    b = SparsePropBackend(lin, batch_size=16, in_shape=(32,), force=True)
+    _same_as_dense(lin, b, torch.randn(32, 16).t())
+    assert b.swapped_layers() == [""]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 13, 21])
+def test_guard_batch_not_a_multiple_of_8(batch):
+    model = sparse_model()
+    backend = SparsePropBackend(model, batch_size=16, in_shape=(2, 16, 16), force=True)
+    _same_as_dense(model, backend, torch.randn(batch, 2, 16, 16))
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(4, 8, 3, padding=1, groups=2),
+    nn.Conv2d(4, 8, 3, padding=2, dilation=2),
+    nn.Conv2d(4, 8, (3, 1), padding=(1, 0)),
+    nn.Conv2d(4, 8, 3, stride=3, padding=1),
+    nn.Conv2d(4, 8, 3, stride=(1, 2), padding=1),
+    nn.Conv2d(4, 8, 3, padding=(1, 0)),
+    nn.Conv2d(4, 8, 3, padding="same"),
+    nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"),
+    nn.Conv2d(4, 8, 3, padding=1).double(),
+], ids=["groups2", "dilation2", "kernel3x1", "stride3", "stride1x2", "padding1x0", "same", "reflect", "float64"])
+def test_guard_unsupported_convs_stay_dense(conv):
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) < 0.3)
+    model = nn.Sequential(conv, nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    model.to(conv.weight.dtype)
+    backend = SparsePropBackend(model, batch_size=8, in_shape=(4, 12, 12), force=True)
+    backend.before_step("sparse")
+    assert backend.swapped_layers() == (["2"] if conv.weight.dtype == torch.float32 else [])
+    assert "forward" not in conv.__dict__
+    backend.use_dense()
+    _same_as_dense(model, backend, torch.randn(8, 4, 12, 12, dtype=conv.weight.dtype))
+
+
+def test_guard_int16_overflow_stays_dense():
+    """More than 32767 structure entries in one output channel: an int16 index would overflow."""
+    big = nn.Conv2d(3700, 2, 3, padding=1, bias=False)       # 33300 non-zeros per output channel
+    small = nn.Conv2d(2, 4, 3, padding=1, bias=False)
+    model = nn.Sequential(big, small)
+    backend = SparsePropBackend(model, batch_size=8, in_shape=(3700, 4, 4), force=True)
+    backend.before_step("sparse")
+    assert backend.swapped_layers() == ["1"]
+    row = backend.summary()[0]
+    assert row["choice"] == "dense" and "32767" in row["why"]
+    backend.use_dense()
+    with torch.no_grad():                                     # 1/4 dense: 8325 per channel, fits
+        big.weight.mul_(torch.rand_like(big.weight) < 0.25)
+    backend.after_step("full_grad")
+    _same_as_dense(model, backend, torch.randn(8, 3700, 4, 4))
+    assert backend.swapped_layers() == ["0", "1"]
+
+
+def test_timed_choice_and_cache():
+    """Without `force`, a timed comparison picks each layer; the choice is cached per nnz bucket."""
+    model = sparse_model(density=0.05)
+    backend = SparsePropBackend(model, batch_size=16, in_shape=(2, 16, 16), repeats=1, warmup=1)
+    backend.before_step("sparse")
+    rows = backend.summary()
+    assert all("dense_ms" in row and ("voo0_ms" in row) for row in rows)
+    assert all(row["choice"] == "dense" or "faster than dense" in row["why"] for row in rows)
+    assert backend.timing_seconds > 0 and backend.swap_seconds >= backend.timing_seconds
+    n_decisions = len(backend.decisions)
+    backend.after_step("full_grad")
+    backend.before_step("sparse")                             # same support: cache hits only
+    assert len(backend.decisions) == n_decisions and backend.rebuilds == 2
+
+
+def test_make_backend():
+    model = sparse_model()
+    assert isinstance(make_backend("sparseprop", model, torch.device("cpu"), "mllinbreg", batch_size=8,
+                                   in_shape=(2, 16, 16)), SparsePropBackend)
+    assert isinstance(make_backend("auto", model, torch.device("cpu"), "mllinbreg", batch_size=8,
+                                   in_shape=(2, 16, 16)), SparsePropBackend)
+    assert isinstance(make_backend("auto", model, torch.device("cpu"), "sgd"), TorchBackend)
+
+
+def test_train_digits_same_as_torch_backend(tmp_path, monkeypatch):
+    """A whole run through train(): backend=sparseprop (every eligible layer swapped) equals
+    backend=torch, with a last batch of 29 samples per epoch (1437 % 128)."""
+    from mlbreg.train import train
+
+    class Forced(SparsePropBackend):
+        def __init__(self, model, **options):
+            super().__init__(model, force=True, **options)
+            self.instances.append(self)
+        instances = []
+
+    monkeypatch.setattr(sparseprop_mod, "SparsePropBackend", Forced)
+    # lr 0.05: at lr 0.1 this tiny net amplifies any fp32 summation-order difference to ~1e-3 in
+    # 24 steps (torch layers on 1 vs 2 threads differ exactly as much), which would hide a real bug
+    common = ["model=convnet", "device=cpu", "epochs=2", "m=5", "init.density=0.2", "lam=0.01", "lr=0.05",
+              "checkpoint_every=0"]
+    results = {}
+    for name in ("torch", "sparseprop"):
+        cfg = make_cfg(f"backend={name}", *common)
+        outcome = train(cfg, tmp_path / name)
+        assert outcome["status"] == "finished"
+        results[name] = (pd.read_csv(tmp_path / name / "metrics.csv"), torch.load(tmp_path / name / "model.pt"))
+    (ref, ref_model), (got, got_model) = results["torch"], results["sparseprop"]
+    backend = Forced.instances[-1]
+    assert backend.rebuilds >= 4 and len(backend.swapped_layers()) >= 3
+    assert got.coarse_steps.iloc[-1] > 0
+    for col in ("train_loss", "test_loss", "sparsity_pct"):
+        assert got[col].tolist() == pytest.approx(ref[col].tolist(), rel=1e-4, abs=1e-5), col
+    # accuracies are counts: an fp32 near-tie of two logits may flip one sample (1/360 of the test set)
+    for col in ("train_acc_pct", "test_acc_pct"):
+        assert got[col].tolist() == pytest.approx(ref[col].tolist(), abs=100 / 360 + 1e-9), col
+    assert list(got_model) == list(ref_model)
+    for key in ref_model:
+        close(got_model[key], ref_model[key], msg=key)
