@@ -49,10 +49,3 @@ def sparsity_summary(model: nn.Module, rows: list[dict] | None = None) -> dict[s
         nonzeros=prunable_nnz,
         prunable_params=prunable,
     )
-
-
-def density_tensor(weights: list[torch.Tensor], layer_flops: torch.Tensor) -> torch.Tensor:
-    """f_S = Σ_l density_l·f_D,l as a 0-d tensor on the weights' device (no host sync), so
-    the training loop can add it up every step and read it once per epoch."""
-    nnz = torch.stack([torch.count_nonzero(w) for w in weights]).to(layer_flops.dtype)
-    return (nnz * layer_flops).sum()
