@@ -15,8 +15,9 @@ from torch import nn
 
 from .models import prunable_modules
 from .optim import LinBreg, MLLinBreg
+from .sparsity import RigL, apply_masks_, finetune_split, global_magnitude_masks, load_dense_weights, mask_grads_
 
-METHODS = ("mllinbreg", "linbreg", "sgd")
+METHODS = ("mllinbreg", "linbreg", "sgd", "rigl", "prune_finetune")
 
 
 def split_param_groups(model: nn.Module, reg: str, lam: float) -> list[dict]:
@@ -93,7 +94,118 @@ class MLLinBregMethod(Method):
         return "full_grad" if self.optimizer.next_step_is_fine() else "sparse"
 
 
-_REGISTRY = {"sgd": SGDMethod, "linbreg": LinBregMethod, "mllinbreg": MLLinBregMethod}
+def prunable_weights(model: nn.Module) -> list[torch.Tensor]:
+    return [mod.weight for _, mod in prunable_modules(model)]
+
+
+class RigLMethod(Method):
+    """RigL (algorithms.md §5): masked SGD at a fixed density, drop/grow every ΔT steps.
+
+    The loop initializes the model at density 1 − `sparsity` with the `init` scheme (the
+    RigL paper uses ERK: `init=erk`); the non-zeros of that initialization are the initial
+    mask. Ordinary steps: the gradient is masked, torch SGD steps (momentum, weight decay),
+    and weights and momentum are re-masked. Mask-update steps (full dense gradient, no SGD
+    step) are those of `mlbreg.sparsity.rigl`. Weight decay defaults to 5e-4, the RigL
+    paper's CIFAR-10 value (ImageNet: 1e-4).
+    """
+    name = "rigl"
+    uses_target_sparsity = True
+
+    def __init__(self, model, *, lr, momentum, total_steps, weight_decay=5e-4, dampening=0.0, delta_t=100,
+                 alpha=0.3, end_fraction=0.75, **_):
+        super().__init__(torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, dampening=dampening,
+                                         weight_decay=weight_decay))
+        self.weights = prunable_weights(model)
+        self.rigl = RigL(self.weights, total_steps=total_steps, delta_t=delta_t, alpha=alpha,
+                         end_fraction=end_fraction)
+
+    def step_kind(self) -> str:
+        return "full_grad" if self.rigl.is_update_step() else "sparse"
+
+    def step(self) -> None:
+        if self.rigl.is_update_step():
+            self.rigl.update_masks(self.optimizer)   # no SGD step on mask-update steps
+        else:
+            mask_grads_(self.weights, self.rigl.masks)
+            self.optimizer.step()
+            self.rigl.apply_masks(self.optimizer)
+        self.rigl.advance()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "rigl": self.rigl.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rigl.load_state_dict(state["rigl"])
+
+
+class PruneFinetuneMethod(Method):
+    """Dense SGD, one-shot global magnitude pruning to `sparsity`, then fine-tuning with
+    the mask fixed (algorithms.md §5).
+
+    The dense phase takes the first `epochs − finetune_epochs` epochs (see
+    `mlbreg.sparsity.prune.finetune_split`); the pruning happens in `end_epoch` at that
+    boundary. With `from_checkpoint` (a model.pt or a run directory) the saved dense
+    weights are loaded at construction and pruned at once, and every epoch fine-tunes.
+    Fine-tuning masks the gradient, steps, and re-masks weights and momentum.
+    """
+    name = "prune_finetune"
+    sparse_init = False
+
+    def __init__(self, model, *, lr, momentum, sparsity, epochs, weight_decay=5e-4, dampening=0.0,
+                 finetune_epochs=20, from_checkpoint=None, **_):
+        super().__init__(torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, dampening=dampening,
+                                         weight_decay=weight_decay))
+        if sparsity is None or not 0 < sparsity < 1:
+            raise ValueError(f"invalid sparsity={sparsity!r}: prune_finetune needs a target sparsity in (0, 1)")
+        self.weights = prunable_weights(model)
+        self.sparsity = float(sparsity)
+        self.dense_epochs, self.finetune_epochs = finetune_split(epochs, finetune_epochs, from_checkpoint)
+        self.masks: list[torch.Tensor] | None = None
+        self.pruned_at_epoch: int | None = None
+        if from_checkpoint:
+            load_dense_weights(model, from_checkpoint)
+            self.prune(epoch=0)
+
+    @property
+    def pruned(self) -> bool:
+        return self.masks is not None
+
+    def step_kind(self) -> str:
+        return "sparse" if self.pruned else "dense"
+
+    def step(self) -> None:
+        if not self.pruned:
+            self.optimizer.step()
+            return
+        mask_grads_(self.weights, self.masks)
+        self.optimizer.step()
+        apply_masks_(self.weights, self.masks, self.optimizer)
+
+    @torch.no_grad()
+    def prune(self, epoch: int) -> None:
+        self.masks = global_magnitude_masks(self.weights, self.sparsity)
+        apply_masks_(self.weights, self.masks, self.optimizer)
+        self.pruned_at_epoch = epoch
+
+    def end_epoch(self, epoch: int, model: nn.Module) -> None:
+        if not self.pruned and epoch >= self.dense_epochs:
+            self.prune(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "pruned_at_epoch": self.pruned_at_epoch,
+                "masks": None if self.masks is None else [m.clone() for m in self.masks]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        masks = state.get("masks")
+        self.masks = None if masks is None else [m.to(device=w.device, dtype=torch.bool)
+                                                 for m, w in zip(masks, self.weights)]
+        self.pruned_at_epoch = state.get("pruned_at_epoch")
+
+
+_REGISTRY = {"sgd": SGDMethod, "linbreg": LinBregMethod, "mllinbreg": MLLinBregMethod, "rigl": RigLMethod,
+             "prune_finetune": PruneFinetuneMethod}
 
 
 def method_class(name: str) -> type[Method]:

@@ -71,12 +71,14 @@ def exact_counts(numel: Mapping[str, int], densities: Mapping[str, float], total
     want = {n: densities[n] * numel[n] for n in numel}
     counts = {n: min(numel[n], math.floor(w)) for n, w in want.items()}
     target = round(sum(want.values())) if total is None else total
-    by_remainder = sorted(numel, key=lambda n: want[n] - counts[n], reverse=True)
-    for n in by_remainder:
-        if sum(counts.values()) >= target:
+    missing = target - sum(counts.values())
+    # largest remainder first; the sort is stable, so equal remainders go in layer order
+    for n in sorted(numel, key=lambda n: want[n] - counts[n], reverse=True):
+        if missing <= 0:
             break
         if counts[n] < numel[n]:
             counts[n] += 1
+            missing -= 1
     return counts
 
 
@@ -128,3 +130,28 @@ def sparse_init_(model: nn.Module, density: float, scheme: str = "uniform", scal
         mod.weight.copy_(w)
         achieved[name] = p
     return achieved
+
+
+# -- fixed masks during training (RigL, prune_finetune) ---------------------------------
+def momentum_buffers(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    """The momentum buffer of each parameter in a torch.optim.SGD (None before its first step)."""
+    return [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
+
+
+@torch.no_grad()
+def mask_grads_(params: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
+    """g ← M ⊙ g, so a masked SGD step neither moves nor builds momentum outside M."""
+    pairs = [(p.grad, m) for p, m in zip(params, masks) if p.grad is not None]
+    if pairs:
+        torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+
+
+@torch.no_grad()
+def apply_masks_(params: list[torch.Tensor], masks: list[torch.Tensor],
+                 optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """θ ← M ⊙ θ and, given the optimizer, b ← M ⊙ b for its momentum buffers."""
+    torch._foreach_mul_(list(params), list(masks))
+    if optimizer is not None:
+        pairs = [(b, m) for b, m in zip(momentum_buffers(optimizer, params), masks) if b is not None]
+        if pairs:
+            torch._foreach_mul_([b for b, _ in pairs], [m for _, m in pairs])

@@ -1,0 +1,154 @@
+"""RigL (Evci et al. 2020, "Rigging the Lottery"): sparse training at a fixed density.
+
+The mask schedule of algorithms.md §5, independent of the optimizer that takes the SGD
+steps (`mlbreg.methods.RigLMethod` pairs it with torch.optim.SGD):
+
+- t counts the optimizer steps already taken (0, 1, 2, ...). Step t is a *mask-update
+  step* when t > 0, t mod ΔT = 0 and t < T_end, with T_end = ⌊end_fraction·T⌋ (T: all
+  steps of the run). So the first ΔT steps are plain SGD on the initial mask, and from
+  T_end on the mask is fixed.
+- drop_fraction(t) = (α/2)·(1 + cos(π·t/T_end)) (cosine decay from α to 0).
+- On an update step, per sparse layer with n active weights: k = round(drop_fraction·n);
+  drop the k active weights of smallest |θ|, then grow the k weights of largest |g|
+  (g: the dense gradient of the masked weights, p.grad with the torch backend) among
+  those not active after the drop. As in the reference implementation, a weight just
+  dropped may be grown again; every grown weight starts at exactly 0 with zero momentum.
+  The SGD step is skipped on update steps (the caller does that).
+- Layers that are dense at the start (density 1, e.g. `init.dense_first`) are never
+  updated: dropping and regrowing there would only zero their smallest weights.
+
+Everything is one topk per layer and a few whole-tensor ops; no per-element Python.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+
+from .masks import apply_masks_, momentum_buffers
+
+__all__ = ["RigL", "drop_fraction", "drop_and_grow"]
+
+
+def drop_fraction(t: int, alpha: float, t_end: int) -> float:
+    """(α/2)·(1 + cos(π·t/T_end)) for t < T_end, 0 from T_end on."""
+    if t_end <= 0 or t >= t_end:
+        return 0.0
+    return alpha / 2 * (1 + math.cos(math.pi * t / t_end))
+
+
+@torch.no_grad()
+def drop_and_grow(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, k: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """New mask after dropping the k smallest-|θ| active weights and growing the k
+    largest-|g| weights among the inactive ones (after the drop).
+
+    Returns (new_mask, kept): `kept` is the mask after the drop, so θ ⊙ kept zeroes the
+    dropped and the grown weights (grown weights start at 0). Ties go to the lower index
+    (torch.topk on the flat tensor)."""
+    flat_mask = mask.reshape(-1)
+    if k <= 0:
+        return mask.clone(), mask.clone()
+    inf = torch.tensor(float("inf"), dtype=weight.dtype, device=weight.device)
+    drop_score = torch.where(flat_mask, weight.reshape(-1).abs(), inf)
+    dropped = torch.topk(drop_score, k, largest=False, sorted=False).indices
+    kept = flat_mask.clone()
+    kept[dropped] = False
+    grow_score = torch.where(kept, -inf, grad.reshape(-1).abs().to(weight.dtype))
+    grown = torch.topk(grow_score, k, largest=True, sorted=False).indices
+    new_mask = kept.clone()
+    new_mask[grown] = True
+    return new_mask.view_as(mask), kept.view_as(mask)
+
+
+class RigL:
+    """RigL's masks and schedule for a list of weight tensors.
+
+    Args:
+        weights: the prunable weights (their current zeros define the initial masks
+            unless `masks` is given).
+        total_steps: T, all optimizer steps of the run.
+        delta_t: ΔT, steps between mask updates.
+        alpha: initial drop fraction α.
+        end_fraction: mask updates stop at T_end = ⌊end_fraction·T⌋.
+        masks: optional initial boolean masks (default: weight != 0).
+    """
+
+    def __init__(self, weights: list[torch.Tensor], *, total_steps: int, delta_t: int = 100, alpha: float = 0.3,
+                 end_fraction: float = 0.75, masks: Optional[list[torch.Tensor]] = None):
+        if int(delta_t) != delta_t or delta_t < 1:
+            raise ValueError(f"invalid delta_t={delta_t}; must be an integer >= 1")
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"invalid alpha={alpha}; the drop fraction must be in [0, 1]")
+        if not 0 < end_fraction <= 1:
+            raise ValueError(f"invalid end_fraction={end_fraction}; must be in (0, 1]")
+        if total_steps < 1:
+            raise ValueError(f"invalid total_steps={total_steps}; must be >= 1")
+        self.weights = list(weights)
+        with torch.no_grad():
+            self.masks = [m.to(torch.bool).clone() for m in masks] if masks is not None else \
+                [w.detach() != 0 for w in self.weights]
+        # host-side counts: no device sync to size the topk on update steps
+        self.active = [int(m.sum()) for m in self.masks]
+        self.updatable = [0 < n < m.numel() for n, m in zip(self.active, self.masks)]
+        self.delta_t = int(delta_t)
+        self.alpha = float(alpha)
+        self.t_end = int(end_fraction * total_steps)
+        self.steps_taken = 0
+        self.updates_done = 0
+
+    def is_update_step(self, t: Optional[int] = None) -> bool:
+        t = self.steps_taken if t is None else t
+        return t > 0 and t % self.delta_t == 0 and t < self.t_end
+
+    def drop_fraction(self, t: Optional[int] = None) -> float:
+        return drop_fraction(self.steps_taken if t is None else t, self.alpha, self.t_end)
+
+    def drop_counts(self, t: Optional[int] = None) -> list[int]:
+        """k per layer at step t (0 for dense layers)."""
+        f = self.drop_fraction(t)
+        return [round(f * n) if ok else 0 for n, ok in zip(self.active, self.updatable)]
+
+    @torch.no_grad()
+    def update_masks(self, optimizer: Optional[torch.optim.Optimizer] = None) -> list[int]:
+        """Drop and grow in every sparse layer (uses each weight's .grad); new and
+        dropped weights and their momentum become 0. Returns k per layer."""
+        counts = self.drop_counts()
+        buffers = momentum_buffers(optimizer, self.weights) if optimizer is not None else [None] * len(self.weights)
+        for i, (w, k) in enumerate(zip(self.weights, counts)):
+            if k == 0 or w.grad is None:
+                continue
+            new_mask, kept = drop_and_grow(w, w.grad, self.masks[i], k)
+            w.mul_(kept)
+            if buffers[i] is not None:
+                buffers[i].mul_(kept)
+            self.masks[i] = new_mask
+        self.updates_done += 1
+        return counts
+
+    @torch.no_grad()
+    def apply_masks(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        apply_masks_(self.weights, self.masks, optimizer)
+
+    def advance(self) -> None:
+        self.steps_taken += 1
+
+    # -- checkpointing ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return dict(masks=[m.clone() for m in self.masks], steps_taken=self.steps_taken,
+                    updates_done=self.updates_done, delta_t=self.delta_t, alpha=self.alpha, t_end=self.t_end)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["masks"]) != len(self.masks):
+            raise ValueError(f"RigL state has {len(state['masks'])} masks, this model {len(self.masks)}")
+        for mine, theirs in zip(self.masks, state["masks"]):
+            if mine.shape != theirs.shape:
+                raise ValueError(f"RigL mask of shape {tuple(theirs.shape)} does not fit a weight of shape "
+                                 f"{tuple(mine.shape)}")
+        self.masks = [m.to(device=w.device, dtype=torch.bool) for m, w in zip(state["masks"], self.weights)]
+        self.active = [int(m.sum()) for m in self.masks]
+        self.updatable = [0 < n < m.numel() for n, m in zip(self.active, self.masks)]
+        self.steps_taken = int(state["steps_taken"])
+        self.updates_done = int(state.get("updates_done", 0))
+        self.delta_t, self.alpha, self.t_end = int(state["delta_t"]), float(state["alpha"]), int(state["t_end"])
