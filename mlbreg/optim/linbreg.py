@@ -64,12 +64,15 @@ def linbreg_update(
         direction = bufs
     else:
         direction = grads
+    target = params if reg == "none" else duals
     if masks is not None:
         # v changes on S only; exactly unchanged outside (v − τ·0)
-        direction = (torch._foreach_mul(direction, masks) if foreach
-                     else [d * m for d, m in zip(direction, masks)])
-    target = params if reg == "none" else duals
-    if foreach:
+        if foreach:
+            torch._foreach_addcmul_(target, direction, masks, value=-lr)
+        else:
+            for t, d, m in zip(target, direction, masks):
+                t.addcmul_(d, m, value=-lr)
+    elif foreach:
         torch._foreach_add_(target, direction, alpha=-lr)
     else:
         for t, d in zip(target, direction):
@@ -164,8 +167,7 @@ def _momentum_update(grads, bufs, masks, momentum, dampening, foreach) -> None:
     if foreach:
         delta_b = torch._foreach_mul(b_old, momentum - 1)
         torch._foreach_add_(delta_b, g_old, alpha=1 - dampening)
-        torch._foreach_mul_(delta_b, m_old)
-        torch._foreach_add_(b_old, delta_b)
+        torch._foreach_addcmul_(b_old, delta_b, m_old)
     else:
         for b, g, m in zip(b_old, g_old, m_old):
             b.add_((b * (momentum - 1)).add_(g, alpha=1 - dampening).mul_(m))
@@ -322,9 +324,14 @@ class MLLinBreg(LinBreg):
         return loss
 
     def _coarse_l1_group(self, group) -> None:
-        """Coarse step of an l1 group on the gathered support (cost ∝ |S|); tensors that are
-        not contiguous (e.g. channels_last) take the masked dense path instead."""
+        """Coarse step of an l1 group on the gathered support (cost ∝ |S|, the CPU default).
+        The multi-tensor path (the CUDA default) and tensors that are not contiguous (e.g.
+        channels_last) take the masked dense update instead: on a GPU a handful of
+        multi-tensor kernels beat six small gather/scatter kernels per tensor."""
         params, grads, duals, bufs = self._group_tensors(group)
+        if self._use_foreach(group, params):
+            self._step_group(group, self._support_masks)
+            return
         flat = [k for k, p in enumerate(params) if p.is_contiguous() and p.grad.is_contiguous()]
         other = [k for k in range(len(params)) if k not in set(flat)]
         settings = dict(lr=group["lr"], lam=group["lam"], delta=group["delta"], momentum=group["momentum"],
