@@ -339,10 +339,17 @@ class MLLinBreg(LinBreg):
                         foreach=self._use_foreach(group, params))
         pick = lambda seq, ks: [seq[k] for k in ks]  # noqa: E731
         coarse_l1_update(pick(params, flat), pick(grads, flat), pick(duals, flat), pick(bufs, flat),
-                         [self.state[params[k]]["support_index"] for k in flat], **settings)
+                         [self._support_index(params[k]) for k in flat], **settings)
         if other:
             linbreg_update(pick(params, other), pick(grads, other), pick(duals, other), pick(bufs, other),
                            self._support_masks(pick(params, other)), reg="l1", **settings)
+
+    def _support_index(self, p) -> torch.Tensor:
+        """Flat positions of S (the coarse model's coordinates), computed once per cycle."""
+        state = self.state[p]
+        if "support_index" not in state:
+            state["support_index"] = torch.nonzero(state["support"].reshape(-1)).squeeze(1)
+        return state["support_index"]
 
     def _refresh_support(self) -> None:
         for group in self.param_groups:
@@ -350,11 +357,8 @@ class MLLinBreg(LinBreg):
                 continue
             for p in group["params"]:
                 if p.grad is not None:
-                    mask = support(p.detach(), group["reg"])
-                    self.state[p]["support"] = mask
-                    if group["reg"] == "l1":
-                        # flat positions of S: the coarse model's coordinates
-                        self.state[p]["support_index"] = torch.nonzero(mask.reshape(-1)).squeeze(1)
+                    self.state[p]["support"] = support(p.detach(), group["reg"])
+                    self.state[p].pop("support_index", None)  # recomputed when a coarse step needs it
 
     def _gradient_norms(self):
         """(‖g‖², per-tensor g) before the step, for the adaptive criterion."""
@@ -394,11 +398,10 @@ class MLLinBreg(LinBreg):
         state_dict = dict(state_dict)
         ml = state_dict.pop("ml_linbreg", None)
         super().load_state_dict(state_dict)
-        # torch casts every loaded state tensor to its parameter's dtype: rebuild the integer
-        # support positions from the (0/1) support mask
+        # torch casts every loaded state tensor to its parameter's dtype: drop the integer
+        # support positions, they are rebuilt from the (0/1) support mask when needed
         for state in self.state.values():
-            if "support_index" in state:
-                state["support_index"] = torch.nonzero(state["support"].reshape(-1)).squeeze(1)
+            state.pop("support_index", None)
         if ml is not None:
             self.steps_taken = ml["steps_taken"]
             self.coarse_cycle = ml["coarse_cycle"]
