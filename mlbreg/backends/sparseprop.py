@@ -78,6 +78,8 @@ __all__ = ["SparsePropBackend", "conv_eligible", "linear_eligible"]
 
 INT16_MAX = 32767
 BATCH_ALIGN = 8     # SparseProp's conv kernels are wrong for the last batch % 8 samples
+CONTIGUOUS_OUT = True
+CONTIGUOUS_GRAD_IN = True
 
 
 # --------------------------------------------------------------------------- guards
@@ -138,6 +140,7 @@ class _Layer:
     w_val: Optional[torch.Tensor] = None        # fp32 values on idx, a leaf that gets .grad
     w_idx: tuple = ()                           # SparseProp index tensors
     nnz: int = 0
+    grad_buf: Optional[torch.Tensor] = None     # dense weight gradient buffer of this coarse phase
     mode: Optional[bool] = None                 # None: dense; else vectorizing_over_on
     why: str = ""                               # why this choice (for reports)
     timings: dict = field(default_factory=dict)
@@ -195,18 +198,23 @@ class _SparseConvFn(torch.autograd.Function):
         val = _np(w_val, torch.float32)
         idx = (_np(w_idx[0], torch.int32), _np(w_idx[1], torch.int16), _np(w_idx[2], torch.uint8),
                _np(w_idx[3], torch.uint8))
+        if voo:
+            x = x.contiguous()                                  # guard 1: the over-on kernels read NCHW
         if voo and stride == 1:
             out = torch.zeros(b, oc, oh, ow)
             _spb.sparse_conv2d_vectorized_forward_over_on_stride_1(_np(x, torch.float32), *idx, val, _np(out, torch.float32),
                                                                    k, pad)
             saved = x
         else:
-            xp = x.permute(1, 2, 3, 0).contiguous()            # (IC, H, W, B)
+            xp = x.permute(1, 2, 3, 0).contiguous()            # (IC, H, W, B), from any input layout
             outp = torch.zeros(oc, oh, ow, b)
             fn = (_spb.sparse_conv2d_vectorized_forward_stride_1 if stride == 1
                   else _spb.sparse_conv2d_vectorized_forward_stride_2)
             fn(_np(xp, torch.float32), *idx, val, _np(outp, torch.float32), k, pad)
+            # batch-innermost -> NCHW once here: BN & co. on the permuted view copy it twice
             out = outp.permute(3, 0, 1, 2)
+            if CONTIGUOUS_OUT:
+                out = out.contiguous()
             saved = x if voo else xp
         ctx.save_for_backward(saved, w_val)
         ctx.w_idx = w_idx
@@ -234,6 +242,8 @@ class _SparseConvFn(torch.autograd.Function):
            _np(grad_in, torch.float32), _np(grad_val, torch.float32), k, pad)
         if not voo:
             grad_in = grad_in.permute(3, 0, 1, 2)
+            if CONTIGUOUS_GRAD_IN:
+                grad_in = grad_in.contiguous()
         return (grad_in if ctx.needs_input_grad[0] else None), grad_val, None, None, None, None, None, None
 
 
@@ -266,7 +276,6 @@ class _SparseLinearFn(torch.autograd.Function):
 
 def sparse_conv2d(x: torch.Tensor, w_val: torch.Tensor, w_idx: tuple, conv: nn.Conv2d, voo: bool) -> torch.Tensor:
     """conv(x) with the structure (w_val, w_idx); guards 1-3 applied; no bias."""
-    x = x.contiguous()                                          # guard 1 (also undoes channels_last)
     b = x.shape[0]
     extra = (-b) % BATCH_ALIGN
     if extra:                                                   # guard 2: zero-pad the batch
@@ -359,11 +368,15 @@ class SparsePropBackend:
             layer.w_val.grad = None
             w = layer.weight
             if w.grad is None:                # the usual case: the dense weight took no part
-                full = torch.zeros(w.numel(), dtype=w.dtype)
-                full.index_copy_(0, layer.idx, g)
-                w.grad = full.view_as(w)
-            else:                             # some call of this step ran dense (a fallback)
-                w.grad.view(-1).index_add_(0, layer.idx, g)
+                # a per-cycle buffer, zero outside the structure (never written there): only the
+                # structure is written each step (no dense fill, no allocation)
+                if layer.grad_buf is None:
+                    layer.grad_buf = torch.zeros(w.shape, dtype=w.dtype)
+                layer.grad_buf.view(-1).scatter_(0, layer.idx, g)
+                w.grad = layer.grad_buf
+            else:                             # a dense fallback ran too, or grads were not reset: accumulate
+                full = torch.zeros(w.numel(), dtype=w.dtype).scatter_(0, layer.idx, g)
+                w.grad.add_(full.view(w.shape))
 
     def after_step(self, kind: str) -> None:
         if kind != "sparse":
@@ -451,6 +464,7 @@ class SparsePropBackend:
 
     def _build_layer(self, layer: _Layer) -> None:
         layer.mode, layer.idx, layer.w_val, layer.w_idx, layer.timings = None, None, None, (), {}
+        layer.grad_buf = None
         layer.nnz = int(torch.count_nonzero(layer.weight.detach()))
         if layer.reason is not None:
             layer.why = layer.reason
@@ -570,6 +584,7 @@ class SparsePropBackend:
                 del layer.module.forward
             if layer.w_val is not None:
                 layer.w_val.grad = None
+            layer.grad_buf = None             # dense steps may write into an exposed buffer: never reuse it
         self._active = False
         self.swap_seconds += time.perf_counter() - t0
 
