@@ -144,7 +144,11 @@ def run_name(cfg: DictConfig) -> str:
         parts.append(f"{cfg.regularizer.name}-lam{cfg.lam:g}")
     if method == "mllinbreg":
         parts.append(f"m{cfg.m}")
-    if OmegaConf.select(cfg, "method.sparsity") is not None:
-        parts.append(f"sp{cfg.method.sparsity:g}")
-    parts += [f"{cfg.init.scheme}{cfg.init.density:g}", f"seed{cfg.seed}", digest]
+    if method in ("rigl", "prune_finetune"):   # fixed-sparsity methods: the target names the run
+        parts.append(f"sp{cfg.sparsity:g}")
+    if method in ("mllinbreg", "linbreg"):
+        parts.append(f"{cfg.init.scheme}{cfg.init.density:g}")
+    elif method == "rigl":
+        parts.append(cfg.init.scheme)
+    parts += [f"seed{cfg.seed}", digest]
     return f"{cfg.dataset.name}/{cfg.model.name}/{method}/{'_'.join(parts)}"

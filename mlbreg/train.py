@@ -44,8 +44,6 @@ METRIC_COLUMNS = [
     "epoch_s", "forward_s", "backward_s", "optimizer_s", "swap_s", "eval_s",
 ]
 LAYER_COLUMNS = ["epoch", "layer", "kind", "shape", "numel", "nonzeros", "density", "kernels", "zero_kernels"]
-SUMMARY_KEYS = ["dataset", "model", "method", "regularizer", "lam", "m", "init", "density", "init_scale",
-                "lr", "momentum", "epochs", "batch_size", "seed"]
 STEP_KINDS = ("dense", "full_grad", "sparse")
 
 
@@ -118,14 +116,10 @@ def build(cfg: DictConfig, device: torch.device):
     data = load_dataset(cfg.dataset.name, root=cfg.dataset.root, download=cfg.dataset.download, **options)
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     model = create_model(cfg.model.name, data.num_classes, data.in_shape, **model_kwargs)
-    cls = method_class(cfg.method.name)
-    if not cls.sparse_init:              # dense methods start from dense Kaiming weights
-        density, scale = 1.0, 1.0
-    elif cls.uses_target_sparsity:       # fixed-density methods (RigL) start at their target
-        density, scale = 1.0 - cfg.sparsity, cfg.init.scale
-    else:
-        density, scale = cfg.init.density, cfg.init.scale
-    sparse_init_(model, density=density, scheme=cfg.init.scheme, scale=scale, dense_first=cfg.init.dense_first,
+    # dense methods start from dense Kaiming weights (scale 1), fixed-density methods (RigL)
+    # at their target density, the others at init.density
+    sparse = method_class(cfg.method.name).sparse_init
+    sparse_init_(model, density=_init_density(cfg), scheme=cfg.init.scheme, scale=cfg.init.scale if sparse else 1.0, dense_first=cfg.init.dense_first,
                  dense_last=cfg.init.dense_last, by_group=cfg.regularizer.name == "group", seed=cfg.seed)
     model.to(device)
     train_loader = BatchLoader(data.train, cfg.batch_size, data.mean, data.std, shuffle=True,
@@ -423,12 +417,20 @@ class Trainer:
         return row, int(acc["bad_step"])
 
 
+def _init_density(cfg: DictConfig) -> float:
+    """The overall density the run started from (see `build`)."""
+    cls = method_class(cfg.method.name)
+    if not cls.sparse_init:
+        return 1.0
+    return 1.0 - cfg.sparsity if cls.uses_target_sparsity else cfg.init.density
+
+
 def _write_summary(cfg: DictConfig, run: RunDir, outcome: dict[str, Any]) -> None:
     import csv
     final = outcome.get("final") or {}
     row = dict(dataset=cfg.dataset.name, model=cfg.model.name, method=cfg.method.name,
                regularizer=cfg.regularizer.name, lam=cfg.lam, m=cfg.m, init=cfg.init.scheme,
-               density=cfg.init.density, init_scale=cfg.init.scale, lr=cfg.lr, momentum=cfg.momentum,
+               init_density=_init_density(cfg), target_sparsity=cfg.sparsity, init_scale=cfg.init.scale, lr=cfg.lr, momentum=cfg.momentum,
                epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed)
     row.update({k: v for k, v in final.items() if k not in ("epoch",)})
     row.update(run_name=run_name(cfg), status="finished")

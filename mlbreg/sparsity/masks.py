@@ -117,6 +117,9 @@ def sparse_init_(model: nn.Module, density: float, scheme: str = "uniform", scal
     densities = layer_densities(shapes, density, scheme, dense)
     units = {name: _mask_units(mod.weight, by_group) for name, mod in layers}
     counts = exact_counts({n: math.prod(u) for n, u in units.items()}, densities)
+    # a layer with no active unit cuts the network (e.g. 1% of a 10-row classifier drawn by
+    # rows is 0 rows): keep at least one unit per layer
+    counts = {n: max(c, 1) for n, c in counts.items()}
     generator = torch.Generator().manual_seed(seed)
     achieved = {}
     for name, mod in layers:
