@@ -252,10 +252,21 @@ def test_timed_choice_and_cache():
     assert all("dense_ms" in row and ("voo0_ms" in row) for row in rows)
     assert all(row["choice"] == "dense" or "faster than dense" in row["why"] for row in rows)
     assert backend.timing_seconds > 0 and backend.swap_seconds >= backend.timing_seconds
-    n_decisions = len(backend.decisions)
+    n_decisions = sum(map(len, backend.decisions.values()))
+    assert n_decisions == len(rows)
+    backend.use_dense()
+    with torch.no_grad():                                     # a few weights leave the support: same decisions
+        model.fc.weight.view(-1)[model.fc.weight.view(-1).nonzero()[:3]] = 0.0      # 3 of ~500
     backend.after_step("full_grad")
-    backend.before_step("sparse")                             # same support: cache hits only
-    assert len(backend.decisions) == n_decisions and backend.rebuilds == 2
+    backend.before_step("sparse")
+    assert sum(map(len, backend.decisions.values())) == n_decisions and backend.rebuilds == 2
+    backend.use_dense()
+    with torch.no_grad():                                     # conv2's support doubles: conv2 is timed again
+        w = model.conv2.weight
+        w.add_((w == 0) * (torch.rand_like(w) < 0.06) * 0.1)
+    backend.after_step("full_grad")
+    backend.before_step("sparse")
+    assert sum(map(len, backend.decisions.values())) == n_decisions + 1 and len(backend.decisions) == len(rows)
 
 
 def test_make_backend():

@@ -8,6 +8,13 @@ The training loop calls, around every step:
     backend.after_step(kind)    # the updated dense weights -> the sparse layers' values
 The dense `weight` parameters stay the single source of truth (the optimizer, checkpoints
 and metrics only ever see them), so results do not depend on the backend.
+
+A backend also has `swap_seconds` (time spent swapping layers, choosing them included) and
+`name`. `make_backend(..., batch_size=, in_shape=, optimizer=)`: the SparseProp backend times
+layers at the training batch size, can run a dummy forward with `in_shape`, and reads the
+support S from ML LinBreg's `optimizer.state[w]["support"]` (exact for every regularizer, and
+after resuming inside a cycle; without it the structure is `w != 0`, which is S for `l1` at a
+cycle start). Other options reach `SparsePropBackend` unchanged (see backends/sparseprop.py).
 """
 from __future__ import annotations
 
@@ -48,15 +55,25 @@ def sparseprop_available() -> bool:
     return True
 
 
+def _distributed() -> bool:
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
 def make_backend(name: str, model: nn.Module, device: torch.device, method_name: str, **options):
-    """`auto`: SparseProp on CPU for ML LinBreg when it is installed, else torch."""
+    """`auto`: SparseProp on CPU for ML LinBreg when it is installed (and the run is not
+    distributed), else torch."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
     if name == "torch":
         return TorchBackend(model)
-    wants_sparse = device.type == "cpu" and method_name == "mllinbreg"
+    wants_sparse = device.type == "cpu" and method_name == "mllinbreg" and not _distributed()
     if name == "auto" and not wants_sparse:
         return TorchBackend(model)
+    if _distributed():
+        # a swapped layer's dense weight gets its gradient after backward, outside autograd:
+        # DDP's reducer would never see it (unsynchronized gradients or a hang)
+        raise ValueError("backend=sparseprop does not work with distributed (DDP) training; use backend=torch")
     if not sparseprop_available():
         if name == "sparseprop":
             raise RuntimeError("backend=sparseprop needs the SparseProp package: pip install pybind11 scipy && "

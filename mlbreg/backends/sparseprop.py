@@ -38,7 +38,8 @@ Guards (SparseProp returns silently wrong results without them, see ../shared/sp
    (2,2), integer symmetric padding < kernel size and padding_mode="zeros" is swapped;
 5. a conv with more than 32767 structure entries in one output channel stays dense (int16 index);
 6. fp32 only: fp32 CPU weights at swap time, and an input that is not an fp32 CPU tensor of
-   the expected shape runs the dense layer for that call.
+   the expected shape, or any call under autocast (bf16), runs the dense layer for that call
+   (so precision=bf16 gets no sparse speed-up, but the same numbers as backend=torch).
 The kernels are called with numpy views of exactly-typed contiguous tensors (a wrong dtype
 would make pybind11 write into a silently discarded copy).
 
@@ -47,8 +48,9 @@ Which layers
 A layer that passes the guards is swapped when a timed comparison (interleaved rounds after a
 warm-up, median, dense vs. both ``vectorizing_over_on`` modes, forward + backward at this
 layer's input shape and the training batch size) finds a sparse mode at least ``min_speedup``
-times faster. Decisions are cached by (layer, nnz bucket of relative width ``bucket``), so a fine
-step only re-times layers whose number of non-zeros moved to a new bucket. ``force=True`` swaps
+times faster. Decisions are cached per layer and number of structure entries: a decision timed at
+nnz0 is reused while nnz stays within a factor (1 + ``bucket``) of nnz0, so a fine step only
+re-times layers whose support grew or shrank by more than that. ``force=True`` swaps
 every eligible layer without timing (``force_mode`` picks the ``vectorizing_over_on`` mode;
 default: the over-``on`` mode for stride-1 convs). Input shapes come from a forward pre-hook
 during dense steps, or from one dummy forward (eval mode, no grad) with ``in_shape``.
@@ -59,6 +61,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -118,6 +121,23 @@ def linear_eligible(linear: nn.Module) -> Optional[str]:
     if w.dtype != torch.float32 or w.device.type != "cpu":
         return f"weight is {w.dtype} on {w.device}; SparseProp is fp32 CPU only"
     return None
+
+
+def _autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # older torch
+        return torch.is_autocast_cpu_enabled()
+
+
+@contextmanager
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _np(t: torch.Tensor, dtype) -> np.ndarray:
@@ -228,7 +248,7 @@ class _SparseConvFn(torch.autograd.Function):
         w_idx = ctx.w_idx
         idx = (_np(w_idx[0], torch.int32), _np(w_idx[1], torch.int16), _np(w_idx[2], torch.uint8),
                _np(w_idx[3], torch.uint8))
-        grad_val = torch.zeros_like(w_val)
+        grad_val = torch.from_numpy(np.zeros(w_val.shape[0], np.float32))   # calloc: no OpenMP fork for a small fill
         grad_in = torch.zeros_like(saved)
         if voo:
             go = grad_out.contiguous()                          # guard 3: NCHW-contiguous grad
@@ -266,7 +286,7 @@ class _SparseLinearFn(torch.autograd.Function):
         xt, w_val = ctx.saved_tensors
         go = grad_out.t().contiguous()                          # (N, B)
         grad_xt = torch.zeros_like(xt)
-        grad_val = torch.zeros_like(w_val)
+        grad_val = torch.from_numpy(np.zeros(w_val.shape[0], np.float32))   # calloc: no OpenMP fork for a small fill
         _spb.sparse_linear_vectorized_backward(_np(xt, torch.float32), _np(ctx.w_idx[0], torch.int32),
                                                _np(ctx.w_idx[1], torch.int32), _np(w_val, torch.float32),
                                                _np(go, torch.float32), _np(grad_xt, torch.float32),
@@ -332,7 +352,7 @@ class SparsePropBackend:
         self.swap_seconds = 0.0       # rebuilding + timing + (un)swapping, all together
         self.timing_seconds = 0.0     # the timed comparisons alone (part of swap_seconds)
         self.rebuilds = 0
-        self.decisions: dict[tuple, tuple[Optional[bool], str, dict]] = {}
+        self.decisions: dict[tuple, list[tuple[int, Optional[bool], str, dict]]] = {}   # key -> [(nnz, ...)]
         self.layers: list[_Layer] = []
         for name, mod in model.named_modules():
             if isinstance(mod, nn.Conv2d):
@@ -371,7 +391,8 @@ class SparsePropBackend:
                 # a per-cycle buffer, zero outside the structure (never written there): only the
                 # structure is written each step (no dense fill, no allocation)
                 if layer.grad_buf is None:
-                    layer.grad_buf = torch.zeros(w.shape, dtype=w.dtype)
+                    with _single_thread():
+                        layer.grad_buf = torch.zeros(w.shape, dtype=w.dtype)
                 layer.grad_buf.view(-1).scatter_(0, layer.idx, g)
                 w.grad = layer.grad_buf
             else:                             # a dense fallback ran too, or grads were not reset: accumulate
@@ -456,13 +477,18 @@ class SparsePropBackend:
             self._deactivate()
         self._ensure_shapes()
         for layer in self.layers:
-            self._build_layer(layer)
+            with _single_thread():            # many small index ops: no OpenMP fork/join per op
+                self._build_layer(layer, time_it=False)
+            if layer.w_val is not None:
+                layer.mode, layer.why = self._choose(layer)   # timed at the training thread count
+                if layer.mode is None:
+                    layer.idx, layer.w_val, layer.w_idx = None, None, ()
         self._stale = False
         self.rebuilds += 1
         self._activate(refresh=False)
         self.swap_seconds += time.perf_counter() - t0
 
-    def _build_layer(self, layer: _Layer) -> None:
+    def _build_layer(self, layer: _Layer, time_it: bool = True) -> None:
         layer.mode, layer.idx, layer.w_val, layer.w_idx, layer.timings = None, None, None, (), {}
         layer.grad_buf = None
         layer.nnz = int(torch.count_nonzero(layer.weight.detach()))
@@ -484,9 +510,10 @@ class SparsePropBackend:
                 return
             layer.idx, layer.w_idx = idx, w_idx
             layer.w_val = layer.weight.detach().reshape(-1).index_select(0, idx).requires_grad_(True)
-        layer.mode, layer.why = self._choose(layer)
-        if layer.mode is None:
-            layer.idx, layer.w_val, layer.w_idx = None, None, ()
+        if time_it:
+            layer.mode, layer.why = self._choose(layer)
+            if layer.mode is None:
+                layer.idx, layer.w_val, layer.w_idx = None, None, ()
 
     def _candidates(self, layer: _Layer) -> list[bool]:
         if layer.kind == "linear":
@@ -501,13 +528,20 @@ class SparsePropBackend:
             return bool(mode), "forced"
         if layer.in_shape is None or not self.batch_size:
             return None, "input shape unknown (no dense step seen, no in_shape)"
-        key = (layer.name, round(math.log(layer.nnz) / math.log1p(self.bucket)), layer.in_shape, layer.in_grad,
-               self.batch_size, torch.get_num_threads())
-        if key not in self.decisions:
+        # a decision timed at nnz0 holds for nnz within a factor (1 + bucket) of nnz0 (no fixed
+        # bucket edges: a support that moves by a few weights never triggers a re-timing)
+        key = (layer.name, layer.in_shape, layer.in_grad, self.batch_size, torch.get_num_threads())
+        entries = self.decisions.setdefault(key, [])
+        width = math.log1p(self.bucket)
+        near = [e for e in entries if abs(math.log(layer.nnz / e[0])) <= width]
+        if near:
+            entry = min(near, key=lambda e: abs(math.log(layer.nnz / e[0])))
+        else:
             t0 = time.perf_counter()
-            self.decisions[key] = self._time_layer(layer)
+            entry = (layer.nnz, *self._time_layer(layer))
             self.timing_seconds += time.perf_counter() - t0
-        mode, why, timings = self.decisions[key]
+            entries.append(entry)
+        _, mode, why, timings = entry
         layer.timings = timings
         return mode, why
 
@@ -594,7 +628,9 @@ class SparsePropBackend:
         for layer in self.layers:
             if layer.swapped:
                 w = layer.weight.detach().reshape(-1)
-                if int(torch.count_nonzero(w)) != int(torch.count_nonzero(w.index_select(0, layer.idx))):
+                with _single_thread():
+                    moved = int(torch.count_nonzero(w)) != int(torch.count_nonzero(w.index_select(0, layer.idx)))
+                if moved:
                     self._build_layer(layer)
 
     @torch.no_grad()
@@ -611,7 +647,7 @@ class SparsePropBackend:
 
             def forward(x):
                 if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4 or x.shape[1] != c_in \
-                        or x.shape[0] == 0:
+                        or x.shape[0] == 0 or _autocast_on():
                     return dense_forward(mod, x)          # guard 6: anything unexpected runs dense
                 out = sparse_conv2d(x, layer.w_val, layer.w_idx, mod, layer.mode)
                 if mod.bias is not None:
@@ -622,7 +658,7 @@ class SparsePropBackend:
 
             def forward(x):
                 if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 1 or x.shape[-1] != f_in \
-                        or x.numel() == 0:
+                        or x.numel() == 0 or _autocast_on():
                     return dense_forward(mod, x)
                 out = sparse_linear(x, layer.w_val, layer.w_idx, mod)
                 if mod.bias is not None:
