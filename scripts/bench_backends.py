@@ -176,13 +176,20 @@ def bench_config(scheme, density, args, out):
         else:
             print(f"  {label:26s} step   {v['step']:6.2f} s (min {v['min']:.2f}; {v['detail']})"
                   f"{'':36s}epoch {v['epoch'] / 60:6.1f} min", file=out)
+    # paired ratios: the steps of one round ran back to back (under the same machine load)
+    logs = {r.label: r.log for r in runners}
+    paired = {label: statistics.median(a["total"] / b["total"] for a, b in
+                                       zip(logs[label][timed], logs["ML LinBreg, SparseProp"][timed]))
+              for label in logs if label != "ML LinBreg, SparseProp"}
     sp, th = res["ML LinBreg, SparseProp"], res["ML LinBreg, torch layers"]
+    sp["paired"] = paired
     ratios = f"  ratios per epoch: ML SparseProp vs ML torch {th['epoch'] / sp['epoch']:.2f}x"
     if "SGD (torch, dense)" in res:
         sgd = res["SGD (torch, dense)"]
         ratios += (f", ML SparseProp vs SGD {sgd['epoch'] / sp['epoch']:.2f}x, ML torch vs SGD "
                    f"{sgd['epoch'] / th['epoch']:.2f}x")
-    ratios += f"; coarse step SparseProp vs torch {th['coarse'] / sp['coarse']:.2f}x"
+    ratios += (f"; coarse step SparseProp vs torch {th['coarse'] / sp['coarse']:.2f}x (median of the paired "
+               f"per-round ratios {paired['ML LinBreg, torch layers']:.2f}x)")
     print(ratios, file=out)
     out.flush()
     return dict(scheme=scheme, density=density, **{k: v for k, v in res.items()})
@@ -212,7 +219,8 @@ def main(argv=None):
         for density in args.densities:
             summary.append(bench_config(scheme, density, args, out))
     print("\nSummary (per-epoch time, minutes; ratios = times faster):", file=out)
-    head = f"{'profile':8s} {'density':>7s} {'SGD':>7s} {'ML torch':>9s} {'ML SP':>7s} {'SP/torch':>9s} {'SP/SGD':>7s}"
+    head = (f"{'profile':8s} {'density':>7s} {'SGD':>7s} {'ML torch':>9s} {'ML SP':>7s} {'SP/torch':>9s} {'SP/SGD':>7s}"
+            f" {'paired coarse SP/torch':>23s}")
     print(head, file=out)
     for s in summary:
         sp, th = s["ML LinBreg, SparseProp"], s["ML LinBreg, torch layers"]
@@ -220,8 +228,9 @@ def main(argv=None):
         sgd_min = f"{sgd['epoch'] / 60:7.1f}" if sgd else f"{'-':>7s}"
         vs_sgd = f"{sgd['epoch'] / sp['epoch']:6.2f}x" if sgd else f"{'-':>7s}"
         print(f"{s['scheme']:8s} {s['density']:7.2f} {sgd_min} {th['epoch'] / 60:9.1f} {sp['epoch'] / 60:7.1f} "
-              f"{th['epoch'] / sp['epoch']:8.2f}x {vs_sgd}", file=out)
-    print(f"(total benchmark time {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f})", file=out)
+              f"{th['epoch'] / sp['epoch']:8.2f}x {vs_sgd} {sp['paired']['ML LinBreg, torch layers']:22.2f}x", file=out)
+    print(f"(total benchmark time {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} CPUs; a load above the CPU count means other processes shared them)", file=out)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,11 @@ The structure is a superset of S; weights of S that shrink to 0 during a cycle k
 
 Guards (SparseProp returns silently wrong results without them, see ../shared/sparseprop-notes.md)
 ------------------------------------------------------------------------------------------------
-1. every input (and every incoming gradient) is made ``.contiguous()`` (NCHW) before a kernel;
-   the linear layer's transposes are torch copies (SparseProp's SIMD transpose needs aligned
-   memory);
+1. every input (and every incoming gradient) is copied into the exact contiguous layout the kernel
+   reads (NCHW for the over-``on`` kernels, batch-innermost CHWB for the others), whatever its
+   strides (non-contiguous views, channels_last); outputs and input gradients are handed back as
+   contiguous NCHW (BatchNorm & co. copy a permuted view twice); the linear layer's transposes are
+   torch copies (SparseProp's SIMD transpose needs aligned memory);
 2. a batch whose size is not a multiple of 8 is zero-padded to the next multiple of 8 inside
    the sparse conv and the output sliced back (the padded samples have zero input and zero
    incoming gradient, so they add nothing: the result is the same up to fp32 summation order);
@@ -328,7 +330,8 @@ class SparsePropBackend:
         force_mode: ``vectorizing_over_on`` for forced swaps (None: True for stride-1 convs).
         min_speedup: a sparse mode must be this much faster than dense to be chosen.
         warmup, repeats: timed comparison: warm-up calls per candidate, interleaved timed rounds.
-        bucket: relative width of the nnz buckets that key the decision cache.
+        bucket: a timed decision is reused while the layer's nnz stays within this relative
+            distance (log scale) of the nnz it was timed at.
         linear: also consider Linear layers.
         verbose: print the decisions.
     """
