@@ -432,7 +432,7 @@ def _write_summary(cfg: DictConfig, run: RunDir, outcome: dict[str, Any]) -> Non
                regularizer=cfg.regularizer.name, lam=cfg.lam, m=cfg.m, init=cfg.init.scheme,
                init_density=_init_density(cfg), target_sparsity=cfg.sparsity, init_scale=cfg.init.scale, lr=cfg.lr, momentum=cfg.momentum,
                epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed)
-    row.update({k: v for k, v in final.items() if k not in ("epoch",)})
+    row.update({k: v for k, v in final.items() if k not in ("epoch", "lr")})  # lr: the configured one
     row.update(run_name=run_name(cfg), status="finished")
     tmp = run.file("summary.csv.tmp")
     with open(tmp, "w", newline="") as f:
