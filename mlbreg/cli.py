@@ -15,7 +15,10 @@ commands:
   train   [hydra overrides]  train one run (or a sweep with -m), e.g.
           mlbreg train dataset=cifar10 model=resnet18 lam=1.0 m=100
           mlbreg train -m lam=0.5,1,2 seed=0,1,2
-  report  DIR [DIR ...]      tables and plots from run / sweep directories
+  report  DIR [DIR ...] [--out OUT] [--sweep "OVERRIDES"]
+                             tables and plots from run / sweep directories
+                             (mlbreg report --help for the options)
+  a paper preset: mlbreg train -m +experiment=table1_resnet18
 """
 
 
