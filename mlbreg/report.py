@@ -216,22 +216,13 @@ def _config_id(method: str, ident: dict[str, Any]) -> tuple[str, dict[str, Any]]
     return digest, key
 
 
-def _experiment_is_a_default() -> bool:
-    """Whether conf/train.yaml lists `experiment` in its defaults (then a preset is chosen with
-    `experiment=NAME`; otherwise it is appended with `+experiment=NAME`)."""
-    from omegaconf import OmegaConf
-    from .cli import config_dir
-    defaults = OmegaConf.load(Path(config_dir()) / "train.yaml").get("defaults", [])
-    return any(hasattr(d, "keys") and "experiment" in d for d in defaults)
-
-
 def preset_override(name: str) -> str:
-    """The override that loads the preset conf/experiment/NAME.yaml: `+experiment=NAME`."""
-    return f"{'' if _experiment_is_a_default() else '+'}experiment={name}"
+    """The override that loads the preset conf/experiment/NAME.yaml."""
+    return f"+experiment={name}"
 
 
 def _normalize_presets(overrides: list[str]) -> list[str]:
-    """`experiment=NAME` and `+experiment=NAME` both select a preset, whatever train.yaml says."""
+    """`experiment=NAME` is accepted as `+experiment=NAME` (a common slip)."""
     return [preset_override(o.split("=", 1)[1]) if o.split("=", 1)[0] in ("experiment", "+experiment") else o
             for o in overrides]
 

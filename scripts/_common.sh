@@ -20,9 +20,8 @@ if ! command -v "$MLBREG" >/dev/null; then
     exit 127
 fi
 
-# The override that loads a preset of conf/experiment/: +experiment=NAME (a config tree whose
-# conf/train.yaml lists `experiment: null` among its defaults takes experiment=NAME instead).
-if grep -qE '^\s*-\s*experiment\s*:' "$ROOT/conf/train.yaml"; then EXP=experiment; else EXP=+experiment; fi
+# The override that loads a preset of conf/experiment/
+EXP=+experiment
 
 # sweep OVERRIDES...: run one sweep; a run that fails does not stop the script (the report lists it)
 sweep() {

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from mlbreg.cli import config_dir, register_resolvers
 from mlbreg.config import run_name, validate
-from mlbreg.report import _experiment_is_a_default, preset_override, sweep_jobs
+from mlbreg.report import preset_override, sweep_jobs
 
 register_resolvers()
 CONF = Path(config_dir())
@@ -122,9 +122,6 @@ def test_row_values_survive_the_preset_and_command_line_wins():
 
 def test_presets_are_appended_with_plus_experiment():
     """The issue's command line: `mlbreg train -m +experiment=NAME`."""
-    if _experiment_is_a_default():
-        pytest.xfail("conf/train.yaml lists `- experiment: null` among its defaults, so Hydra refuses "
-                     "`+experiment=NAME` (it takes `experiment=NAME`); remove that line")
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=["+experiment=table1_vgg16"])
     assert cfg.model.name == "vgg16"
