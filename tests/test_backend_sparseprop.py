@@ -50,8 +50,10 @@ def sparse_model(seed=0, density=0.3, **kwargs):
     return model
 
 
-def run_mllinbreg(model, backend, batches, m=3, lam=0.05):
-    opt = MLLinBreg(split_param_groups(model, "l1", lam), lr=0.05, lam=lam, momentum=0.9, m=m)
+def run_mllinbreg(model, make, batches, m=3, lam=0.05, reg="l1"):
+    """ML LinBreg the way mlbreg.train drives it; `make(model, optimizer)` builds the backend."""
+    opt = MLLinBreg(split_param_groups(model, reg, lam), lr=0.05, lam=lam, momentum=0.9, m=m)
+    backend = make(model, opt)
     trace = []
     for x, y in batches:
         kind = "full_grad" if opt.next_step_is_fine() else "sparse"
@@ -64,7 +66,7 @@ def run_mllinbreg(model, backend, batches, m=3, lam=0.05):
         backend.after_step(kind)
         trace.append((kind, loss.item()))
     backend.use_dense()
-    return opt, trace
+    return opt, trace, backend
 
 
 def make_batches(sizes, seed=1):
@@ -72,16 +74,20 @@ def make_batches(sizes, seed=1):
     return [(torch.randn(b, 2, 16, 16, generator=g), torch.randint(0, 10, (b,), generator=g)) for b in sizes]
 
 
-@pytest.mark.parametrize("force_mode", [False, True], ids=["voo0", "voo1"])
-def test_same_trajectory_as_torch_layers(force_mode):
+@pytest.mark.parametrize("force_mode,reg,lam", [(False, "l1", 0.05), (True, "l1", 0.05), (True, "group", 0.2)],
+                         ids=["voo0-l1", "voo1-l1", "voo1-group"])
+def test_same_trajectory_as_torch_layers(force_mode, reg, lam):
     """Several fine/coarse cycles of ML LinBreg (m = 3): weights, v, momentum and support match
-    torch layers to fp32 tolerance, with batches of 13 and 5 (not multiples of 8) in coarse steps."""
+    torch layers to fp32 tolerance, with batches of 13 and 5 (not multiples of 8) in coarse steps.
+    `group` (S = whole kernels/rows, zeros included) reads S from the optimizer."""
     sizes = [16, 13, 24, 16, 5, 16, 13, 8, 16, 24, 13, 16]
     ref, model = sparse_model(), sparse_model()
     init_support = {n: (p != 0).float() for n, p in ref.named_parameters() if p.dim() > 1}
-    ref_opt, ref_trace = run_mllinbreg(ref, TorchBackend(ref), make_batches(sizes))
-    backend = SparsePropBackend(model, batch_size=16, in_shape=(2, 16, 16), force=True, force_mode=force_mode)
-    opt, trace = run_mllinbreg(model, backend, make_batches(sizes))
+    ref_opt, ref_trace, _ = run_mllinbreg(ref, lambda m, o: TorchBackend(m), make_batches(sizes), reg=reg, lam=lam)
+    opt, trace, backend = run_mllinbreg(
+        model, lambda m, o: SparsePropBackend(m, batch_size=16, in_shape=(2, 16, 16), force=True,
+                                              force_mode=force_mode, optimizer=o),
+        make_batches(sizes), reg=reg, lam=lam)
     assert [k for k, _ in trace] == [k for k, _ in ref_trace]
     assert sum(k == "sparse" for k, _ in trace) == 8 and backend.rebuilds == 4
     assert set(backend.swapped_layers()) == {"conv1", "conv2", "shortcut", "fc"}
