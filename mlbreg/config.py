@@ -107,12 +107,29 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(str(err).replace("invalid finetune_epochs", "invalid method.finetune_epochs")) from None
     if int(_number(cfg, "checkpoint_every")) < 0:
         _fail("checkpoint_every", cfg.checkpoint_every, "must be >= 0 (0 = only at the end and on signals)")
-    if cfg.compile and cfg.backend == "sparseprop":
-        _fail("compile", True, "torch.compile works with backend=torch only")
+    if cfg.backend == "sparseprop":
+        _check_sparseprop(cfg)
     if cfg.device == "cuda":
         import torch
         if not torch.cuda.is_available():
             _fail("device", "cuda", "CUDA is not available on this machine; use device=cpu or device=auto")
+
+
+def _check_sparseprop(cfg: DictConfig) -> None:
+    from .backends import sparseprop_available
+    if cfg.method.name != "mllinbreg":
+        _fail("backend", "sparseprop", f"SparseProp layers serve ML LinBreg's coarse steps; method={cfg.method.name} "
+              "needs backend=torch (or auto)")
+    if cfg.device == "cuda":
+        _fail("backend", "sparseprop", "SparseProp runs on the CPU only; use device=cpu or backend=torch")
+    if cfg.compile:
+        _fail("compile", True, "torch.compile works with torch layers only (backend=torch or auto)")
+    if cfg.distributed:
+        _fail("backend", "sparseprop", "swapped layers get their gradients outside autograd, which DDP cannot "
+              "synchronize; use backend=torch for distributed runs")
+    if not sparseprop_available():
+        _fail("backend", "sparseprop", "SparseProp is not installed: pip install pybind11 scipy && pip install "
+              "--no-build-isolation 'sparseprop>=0.1.14' (see README), or use backend=torch")
 
 
 def identity(cfg: DictConfig) -> dict[str, Any]:

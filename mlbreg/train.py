@@ -219,7 +219,9 @@ class Trainer:
         self.cfg, self.run_dir, self.run_key, self.device, self.ctx = cfg, run, run_key, device, ctx
         data, self.model, self.method, self.train_loader, self.test_loader, self.scheduler = build(cfg, device)
         self.flops = FlopsAccount(self.model, data.in_shape, device)
-        self.backend = make_backend(cfg.backend, self.model, device, cfg.method.name, batch_size=cfg.batch_size,
+        # torch.compile traces torch layers: with compile=true, auto means torch
+        self.backend = make_backend("torch" if cfg.compile else cfg.backend, self.model, device, cfg.method.name,
+                                    optimizer=self.method.optimizer, batch_size=cfg.batch_size,
                                     in_shape=data.in_shape)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last)

@@ -25,6 +25,8 @@ CASES = [
     (["momentum=1.0"], ["momentum=1.0", "[0, 1)"]),
     (["device=tpu"], ["device='tpu'", "auto, cpu, cuda"]),
     (["backend=mkl"], ["backend='mkl'", "torch", "sparseprop"]),
+    (["method=sgd", "backend=sparseprop"], ["backend='sparseprop'", "method=sgd", "backend=torch"]),
+    (["backend=sparseprop", "compile=true"], ["compile=True", "torch layers only"]),
     (["method.criterion=sometimes"], ["method.criterion='sometimes'", "fixed, adaptive"]),
     (["lam=abc"], ["lam='abc'", "must be a number"]),
     (["dataset=cifar10", "dataset.root=/nonexistent/data"],

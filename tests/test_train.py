@@ -88,8 +88,8 @@ def test_run_name_is_determined_by_the_identifying_config():
 
 
 def test_same_seed_same_numbers(tmp_path):
-    _, _, a = run(tmp_path / "a", "epochs=4", "model=convnet")
-    _, _, b = run(tmp_path / "b", "epochs=4", "model=convnet")
+    _, _, a = run(tmp_path / "a", "epochs=4", "model=convnet", "backend=torch")
+    _, _, b = run(tmp_path / "b", "epochs=4", "model=convnet", "backend=torch")
     timing = [c for c in a.columns if c.endswith("_s")]
     pd.testing.assert_frame_equal(a.drop(columns=timing), b.drop(columns=timing))
     ma, mb = torch.load(tmp_path / "a" / "model.pt"), torch.load(tmp_path / "b" / "model.pt")
@@ -108,7 +108,7 @@ def test_bf16_autocast_trains_and_sparsity_comes_from_fp32_weights(tmp_path):
 
 
 def test_channels_last_gives_the_same_run(tmp_path):
-    _, _, a = run(tmp_path / "a", "model=convnet", "epochs=2", "m=5")
-    _, _, b = run(tmp_path / "b", "model=convnet", "epochs=2", "m=5", "channels_last=true")
+    _, _, a = run(tmp_path / "a", "model=convnet", "epochs=2", "m=5", "backend=torch")
+    _, _, b = run(tmp_path / "b", "model=convnet", "epochs=2", "m=5", "backend=torch", "channels_last=true")
     cols = ["train_loss", "test_acc_pct", "sparsity_pct"]
     pd.testing.assert_frame_equal(a[cols], b[cols], rtol=1e-4, atol=1e-4)
