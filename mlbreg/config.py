@@ -27,7 +27,7 @@ SCHEDULERS = ("cosine", "constant")
 # they are left out of the run's identity so that e.g. a resumed run may use another device.
 NON_IDENTIFYING = ("resume", "device", "progress", "checkpoint_every", "output_root", "num_threads",
                    "distributed", "stop_check_every", "compile",
-                   "hydra", "dataset.root", "dataset.download", "eval_batch_size")
+                   "hydra", "dataset.root", "dataset.download", "dataset.num_workers", "eval_batch_size")
 
 
 class ConfigError(ValueError):
@@ -50,7 +50,7 @@ def validate(cfg: DictConfig) -> None:
     choices = {"dataset.name": DATASETS, "model.name": tuple(list_models()), "method.name": METHODS,
                "regularizer.name": tuple(r for r in REGULARIZERS if r != "none"), "init.scheme": SCHEMES,
                "device": DEVICES, "scheduler": SCHEDULERS, "backend": BACKENDS,
-               "precision": ("fp32", "bf16")}
+               "precision": ("fp32", "bf16"), "dataset.loader": ("tensor", "torchvision")}
     for key, valid in choices.items():
         value = OmegaConf.select(cfg, key)
         if value not in valid:

@@ -18,6 +18,7 @@ import hashlib
 import inspect
 import logging
 import math
+import random
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -398,3 +399,87 @@ class BatchLoader:
     def _flip(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         flip = torch.rand(len(x), generator=g, device=x.device) < 0.5
         return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+class TorchvisionLoader:
+    """The classic pipeline (`dataset.loader=torchvision`): a `torch.utils.data.DataLoader`
+    with worker processes and torchvision transforms on PIL images (RandomCrop(padding=4),
+    RandomHorizontalFlip, ToTensor, Normalize). Slower than :class:`BatchLoader`, kept for
+    comparison and for transforms that only exist for PIL images. Same interface; the
+    order and the augmentation of an epoch depend only on (seed, epoch), as there."""
+
+    def __init__(self, split: Split, batch_size: int, mean, std, *, shuffle: bool, augment: bool,
+                 drop_last: bool = False, device="cpu", seed: int = 0, num_workers: int = 2):
+        from torchvision import transforms
+
+        steps = [transforms.RandomCrop(split.x.shape[-1], padding=PAD), transforms.RandomHorizontalFlip()] \
+            if augment else []
+        if split.x.dtype == torch.uint8:
+            steps = [transforms.ToPILImage()] + steps + [transforms.ToTensor()]
+        self.dataset = _TransformedSplit(split, transforms.Compose(steps + [transforms.Normalize(mean, std)]))
+        self.device = torch.device(device)
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.num_workers, self.seed, self.epoch = num_workers, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed((self.seed * 1_000_003 + self.epoch) & 0xFFFF_FFFF_FFFF_FFFF)
+        # the generator seeds both the order and every worker's transform RNG
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last,
+            num_workers=self.num_workers, generator=g, worker_init_fn=_seed_worker,
+            pin_memory=self.device.type == "cuda")
+        batches = iter(loader)
+        # without workers the transforms draw from this process's torch RNG: give them their own
+        # stream, seeded from (seed, epoch), and keep the training code's stream untouched
+        rng = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g))).get_state()
+        while True:
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(rng)
+                batch = next(batches, None)
+                rng = torch.get_rng_state()
+            if batch is None:
+                return
+            x, y = batch
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class _TransformedSplit(torch.utils.data.Dataset):
+    def __init__(self, split: Split, transform):
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split.y)
+
+    def __getitem__(self, i):
+        x = self.split.x[i]
+        if x.dtype != torch.uint8:   # float data (digits): tensors all the way
+            x = x.clone()
+        return self.transform(x), int(self.split.y[i])
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torchvision's random transforms draw from torch's RNG, which DataLoader seeds per worker
+    # from its generator; python's and numpy's are seeded from it for anything else
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+LOADERS = {"tensor": BatchLoader, "torchvision": TorchvisionLoader}
+
+
+def make_loader(kind: str, split: Split, batch_size: int, mean, std, **kwargs):
+    """`tensor` (default: whole-batch tensor ops on the device) or `torchvision`."""
+    if kind not in LOADERS:
+        raise ValueError(f"unknown loader {kind!r}; valid: {', '.join(LOADERS)}")
+    if kind == "tensor":
+        kwargs.pop("num_workers", None)
+    return LOADERS[kind](split, batch_size, mean, std, **kwargs)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from . import __version__, distributed
 from .backends import make_backend
 from .config import identity, run_name, validate
-from .data import BatchLoader, load_dataset
+from .data import load_dataset, make_loader
 from .flops import dense_layer_flops
 from .methods import Method, build_method, method_class
 from .metrics import layer_stats, sparsity_summary
@@ -112,7 +112,7 @@ def build(cfg: DictConfig, device: torch.device):
     """config -> (data, model, method, loaders, scheduler). Deterministic in cfg.seed."""
     seed_everything(cfg.seed)
     options = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
-               if k not in ("name", "root", "download")}
+               if k not in ("name", "root", "download", "loader", "num_workers")}
     data = load_dataset(cfg.dataset.name, root=cfg.dataset.root, download=cfg.dataset.download, **options)
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     model = create_model(cfg.model.name, data.num_classes, data.in_shape, **model_kwargs)
@@ -122,10 +122,11 @@ def build(cfg: DictConfig, device: torch.device):
     sparse_init_(model, density=_init_density(cfg), scheme=cfg.init.scheme, scale=cfg.init.scale if sparse else 1.0, dense_first=cfg.init.dense_first,
                  dense_last=cfg.init.dense_last, by_group=cfg.regularizer.name == "group", seed=cfg.seed)
     model.to(device)
-    train_loader = BatchLoader(data.train, cfg.batch_size, data.mean, data.std, shuffle=True,
-                               augment=data.augment, drop_last=False, device=device, seed=cfg.seed)
-    test_loader = BatchLoader(data.test, cfg.eval_batch_size, data.mean, data.std, shuffle=False,
-                              augment=False, device=device, seed=cfg.seed)
+    loader = dict(kind=cfg.dataset.loader, device=device, seed=cfg.seed, num_workers=cfg.dataset.num_workers)
+    train_loader = make_loader(split=data.train, batch_size=cfg.batch_size, mean=data.mean, std=data.std,
+                               shuffle=True, augment=data.augment, **loader)
+    test_loader = make_loader(split=data.test, batch_size=cfg.eval_batch_size, mean=data.mean, std=data.std,
+                              shuffle=False, augment=False, **loader)
     method = build_method(cfg.method.name, model, **_settings(cfg, len(train_loader)))
     total_steps = cfg.epochs * len(train_loader)
     if cfg.scheduler == "cosine":
@@ -136,7 +137,7 @@ def build(cfg: DictConfig, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: BatchLoader) -> tuple[float, float]:
+def evaluate(model: nn.Module, loader) -> tuple[float, float]:
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=next(model.parameters()).device)
