@@ -112,3 +112,12 @@ def test_channels_last_gives_the_same_run(tmp_path):
     _, _, b = run(tmp_path / "b", "model=convnet", "epochs=2", "m=5", "backend=torch", "channels_last=true")
     cols = ["train_loss", "test_acc_pct", "sparsity_pct"]
     pd.testing.assert_frame_equal(a[cols], b[cols], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_forward_gives_the_same_run(tmp_path):
+    """compile=true (torch.compile of the forward; ~40 s of compilation on CPU)."""
+    _, _, a = run(tmp_path / "a", "model=convnet", "epochs=2", "m=5", "backend=torch")
+    _, _, b = run(tmp_path / "b", "model=convnet", "epochs=2", "m=5", "backend=torch", "compile=true")
+    cols = ["train_loss", "test_acc_pct", "sparsity_pct"]
+    pd.testing.assert_frame_equal(a[cols], b[cols], rtol=1e-3, atol=1e-3)
