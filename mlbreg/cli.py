@@ -58,7 +58,10 @@ def _train(argv: list[str]) -> int:
         from .train import train  # imported late: `mlbreg --help` stays fast
         outcome = train(cfg, HydraConfig.get().runtime.output_dir)
         status = outcome["status"]
-        if status != "finished":
+        if outcome.get("skipped"):
+            print(f"mlbreg: {HydraConfig.get().runtime.output_dir} finished earlier; kept "
+                  "(resume=false trains it again)", file=sys.stderr)
+        elif status != "finished":
             print(f"mlbreg: run {status}: {outcome.get('message', '')}", file=sys.stderr)
         result["status"] = status
         return status

@@ -119,8 +119,9 @@ def build(cfg: DictConfig, device: torch.device):
     # dense methods start from dense Kaiming weights (scale 1), fixed-density methods (RigL)
     # at their target density, the others at init.density
     sparse = method_class(cfg.method.name).sparse_init
-    sparse_init_(model, density=_init_density(cfg), scheme=cfg.init.scheme, scale=cfg.init.scale if sparse else 1.0, dense_first=cfg.init.dense_first,
-                 dense_last=cfg.init.dense_last, by_group=cfg.regularizer.name == "group", seed=cfg.seed)
+    sparse_init_(model, density=_init_density(cfg), scheme=cfg.init.scheme, scale=cfg.init.scale if sparse else 1.0,
+                 dense_first=cfg.init.dense_first, dense_last=cfg.init.dense_last,
+                 by_group=cfg.regularizer.name == "group", seed=cfg.seed)
     model.to(device)
     loader = dict(kind=cfg.dataset.loader, device=device, seed=cfg.seed, num_workers=cfg.dataset.num_workers)
     train_loader = make_loader(split=data.train, batch_size=cfg.batch_size, mean=data.mean, std=data.std,
@@ -202,7 +203,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_key = f"{__version__}:{run_name(cfg)}"
     previous = run.read_status()
     if previous and cfg.resume and previous.get("status") == "finished" and previous.get("run_key") == run_key:
-        return previous  # a finished run is kept, not recomputed
+        return dict(previous, skipped=True)  # a finished run is kept, not recomputed
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     device = distributed.local_device(resolve_device(cfg.device))
