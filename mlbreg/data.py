@@ -329,7 +329,30 @@ def _write_cache(path: Path, blob: dict) -> None:
 # --------------------------------------------------------------------------- batches
 
 
-class BatchLoader:
+class _EpochLoader:
+    """What both loaders share: batches per epoch, and one generator per (seed, epoch)."""
+    batch_size: int
+    drop_last: bool
+    num_samples: int
+    seed: int
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _epoch_generator(self, device) -> torch.Generator:
+        g = torch.Generator(device=device)
+        # Large odd multiplier so (seed, epoch) pairs don't collide for any sane epoch count;
+        # masked to the 64 bits manual_seed accepts (negative seeds allowed).
+        g.manual_seed((self.seed * 1_000_003 + self.epoch) & 0xFFFF_FFFF_FFFF_FFFF)
+        return g
+
+
+class BatchLoader(_EpochLoader):
     """Batches of a :class:`Split` made with tensor ops on ``device``.
 
     The split is moved to ``device`` once (uint8 stays uint8, so CIFAR-10 takes
@@ -358,20 +381,10 @@ class BatchLoader:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.batch_size, self.shuffle, self.augment, self.drop_last = batch_size, shuffle, augment, drop_last
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        n = len(self.y)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        self.seed, self.epoch, self.num_samples = seed, 0, len(self.y)
 
     def __iter__(self):
-        g = torch.Generator(device=self.device)
-        # Large odd multiplier so (seed, epoch) pairs don't collide for any sane epoch count;
-        # masked to the 64 bits manual_seed accepts (negative seeds allowed).
-        g.manual_seed((self.seed * 1_000_003 + self.epoch) & 0xFFFF_FFFF_FFFF_FFFF)
+        g = self._epoch_generator(self.device)
         n = len(self.y)
         if self.shuffle:
             order = torch.randperm(n, generator=g, device=self.device)
@@ -401,7 +414,7 @@ class BatchLoader:
         return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
 
 
-class TorchvisionLoader:
+class TorchvisionLoader(_EpochLoader):
     """The classic pipeline (`dataset.loader=torchvision`): a `torch.utils.data.DataLoader`
     with worker processes and torchvision transforms on PIL images (RandomCrop(padding=4),
     RandomHorizontalFlip, ToTensor, Normalize). Slower than :class:`BatchLoader`, kept for
@@ -419,18 +432,10 @@ class TorchvisionLoader:
         self.dataset = _TransformedSplit(split, transforms.Compose(steps + [transforms.Normalize(mean, std)]))
         self.device = torch.device(device)
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.num_workers, self.seed, self.epoch = num_workers, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        self.num_workers, self.seed, self.epoch, self.num_samples = num_workers, seed, 0, len(split.y)
 
     def __iter__(self):
-        g = torch.Generator()
-        g.manual_seed((self.seed * 1_000_003 + self.epoch) & 0xFFFF_FFFF_FFFF_FFFF)
+        g = self._epoch_generator(torch.device("cpu"))
         # the generator seeds both the order and every worker's transform RNG
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, shuffle=self.shuffle, drop_last=self.drop_last,
