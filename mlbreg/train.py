@@ -12,7 +12,6 @@ any step sees exactly the batches an uninterrupted run sees.
 """
 from __future__ import annotations
 
-import math
 import random
 import signal
 import time
@@ -28,10 +27,10 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed
 from .backends import make_backend
-from .config import identity, run_name, validate
+from .config import run_name, validate
 from .data import load_dataset, make_loader
 from .flops import dense_layer_flops
-from .methods import Method, build_method, method_class
+from .methods import build_method, method_class
 from .metrics import layer_stats, sparsity_summary
 from .models import create_model, prunable_modules
 from .rundir import CsvLog, RunDir
@@ -161,11 +160,11 @@ class FlopsAccount:
 
     def __init__(self, model: nn.Module, in_shape, device):
         per_layer = dense_layer_flops(model, in_shape)
-        self.weights = [mod.weight for name, mod in prunable_modules(model)]
-        names = [name for name, _ in prunable_modules(model)]
+        layers = prunable_modules(model)
+        self.weights = [mod.weight for _, mod in layers]
         self.f_dense = float(sum(per_layer.values()))
-        self.flops_per_weight = torch.tensor([per_layer[n] / mod.weight.numel() for n, (_, mod) in
-                                              zip(names, prunable_modules(model))], dtype=torch.float64, device=device)
+        self.flops_per_weight = torch.tensor([per_layer[name] / mod.weight.numel() for name, mod in layers],
+                                             dtype=torch.float64, device=device)
         self.total = torch.zeros((), dtype=torch.float64, device=device)      # FLOPs of this run
         self.sgd_total = torch.zeros((), dtype=torch.float64, device=device)  # 3·f_D per sample
         self.counts = {kind: 0 for kind in STEP_KINDS}

@@ -83,7 +83,7 @@ def main():
         results = bench_model(model, args.density, device, args.repeats, foreach)
         base = results[0][1]
         print(f"\n{model} ({sum(p.numel() for p in create_model(model, 10, (3, 32, 32)).parameters()) / 1e6:.1f}M params)")
-        print(f"| optimizer | ms/step | vs SGD |\n|---|---|---|")
+        print("| optimizer | ms/step | vs SGD |\n|---|---|---|")
         for label, ms in results:
             print(f"| {label} | {ms:.2f} | {ms / base:.2f}x |")
 

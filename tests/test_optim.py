@@ -228,22 +228,3 @@ def test_bad_arguments_name_the_value(bad):
         MLLinBreg([nn.Parameter(torch.zeros(2))], lr=0.1, **bad)
     assert str(list(bad.values())[0]) in str(err.value)
 
-
-def test_compact_coarse_l1_step_equals_masked_dense_step(monkeypatch):
-    """The l1 coarse step gathers S (cost ∝ |S|); it must agree with the masked dense update."""
-    nets = [tiny_net(), tiny_net()]
-    opts = [MLLinBreg(split_groups(net, reg="l1"), lr=0.2, lam=0.05, momentum=0.9, weight_decay=1e-3, m=4)
-            for net in nets]
-    data = batches(12)
-    run(nets[0], opts[0], data)
-
-    def masked(self, group):
-        self._step_group(group, self._support_masks)
-    monkeypatch.setattr(MLLinBreg, "_coarse_l1_group", masked)
-    run(nets[1], opts[1], data)
-    for pa, pb in zip(*(n.parameters() for n in nets)):
-        torch.testing.assert_close(pa, pb, rtol=1e-12, atol=1e-14)
-    for pa, pb in zip(*(n.parameters() for n in nets)):
-        for key in ("v", "momentum_buffer"):
-            if key in opts[0].state[pa]:
-                torch.testing.assert_close(opts[0].state[pa][key], opts[1].state[pb][key], rtol=1e-12, atol=1e-14)

@@ -92,9 +92,8 @@ def conv_eligible(conv: nn.Module) -> Optional[str]:
     """None if SparseProp computes this conv correctly, else why not (guards 4 and 6)."""
     if type(conv) is not nn.Conv2d:
         return "not a plain nn.Conv2d"
-    w = conv.weight
-    if w.dtype != torch.float32 or w.device.type != "cpu":
-        return f"weight is {w.dtype} on {w.device}; SparseProp is fp32 CPU only"
+    if _not_fp32_cpu(conv.weight):
+        return _not_fp32_cpu(conv.weight)
     if conv.groups != 1:
         return f"groups={conv.groups}"
     if tuple(conv.dilation) != (1, 1):
@@ -119,7 +118,10 @@ def conv_eligible(conv: nn.Module) -> Optional[str]:
 def linear_eligible(linear: nn.Module) -> Optional[str]:
     if type(linear) is not nn.Linear:
         return "not a plain nn.Linear"
-    w = linear.weight
+    return _not_fp32_cpu(linear.weight)
+
+
+def _not_fp32_cpu(w: torch.Tensor) -> Optional[str]:
     if w.dtype != torch.float32 or w.device.type != "cpu":
         return f"weight is {w.dtype} on {w.device}; SparseProp is fp32 CPU only"
     return None

@@ -22,7 +22,7 @@ updates only, and only plain numbers and strings in param groups so `state_dict(
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch.optim import Optimizer
@@ -86,59 +86,6 @@ def linbreg_update(
     else:
         for p, v in zip(params, duals):
             prox_(p, v, reg, lam, delta)
-
-
-def coarse_l1_update(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    duals: list[torch.Tensor],
-    bufs: list[Optional[torch.Tensor]],
-    indices: list[torch.Tensor],
-    *,
-    lr: float,
-    lam: float,
-    delta: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    foreach: bool,
-) -> None:
-    """A coarse ML LinBreg step for l1 on the coarse model itself: the support's entries
-    (flat `indices`) of g, b and v are gathered, updated with the same arithmetic as
-    `linbreg_update`, and scattered back; entries outside S are never read or written.
-    Its cost is proportional to the support's size, not to the dense tensor's."""
-    if not params:
-        return
-    flat_idx = list(zip((p.view(-1) for p in params), indices))
-    g_s = [g.view(-1).index_select(0, i) for g, i in zip(grads, indices)]
-    if weight_decay != 0:
-        theta_s = [p.index_select(0, i) for p, i in flat_idx]
-        g_s = torch._foreach_add(g_s, theta_s, alpha=weight_decay) if foreach else \
-            [g.add(t, alpha=weight_decay) for g, t in zip(g_s, theta_s)]
-    v_s = [v.view(-1).index_select(0, i) for v, i in zip(duals, indices)]
-    if momentum != 0:
-        b_s = [b.view(-1).index_select(0, i) for b, i in zip(bufs, indices)]
-        _momentum_update(g_s, b_s, None, momentum, dampening, foreach)
-        for b, i, bs in zip(bufs, indices, b_s):
-            b.view(-1).index_copy_(0, i, bs)
-        direction = b_s
-    else:
-        direction = g_s
-    if foreach:
-        torch._foreach_add_(v_s, direction, alpha=-lr)
-    else:
-        for v, d in zip(v_s, direction):
-            v.add_(d, alpha=-lr)
-    for v, i, vs in zip(duals, indices, v_s):
-        v.view(-1).index_copy_(0, i, vs)
-    for (p, i), vs in zip(flat_idx, v_s):
-        p.index_copy_(0, i, _soft_threshold(vs, lam, delta))
-
-
-def _soft_threshold(v: torch.Tensor, lam: float, delta: float) -> torch.Tensor:
-    """δ·shrink(v, λ) as a new tensor (one fused kernel)."""
-    out = torch.nn.functional.softshrink(v, lam) if lam != 0 else v.clone()
-    return out.mul_(delta) if delta != 1.0 else out
 
 
 def _momentum_update(grads, bufs, masks, momentum, dampening, foreach) -> None:
@@ -316,40 +263,10 @@ class MLLinBreg(LinBreg):
             for group in self.param_groups:
                 if group["reg"] == "none":
                     self._step_group(group)      # unregularized tensors are always updated
-                elif group["reg"] == "l1":
-                    self._coarse_l1_group(group)
                 else:
                     self._step_group(group, self._support_masks)
         self.steps_taken += 1
         return loss
-
-    def _coarse_l1_group(self, group) -> None:
-        """Coarse step of an l1 group on the gathered support (cost ∝ |S|, the CPU default).
-        The multi-tensor path (the CUDA default) and tensors that are not contiguous (e.g.
-        channels_last) take the masked dense update instead: on a GPU a handful of
-        multi-tensor kernels beat six small gather/scatter kernels per tensor."""
-        params, grads, duals, bufs = self._group_tensors(group)
-        if self._use_foreach(group, params):
-            self._step_group(group, self._support_masks)
-            return
-        flat = [k for k, p in enumerate(params) if p.is_contiguous() and p.grad.is_contiguous()]
-        other = [k for k in range(len(params)) if k not in set(flat)]
-        settings = dict(lr=group["lr"], lam=group["lam"], delta=group["delta"], momentum=group["momentum"],
-                        dampening=group["dampening"], weight_decay=group["weight_decay"],
-                        foreach=self._use_foreach(group, params))
-        pick = lambda seq, ks: [seq[k] for k in ks]  # noqa: E731
-        coarse_l1_update(pick(params, flat), pick(grads, flat), pick(duals, flat), pick(bufs, flat),
-                         [self._support_index(params[k]) for k in flat], **settings)
-        if other:
-            linbreg_update(pick(params, other), pick(grads, other), pick(duals, other), pick(bufs, other),
-                           self._support_masks(pick(params, other)), reg="l1", **settings)
-
-    def _support_index(self, p) -> torch.Tensor:
-        """Flat positions of S (the coarse model's coordinates), computed once per cycle."""
-        state = self.state[p]
-        if "support_index" not in state:
-            state["support_index"] = torch.nonzero(state["support"].reshape(-1)).squeeze(1)
-        return state["support_index"]
 
     def _refresh_support(self) -> None:
         for group in self.param_groups:
@@ -358,10 +275,9 @@ class MLLinBreg(LinBreg):
             for p in group["params"]:
                 if p.grad is not None:
                     self.state[p]["support"] = support(p.detach(), group["reg"])
-                    self.state[p].pop("support_index", None)  # recomputed when a coarse step needs it
 
     def _gradient_norms(self):
-        """(‖g‖², per-tensor g) before the step, for the adaptive criterion."""
+        """(reg, parameter, gradient) of every tensor before the step, for the adaptive criterion."""
         return [(group["reg"], p, p.grad.detach().clone()) for group in self.param_groups
                 for p in group["params"] if p.grad is not None]
 
@@ -398,10 +314,6 @@ class MLLinBreg(LinBreg):
         state_dict = dict(state_dict)
         ml = state_dict.pop("ml_linbreg", None)
         super().load_state_dict(state_dict)
-        # torch casts every loaded state tensor to its parameter's dtype: drop the integer
-        # support positions, they are rebuilt from the (0/1) support mask when needed
-        for state in self.state.values():
-            state.pop("support_index", None)
         if ml is not None:
             self.steps_taken = ml["steps_taken"]
             self.coarse_cycle = ml["coarse_cycle"]
