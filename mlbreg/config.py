@@ -26,7 +26,7 @@ SCHEDULERS = ("cosine", "constant")
 # Keys that change how a run is executed or where its data comes from, not its results:
 # they are left out of the run's identity so that e.g. a resumed run may use another device.
 NON_IDENTIFYING = ("resume", "device", "progress", "checkpoint_every", "output_root", "num_threads",
-                   "distributed", "stop_check_every", "compile",
+                   "distributed", "stop_check_every", "compile", "compile_optimizer",
                    "hydra", "dataset.root", "dataset.download", "dataset.num_workers", "eval_batch_size")
 
 
@@ -55,6 +55,8 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in valid:
             _fail(key, value, f"valid: {', '.join(valid)}")
+    if cfg.compile_optimizer not in ("auto", True, False):
+        _fail("compile_optimizer", cfg.compile_optimizer, "valid: auto, true, false")
     if _number(cfg, "lam") < 0:
         _fail("lam", cfg.lam, "must be >= 0")
     m = _number(cfg, "m")

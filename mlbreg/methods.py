@@ -72,9 +72,10 @@ class LinBregMethod(Method):
     """LinBreg: a full weight gradient every step, sparse weights (2·f_S + f_D per step)."""
     name = "linbreg"
 
-    def __init__(self, model, *, lr, lam, reg, delta, momentum, dampening, weight_decay=0.0, **_):
+    def __init__(self, model, *, lr, lam, reg, delta, momentum, dampening, weight_decay=0.0, compiled=False, **_):
         super().__init__(LinBreg(split_param_groups(model, reg, lam), lr=lr, lam=lam, reg=reg, delta=delta,
-                                 momentum=momentum, dampening=dampening, weight_decay=weight_decay))
+                                 momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                 compiled=compiled))
 
     def step_kind(self) -> str:
         return "full_grad"
@@ -85,10 +86,10 @@ class MLLinBregMethod(Method):
     name = "mllinbreg"
 
     def __init__(self, model, *, lr, lam, reg, delta, momentum, dampening, m, criterion="fixed",
-                 kappa=0.45, eps=1e-3, weight_decay=0.0, **_):
+                 kappa=0.45, eps=1e-3, weight_decay=0.0, compiled=False, **_):
         super().__init__(MLLinBreg(split_param_groups(model, reg, lam), lr=lr, lam=lam, reg=reg, delta=delta,
                                    momentum=momentum, dampening=dampening, weight_decay=weight_decay, m=m,
-                                   criterion=criterion, kappa=kappa, eps=eps))
+                                   criterion=criterion, kappa=kappa, eps=eps, compiled=compiled))
 
     def step_kind(self) -> str:
         return "full_grad" if self.optimizer.next_step_is_fine() else "sparse"

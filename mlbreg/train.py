@@ -102,7 +102,8 @@ def _settings(cfg: DictConfig, steps_per_epoch: int) -> dict[str, Any]:
     """Method settings: top-level keys plus the method group's own keys."""
     settings = dict(lr=cfg.lr, momentum=cfg.momentum, lam=cfg.lam, m=cfg.m, reg=cfg.regularizer.name,
                     sparsity=cfg.sparsity, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
-                    total_steps=cfg.epochs * steps_per_epoch)
+                    total_steps=cfg.epochs * steps_per_epoch,
+                    compiled={"auto": None, True: True, False: False}[cfg.compile_optimizer])
     settings.update({k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"})
     return settings
 

@@ -3,8 +3,9 @@
     python scripts/bench_optim.py [--models resnet18 wrn28_10] [--density 0.05] [--device cpu|cuda]
 
 Same run, same parameters (the model's), same random gradients; median of --repeats
-steps after warm-up. Prints milliseconds per step and the ratio to SGD (goal ≤ 1.3x,
-the memory-traffic ratio of the updates).
+steps after warm-up (which includes the compilation of the `compiled=True` rows: their
+update runs through torch.compile). Prints milliseconds per step and the ratio to SGD
+(goal ≤ 1.3x, the memory-traffic ratio of the updates).
 """
 from __future__ import annotations
 
@@ -51,19 +52,22 @@ def bench_model(name: str, density: float, device: torch.device, repeats: int, f
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=True)
     results.append(("SGD(foreach, momentum)", timed(sgd.step, device, repeats)))
 
-    model = fresh()
-    lb = LinBreg(split_param_groups(model, "l1", 1.0), lr=0.1, lam=1.0, momentum=0.9, foreach=foreach)
-    results.append(("LinBreg (l1)", timed(lb.step, device, repeats)))
+    for compiled in (False, True):
+        tag = ", compiled" if compiled else ""
+        kw = dict(lr=0.1, lam=1.0, momentum=0.9, foreach=foreach, compiled=compiled)
+        model = fresh()
+        lb = LinBreg(split_param_groups(model, "l1", 1.0), **kw)
+        results.append((f"LinBreg (l1){tag}", timed(lb.step, device, repeats)))
 
-    model = fresh()
-    # m = 1: every step is fine (a full LinBreg step + the support refresh)
-    ml_fine = MLLinBreg(split_param_groups(model, "l1", 1.0), lr=0.1, lam=1.0, momentum=0.9, m=1, foreach=foreach)
-    results.append(("ML LinBreg fine step", timed(ml_fine.step, device, repeats)))
+        model = fresh()
+        # m = 1: every step is fine (a full LinBreg step + the support refresh)
+        ml_fine = MLLinBreg(split_param_groups(model, "l1", 1.0), m=1, **kw)
+        results.append((f"ML LinBreg fine step{tag}", timed(ml_fine.step, device, repeats)))
 
-    model = fresh()
-    ml = MLLinBreg(split_param_groups(model, "l1", 1.0), lr=0.1, lam=1.0, momentum=0.9, m=10**9, foreach=foreach)
-    ml.step()  # the fine step that fixes the support; every later step is coarse
-    results.append((f"ML LinBreg coarse step (density {density})", timed(ml.step, device, repeats)))
+        model = fresh()
+        ml = MLLinBreg(split_param_groups(model, "l1", 1.0), m=10**9, **kw)
+        ml.step()  # the fine step that fixes the support; every later step is coarse
+        results.append((f"ML LinBreg coarse step (density {density}){tag}", timed(ml.step, device, repeats)))
     return results
 
 

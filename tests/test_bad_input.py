@@ -27,6 +27,7 @@ CASES = [
     (["backend=mkl"], ["backend='mkl'", "torch", "sparseprop"]),
     (["method=sgd", "backend=sparseprop"], ["backend='sparseprop'", "method=sgd", "backend=torch"]),
     (["backend=sparseprop", "compile=true"], ["compile=True", "torch layers only"]),
+    (["compile_optimizer=maybe"], ["compile_optimizer='maybe'", "auto, true, false"]),
     (["method.criterion=sometimes"], ["method.criterion='sometimes'", "fixed, adaptive"]),
     (["lam=abc"], ["lam='abc'", "must be a number"]),
     (["dataset=cifar10", "dataset.root=/nonexistent/data"],

@@ -128,10 +128,11 @@ def test_mllinbreg_m1_equals_linbreg(reg):
 
 
 @pytest.mark.parametrize("reg", ["l1", "group", "l1_group"])
-@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("foreach", [False, True, "compiled"])
 def test_coarse_steps_never_touch_state_outside_support(reg, foreach):
     net = tiny_net()
-    opt = MLLinBreg(split_groups(net, reg=reg), lr=0.5, lam=0.1, momentum=0.9, m=5, foreach=foreach)
+    path = dict(foreach=True, compiled=True) if foreach == "compiled" else dict(foreach=foreach)
+    opt = MLLinBreg(split_groups(net, reg=reg), lr=0.5, lam=0.1, momentum=0.9, m=5, **path)
     weights = [net[0].weight, net[3].weight]
     data = batches(15)
     saw_coarse = 0
@@ -228,3 +229,85 @@ def test_bad_arguments_name_the_value(bad):
         MLLinBreg([nn.Parameter(torch.zeros(2))], lr=0.1, **bad)
     assert str(list(bad.values())[0]) in str(err.value)
 
+
+
+# -- the torch.compile'd update (compiled=True): the same math, fused ----------------------
+def _lockstep(opts, nets, data, lr_of_step):
+    """Train several (optimizer, net) pairs on the same batches, changing lr every step."""
+    for k, (x, y) in enumerate(data):
+        for net, opt in zip(nets, opts):
+            for group in opt.param_groups:
+                group["lr"] = lr_of_step(k)
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+
+
+@pytest.mark.parametrize("reg", ["l1", "group", "l1_group"])
+@pytest.mark.parametrize("momentum,dampening,wd,delta", [(0.9, 0.0, 0.0, 1.0), (0.0, 0.0, 5e-4, 2.0),
+                                                        (0.5, 0.1, 0.0, 0.5)])
+def test_compiled_update_equals_eager_without_recompiling(reg, momentum, dampening, wd, delta):
+    from torch._dynamo.utils import counters
+    nets = [tiny_net(torch.float32), tiny_net(torch.float32)]
+    opts = [MLLinBreg(split_groups(net, reg=reg), lr=0.2, lam=0.05, delta=delta, momentum=momentum,
+                      dampening=dampening, weight_decay=wd, m=4, foreach=True, compiled=c)
+            for net, c in zip(nets, (False, True))]
+    graphs_before = counters["stats"]["unique_graphs"]
+    _lockstep(opts, nets, batches(13, torch.float32), lambda k: 0.2 * (1 - k / 13))
+    graphs = counters["stats"]["unique_graphs"] - graphs_before
+    # variants: regularized fine (without / with the support written in place), coarse,
+    # unregularized; a new lr every step must not add graphs
+    assert 1 <= graphs <= 4
+    for pa, pb in zip(*(n.parameters() for n in nets)):
+        torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
+    for wa, wb in zip(opts[0].param_groups[0]["params"], opts[1].param_groups[0]["params"]):
+        for key in ("v", "momentum_buffer", "support"):
+            if key in opts[0].state[wa]:
+                torch.testing.assert_close(opts[1].state[wb][key], opts[0].state[wa][key], rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_linbreg_lam0_delta1_follows_sgd():
+    net_a, net_b = tiny_net(torch.float32), tiny_net(torch.float32)
+    sgd = torch.optim.SGD(net_a.parameters(), lr=0.1, momentum=0.9)
+    lb = LinBreg(net_b.parameters(), lr=0.1, lam=0.0, momentum=0.9, compiled=True)
+    _lockstep([sgd, lb], [net_a, net_b], batches(8, torch.float32), lambda k: 0.1 / (k + 1))
+    assert lb._compiled_update is not None
+    for pa, pb in zip(net_a.parameters(), net_b.parameters()):
+        torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_auto_stays_eager_on_cpu():
+    nets = [tiny_net(), tiny_net()]
+    opts = [MLLinBreg(split_groups(net, reg="l1"), lr=0.1, lam=0.05, momentum=0.9, m=3, compiled=c)
+            for net, c in zip(nets, (False, None))]
+    _lockstep(opts, nets, batches(6), lambda k: 0.1)
+    assert opts[1]._compiled_update is None          # auto compiles CUDA tensors only
+    for pa, pb in zip(*(n.parameters() for n in nets)):
+        assert torch.equal(pa, pb)
+
+
+def test_compile_failure_in_auto_mode_falls_back_to_the_eager_update(monkeypatch):
+    def broken(*args, **kwargs):
+        raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("no triton"), None)
+    nets = [tiny_net(), tiny_net()]
+    opts = [MLLinBreg(split_groups(net, reg="l1"), lr=0.1, lam=0.05, momentum=0.9, m=3, compiled=c)
+            for net, c in zip(nets, (False, None))]
+    # stand in for a CUDA machine whose Triton cannot compile: auto mode tries, then falls back
+    monkeypatch.setattr(opts[1], "_compiled", lambda: broken)
+    monkeypatch.setattr(opts[1], "_use_compiled", lambda group, params, bufs: opts[1].compiled is not False
+                        and all(b is not None for b in bufs))
+    with pytest.warns(RuntimeWarning, match="compiling the LinBreg update failed"):
+        _lockstep(opts, nets, batches(6), lambda k: 0.1)
+    assert opts[1].compiled is False
+    for pa, pb in zip(*(n.parameters() for n in nets)):
+        assert torch.equal(pa, pb)                    # the failed attempt changed nothing
+    net = tiny_net()
+    forced = MLLinBreg(split_groups(net, reg="l1"), lr=0.1, momentum=0.0, compiled=True)
+    monkeypatch.setattr(forced, "_compiled", lambda: broken)
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):
+        run(net, forced, batches(1))                  # compiled=True: the error reaches the user
+
+
+def test_bad_compiled_value_names_it():
+    with pytest.raises(ValueError, match="compiled='yes'"):
+        LinBreg(tiny_net().parameters(), lr=0.1, compiled="yes")

@@ -114,6 +114,16 @@ def test_channels_last_gives_the_same_run(tmp_path):
     pd.testing.assert_frame_equal(a[cols], b[cols], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["mllinbreg", "linbreg"])
+def test_compiled_optimizer_gives_the_same_run(tmp_path, method):
+    """compile_optimizer=true: the LinBreg update through torch.compile, the same numbers."""
+    _, _, a = run(tmp_path / "a", f"method={method}", "epochs=3", "m=5", "backend=torch", "compile_optimizer=false")
+    _, _, b = run(tmp_path / "b", f"method={method}", "epochs=3", "m=5", "backend=torch", "compile_optimizer=true")
+    cols = ["train_loss", "test_acc_pct", "sparsity_pct", "train_flops_vs_sgd"]
+    pd.testing.assert_frame_equal(a[cols], b[cols], rtol=1e-4, atol=1e-4)
+    assert a.sparsity_pct.iloc[-1] > 50
+
+
 @pytest.mark.slow
 def test_compiled_forward_gives_the_same_run(tmp_path):
     """compile=true (torch.compile of the forward; ~40 s of compilation on CPU)."""

@@ -40,7 +40,7 @@ def _group_dims(x: torch.Tensor) -> tuple[int, ...]:
 
 def group_size(x: torch.Tensor) -> int:
     """n_g: the number of entries in one group of this tensor."""
-    return math.prod(x.shape[d] for d in _group_dims(x))
+    return math.prod([x.shape[d] for d in _group_dims(x)])   # a list: torch.compile traces it
 
 
 def group_norms(x: torch.Tensor) -> torch.Tensor:
