@@ -29,10 +29,10 @@ from . import __version__, distributed
 from .backends import make_backend
 from .config import run_name, validate
 from .data import load_dataset, make_loader
-from .flops import dense_layer_flops
+from .flops import FlopsAccount
 from .methods import build_method, method_class
 from .metrics import layer_stats, sparsity_summary
-from .models import create_model, prunable_modules
+from .models import create_model
 from .rundir import CsvLog, RunDir
 from .sparsity import sparse_init_
 
@@ -43,7 +43,6 @@ METRIC_COLUMNS = [
     "epoch_s", "forward_s", "backward_s", "optimizer_s", "swap_s", "eval_s",
 ]
 LAYER_COLUMNS = ["epoch", "layer", "kind", "shape", "numel", "nonzeros", "density", "kernels", "zero_kernels"]
-STEP_KINDS = ("dense", "full_grad", "sparse")
 
 
 class _StopRequest:
@@ -151,49 +150,6 @@ def evaluate(model: nn.Module, loader) -> tuple[float, float]:
         count += y.numel()
     model.train(was_training)
     return loss_sum.item() / count, 100.0 * correct.item() / count
-
-
-class FlopsAccount:
-    """Training FLOPs of the steps actually taken (algorithms.md §6), kept on the device.
-
-    Per step and sample: dense 3·f_D, full_grad 2·f_S + f_D, sparse 3·f_S, where
-    f_S = Σ_l density_l·f_D,l with the densities of the weights used in that step."""
-
-    def __init__(self, model: nn.Module, in_shape, device):
-        per_layer = dense_layer_flops(model, in_shape)
-        layers = prunable_modules(model)
-        self.weights = [mod.weight for _, mod in layers]
-        self.f_dense = float(sum(per_layer.values()))
-        self.flops_per_weight = torch.tensor([per_layer[name] / mod.weight.numel() for name, mod in layers],
-                                             dtype=torch.float64, device=device)
-        self.total = torch.zeros((), dtype=torch.float64, device=device)      # FLOPs of this run
-        self.sgd_total = torch.zeros((), dtype=torch.float64, device=device)  # 3·f_D per sample
-        self.counts = {kind: 0 for kind in STEP_KINDS}
-
-    def f_sparse(self) -> torch.Tensor:
-        # ‖sign(w)‖₁ counts the non-zeros with two multi-tensor kernels (exact in fp32 below
-        # 2^24 per layer), instead of a reduction launched per layer
-        nnz = torch.stack(torch._foreach_norm(torch._foreach_sign([w.detach() for w in self.weights]), 1))
-        nnz = nnz.to(torch.float64)
-        return (nnz * self.flops_per_weight).sum()
-
-    def add_step(self, kind: str, batch: int) -> None:
-        self.counts[kind] += 1
-        if kind == "dense":
-            self.total += 3 * self.f_dense * batch
-        elif kind == "full_grad":
-            self.total += (2 * self.f_sparse() + self.f_dense) * batch
-        else:
-            self.total += 3 * self.f_sparse() * batch
-        self.sgd_total += 3 * self.f_dense * batch
-
-    def state_dict(self):
-        return dict(total=self.total.item(), sgd_total=self.sgd_total.item(), counts=dict(self.counts))
-
-    def load_state_dict(self, state):
-        self.total.fill_(state["total"])
-        self.sgd_total.fill_(state["sgd_total"])
-        self.counts = dict(state["counts"])
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
@@ -400,6 +356,7 @@ class Trainer:
         layers = layer_stats(self.model)
         sparsity = sparsity_summary(self.model, layers)
         f_sparse = flops.f_sparse().item()
+        total_flops = flops.total()
         pos["epoch"], pos["batch"] = epoch + 1, 0
         times = acc["times"]
         row = dict(epoch=epoch + 1, step=pos["step"], lr=self.scheduler.get_last_lr()[0],
@@ -407,8 +364,7 @@ class Trainer:
                    train_acc_pct=100.0 * acc["correct"].item() / acc["seen"],
                    test_loss=test_loss, test_acc_pct=test_acc, **sparsity,
                    fine_steps=flops.counts["full_grad"] + flops.counts["dense"], coarse_steps=flops.counts["sparse"],
-                   train_gflops=flops.total.item() / 1e9,
-                   train_flops_vs_sgd=flops.total.item() / flops.sgd_total.item(),
+                   train_gflops=total_flops / 1e9, train_flops_vs_sgd=total_flops / flops.sgd_total(),
                    inference_flops_vs_dense=f_sparse / flops.f_dense, epoch_s=acc["epoch_s"],
                    forward_s=times["fwd"], backward_s=times["bwd"], optimizer_s=times["opt"], swap_s=times["swap"],
                    eval_s=time.perf_counter() - t_eval)

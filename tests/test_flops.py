@@ -89,3 +89,27 @@ def test_step_flops():
     assert "'bogus'" in str(e.value)
     for kind in ("dense", "full_grad", "sparse"):
         assert kind in str(e.value)
+
+
+def test_flops_account_hand_case_resume_and_older_checkpoints():
+    from mlbreg.flops import FlopsAccount
+    model = nn.Sequential(nn.Linear(4, 3, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0, 0, 2], [0, 0, 0, 0], [3, 0, 0, 0]]))  # 3 of 12 non-zero
+    acc = FlopsAccount(model, (4,), "cpu")
+    f_dense, f_sparse = 2 * 4 * 3, 2 * 3        # a multiply-add is 2 FLOPs
+    acc.add_step("dense", 2)
+    acc.add_step("full_grad", 2)
+    acc.add_step("sparse", 3)
+    assert acc.total() == 3 * f_dense * 2 + (2 * f_sparse + f_dense) * 2 + 3 * f_sparse * 3
+    assert acc.sgd_total() == 3 * f_dense * 7
+    resumed = FlopsAccount(model, (4,), "cpu")
+    resumed.load_state_dict(acc.state_dict())
+    for a in (acc, resumed):
+        a.add_step("sparse", 5)
+    assert resumed.total() == acc.total() and resumed.sgd_total() == acc.sgd_total()
+    assert resumed.counts == acc.counts == {"dense": 1, "full_grad": 1, "sparse": 2}
+    older = FlopsAccount(model, (4,), "cpu")    # checkpoints that kept folded totals only
+    older.load_state_dict(dict(total=100.0, sgd_total=400.0, counts={"dense": 4, "full_grad": 0, "sparse": 0}))
+    older.add_step("dense", 1)
+    assert older.total() == 100.0 + 3 * f_dense and older.sgd_total() == 400.0 + 3 * f_dense
