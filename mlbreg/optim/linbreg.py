@@ -245,9 +245,9 @@ class LinBreg(Optimizer):
         masks = masks_for(params) if masks_for is not None else None
         support_out = None
         if refresh_support and group["reg"] in ("l1", "l1_group"):
-            old = [self.state[p].get("support") for p in params]
-            if all(s is not None and s.shape == p.shape and s.dtype == p.dtype for s, p in zip(old, params)):
-                support_out = old   # elementwise support: written in place by the update
+            # elementwise support: the update writes it in place (created at the first fine step)
+            support_out = [self.state[p].setdefault("support", torch.empty_like(p, memory_format=torch.preserve_format))
+                           for p in params]
         settings = dict(reg=group["reg"], lam=group["lam"], delta=group["delta"], momentum=group["momentum"],
                         dampening=group["dampening"], weight_decay=group["weight_decay"])
         done = False
