@@ -243,17 +243,23 @@ def _lockstep(opts, nets, data, lr_of_step):
             opt.step()
 
 
+# CUDA runs these too where it exists (Triton kernels instead of C++)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reg", ["l1", "group", "l1_group"])
 @pytest.mark.parametrize("momentum,dampening,wd,delta", [(0.9, 0.0, 0.0, 1.0), (0.0, 0.0, 5e-4, 2.0),
                                                         (0.5, 0.1, 0.0, 0.5)])
-def test_compiled_update_equals_eager_without_recompiling(reg, momentum, dampening, wd, delta):
+def test_compiled_update_equals_eager_without_recompiling(reg, momentum, dampening, wd, delta, device):
     from torch._dynamo.utils import counters
-    nets = [tiny_net(torch.float32), tiny_net(torch.float32)]
+    nets = [tiny_net(torch.float32).to(device), tiny_net(torch.float32).to(device)]
     opts = [MLLinBreg(split_groups(net, reg=reg), lr=0.2, lam=0.05, delta=delta, momentum=momentum,
                       dampening=dampening, weight_decay=wd, m=4, foreach=True, compiled=c)
             for net, c in zip(nets, (False, True))]
     graphs_before = counters["stats"]["unique_graphs"]
-    _lockstep(opts, nets, batches(13, torch.float32), lambda k: 0.2 * (1 - k / 13))
+    data = [(x.to(device), y.to(device)) for x, y in batches(13, torch.float32)]
+    _lockstep(opts, nets, data, lambda k: 0.2 * (1 - k / 13))
     graphs = counters["stats"]["unique_graphs"] - graphs_before
     # variants: regularized fine (the support written in place), regularized coarse,
     # unregularized; a new lr every step must not add graphs
@@ -274,6 +280,14 @@ def test_compiled_linbreg_lam0_delta1_follows_sgd():
     assert lb._compiled_update is not None
     for pa, pb in zip(net_a.parameters(), net_b.parameters()):
         torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_auto_compiles_on_cuda():
+    net = tiny_net(torch.float32).cuda()
+    opt = MLLinBreg(split_groups(net, reg="l1"), lr=0.1, lam=0.05, momentum=0.9, m=3, compiled=None)
+    run(net, opt, [(x.cuda(), y.cuda()) for x, y in batches(4, torch.float32)])
+    assert opt._compiled_update is not None and opt.compiled is None   # compiled, no fallback
 
 
 def test_compiled_auto_stays_eager_on_cpu():
