@@ -246,8 +246,10 @@ class LinBreg(Optimizer):
         support_out = None
         if refresh_support and group["reg"] in ("l1", "l1_group"):
             # elementwise support: the update writes it in place (created at the first fine step)
-            support_out = [self.state[p].setdefault("support", torch.empty_like(p, memory_format=torch.preserve_format))
-                           for p in params]
+            for p in params:
+                if "support" not in self.state[p]:
+                    self.state[p]["support"] = torch.empty_like(p, memory_format=torch.preserve_format)
+            support_out = [self.state[p]["support"] for p in params]
         settings = dict(reg=group["reg"], lam=group["lam"], delta=group["delta"], momentum=group["momentum"],
                         dampening=group["dampening"], weight_decay=group["weight_decay"])
         done = False
