@@ -131,3 +131,44 @@ def test_compiled_forward_gives_the_same_run(tmp_path):
     _, _, b = run(tmp_path / "b", "model=convnet", "epochs=2", "m=5", "backend=torch", "compile=true")
     cols = ["train_loss", "test_acc_pct", "sparsity_pct"]
     pd.testing.assert_frame_equal(a[cols], b[cols], rtol=1e-3, atol=1e-3)
+
+
+class _StrictLoader:
+    """Wraps the training loader: from the second epoch on (every compiled variant exists
+    by then), the body of each training step runs with CUDA's sync debug mode on "error",
+    so any host-device synchronization inside a step raises."""
+
+    def __init__(self, loader):
+        self.loader, self.epoch = loader, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.loader.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        strict = self.epoch >= 1
+        for batch in self.loader:
+            if strict:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                yield batch          # the loop body, one training step, runs here
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["mllinbreg", "linbreg", "sgd"])
+def test_cuda_training_steps_never_synchronize(tmp_path, monkeypatch, method):
+    import mlbreg.train as train_module
+    real = train_module.make_loader
+
+    def make_loader(**kwargs):
+        loader = real(**kwargs)
+        return _StrictLoader(loader) if kwargs["shuffle"] else loader
+
+    monkeypatch.setattr(train_module, "make_loader", make_loader)
+    _, outcome, metrics = run(tmp_path, "device=cuda", f"method={method}", "epochs=3", "m=5", "lam=0.1")
+    assert outcome["status"] == "finished" and len(metrics) == 3
