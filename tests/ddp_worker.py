@@ -1,10 +1,15 @@
-"""Run one training under torchrun and save this rank's final state (for test_distributed)."""
+"""Run one training under torchrun and save this rank's final state (for test_distributed).
+
+MLBREG_TEST_SIGNAL_AT_STEP=N: rank 0 sends itself SIGTERM while step N runs (fault injection)."""
+import os
+import signal
 import sys
 
 import torch
 import torch.distributed as dist
 
 from conftest import make_cfg
+from mlbreg.flops import FlopsAccount
 from mlbreg.train import Trainer, train
 
 out_dir = sys.argv[1]
@@ -21,7 +26,20 @@ def run_and_keep(self):
 
 
 Trainer.run = run_and_keep
+signal_at = int(os.environ.get("MLBREG_TEST_SIGNAL_AT_STEP", 0)) if os.environ.get("RANK", "0") == "0" else 0
+add_step, steps = FlopsAccount.add_step, []
+
+
+def add_step_counted(self, kind, batch):
+    steps.append(kind)
+    if len(steps) == signal_at:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return add_step(self, kind, batch)
+
+
+FlopsAccount.add_step = add_step_counted
 train(make_cfg(*overrides), out_dir + "/run")
+captured["steps_trained"] = len(steps)   # by this process (a resumed run trains the rest only)
 rank = dist.get_rank() if dist.is_initialized() else 0
 torch.save(captured, f"{out_dir}/rank{rank}.pt")
 if dist.is_initialized():

@@ -1,9 +1,11 @@
 """DDP on CPU (gloo, 2 processes) equals one process with the same global batch."""
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -14,8 +16,8 @@ if (ROOT / "conf/method/rigl.yaml").exists():
     CASES.append(["method=rigl", "sparsity=0.9", "method.delta_t=5"])
 
 
-def worker(out: Path, *args, nproc: int = 1):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def worker(out: Path, *args, nproc: int = 1, **env_vars):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env_vars)
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                 "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0"] if nproc > 1 \
         else [sys.executable]
@@ -47,3 +49,25 @@ def test_ddp_two_ranks_match_one_process(tmp_path, case):
     # only rank 0 wrote the run's files, once
     metrics = (tmp_path / "ddp" / "run" / "metrics.csv").read_text().splitlines()
     assert len(metrics) == 3
+
+
+def test_ddp_run_stopped_by_a_signal_resumes_to_the_same_result(tmp_path):
+    common = ["model=mlp", "epochs=2", "batch_size=128", "method=mllinbreg", "m=5", "distributed=true",
+              "stop_check_every=4"]
+    worker(tmp_path / "ref", *common, nproc=2)
+    # rank 0 alone gets SIGTERM during step 6; the ranks agree at step 8 (a multiple of 4)
+    worker(tmp_path / "cut", *common, nproc=2, MLBREG_TEST_SIGNAL_AT_STEP="6")
+    status = json.loads((tmp_path / "cut" / "run" / "status.json").read_text())
+    assert status["status"] == "interrupted" and status["step"] == 8
+    cut = [torch.load(tmp_path / "cut" / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for key, value in cut[0]["model"].items():
+        assert torch.equal(cut[1]["model"][key], value)        # both ranks stopped at the same step
+    worker(tmp_path / "cut", *common, nproc=2)                 # the rerun resumes inside epoch 1
+    assert json.loads((tmp_path / "cut" / "run" / "status.json").read_text())["status"] == "finished"
+    ref, resumed = (torch.load(tmp_path / d / "rank0.pt", weights_only=False) for d in ("ref", "cut"))
+    assert ref["steps_trained"] == 24 and resumed["steps_trained"] == 24 - 8   # 12 steps per epoch
+    for key, value in ref["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=1e-6, atol=1e-7)
+    rows = [pd.read_csv(tmp_path / d / "run" / "metrics.csv") for d in ("ref", "cut")]
+    cols = ["epoch", "step", "train_loss", "train_acc_pct", "test_acc_pct", "sparsity_pct", "train_flops_vs_sgd"]
+    pd.testing.assert_frame_equal(rows[1][cols], rows[0][cols], rtol=1e-6, atol=1e-7)
