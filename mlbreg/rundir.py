@@ -106,7 +106,8 @@ class RunDir:
     def write_status(self, status: str, **info: Any) -> None:
         assert status in STATUSES, status
         self.path.mkdir(parents=True, exist_ok=True)
-        data = dict(status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%S"), **info)
+        # UTC with the zone written out: runs of a sweep may finish on machines in other zones
+        data = dict(status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info)
         _atomic_write_bytes(self.path / "status.json", lambda f: f.write(json.dumps(data, indent=1).encode()))
 
     # -- checkpoints -------------------------------------------------------------------
