@@ -258,7 +258,7 @@ class LinBreg(Optimizer):
             try:
                 self._compiled()(params, grads, duals, bufs, masks, support_out, lr=lr, foreach=True, **settings)
                 done = True
-            except torch._dynamo.exc.TorchDynamoException as err:
+            except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as err:
                 # compilation fails before the graph runs, so nothing was updated yet
                 if self.compiled is not None:
                     raise
