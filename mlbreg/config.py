@@ -29,6 +29,12 @@ NON_IDENTIFYING = ("resume", "device", "progress", "checkpoint_every", "output_r
                    "distributed", "stop_check_every", "compile", "compile_optimizer",
                    "hydra", "dataset.root", "dataset.download", "dataset.num_workers", "eval_batch_size")
 
+# Identifying keys added after runs already existed, with the default they were added with.
+# A run that leaves such a key at that default keeps the name it had before the key
+# existed, so upgrading mlbreg mid-sweep still skips and resumes the sweep's runs. A new
+# identifying key whose default keeps the old behaviour belongs here.
+LATER_KEYS: dict[str, Any] = {}
+
 
 class ConfigError(ValueError):
     """An invalid configuration value (raised before anything runs)."""
@@ -143,13 +149,15 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
             continue
         node = cfg._get_node(key)
         data[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else cfg[key]
-    for key in NON_IDENTIFYING:
+    for key in (*NON_IDENTIFYING, *LATER_KEYS):
         parts = key.split(".")
         node = data
         for part in parts[:-1]:
             node = node.get(part, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(parts[-1], None)
+        if not isinstance(node, dict) or parts[-1] not in node:
+            continue
+        if key in NON_IDENTIFYING or node[parts[-1]] == LATER_KEYS[key]:
+            del node[parts[-1]]
     return data
 
 

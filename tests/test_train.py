@@ -87,6 +87,15 @@ def test_run_name_is_determined_by_the_identifying_config():
     assert run_name(a).startswith("digits/mlp/mllinbreg/l1-lam0.1_m100_uniform0.01_seed1_")
 
 
+def test_a_key_added_later_keeps_old_run_names_at_its_default(monkeypatch):
+    import mlbreg.config as config
+    before = run_name(make_cfg("lam=0.1"))       # a config tree without the new keys
+    monkeypatch.setattr(config, "LATER_KEYS", {"new_knob": 0.5, "method.new_option": "off"})
+    assert run_name(make_cfg("lam=0.1", "+new_knob=0.5", "+method.new_option=off")) == before
+    assert run_name(make_cfg("lam=0.1", "+new_knob=0.7", "+method.new_option=off")) != before
+    assert run_name(make_cfg("lam=0.1", "+new_knob=0.5", "+method.new_option=on")) != before
+
+
 def test_same_seed_same_numbers(tmp_path):
     _, _, a = run(tmp_path / "a", "epochs=4", "model=convnet", "backend=torch")
     _, _, b = run(tmp_path / "b", "epochs=4", "model=convnet", "backend=torch")
