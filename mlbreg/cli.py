@@ -34,12 +34,13 @@ def config_dir() -> str:
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
-    from .config import run_name, validate
+    from .config import check_data, run_name, validate
 
     def _run_name(*, _root_):
-        # Hydra resolves the run dir before it creates it: checking the config here makes
-        # a bad value fail before any file or directory is written.
+        # Hydra resolves the run dir before it creates it: checking the config (and that
+        # the data is there) here makes bad input fail before anything is written.
         validate(_root_)
+        check_data(_root_)
         return run_name(_root_)
 
     if not OmegaConf.has_resolver("mlbreg_run_name"):
@@ -94,9 +95,26 @@ def _user_error(err: BaseException) -> str | None:
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, user_errors):
-            return str(err)
+            return _unknown_key(str(err)) or str(err)
         err = err.__cause__ or err.__context__
     return None
+
+
+def _unknown_key(message: str) -> str | None:
+    """Hydra's answer to a mistyped key (`lamda=0.1`) advises `+lamda=0.1`, which would
+    train with the default λ: name the key and the likely intended one instead."""
+    import re
+
+    from .config import GROUPS, known_keys, unknown_key_message
+    match = re.match(r"Could not override '([\w.]+)'", message)
+    if not match:
+        return None
+    key = match.group(1)
+    group, _, name = key.rpartition(".")
+    valid = known_keys() if not group else known_keys(group, None) if group in GROUPS else None
+    if valid is None or name in valid:
+        return None
+    return unknown_key_message(key, valid)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,19 +8,23 @@ never reuses a directory.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from .backends import BACKENDS
-from .data import DATASETS
+from .data import DATASETS, DataNotFoundError, missing_data
 from .methods import METHODS
 from .models import list_models
 from .optim.regularizers import REGULARIZERS
 from .sparsity import SCHEMES
 
+GROUPS = ("dataset", "model", "method", "regularizer", "init")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULERS = ("cosine", "constant")
 # Keys that change how a run is executed or where its data comes from, not its results:
@@ -44,6 +48,50 @@ def _fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"invalid {key}={value!r}: {allowed}")
 
 
+@lru_cache(maxsize=None)
+def known_keys(group: str | None = None, option: str | None = None) -> tuple[str, ...]:
+    """The keys a config may have: top-level (group None) from conf/train.yaml plus the
+    groups, or those of one group option (conf/<group>/<option>.yaml; all options of the
+    group when that file does not exist)."""
+    from .cli import config_dir  # cli.py imports nothing heavy
+    conf = Path(config_dir())
+    if group is None:
+        files, extra = [conf / "train.yaml"], {*GROUPS, "hydra"}
+    else:
+        files, extra = [conf / group / f"{option}.yaml"], set()
+        if not files[0].exists():
+            files = sorted((conf / group).glob("*.yaml"))
+    keys = set(extra)
+    for f in files:
+        keys |= {k for k in OmegaConf.to_container(OmegaConf.load(f)) or {} if k != "defaults"}
+    return tuple(sorted(keys))
+
+
+def unknown_key_message(key: str, valid: tuple[str, ...]) -> str:
+    """'unknown key X; did you mean Y?' with the valid keys (for typos like lamda=0.1)."""
+    name = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f"; did you mean {key[: len(key) - len(name)]}{close[0]}?" if close else ""
+    return f"unknown key {key!r}{hint} valid: {', '.join(valid)}"
+
+
+def _check_keys(cfg: DictConfig) -> None:
+    # Hydra refuses `lamda=0.1` but accepts `+lamda=0.1`, which would train with the
+    # default λ and put the stray key into the run's name: refuse unknown keys here
+    valid = known_keys()
+    for key in cfg.keys():
+        if key not in valid:
+            raise ConfigError(unknown_key_message(str(key), valid))
+    for group in GROUPS:
+        node = OmegaConf.select(cfg, group)
+        if not OmegaConf.is_dict(node):
+            continue
+        valid = known_keys(group, node.get("name"))
+        for key in node.keys():
+            if key not in valid:
+                raise ConfigError(unknown_key_message(f"{group}.{key}", valid))
+
+
 def _number(cfg, key: str):
     value = OmegaConf.select(cfg, key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -53,6 +101,7 @@ def _number(cfg, key: str):
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for the first invalid value."""
+    _check_keys(cfg)
     choices = {"dataset.name": DATASETS, "model.name": tuple(list_models()), "method.name": METHODS,
                "regularizer.name": tuple(r for r in REGULARIZERS if r != "none"), "init.scheme": SCHEMES,
                "device": DEVICES, "scheduler": SCHEDULERS, "backend": BACKENDS,
@@ -88,7 +137,12 @@ def validate(cfg: DictConfig) -> None:
     method = cfg.method.name
     sparsity = OmegaConf.select(cfg, "sparsity")
     if method in ("rigl", "prune_finetune") and sparsity is None:
-        _fail("sparsity", sparsity, f"method={method} needs a target sparsity in (0, 1), e.g. sparsity=0.9")
+        raise ConfigError(f"invalid sparsity=null: method={method} needs a target sparsity in (0, 1), "
+                          "e.g. sparsity=0.9")
+    if method not in ("rigl", "prune_finetune") and sparsity is not None:
+        # it would change nothing but the run's name: say so instead
+        _fail("sparsity", sparsity, f"method={method} does not use a target sparsity (rigl and prune_finetune "
+              "do; ML LinBreg's and LinBreg's sparsity follows from lam); leave sparsity unset")
     if sparsity is not None and not 0 < _number(cfg, "sparsity") < 1:
         _fail("sparsity", sparsity, "must be in (0, 1) (the fraction of prunable weights that are zero)")
     if "weight_decay" in cfg.method and _number(cfg, "method.weight_decay") < 0:
@@ -121,6 +175,15 @@ def validate(cfg: DictConfig) -> None:
         import torch
         if not torch.cuda.is_available():
             _fail("device", "cuda", "CUDA is not available on this machine; use device=cpu or device=auto")
+
+
+def check_data(cfg: DictConfig) -> None:
+    """Raise DataNotFoundError, saying what to put where, if the data set's files are
+    missing (and not to be downloaded): before a run directory is created."""
+    missing = missing_data(cfg.dataset.name, OmegaConf.select(cfg, "dataset.root") or "data",
+                           bool(OmegaConf.select(cfg, "dataset.download")))
+    if missing:
+        raise DataNotFoundError(missing)
 
 
 def _check_sparseprop(cfg: DictConfig) -> None:

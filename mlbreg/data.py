@@ -85,6 +85,63 @@ def load_dataset(name: str, root: str = "data", download: bool = False, **option
     return loader(root=os.fspath(root), download=download, **options)
 
 
+def missing_data(name: str, root: str, download: bool = False) -> str | None:
+    """What to put where, if dataset `name`'s files are not under `root`; None when they
+    are there (or will be downloaded, or the data set is generated or bundled). Cheap: it
+    only looks for files, so the config check runs it before a run directory exists."""
+    if download or name not in _EXPECTED:
+        return None
+    return _EXPECTED[name](os.fspath(root))
+
+
+_DOWNLOAD_HINT = "or set dataset.download=true (download=True in Python)."
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                "t10k-labels-idx1-ubyte")
+_CIFAR_FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")
+
+
+def _cifar10_message(root: str, missing_only: bool = True) -> str | None:
+    base = Path(root) / "cifar-10-batches-py"
+    if missing_only and all((base / f).exists() for f in _CIFAR_FILES):
+        return None
+    return (f"CIFAR-10 not found or corrupted: expected {_abs(root)}/cifar-10-batches-py/"
+            f"{{data_batch_1..5,test_batch,batches.meta}} (the python version). Download {CIFAR10_URL} "
+            f"and extract it into {_abs(root)}, {_DOWNLOAD_HINT}")
+
+
+def _mnist_like_message(name: str, root: str, missing_only: bool = True) -> str | None:
+    folder = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[name]
+    raw = Path(root) / folder / "raw"
+    if missing_only and all((raw / f).exists() for f in _MNIST_FILES):
+        return None
+    return (f"{folder} not found: expected the unzipped idx files {_abs(root)}/{folder}/raw/"
+            f"{{{','.join(_MNIST_FILES)}}}. Download the .gz files from {MNIST_URLS[name]} and gunzip "
+            f"them there, {_DOWNLOAD_HINT}")
+
+
+def _tinyimagenet_needed(root: str) -> tuple[Path, list[Path]]:
+    base = Path(root) / "tiny-imagenet-200"
+    return base, [base / "wnids.txt", base / "train", base / "val" / "val_annotations.txt", base / "val" / "images"]
+
+
+def _tinyimagenet_message(root: str) -> str | None:
+    base, needed = _tinyimagenet_needed(root)
+    missing = [str(p.relative_to(base)) for p in needed if not p.exists()]
+    if not missing:
+        return None
+    return (f"TinyImageNet not found: expected {_abs(base)}/ with wnids.txt, train/<wnid>/images/*.JPEG, "
+            f"val/images/*.JPEG and val/val_annotations.txt (missing: {', '.join(missing)}). "
+            f"Download {TINYIMAGENET_URL} and unzip it into {_abs(root)}, {_DOWNLOAD_HINT}")
+
+
+_EXPECTED = {
+    "cifar10": _cifar10_message,
+    "mnist": lambda root: _mnist_like_message("mnist", root),
+    "fashion_mnist": lambda root: _mnist_like_message("fashion_mnist", root),
+    "tinyimagenet": _tinyimagenet_message,
+}
+
+
 # --------------------------------------------------------------------------- loaders
 
 
@@ -116,12 +173,7 @@ def _load_cifar10(root: str, download: bool) -> Dataset:
         except RuntimeError as e:
             if "not found" not in str(e).lower():
                 raise
-            raise DataNotFoundError(
-                f"CIFAR-10 not found or corrupted: expected "
-                f"{_abs(root)}/cifar-10-batches-py/{{data_batch_1..5,test_batch,batches.meta}} "
-                f"(the python version). Download {CIFAR10_URL} and extract it into {_abs(root)}, "
-                f"or pass download=True (config: dataset.download=true)."
-            ) from e
+            raise DataNotFoundError(_cifar10_message(root, missing_only=False)) from e
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # NHWC -> NCHW uint8
         splits.append(Split(x, torch.tensor(ds.targets, dtype=torch.long)))
     return Dataset(
@@ -133,9 +185,9 @@ def _load_cifar10(root: str, download: bool) -> Dataset:
 def _load_mnist_like(name: str, root: str, download: bool) -> Dataset:
     from torchvision.datasets import MNIST, FashionMNIST
 
-    cls, folder, mean, std = {
-        "mnist": (MNIST, "MNIST", (0.1307,), (0.3081,)),
-        "fashion_mnist": (FashionMNIST, "FashionMNIST", (0.2860,), (0.3530,)),
+    cls, mean, std = {
+        "mnist": (MNIST, (0.1307,), (0.3081,)),
+        "fashion_mnist": (FashionMNIST, (0.2860,), (0.3530,)),
     }[name]
     splits = []
     for is_train in (True, False):
@@ -144,12 +196,7 @@ def _load_mnist_like(name: str, root: str, download: bool) -> Dataset:
         except RuntimeError as e:
             if "not found" not in str(e).lower():
                 raise
-            files = "train-images-idx3-ubyte,train-labels-idx1-ubyte,t10k-images-idx3-ubyte,t10k-labels-idx1-ubyte"
-            raise DataNotFoundError(
-                f"{folder} not found: expected the unzipped idx files {_abs(root)}/{folder}/raw/{{{files}}}. "
-                f"Download the .gz files from {MNIST_URLS[name]} and gunzip them there, "
-                f"or pass download=True (config: dataset.download=true)."
-            ) from e
+            raise DataNotFoundError(_mnist_like_message(name, root, missing_only=False)) from e
         splits.append(Split(ds.data.unsqueeze(1).contiguous(), ds.targets.long()))
     return Dataset(name, *splits, num_classes=10, in_shape=(1, 28, 28), mean=mean, std=std, augment=False)
 
@@ -175,20 +222,14 @@ def _load_tinyimagenet(root: str, download: bool, cache: bool = True) -> Dataset
     cached in ``tiny-imagenet-200/mlbreg_cache_v1.pt``; the cache is rebuilt when
     the fingerprint of the file list (names, sizes, mtimes) changes.
     """
-    base = Path(root) / "tiny-imagenet-200"
-    needed = [base / "wnids.txt", base / "train", base / "val" / "val_annotations.txt", base / "val" / "images"]
+    base, needed = _tinyimagenet_needed(root)
     if download and not all(p.exists() for p in needed):
         from torchvision.datasets.utils import download_and_extract_archive
 
         download_and_extract_archive(TINYIMAGENET_URL, download_root=root)
-    if not all(p.exists() for p in needed):
-        raise DataNotFoundError(
-            f"TinyImageNet not found: expected {_abs(base)}/ with wnids.txt, "
-            f"train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt "
-            f"(missing: {', '.join(str(p.relative_to(base)) for p in needed if not p.exists())}). "
-            f"Download {TINYIMAGENET_URL} and unzip it into {_abs(root)}, "
-            f"or pass download=True (config: dataset.download=true)."
-        )
+    message = _tinyimagenet_message(root)
+    if message:
+        raise DataNotFoundError(message)
 
     wnids = sorted({w.strip() for w in (base / "wnids.txt").read_text().split() if w.strip()})
     index = {w: i for i, w in enumerate(wnids)}

@@ -34,6 +34,15 @@ CASES = [
      ["/nonexistent/data/cifar-10-batches-py", "cifar-10-python.tar.gz", "dataset.download=true"]),
     (["dataset=tinyimagenet", "dataset.root=/nonexistent/data"],
      ["/nonexistent/data/tiny-imagenet-200", "val_annotations.txt"]),
+    (["dataset=mnist", "dataset.root=/nonexistent/data"], ["/nonexistent/data/MNIST/raw", "train-images-idx3-ubyte"]),
+    # typos: Hydra's "use +lamda=0.1" advice would train with the default λ
+    (["lamda=0.1"], ["unknown key 'lamda'", "did you mean lam?"]),
+    (["+lamda=0.1"], ["unknown key 'lamda'", "did you mean lam?"]),
+    (["+epoch=3"], ["unknown key 'epoch'", "did you mean epochs?"]),
+    (["method.detla=2"], ["unknown key 'method.detla'", "did you mean method.delta?"]),
+    (["+method.delta_t=5"], ["unknown key 'method.delta_t'", "valid: criterion"]),   # a rigl key, not ML LinBreg's
+    (["sparsity=0.9"], ["sparsity=0.9", "method=mllinbreg does not use a target sparsity"]),
+    (["method=rigl"], ["sparsity=null", "method=rigl needs a target sparsity"]),
 ]
 
 
@@ -45,9 +54,8 @@ def test_bad_input_gives_one_clear_message_and_no_files(tmp_path, capsys, overri
     assert "\nmlbreg: " in "\n" + err and "Traceback" not in err
     for word in words:
         assert word in err
-    # a bad config value fails before Hydra creates the run directory
-    if not any(o.startswith("dataset.root") for o in overrides):
-        assert not (tmp_path / "out").exists()
+    # bad input (missing data included) fails before Hydra creates the run directory
+    assert not (tmp_path / "out").exists()
 
 
 def test_unreadable_checkpoint_is_an_error_not_a_silent_restart(tmp_path, capsys):

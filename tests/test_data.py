@@ -112,6 +112,7 @@ def _write_tiny(root):
 
 def test_cifar10_round_trip(cifar_root):
     root, written = cifar_root
+    assert data.missing_data("cifar10", str(root)) is None     # the config check finds the files
     ds = load_dataset("cifar10", root=str(root))
     train_x = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)])
     train_y = sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
@@ -129,6 +130,7 @@ def test_cifar10_round_trip(cifar_root):
 @pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
 def test_mnist_round_trip(tmp_path, name, folder):
     written = _write_mnist(tmp_path, folder)
+    assert data.missing_data(name, tmp_path) is None
     ds = load_dataset(name, root=tmp_path)
     for split, prefix in [(ds.train, "train"), (ds.test, "t10k")]:
         x, y = written[prefix]
@@ -140,6 +142,7 @@ def test_mnist_round_trip(tmp_path, name, folder):
 
 def test_tinyimagenet_round_trip_and_cache(tmp_path, monkeypatch):
     base, colors = _write_tiny(tmp_path)
+    assert data.missing_data("tinyimagenet", tmp_path) is None
     ds = load_dataset("tinyimagenet", root=tmp_path)
     sorted_wnids = sorted(TINY_WNIDS)
     assert ds.train.x.shape == (6, 3, 64, 64) and ds.train.x.dtype == torch.uint8
@@ -187,6 +190,9 @@ def test_missing_data_message(tmp_path, name, expected):
     assert str(tmp_path) in message
     for fragment in expected:
         assert fragment in message
+    # the config check (before any run directory exists) says the same; download=True does not check
+    assert data.missing_data(name, tmp_path) == message
+    assert data.missing_data(name, tmp_path, download=True) is None
 
 
 def test_unknown_dataset_and_option():
