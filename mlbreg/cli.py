@@ -52,21 +52,33 @@ def _train(argv: list[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
 
     register_resolvers()
-    result = {}
+    statuses: list[str] = []
 
     @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
     def hydra_main(cfg):
         from .train import train  # imported late: `mlbreg --help` stays fast
-        outcome = train(cfg, HydraConfig.get().runtime.output_dir)
+        run_dir = HydraConfig.get().runtime.output_dir
+        outcome = train(cfg, run_dir)
         status = outcome["status"]
         if outcome.get("skipped"):
-            print(f"mlbreg: {HydraConfig.get().runtime.output_dir} finished earlier; kept "
-                  "(resume=false trains it again)", file=sys.stderr)
-        elif status != "finished":
+            print(f"mlbreg: {run_dir} finished earlier; kept (resume=false trains it again)", file=sys.stderr)
+        elif status == "finished":
+            print(f"mlbreg: finished {run_dir}: {_final_line(outcome)}")
+        else:
             print(f"mlbreg: run {status}: {outcome.get('message', '')}", file=sys.stderr)
-        result["status"] = status
+        if status == "interrupted" and outcome.get("signal"):
+            # the run is checkpointed; a signal also ends the sweep it belongs to (SystemExit
+            # passes through Hydra's per-job error handling, an Exception would not)
+            raise SystemExit(128 + int(outcome["signal"]))
+        statuses.append(status)
         return status
 
+    late = _flags_after_overrides(argv)
+    if late:
+        flags = [a for a in argv if a.startswith("-")]
+        print(f"mlbreg: Hydra flags ({', '.join(late)}) go before the overrides: mlbreg train "
+              f"{' '.join(flags + [a for a in argv if not a.startswith('-')])}", file=sys.stderr)
+        return 2
     sys.argv = [sys.argv[0]] + argv
     # let Hydra re-raise instead of printing and exiting, so known user errors become one line
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
@@ -78,8 +90,25 @@ def _train(argv: list[str]) -> int:
             raise
         print(f"mlbreg: {known}", file=sys.stderr)
         return 2
-    # a single run that did not finish exits non-zero; in a sweep each job reports itself
-    return 0 if result.get("status") in (None, "finished") else 2
+    # a run that did not finish (diverged) makes the exit code non-zero, in a sweep too
+    return 0 if all(s == "finished" for s in statuses) else 2
+
+
+def _final_line(outcome: dict) -> str:
+    final = outcome.get("final") or {}
+    parts = [f"test acc {final['test_acc_pct']:.2f}%" if "test_acc_pct" in final else None,
+             f"sparsity {final['sparsity_pct']:.2f}%" if "sparsity_pct" in final else None,
+             f"training FLOPs {final['train_flops_vs_sgd']:.3g}x SGD" if "train_flops_vs_sgd" in final else None,
+             f"{outcome.get('epoch')} epochs",
+             f"resumed at step {outcome['resumed_from']}" if outcome.get("resumed_from") is not None else None]
+    return ", ".join(p for p in parts if p)
+
+
+def _flags_after_overrides(argv: list[str]) -> list[str]:
+    """Hydra's flags (-m, --cfg job, ...) that come after the first override: argparse
+    would call the overrides unrecognized arguments."""
+    first = next((i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")), None)
+    return [] if first is None else [a for a in argv[first:] if a.startswith("-")]
 
 
 def _user_error(err: BaseException) -> str | None:
@@ -123,11 +152,18 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        return _train(rest)
-    if command == "report":
-        from .report import main as report_main
-        return report_main(rest)
+    try:
+        if command == "train":
+            return _train(rest)
+        if command == "report":
+            from .report import main as report_main
+            return report_main(rest)
+    except KeyboardInterrupt:      # Ctrl-C before training started (training itself checkpoints)
+        print("mlbreg: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:        # `mlbreg report ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     print(f"mlbreg: unknown command {command!r}; valid: train, report\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -172,6 +172,10 @@ def read_run(path: Path) -> tuple[dict[str, Any], pd.DataFrame | None]:
             status = {"status": "unreadable"}
     row["status"] = status.get("status", "no status.json")
     row["message"] = status.get("message", "")
+    # what actually ran (device=auto, backend=auto resolved), for runs that recorded it
+    for key in ("device", "backend"):
+        if status.get(key):
+            row[key] = status[key]
 
     metrics = _read_metrics(path / "metrics.csv")
     final: dict[str, Any] = {}

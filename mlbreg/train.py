@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import signal
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -195,8 +196,13 @@ class Trainer:
                          else nullcontext())
         self.pos = dict(epoch=0, batch=0, step=0)
         self.partial = None
+        self.resumed_from = None
         if cfg.resume and run.checkpoint_path.exists():
             self._restore(run.load_checkpoint(run_key))
+            self.resumed_from = self.pos["step"]
+            if ctx.is_main:
+                print(f"mlbreg: resuming {run.path} at epoch {self.pos['epoch'] + 1}, step {self.pos['step']}",
+                      file=sys.stderr)
         elif cfg.resume and previous and previous.get("status") in ("running", "interrupted") and ctx.is_main:
             run.clear()  # died before its first checkpoint: nothing to keep
         self.stop = _StopRequest()
@@ -207,7 +213,12 @@ class Trainer:
             self.metrics_log.keep_epochs_up_to(self.pos["epoch"])
             self.layers_log.keep_epochs_up_to(self.pos["epoch"])
             OmegaConf.save(cfg, run.file("config.yaml"), resolve=True)
-            run.write_status("running", run_key=run_key, epoch=self.pos["epoch"], step=self.pos["step"])
+            self._write_status("running", epoch=self.pos["epoch"], step=self.pos["step"])
+
+    def _write_status(self, status: str, **info) -> None:
+        # with what actually ran: `device=auto` / `backend=auto` resolved
+        self.run_dir.write_status(status, run_key=self.run_key, device=self.device.type, backend=self.backend.name,
+                                  **info)
 
     # -- checkpoints -------------------------------------------------------------------
     def _restore(self, ckpt) -> None:
@@ -238,12 +249,16 @@ class Trainer:
                 outcome = self._epochs()
         except Exception as err:
             if self.ctx.is_main:
-                run.write_status("failed", run_key=self.run_key, epoch=self.pos["epoch"], step=self.pos["step"],
-                                 message=f"{type(err).__name__}: {err}")
+                self._write_status("failed", epoch=self.pos["epoch"], step=self.pos["step"],
+                                   message=f"{type(err).__name__}: {err}")
             raise
         finally:
             self.bar.close()
-        outcome.update(run_key=self.run_key)
+        outcome.update(run_key=self.run_key, device=self.device.type, backend=self.backend.name)
+        if self.resumed_from is not None:
+            outcome["resumed_from"] = self.resumed_from
+        if outcome["status"] == "interrupted":
+            outcome["signal"] = self.stop.signal   # the CLI exits with 128 + signal and ends a sweep
         if outcome["status"] == "finished":
             if self.ctx.is_main:
                 run.save_model(self.model.state_dict())

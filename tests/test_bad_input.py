@@ -58,6 +58,13 @@ def test_bad_input_gives_one_clear_message_and_no_files(tmp_path, capsys, overri
     assert not (tmp_path / "out").exists()
 
 
+def test_hydra_flags_after_overrides_get_the_right_order(tmp_path, capsys):
+    assert main(["train", "lam=1,2", "-m", f"output_root={tmp_path}/out"]) == 2
+    err = capsys.readouterr().err
+    assert "Hydra flags (-m) go before the overrides" in err and "mlbreg train -m lam=1,2" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_unreadable_checkpoint_is_an_error_not_a_silent_restart(tmp_path, capsys):
     cfg = make_cfg("epochs=2")
     train(cfg, tmp_path)

@@ -142,7 +142,7 @@ def test_sweep_rerun_trains_only_interrupted_and_missing_runs(tmp_path):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 2  # a single run that did not finish exits non-zero
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM  # checkpointed, then the shell's code for SIGTERM
     (interrupted,) = [d for d in run_dirs(tmp_path / "out") if "seed2" in d.name]
     assert RunDir(interrupted).read_status()["status"] == "interrupted"
     finished = {d: {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in d.iterdir() if p.is_file()}
@@ -159,7 +159,8 @@ def test_sweep_rerun_trains_only_interrupted_and_missing_runs(tmp_path):
 
 
 def test_divergence_is_recorded_and_the_sweep_goes_on(tmp_path):
-    result = mlbreg("-m", "method=sgd", "lr=1e9,0.1", "epochs=3", "output_root=out", cwd=tmp_path)
+    result = mlbreg("-m", "method=sgd", "lr=1e9,0.1", "epochs=3", "output_root=out", cwd=tmp_path, check=False)
+    assert result.returncode == 2   # the sweep ran on, and says that a run did not finish
     statuses = {d.name: RunDir(d).read_status() for d in run_dirs(tmp_path / "out")}
     assert len(statuses) == 2
     (diverged,) = [s for s in statuses.values() if s["status"] == "diverged"]
@@ -183,3 +184,22 @@ def test_sigterm_leaves_a_loadable_checkpoint(tmp_path):
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
     assert ckpt["position"]["step"] == status["step"] > 0
     assert {"model", "method", "scheduler", "flops", "rng"} <= ckpt.keys()
+
+
+def test_a_signal_ends_the_sweep_and_the_rerun_finishes_it(tmp_path, monkeypatch, capsys):
+    from mlbreg.cli import main
+    args = ["train", "-m", "seed=0,1,2", "epochs=2", "progress=false", f"output_root={tmp_path}"]
+    _signal_at_step(monkeypatch, 5)          # inside the first job (12 steps per epoch)
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 128 + signal.SIGTERM          # the shell's convention for a signal
+    runs = sorted((tmp_path / "digits/mlp/mllinbreg").iterdir())
+    assert len(runs) == 1 and "seed0" in runs[0].name        # the jobs after it did not start
+    status = RunDir(runs[0]).read_status()
+    assert status["status"] == "interrupted" and status["signal"] == signal.SIGTERM
+    assert status["device"] == "cpu" and status["backend"] in ("torch", "sparseprop")
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(args) == 0                   # the rerun resumes seed 0 and trains seeds 1 and 2
+    out = capsys.readouterr().out
+    assert out.count("mlbreg: finished") == 3 and "resumed at step" in out and "test acc" in out
