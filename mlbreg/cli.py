@@ -79,6 +79,7 @@ def _train(argv: list[str]) -> int:
         print(f"mlbreg: Hydra flags ({', '.join(late)}) go before the overrides: mlbreg train "
               f"{' '.join(flags + [a for a in argv if not a.startswith('-')])}", file=sys.stderr)
         return 2
+    _check_whole_sweeps()
     sys.argv = [sys.argv[0]] + argv
     # let Hydra re-raise instead of printing and exiting, so known user errors become one line
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
@@ -92,6 +93,40 @@ def _train(argv: list[str]) -> int:
         return 2
     # a run that did not finish (diverged) makes the exit code non-zero, in a sweep too
     return 0 if all(s == "finished" for s in statuses) else 2
+
+
+def _check_whole_sweeps() -> None:
+    """Hydra composes every job of a sweep batch before it launches any
+    (`Sweeper.validate_batch_is_legal`; without max_batch_size the batch is the whole sweep).
+    Extend that check with mlbreg's config and data checks, so that a bad value in the
+    seventh job stops the sweep before the first one starts, naming every bad job."""
+    from hydra.plugins.sweeper import Sweeper
+
+    from .config import ConfigError, check_data, validate
+    from .data import DataNotFoundError
+    if getattr(Sweeper.validate_batch_is_legal, "_mlbreg", False):
+        return
+    composes = Sweeper.validate_batch_is_legal
+
+    def validate_batch_is_legal(self, batch):
+        composes(self, batch)
+        loader = self.hydra_context.config_loader if getattr(self, "hydra_context", None) else self.config_loader
+        bad: dict[str, list[str]] = {}     # message -> the jobs (overrides) it applies to
+        for overrides in batch:
+            cfg = loader.load_sweep_config(master_config=self.config, sweep_overrides=list(overrides))
+            try:
+                validate(cfg)
+                check_data(cfg)
+            except (ConfigError, DataNotFoundError) as err:
+                bad.setdefault(str(err), []).append(" ".join(overrides))
+        if bad:
+            lines = [f"{msg}  [{jobs[0]}]" if len(jobs) == 1 else f"{msg}  ({len(jobs)} jobs, e.g. [{jobs[0]}])"
+                     for msg, jobs in bad.items()]
+            raise ConfigError(f"{sum(map(len, bad.values()))} of {len(batch)} jobs of the sweep are invalid, "
+                              "so none was started:" + "".join(f"\n  {line}" for line in lines))
+
+    validate_batch_is_legal._mlbreg = True
+    Sweeper.validate_batch_is_legal = validate_batch_is_legal
 
 
 def _final_line(outcome: dict) -> str:

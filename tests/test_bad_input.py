@@ -58,6 +58,20 @@ def test_bad_input_gives_one_clear_message_and_no_files(tmp_path, capsys, overri
     assert not (tmp_path / "out").exists()
 
 
+def test_a_sweep_with_a_bad_job_starts_none_and_names_it(tmp_path, capsys):
+    code = main(["train", "-m", "lam=0.1,-1,0.2", "m=0,5", "epochs=1", f"output_root={tmp_path}/out",
+                 "progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "4 of 6 jobs of the sweep are invalid, so none was started" in err
+    # one line per distinct error, with the jobs (by their overrides) it applies to
+    assert "invalid lam=-1: must be >= 0  (2 jobs, e.g. [lam=-1 m=0" in err
+    assert "invalid m=0: must be an integer >= 1 (m = 1 is LinBreg)  (2 jobs, e.g. [lam=0.1 m=0" in err
+    assert main(["train", "-m", "lam=0.1,-1", "epochs=1", f"output_root={tmp_path}/out"]) == 2
+    assert "1 of 2 jobs" in capsys.readouterr().err
+    assert not list((tmp_path / "out").rglob("metrics.csv"))             # no job ran
+
+
 def test_hydra_flags_after_overrides_get_the_right_order(tmp_path, capsys):
     assert main(["train", "lam=1,2", "-m", f"output_root={tmp_path}/out"]) == 2
     err = capsys.readouterr().err
