@@ -223,6 +223,20 @@ def test_adaptive_criterion_skips_coarse_cycle_when_support_misses_gradient():
     assert opt.coarse_cycle and not opt.next_step_is_fine()
 
 
+@pytest.mark.parametrize("eps,second_cycle", [(0.0, True), (0.0128, True), (0.0130, False)])
+def test_adaptive_criterion_needs_theta_to_move_since_the_last_coarse_cycle(eps, second_cycle):
+    # on the support the gradient is all there is (κ test passes); θ moves by lr·g per step
+    theta = nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    opt = MLLinBreg([theta], lr=0.01, lam=0.0, reg="l1", m=2, criterion="adaptive", kappa=0.45, eps=eps)
+    theta.grad = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    opt.step()            # step 0: first cycle, no θ_last yet: coarse, θ_last = [0.99, 1.99]
+    assert opt.coarse_cycle and opt.coarse_cycles_started == 1
+    opt.step()            # step 1 (coarse): θ = [0.98, 1.98]
+    opt.step()            # step 2: θ = [0.97, 1.97]; ‖θ − θ_last‖ = 0.02·√2, ‖θ‖ ≈ 2.196
+    # ratio 0.028284 / 2.195859 = 0.012881: a cycle starts for ε up to that, not beyond
+    assert opt.coarse_cycle == second_cycle and opt.coarse_cycles_started == 1 + second_cycle
+
+
 @pytest.mark.parametrize("bad", [dict(lam=-1.0), dict(m=0), dict(reg="l2"), dict(criterion="sometimes"), dict(delta=0.0)])
 def test_bad_arguments_name_the_value(bad):
     with pytest.raises(ValueError) as err:

@@ -337,11 +337,10 @@ class MLLinBreg(LinBreg):
         fine = self.next_step_is_fine()
         cycle_start = self.steps_taken % self.m == 0
         if fine:
-            grads_at_fine = self._gradient_norms() if (cycle_start and self.criterion == "adaptive") else None
             for group in self.param_groups:
                 self._step_group(group, refresh_support=True)
             if cycle_start:
-                self.coarse_cycle = self._start_coarse_cycle(grads_at_fine)
+                self.coarse_cycle = self._start_coarse_cycle()
         else:
             for group in self.param_groups:
                 if group["reg"] == "none":
@@ -351,26 +350,36 @@ class MLLinBreg(LinBreg):
         self.steps_taken += 1
         return loss
 
-    def _gradient_norms(self):
-        """(reg, parameter, gradient) of every tensor before the step, for the adaptive criterion."""
-        return [(group["reg"], p, p.grad.detach().clone()) for group in self.param_groups
-                for p in group["params"] if p.grad is not None]
-
-    def _start_coarse_cycle(self, grads_at_fine) -> bool:
+    def _start_coarse_cycle(self) -> bool:
         if self.criterion == "fixed":
             self.coarse_cycles_started += 1
             return True
-        # eq. 10 with R = restriction to the new support (unregularized tensors are always
-        # part of the coarse model, so their gradient counts fully in ‖R g‖)
-        g_sq = sum(float(g.pow(2).sum()) for _, _, g in grads_at_fine)
-        rg_sq = sum(float(g.pow(2).sum()) if reg == "none" else float((g * self.state[p]["support"]).pow(2).sum())
-                    for reg, p, g in grads_at_fine)
-        params = [p for _, p, _ in grads_at_fine]
-        moved_enough = True
+        # eq. 10 with g the fine step's gradient (the update leaves p.grad as it was) and
+        # R the restriction to the new support; unregularized tensors are always part of
+        # the coarse model, so their gradient counts fully in ‖R g‖.
+        params, grads, restricted, reg_grads, supports = [], [], [], [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                params.append(p)
+                grads.append(p.grad)
+                if group["reg"] == "none":
+                    restricted.append(p.grad)
+                else:
+                    reg_grads.append(p.grad)
+                    supports.append(self.state[p]["support"])
+        if reg_grads:
+            restricted += torch._foreach_mul(reg_grads, supports)
+
+        def sq_norm(tensors):
+            return torch.stack(torch._foreach_norm(tensors)).double().square().sum()
+
+        sums = [sq_norm(grads), sq_norm(restricted)]
         if self.theta_last is not None:
-            diff_sq = sum(float((p - q).pow(2).sum()) for p, q in zip(params, self.theta_last))
-            norm_sq = sum(float(p.pow(2).sum()) for p in params)
-            moved_enough = diff_sq ** 0.5 >= self.eps * norm_sq ** 0.5
+            sums += [sq_norm(torch._foreach_sub(params, self.theta_last)), sq_norm(params)]
+        g_sq, rg_sq, *moved = torch.stack(sums).tolist()    # one host sync per cycle start
+        moved_enough = not moved or moved[0] ** 0.5 >= self.eps * moved[1] ** 0.5
         start = rg_sq ** 0.5 >= self.kappa * g_sq ** 0.5 and moved_enough
         if start:
             self.theta_last = [p.detach().clone() for p in params]
