@@ -75,9 +75,9 @@ def _train(argv: list[str]) -> int:
 
     late = _flags_after_overrides(argv)
     if late:
-        flags = [a for a in argv if a.startswith("-")]
+        flags, overrides = _split_flags(argv)
         print(f"mlbreg: Hydra flags ({', '.join(late)}) go before the overrides: mlbreg train "
-              f"{' '.join(flags + [a for a in argv if not a.startswith('-')])}", file=sys.stderr)
+              f"{' '.join(flags + overrides)}", file=sys.stderr)
         return 2
     _check_whole_sweeps()
     sys.argv = [sys.argv[0]] + argv
@@ -101,6 +101,7 @@ def _check_whole_sweeps() -> None:
     Extend that check with mlbreg's config and data checks, so that a bad value in the
     seventh job stops the sweep before the first one starts, naming every bad job."""
     from hydra.plugins.sweeper import Sweeper
+    from omegaconf import OmegaConf
 
     from .config import ConfigError, check_data, validate
     from .data import DataNotFoundError
@@ -111,12 +112,16 @@ def _check_whole_sweeps() -> None:
     def validate_batch_is_legal(self, batch):
         composes(self, batch)
         loader = self.hydra_context.config_loader if getattr(self, "hydra_context", None) else self.config_loader
+        # a cluster launcher checks on the submitting machine: CUDA and the data may be
+        # on the compute nodes only, where each job checks them again when it starts
+        local = "slurm" not in str(OmegaConf.select(self.config, "hydra.launcher._target_")).lower()
         bad: dict[str, list[str]] = {}     # message -> the jobs (overrides) it applies to
         for overrides in batch:
             cfg = loader.load_sweep_config(master_config=self.config, sweep_overrides=list(overrides))
             try:
-                validate(cfg)
-                check_data(cfg)
+                validate(cfg, environment=local)
+                if local:
+                    check_data(cfg)
             except (ConfigError, DataNotFoundError) as err:
                 bad.setdefault(str(err), []).append(" ".join(overrides))
         if bad:
@@ -137,6 +142,27 @@ def _final_line(outcome: dict) -> str:
              f"{outcome.get('epoch')} epochs",
              f"resumed at step {outcome['resumed_from']}" if outcome.get("resumed_from") is not None else None]
     return ", ".join(p for p in parts if p)
+
+
+# Hydra's flags that take a value (`--cfg job`, `-cn NAME`, `--info plugins`, ...)
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
+
+
+def _split_flags(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra flags with their values, overrides), each in the given order."""
+    flags, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("-"):
+            takes = arg in _FLAGS_WITH_VALUE and i + 1 < len(argv) and "=" not in argv[i + 1] \
+                and not argv[i + 1].startswith("-")
+            flags += argv[i:i + 2] if takes else [arg]
+            i += 2 if takes else 1
+        else:
+            overrides.append(arg)
+            i += 1
+    return flags, overrides
 
 
 def _flags_after_overrides(argv: list[str]) -> list[str]:

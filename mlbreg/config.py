@@ -99,8 +99,20 @@ def _number(cfg, key: str):
     return value
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first invalid value."""
+def ignored_settings(cfg: DictConfig) -> list[str]:
+    """Notes on set keys that the chosen method does not use (allowed, so that one sweep
+    can cover several methods, e.g. `method=sgd,rigl sparsity=0.9`)."""
+    notes = []
+    if cfg.sparsity is not None and cfg.method.name not in ("rigl", "prune_finetune"):
+        notes.append(f"sparsity={cfg.sparsity} is ignored by method={cfg.method.name} (rigl and prune_finetune "
+                     "use a target sparsity; ML LinBreg's and LinBreg's follows from lam)")
+    return notes
+
+
+def validate(cfg: DictConfig, environment: bool = True) -> None:
+    """Raise ConfigError for the first invalid value. `environment=False` skips what
+    depends on the machine (CUDA present, SparseProp installed): a sweep submitted to a
+    cluster is checked on the login node, which may have neither."""
     _check_keys(cfg)
     choices = {"dataset.name": DATASETS, "model.name": tuple(list_models()), "method.name": METHODS,
                "regularizer.name": tuple(r for r in REGULARIZERS if r != "none"), "init.scheme": SCHEMES,
@@ -139,10 +151,6 @@ def validate(cfg: DictConfig) -> None:
     if method in ("rigl", "prune_finetune") and sparsity is None:
         raise ConfigError(f"invalid sparsity=null: method={method} needs a target sparsity in (0, 1), "
                           "e.g. sparsity=0.9")
-    if method not in ("rigl", "prune_finetune") and sparsity is not None:
-        # it would change nothing but the run's name: say so instead
-        _fail("sparsity", sparsity, f"method={method} does not use a target sparsity (rigl and prune_finetune "
-              "do; ML LinBreg's and LinBreg's sparsity follows from lam); leave sparsity unset")
     if sparsity is not None and not 0 < _number(cfg, "sparsity") < 1:
         _fail("sparsity", sparsity, "must be in (0, 1) (the fraction of prunable weights that are zero)")
     if "weight_decay" in cfg.method and _number(cfg, "method.weight_decay") < 0:
@@ -170,8 +178,8 @@ def validate(cfg: DictConfig) -> None:
     if int(_number(cfg, "checkpoint_every")) < 0:
         _fail("checkpoint_every", cfg.checkpoint_every, "must be >= 0 (0 = only at the end and on signals)")
     if cfg.backend == "sparseprop":
-        _check_sparseprop(cfg)
-    if cfg.device == "cuda":
+        _check_sparseprop(cfg, environment)
+    if cfg.device == "cuda" and environment:
         import torch
         if not torch.cuda.is_available():
             _fail("device", "cuda", "CUDA is not available on this machine; use device=cpu or device=auto")
@@ -186,7 +194,7 @@ def check_data(cfg: DictConfig) -> None:
         raise DataNotFoundError(missing)
 
 
-def _check_sparseprop(cfg: DictConfig) -> None:
+def _check_sparseprop(cfg: DictConfig, environment: bool) -> None:
     from .backends import sparseprop_available
     if cfg.method.name != "mllinbreg":
         _fail("backend", "sparseprop", f"SparseProp layers serve ML LinBreg's coarse steps; method={cfg.method.name} "
@@ -198,7 +206,7 @@ def _check_sparseprop(cfg: DictConfig) -> None:
     if cfg.distributed:
         _fail("backend", "sparseprop", "swapped layers get their gradients outside autograd, which DDP cannot "
               "synchronize; use backend=torch for distributed runs")
-    if not sparseprop_available():
+    if environment and not sparseprop_available():
         _fail("backend", "sparseprop", "SparseProp is not installed: pip install pybind11 scipy && pip install "
               "--no-build-isolation 'sparseprop>=0.1.14' (see README), or use backend=torch")
 

@@ -140,7 +140,8 @@ class FlopsAccount:
         # the accumulators themselves (exact integers), so a resumed run folds them exactly
         # as an uninterrupted one would
         return dict(nnz_samples={k: v.tolist() for k, v in self.nnz_samples.items()}, samples=dict(self.samples),
-                    counts=dict(self.counts))
+                    counts=dict(self.counts), restored_total=self.restored_total,
+                    restored_sgd_total=self.restored_sgd_total)
 
     def load_state_dict(self, state):
         self.counts = dict(state["counts"])
@@ -150,6 +151,9 @@ class FlopsAccount:
         for kind, v in self.nnz_samples.items():
             v.copy_(torch.tensor(state["nnz_samples"][kind], dtype=torch.float64))
         self.samples = dict(state["samples"])
+        # FLOPs carried over from an older checkpoint's folded totals, if the run had one
+        self.restored_total = state.get("restored_total", 0.0)
+        self.restored_sgd_total = state.get("restored_sgd_total", 0.0)
 
 
 __all__ = ["FlopsAccount", "STEP_KINDS", "dense_layer_flops", "sparse_forward_flops", "step_flops"]

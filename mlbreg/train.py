@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed
 from .backends import make_backend
-from .config import run_name, validate
+from .config import ignored_settings, run_name, validate
 from .data import load_dataset, make_loader
 from .flops import FlopsAccount
 from .methods import build_method, method_class
@@ -156,6 +156,8 @@ def evaluate(model: nn.Module, loader) -> tuple[float, float]:
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run (or resume, or skip if finished) one training; returns the run's final status dict."""
     validate(cfg)
+    for note in ignored_settings(cfg):
+        print(f"mlbreg: note: {note}", file=sys.stderr)
     run = RunDir(run_dir)
     run_key = f"{__version__}:{run_name(cfg)}"
     previous = run.read_status()
@@ -258,7 +260,9 @@ class Trainer:
         if self.resumed_from is not None:
             outcome["resumed_from"] = self.resumed_from
         if outcome["status"] == "interrupted":
-            outcome["signal"] = self.stop.signal   # the CLI exits with 128 + signal and ends a sweep
+            # the CLI exits with 128 + signal and ends a sweep; under DDP a rank may stop
+            # only because another rank got the signal
+            outcome["signal"] = self.stop.signal or signal.SIGTERM
         if outcome["status"] == "finished":
             if self.ctx.is_main:
                 run.save_model(self.model.state_dict())
@@ -292,7 +296,8 @@ class Trainer:
                             message=f"non-finite training loss first at step {bad_step} (epoch {epoch + 1})")
             if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < cfg.epochs:
                 self.checkpoint()
-            if self.ctx.any(self.stop.signal is not None, self.device):
+            # a signal after the last epoch's rows changes nothing: the run finishes
+            if epoch + 1 < cfg.epochs and self.ctx.any(self.stop.signal is not None, self.device):
                 self.checkpoint()
                 return dict(status="interrupted", epoch=epoch + 1, step=pos["step"],
                             message=f"stopped by signal {self.stop.signal} after epoch {epoch + 1}; rerun to resume")

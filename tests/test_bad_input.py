@@ -1,5 +1,6 @@
 """Bad input fails early with a message naming the key, the value and what is allowed."""
 import pytest
+import torch
 
 from mlbreg.cli import main
 from mlbreg.rundir import RunDir
@@ -41,7 +42,6 @@ CASES = [
     (["+epoch=3"], ["unknown key 'epoch'", "did you mean epochs?"]),
     (["method.detla=2"], ["unknown key 'method.detla'", "did you mean method.delta?"]),
     (["+method.delta_t=5"], ["unknown key 'method.delta_t'", "valid: criterion"]),   # a rigl key, not ML LinBreg's
-    (["sparsity=0.9"], ["sparsity=0.9", "method=mllinbreg does not use a target sparsity"]),
     (["method=rigl"], ["sparsity=null", "method=rigl needs a target sparsity"]),
 ]
 
@@ -77,6 +77,24 @@ def test_hydra_flags_after_overrides_get_the_right_order(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Hydra flags (-m) go before the overrides" in err and "mlbreg train -m lam=1,2" in err
     assert not (tmp_path / "out").exists()
+    assert main(["train", "lam=1", "--cfg", "job"]) == 2          # a flag keeps its value
+    assert "mlbreg train --cfg job lam=1" in capsys.readouterr().err
+
+
+def test_machine_checks_can_be_left_to_the_compute_node():
+    # a sweep submitted to Slurm is checked on the login node, which may lack CUDA
+    from mlbreg.config import ConfigError, validate
+    cfg = make_cfg("device=cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            validate(cfg)
+    validate(cfg, environment=False)
+
+
+def test_a_key_the_method_ignores_is_noted_not_refused(tmp_path, capsys):
+    # one sweep may cover several methods: method=sgd,rigl sparsity=0.9
+    assert main(["train", "sparsity=0.9", "epochs=1", f"output_root={tmp_path}", "progress=false"]) == 0
+    assert "note: sparsity=0.9 is ignored by method=mllinbreg" in capsys.readouterr().err
 
 
 def test_unreadable_checkpoint_is_an_error_not_a_silent_restart(tmp_path, capsys):

@@ -113,3 +113,6 @@ def test_flops_account_hand_case_resume_and_older_checkpoints():
     older.load_state_dict(dict(total=100.0, sgd_total=400.0, counts={"dense": 4, "full_grad": 0, "sparse": 0}))
     older.add_step("dense", 1)
     assert older.total() == 100.0 + 3 * f_dense and older.sgd_total() == 400.0 + 3 * f_dense
+    again = FlopsAccount(model, (4,), "cpu")      # resumed once more, from the new format
+    again.load_state_dict(older.state_dict())
+    assert again.total() == older.total() and again.sgd_total() == older.sgd_total()

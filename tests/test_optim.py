@@ -177,19 +177,32 @@ def test_coarse_step_on_support_is_linbreg_step_hand_case():
     assert theta.tolist() == [2.0, 4.5, -3.0]
 
 
-def test_state_dict_round_trip_then_lockstep():
+@pytest.mark.parametrize("criterion", ["fixed", "adaptive"])
+def test_state_dict_round_trip_then_lockstep(criterion):
     nets = [tiny_net(), None]
-    opt = MLLinBreg(split_groups(nets[0], reg="l1"), lr=0.1, lam=0.02, momentum=0.9, m=4)
-    data = batches(12)
+    kw = dict(lr=0.1, lam=0.02, momentum=0.9, m=4, criterion=criterion, kappa=0.3, eps=1e-3)
+    opt = MLLinBreg(split_groups(nets[0], reg="l1"), **kw)
+    data = batches(16)
     run(nets[0], opt, data[:6])  # stop in the middle of a cycle
     nets[1] = copy.deepcopy(nets[0])
-    opt2 = MLLinBreg(split_groups(nets[1], reg="l1"), lr=0.1, lam=0.02, momentum=0.9, m=4)
+    opt2 = MLLinBreg(split_groups(nets[1], reg="l1"), **kw)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert opt2.steps_taken == 6 and opt2.next_step_is_fine() == opt.next_step_is_fine()
     run(nets[0], opt, data[6:])
     run(nets[1], opt2, data[6:])
+    assert opt2.coarse_cycles_started == opt.coarse_cycles_started >= 2
     for pa, pb in zip(*(n.parameters() for n in nets)):
         assert torch.equal(pa, pb)
+
+
+def test_adaptive_criterion_with_a_tensor_that_lost_its_gradient():
+    net = tiny_net()
+    opt = MLLinBreg(split_groups(net, reg="l1"), lr=0.1, lam=0.02, m=2, criterion="adaptive", kappa=0.0)
+    run(net, opt, batches(2))                    # cycle 0 starts coarse: θ_last of every tensor
+    net[3].bias.requires_grad_(False)            # e.g. a layer frozen from now on
+    net[3].bias.grad = None
+    run(net, opt, batches(2, seed=5))            # cycle 1: compares the tensors with gradients
+    assert opt.coarse_cycles_started == 2
 
 
 def test_closure_and_param_groups_like_sgd():

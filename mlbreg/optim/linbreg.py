@@ -319,8 +319,7 @@ class MLLinBreg(LinBreg):
         self.eps = eps
         self.steps_taken = 0          # k
         self.coarse_cycle = True      # does the current cycle take coarse steps?
-        self.theta_last: Optional[list[torch.Tensor]] = None
-        self.coarse_cycles_started = 0
+        self.coarse_cycles_started = 0  # (the adaptive criterion keeps θ_last in state[p]["theta_last"])
 
     def next_step_is_fine(self) -> bool:
         return self.steps_taken % self.m == 0 or not self.coarse_cycle
@@ -373,16 +372,27 @@ class MLLinBreg(LinBreg):
             restricted += torch._foreach_mul(reg_grads, supports)
 
         def sq_norm(tensors):
+            if not tensors:
+                return torch.zeros((), dtype=torch.float64, device=params[0].device if params else None)
             return torch.stack(torch._foreach_norm(tensors)).double().square().sum()
 
+        # θ_last lives per parameter (state[p]["theta_last"]): it follows the parameter's
+        # device on load, and a tensor that had no gradient at the last cycle start is
+        # simply not part of the comparison
+        moved = [p for p in params if "theta_last" in self.state[p]]
         sums = [sq_norm(grads), sq_norm(restricted)]
-        if self.theta_last is not None:
-            sums += [sq_norm(torch._foreach_sub(params, self.theta_last)), sq_norm(params)]
-        g_sq, rg_sq, *moved = torch.stack(sums).tolist()    # one host sync per cycle start
-        moved_enough = not moved or moved[0] ** 0.5 >= self.eps * moved[1] ** 0.5
+        if moved:
+            last = [self.state[p]["theta_last"] for p in moved]
+            sums += [sq_norm(torch._foreach_sub(moved, last)), sq_norm(moved)]
+        g_sq, rg_sq, *diff = torch.stack(sums).tolist()    # one host sync per cycle start
+        moved_enough = not diff or diff[0] ** 0.5 >= self.eps * diff[1] ** 0.5
         start = rg_sq ** 0.5 >= self.kappa * g_sq ** 0.5 and moved_enough
         if start:
-            self.theta_last = [p.detach().clone() for p in params]
+            for p in params:
+                if "theta_last" in self.state[p]:
+                    self.state[p]["theta_last"].copy_(p)
+                else:
+                    self.state[p]["theta_last"] = p.detach().clone()
             self.coarse_cycles_started += 1
         return start
 
@@ -390,7 +400,7 @@ class MLLinBreg(LinBreg):
     def state_dict(self):
         sd = super().state_dict()
         sd["ml_linbreg"] = {"steps_taken": self.steps_taken, "coarse_cycle": self.coarse_cycle,
-                            "theta_last": self.theta_last, "coarse_cycles_started": self.coarse_cycles_started,
+                            "coarse_cycles_started": self.coarse_cycles_started,
                             "m": self.m, "criterion": self.criterion}
         return sd
 
@@ -402,4 +412,8 @@ class MLLinBreg(LinBreg):
             self.steps_taken = ml["steps_taken"]
             self.coarse_cycle = ml["coarse_cycle"]
             self.coarse_cycles_started = ml.get("coarse_cycles_started", 0)
-            self.theta_last = ml["theta_last"]
+            older = ml.get("theta_last")   # older checkpoints: one list over all parameters
+            params = [p for group in self.param_groups for p in group["params"]]
+            if older is not None and len(older) == len(params):
+                for p, q in zip(params, older):
+                    self.state[p]["theta_last"] = q.to(device=p.device, dtype=p.dtype)
