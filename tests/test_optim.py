@@ -352,3 +352,14 @@ def test_compile_failure_in_auto_mode_falls_back_to_the_eager_update(monkeypatch
 def test_bad_compiled_value_names_it():
     with pytest.raises(ValueError, match="compiled='yes'"):
         LinBreg(tiny_net().parameters(), lr=0.1, compiled="yes")
+
+
+@pytest.mark.parametrize("path", [dict(foreach=False), dict(foreach=True), dict(foreach=True, compiled=True)])
+def test_support_counts_nan_as_nonzero_on_every_path(path):
+    # after a divergence: the support must not depend on the code path
+    p = nn.Parameter(torch.tensor([1.0, 0.0, 2.0, -3.0]))
+    opt = MLLinBreg([p], lr=0.1, lam=0.5, m=2, momentum=0.9, **path)
+    for g in ([0.1, 0.0, float("nan"), 0.0], [0.0] * 4, [0.0] * 4):   # the third step is fine again
+        p.grad = torch.tensor(g)
+        opt.step()
+    assert opt.state[p]["support"].tolist() == support(p.detach(), "l1").tolist() == [1.0, 0.0, 1.0, 1.0]

@@ -97,13 +97,13 @@ def linbreg_update(
         for p, v in zip(params, duals):
             prox_(p, v, reg, lam, delta)
     if support_out is not None:
-        if foreach:
-            signs = torch._foreach_sign(params)
-            torch._foreach_abs_(signs)
-            torch._foreach_copy_(support_out, signs)
-        else:
-            for p, s in zip(params, support_out):
-                torch.ne(p, 0, out=s)
+        # S = {θ ≠ 0} (NaN counts as non-zero, as in `support`); once per cycle, so a
+        # per-tensor kernel is cheap, and compiled it fuses into the update
+        for p, s in zip(params, support_out):
+            if torch.compiler.is_compiling():
+                s.copy_(p != 0)
+            else:
+                torch.ne(p, 0, out=s)   # no temporary: a fresh large buffer costs page faults on CPU
 
 
 def _momentum_update(grads, bufs, masks, momentum, dampening, foreach) -> None:
