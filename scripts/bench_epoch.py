@@ -46,10 +46,11 @@ def loader_images_per_s(device: torch.device, n: int, batch_size: int, repeats: 
 
 
 def warmup_epochs(args) -> int:
-    """Untimed epochs: at least one, and enough for ML LinBreg's second fine step (step
-    m = 100), so that every variant of a compiled update is compiled before the timing."""
+    """Untimed epochs: at least one, and enough for --warmup-steps (default 101: past ML
+    LinBreg's second fine step at m = 100, so every variant of a compiled update is
+    compiled before the timing; 1 suffices for the eager update)."""
     steps_per_epoch = -(-args.train_size // args.batch_size)
-    return max(1, -(-101 // steps_per_epoch))
+    return max(1, -(-args.warmup_steps // steps_per_epoch))
 
 
 def epoch_seconds(method_overrides: list[str], args) -> float:
@@ -72,6 +73,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs (after the warm-up)")
     parser.add_argument("--loader-size", type=int, default=50000)
+    parser.add_argument("--warmup-steps", type=int, default=101, help="untimed steps before the timed epochs")
     parser.add_argument("extra", nargs="*", help="more config overrides, e.g. precision=bf16 channels_last=true")
     args = parser.parse_args()
     register_resolvers()

@@ -19,6 +19,8 @@ the state outside S is left untouched. m = 1 is exactly LinBreg.
 Both optimizers follow torch.optim.SGD's shape: lazy state, a functional core with a
 per-tensor loop and a multi-tensor `torch._foreach_*` path behind one signature, in-place
 updates only, and only plain numbers and strings in param groups so `state_dict()` works.
+The multi-tensor path can also run through `torch.compile` (`compiled=`), which fuses
+its kernels: the same function, traced, with the learning rate as a 0-d tensor.
 """
 from __future__ import annotations
 
