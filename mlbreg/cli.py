@@ -185,7 +185,8 @@ def _user_error(err: BaseException) -> str | None:
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, user_errors):
-            return _unknown_key(str(err)) or str(err)
+            # Hydra appends its config search path to an unknown option: not the user's concern
+            return _unknown_key(str(err)) or str(err).split("\nConfig search path")[0].strip()
         err = err.__cause__ or err.__context__
     return None
 
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
-        return 0
+        return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     try:
         if command == "train":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,8 @@ def unknown_key_message(key: str, valid: tuple[str, ...]) -> str:
     """'unknown key X; did you mean Y?' with the valid keys (for typos like lamda=0.1)."""
     name = key.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(name, valid, n=1)
-    hint = f"; did you mean {key[: len(key) - len(name)]}{close[0]}?" if close else ""
-    return f"unknown key {key!r}{hint} valid: {', '.join(valid)}"
+    hint = f" (did you mean {key[: len(key) - len(name)]}{close[0]}?)" if close else ""
+    return f"unknown key {key!r}{hint}; valid: {', '.join(k for k in valid if k != 'hydra')}"
 
 
 def _check_keys(cfg: DictConfig) -> None:
@@ -96,7 +97,16 @@ def _number(cfg, key: str):
     value = OmegaConf.select(cfg, key)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         _fail(key, value, "must be a number")
+    if not math.isfinite(value):
+        _fail(key, value, "must be a finite number")
     return value
+
+
+def _integer(cfg, key: str, low: int, meaning: str = "") -> int:
+    value = _number(cfg, key)
+    if int(value) != value or value < low:
+        _fail(key, value, f"must be an integer >= {low}{meaning}")
+    return int(value)
 
 
 def ignored_settings(cfg: DictConfig) -> list[str]:
@@ -133,10 +143,8 @@ def validate(cfg: DictConfig, environment: bool = True) -> None:
         _fail("lr", cfg.lr, "must be > 0")
     if not 0 <= _number(cfg, "momentum") < 1:
         _fail("momentum", cfg.momentum, "must be in [0, 1)")
-    for key in ("epochs", "batch_size"):
-        value = _number(cfg, key)
-        if int(value) != value or value < 1:
-            _fail(key, value, "must be an integer >= 1")
+    _integer(cfg, "epochs", 1)
+    _integer(cfg, "batch_size", 1)
     if not 0 < _number(cfg, "init.density") <= 1:
         _fail("init.density", cfg.init.density, "must be in (0, 1]")
     if _number(cfg, "init.scale") <= 0:
@@ -175,8 +183,21 @@ def validate(cfg: DictConfig, environment: bool = True) -> None:
             finetune_split(cfg.epochs, OmegaConf.select(cfg, "method.finetune_epochs"), source)
         except ValueError as err:
             raise ConfigError(str(err).replace("invalid finetune_epochs", "invalid method.finetune_epochs")) from None
-    if int(_number(cfg, "checkpoint_every")) < 0:
-        _fail("checkpoint_every", cfg.checkpoint_every, "must be >= 0 (0 = only at the end and on signals)")
+    _integer(cfg, "checkpoint_every", 0, " (0 = only at the end and on signals)")
+    _integer(cfg, "seed", 0)
+    _integer(cfg, "eval_batch_size", 1)
+    _integer(cfg, "stop_check_every", 1)
+    if cfg.num_threads is not None:
+        _integer(cfg, "num_threads", 1, " (or null for torch's default)")
+    for key in ("resume", "compile", "progress", "channels_last", "distributed", "sync_batchnorm"):
+        if not isinstance(cfg[key], bool):
+            _fail(key, cfg[key], "must be true or false")
+    if "dampening" in cfg.method and not 0 <= _number(cfg, "method.dampening") <= 1:
+        _fail("method.dampening", cfg.method.dampening, "must be in [0, 1]")
+    if "kappa" in cfg.method and not 0 <= _number(cfg, "method.kappa") <= 1:
+        _fail("method.kappa", cfg.method.kappa, "must be in [0, 1] (‖Rg‖ >= κ‖g‖ starts a coarse cycle)")
+    if "eps" in cfg.method and _number(cfg, "method.eps") < 0:
+        _fail("method.eps", cfg.method.eps, "must be >= 0")
     if cfg.backend == "sparseprop":
         _check_sparseprop(cfg, environment)
     if cfg.device == "cuda" and environment:

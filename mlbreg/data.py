@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import os
+import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +83,12 @@ def load_dataset(name: str, root: str = "data", download: bool = False, **option
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for dataset {name!r}; valid options: {valid}")
-    return loader(root=os.fspath(root), download=download, **options)
+    try:
+        return loader(root=os.fspath(root), download=download, **options)
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+        # download=True without a network: the same what-to-put-where as without download
+        where = missing_data(name, os.fspath(root)) or ""
+        raise DataNotFoundError(f"downloading {name} failed ({err}). {where}".strip()) from err
 
 
 def missing_data(name: str, root: str, download: bool = False) -> str | None:

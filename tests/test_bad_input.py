@@ -43,6 +43,15 @@ CASES = [
     (["method.detla=2"], ["unknown key 'method.detla'", "did you mean method.delta?"]),
     (["+method.delta_t=5"], ["unknown key 'method.delta_t'", "valid: criterion"]),   # a rigl key, not ML LinBreg's
     (["method=rigl"], ["sparsity=null", "method=rigl needs a target sparsity"]),
+    (["seed=1.5"], ["seed=1.5", "integer >= 0"]),
+    (["lam=nan"], ["lam=nan", "finite"]),
+    (["lr=inf"], ["lr=inf", "finite"]),
+    (["num_threads=-2"], ["num_threads=-2", "integer >= 1"]),
+    (["eval_batch_size=0"], ["eval_batch_size=0", "integer >= 1"]),
+    (["resume=maybe"], ["resume='maybe'", "true or false"]),
+    (["method.kappa=-1"], ["method.kappa=-1", "[0, 1]"]),
+    (["method.dampening=2"], ["method.dampening=2", "[0, 1]"]),
+    (["dataset=foo"], ["dataset/foo", "cifar10"]),
 ]
 
 

@@ -337,3 +337,19 @@ def test_crop_and_flip_are_exact_windows():
     assert abs(flips - 0.5) < 0.05
     per_offset = counts.view(81, 2).sum(1)
     assert per_offset.min() > 20 and per_offset.max() < 90  # expected 4096 / 81 ~ 51
+
+
+def test_download_without_network_says_what_to_put_where(tmp_path, monkeypatch):
+    import urllib.error
+
+    from torchvision.datasets import CIFAR10
+
+    def offline(self):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(CIFAR10, "download", offline)   # a machine without internet
+    with pytest.raises(DataNotFoundError) as info:
+        load_dataset("cifar10", root=tmp_path, download=True)
+    message = str(info.value)
+    assert "downloading cifar10 failed" in message and "no route to host" in message
+    assert f"{tmp_path}/cifar-10-batches-py" in message and "cifar-10-python.tar.gz" in message
