@@ -73,11 +73,11 @@ def _train(argv: list[str]) -> int:
         statuses.append(status)
         return status
 
-    late = _flags_after_overrides(argv)
-    if late:
-        flags, overrides = _split_flags(argv)
-        print(f"mlbreg: Hydra flags ({', '.join(late)}) go before the overrides: mlbreg train "
-              f"{' '.join(flags + overrides)}", file=sys.stderr)
+    flags, overrides = _split_flags(argv)
+    if argv != flags + overrides:
+        # argparse would call the overrides after a flag "unrecognized arguments"
+        print(f"mlbreg: Hydra flags go before the overrides: mlbreg train {' '.join(flags + overrides)}",
+              file=sys.stderr)
         return 2
     _check_whole_sweeps()
     sys.argv = [sys.argv[0]] + argv
@@ -163,13 +163,6 @@ def _split_flags(argv: list[str]) -> tuple[list[str], list[str]]:
             overrides.append(arg)
             i += 1
     return flags, overrides
-
-
-def _flags_after_overrides(argv: list[str]) -> list[str]:
-    """Hydra's flags (-m, --cfg job, ...) that come after the first override: argparse
-    would call the overrides unrecognized arguments."""
-    first = next((i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")), None)
-    return [] if first is None else [a for a in argv[first:] if a.startswith("-")]
 
 
 def _user_error(err: BaseException) -> str | None:

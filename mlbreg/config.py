@@ -20,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from .backends import BACKENDS
 from .data import DATASETS, DataNotFoundError, missing_data
-from .methods import METHODS
+from .methods import METHODS, method_class
 from .models import list_models
+from .optim import MLLinBreg
 from .optim.regularizers import REGULARIZERS
 from .sparsity import SCHEMES
 
@@ -38,7 +39,7 @@ NON_IDENTIFYING = ("resume", "device", "progress", "checkpoint_every", "output_r
 # A run that leaves such a key at that default keeps the name it had before the key
 # existed, so upgrading mlbreg mid-sweep still skips and resumes the sweep's runs. A new
 # identifying key whose default keeps the old behaviour belongs here.
-LATER_KEYS: dict[str, Any] = {}
+LATER_KEYS: dict[str, Any] = {"dataset.augment": False}
 
 
 class ConfigError(ValueError):
@@ -113,7 +114,7 @@ def ignored_settings(cfg: DictConfig) -> list[str]:
     """Notes on set keys that the chosen method does not use (allowed, so that one sweep
     can cover several methods, e.g. `method=sgd,rigl sparsity=0.9`)."""
     notes = []
-    if cfg.sparsity is not None and cfg.method.name not in ("rigl", "prune_finetune"):
+    if cfg.sparsity is not None and not method_class(cfg.method.name).needs_sparsity:
         notes.append(f"sparsity={cfg.sparsity} is ignored by method={cfg.method.name} (rigl and prune_finetune "
                      "use a target sparsity; ML LinBreg's and LinBreg's follows from lam)")
     return notes
@@ -136,9 +137,7 @@ def validate(cfg: DictConfig, environment: bool = True) -> None:
         _fail("compile_optimizer", cfg.compile_optimizer, "valid: auto, true, false")
     if _number(cfg, "lam") < 0:
         _fail("lam", cfg.lam, "must be >= 0")
-    m = _number(cfg, "m")
-    if int(m) != m or m < 1:
-        _fail("m", m, "must be an integer >= 1 (m = 1 is LinBreg)")
+    _integer(cfg, "m", 1, " (m = 1 is LinBreg)")
     if _number(cfg, "lr") <= 0:
         _fail("lr", cfg.lr, "must be > 0")
     if not 0 <= _number(cfg, "momentum") < 1:
@@ -151,12 +150,12 @@ def validate(cfg: DictConfig, environment: bool = True) -> None:
         _fail("init.scale", cfg.init.scale, "must be > 0")
     if "delta" in cfg.method and _number(cfg, "method.delta") <= 0:
         _fail("method.delta", cfg.method.delta, "must be > 0")
-    if "criterion" in cfg.method and cfg.method.criterion not in ("fixed", "adaptive"):
-        _fail("method.criterion", cfg.method.criterion, "valid: fixed, adaptive")
+    if "criterion" in cfg.method and cfg.method.criterion not in MLLinBreg.CRITERIA:
+        _fail("method.criterion", cfg.method.criterion, f"valid: {', '.join(MLLinBreg.CRITERIA)}")
     # fixed-density baselines (rigl, prune_finetune) and their target `sparsity`
     method = cfg.method.name
     sparsity = OmegaConf.select(cfg, "sparsity")
-    if method in ("rigl", "prune_finetune") and sparsity is None:
+    if method_class(method).needs_sparsity and sparsity is None:
         raise ConfigError(f"invalid sparsity=null: method={method} needs a target sparsity in (0, 1), "
                           "e.g. sparsity=0.9")
     if sparsity is not None and not 0 < _number(cfg, "sparsity") < 1:
@@ -164,9 +163,7 @@ def validate(cfg: DictConfig, environment: bool = True) -> None:
     if "weight_decay" in cfg.method and _number(cfg, "method.weight_decay") < 0:
         _fail("method.weight_decay", cfg.method.weight_decay, "must be >= 0")
     if method == "rigl":
-        delta_t = _number(cfg, "method.delta_t")
-        if int(delta_t) != delta_t or delta_t < 1:
-            _fail("method.delta_t", delta_t, "must be an integer >= 1 (steps between mask updates)")
+        _integer(cfg, "method.delta_t", 1, " (steps between mask updates)")
         if not 0 <= _number(cfg, "method.alpha") <= 1:
             _fail("method.alpha", cfg.method.alpha, "must be in [0, 1] (the initial drop fraction)")
         if not 0 < _number(cfg, "method.end_fraction") <= 1:
@@ -263,7 +260,7 @@ def run_name(cfg: DictConfig) -> str:
         parts.append(f"{cfg.regularizer.name}-lam{cfg.lam:g}")
     if method == "mllinbreg":
         parts.append(f"m{cfg.m}")
-    if method in ("rigl", "prune_finetune"):   # fixed-sparsity methods: the target names the run
+    if method_class(method).needs_sparsity:   # fixed-sparsity methods: the target names the run
         parts.append(f"sp{cfg.sparsity:g}")
     if method in ("mllinbreg", "linbreg"):
         parts.append(f"{cfg.init.scheme}{cfg.init.density:g}")

@@ -35,6 +35,7 @@ class Method:
     name = "base"
     sparse_init = True             # start from a sparse initialization (algorithms.md §4)
     uses_target_sparsity = False   # init density = 1 - cfg.sparsity (fixed-density methods)
+    needs_sparsity = False         # cfg.sparsity is this method's target (it must be set)
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
@@ -111,6 +112,7 @@ class RigLMethod(Method):
     """
     name = "rigl"
     uses_target_sparsity = True
+    needs_sparsity = True
 
     def __init__(self, model, *, lr, momentum, total_steps, weight_decay=5e-4, dampening=0.0, delta_t=100,
                  alpha=0.3, end_fraction=0.75, **_):
@@ -152,6 +154,7 @@ class PruneFinetuneMethod(Method):
     """
     name = "prune_finetune"
     sparse_init = False
+    needs_sparsity = True
 
     def __init__(self, model, *, lr, momentum, sparsity, epochs, weight_decay=5e-4, dampening=0.0,
                  finetune_epochs=20, from_checkpoint=None, **_):

@@ -1,7 +1,7 @@
 """Sparsity metrics of a model (algorithms.md §6).
 
-`layer_stats` is the one place that counts non-zeros; everything else (epoch rows, the
-per-layer CSV, the FLOPs account) is derived from its output.
+`layer_stats` counts the non-zeros of the epoch rows and the per-layer CSV (the FLOPs
+account keeps its own per-step counts on the device, see `mlbreg.flops`).
 """
 from __future__ import annotations
 

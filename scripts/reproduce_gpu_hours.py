@@ -26,10 +26,12 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf, open_dict
 
+from mlbreg.cli import config_dir
 from mlbreg.report import preset_override, sweep_jobs, to_markdown
 
 PRESETS = ["table1_resnet18", "table1_vgg16", "table1_wrn28_10", "table2_mask_init", "ablation_lambda",
            "ablation_m", "tinyimagenet", "cpu_timing"]
+TEST_IMAGES = 1024   # synthetic test images per timed evaluation
 # the real datasets' shapes and sizes (train, test)
 DATASETS = {"cifar10": ([3, 32, 32], 10, 50_000, 10_000), "tinyimagenet": ([3, 64, 64], 200, 100_000, 10_000),
             "mnist": ([1, 28, 28], 10, 60_000, 10_000), "fashion_mnist": ([1, 28, 28], 10, 60_000, 10_000)}
@@ -42,9 +44,10 @@ def time_config(cfg, train_size: int, device: str) -> dict[str, float]:
     shape, classes, _, _ = DATASETS[cfg.dataset.name]
     cfg = cfg.copy()
     with open_dict(cfg):
-        cfg.dataset = OmegaConf.create(dict(name="synthetic", root="data", download=False, shape=shape,
-                                            num_classes=classes, train_size=train_size, test_size=1024,
-                                            augment=True))
+        # the synthetic group option (so the config check knows every key), shaped like the real set
+        cfg.dataset = OmegaConf.merge(OmegaConf.load(Path(config_dir()) / "dataset" / "synthetic.yaml"),
+                                      dict(shape=shape, num_classes=classes, train_size=train_size,
+                                           test_size=TEST_IMAGES, augment=True))
         cfg.epochs, cfg.device, cfg.progress, cfg.checkpoint_every, cfg.resume = 3, device, False, 0, False
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -54,7 +57,8 @@ def time_config(cfg, train_size: int, device: str) -> dict[str, float]:
     if outcome["status"] != "finished":
         raise RuntimeError(f"timing run {outcome['status']}: {outcome.get('message', '')}")
     timed = metrics[metrics["epoch"] > 1]        # epoch 1 warms up (cuDNN autotuning, allocations)
-    return dict(train_s_per_image=timed["epoch_s"].mean() / train_size, eval_s_per_image=timed["eval_s"].mean() / 1024,
+    return dict(train_s_per_image=timed["epoch_s"].mean() / train_size,
+                eval_s_per_image=timed["eval_s"].mean() / TEST_IMAGES,
                 timing_wall_s=wall)
 
 
@@ -78,19 +82,19 @@ def main(argv: list[str] | None = None) -> int:
         for job, cfg in jobs:
             key = (cfg.dataset.name, cfg.model.name, cfg.method.name, cfg.backend, cfg.batch_size,
                    OmegaConf.select(cfg, "precision"), OmegaConf.select(cfg, "channels_last"))
-            if key not in timings:
+            new = key not in timings
+            if new:
                 timings[key] = time_config(cfg, args.train_size, args.device)
-                t = timings[key]
+            t = timings[key]
+            _, _, n_train, n_test = DATASETS[cfg.dataset.name]
+            run_h = cfg.epochs * (n_train * t["train_s_per_image"] + n_test * t["eval_s_per_image"]) / 3600
+            hours += run_h
+            if new:
                 print(f"timed {'/'.join(map(str, key[:3]))}: {1 / t['train_s_per_image']:.0f} train images/s "
                       f"({t['timing_wall_s']:.0f} s)", flush=True)
-                _, _, n_train, n_test = DATASETS[cfg.dataset.name]
-                run_h = cfg.epochs * (n_train * t["train_s_per_image"] + n_test * t["eval_s_per_image"]) / 3600
                 per_run.append(dict(dataset=key[0], model=key[1], method=key[2], backend=key[3],
                                     train_images_per_s=round(1 / t["train_s_per_image"]),
                                     hours_per_200_epoch_run=round(run_h * 200 / cfg.epochs, 2)))
-            t = timings[key]
-            _, _, n_train, n_test = DATASETS[cfg.dataset.name]
-            hours += cfg.epochs * (n_train * t["train_s_per_image"] + n_test * t["eval_s_per_image"]) / 3600
         rows.append(dict(preset=preset, runs=len(jobs), gpu_hours=round(hours, 1)))
         print(f"{preset}: {len(jobs)} runs, {hours:.1f} GPU-hours", flush=True)
 
