@@ -250,10 +250,13 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     return data
 
 
+def digest(data: Any, length: int = 8) -> str:
+    """A short, stable hash of plain data (the run name's suffix, the report's config ids)."""
+    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
 def run_name(cfg: DictConfig) -> str:
     """`<dataset>/<model>/<method>/<lam,m,init,seed>-<hash of the identity>`."""
-    ident = identity(cfg)
-    digest = hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:8]
     method = cfg.method.name
     parts = []
     if method in ("mllinbreg", "linbreg"):
@@ -266,5 +269,5 @@ def run_name(cfg: DictConfig) -> str:
         parts.append(f"{cfg.init.scheme}{cfg.init.density:g}")
     elif method == "rigl":
         parts.append(cfg.init.scheme)
-    parts += [f"seed{cfg.seed}", digest]
+    parts += [f"seed{cfg.seed}", digest(identity(cfg))]
     return f"{cfg.dataset.name}/{cfg.model.name}/{method}/{'_'.join(parts)}"

@@ -24,7 +24,6 @@ computation, and the second is counted as a duplicate, not as another seed.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shlex
@@ -146,17 +145,16 @@ def _run_label(path: Path, flat: dict[str, Any]) -> str:
 def read_run(path: Path) -> tuple[dict[str, Any], pd.DataFrame | None]:
     """One run directory -> (its row of the runs frame, its metrics.csv or None)."""
     from omegaconf import OmegaConf
-    from .config import NON_IDENTIFYING
+    from .config import identity
 
     row: dict[str, Any] = {"path": str(path)}
     try:
-        config = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=False)
+        config = OmegaConf.load(path / "config.yaml")
     except Exception as err:  # noqa: BLE001 - an unreadable config is one more excluded run
         row.update(run=str(path), status="unreadable", included=False, reason=f"config.yaml: {err}")
         return row, None
-    flat = _flatten({k: v for k, v in config.items() if k != "hydra"})
-    ident = {k: v for k, v in flat.items()
-             if not any(k == key or k.startswith(key + ".") for key in NON_IDENTIFYING)}
+    flat = _flatten({k: v for k, v in OmegaConf.to_container(config).items() if k != "hydra"})
+    ident = _flatten(identity(config))   # the keys that name the run (config.run_name)
     row["run"] = _run_label(path, flat)
     for short, key in CANONICAL.items():
         row[short] = flat.get(key)
@@ -216,8 +214,8 @@ def _config_id(method: str, ident: dict[str, Any]) -> tuple[str, dict[str, Any]]
     """The configuration a run belongs to: its identity without seed and unused keys."""
     ignored = IGNORED_KEYS.get(method, ())
     key = {k: v for k, v in ident.items() if k != "seed" and k not in ignored}
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return digest, key
+    from .config import digest
+    return digest(key, 10), key
 
 
 def preset_override(name: str) -> str:
@@ -327,11 +325,10 @@ def collect(paths: Iterable[str | os.PathLike], sweeps: Iterable[str] = ()) -> C
 def _mark_duplicates(runs: pd.DataFrame) -> pd.DataFrame:
     """Two included runs of one configuration and one seed: the same computation, counted once."""
     runs = runs.sort_values("run", kind="stable").reset_index(drop=True)
-    ok = runs["included"].astype(bool)
-    dup = ok & runs.duplicated(subset=["config_id", "seed"], keep="first")
-    for i in runs.index[dup]:
-        first = runs[ok & ~dup & (runs["config_id"] == runs.at[i, "config_id"])
-                     & (runs["seed"] == runs.at[i, "seed"])]["run"].iloc[0]
+    included = runs[runs["included"].astype(bool)]
+    firsts = included.groupby(["config_id", "seed"], dropna=False)["run"].transform("first")
+    for i in included.index[included["run"] != firsts]:
+        first = firsts.at[i]
         runs.at[i, "included"] = False
         runs.at[i, "reason"] = f"duplicate: same configuration and seed as {first} (keys the method ignores differ)"
         runs.at[i, "status"] = "duplicate"

@@ -179,3 +179,15 @@ def test_no_runs_is_an_error(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "no run directories" in capsys.readouterr().err
     assert main([str(tmp_path / "nope")]) == 2
+
+
+def test_a_failed_run_never_makes_a_finished_one_a_duplicate():
+    import pandas as pd
+
+    from mlbreg.report import _mark_duplicates
+    runs = pd.DataFrame(dict(run=["a_failed", "b", "c"], included=[False, True, True], config_id=["x"] * 3,
+                             seed=[0, 0, 0], reason=["failed", "", ""], status=["failed", "finished", "finished"]))
+    out = _mark_duplicates(runs).set_index("run")
+    assert out.at["b", "included"] and out.at["b", "status"] == "finished"      # the first finished run counts
+    assert not out.at["c", "included"] and out.at["c", "status"] == "duplicate" and "as b" in out.at["c", "reason"]
+    assert out.at["a_failed", "status"] == "failed"
