@@ -30,8 +30,6 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("digits", "cifar10", "tinyimagenet", "mnist", "fashion_mnist", "synthetic")
-
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 MNIST_URLS = {
@@ -301,6 +299,7 @@ _LOADERS = {
     "fashion_mnist": _load_fashion_mnist,
     "synthetic": _load_synthetic,
 }
+DATASETS = tuple(_LOADERS)
 
 
 # --------------------------------------------------------------------------- helpers

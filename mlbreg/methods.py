@@ -15,14 +15,18 @@ from torch import nn
 
 from .models import prunable_modules
 from .optim import LinBreg, MLLinBreg
-from .sparsity import RigL, apply_masks_, finetune_split, global_magnitude_masks, load_dense_weights, mask_grads_
+from .sparsity import RigL, apply_masks_, finetune_split, global_magnitude_masks, load_dense_weights
 
 METHODS = ("mllinbreg", "linbreg", "sgd", "rigl", "prune_finetune")
 
 
+def prunable_weights(model: nn.Module) -> list[torch.Tensor]:
+    return [mod.weight for _, mod in prunable_modules(model)]
+
+
 def split_param_groups(model: nn.Module, reg: str, lam: float) -> list[dict]:
     """Prunable weights (Conv2d/Linear) get the regularizer; biases and norms are plain SGD."""
-    prunable = [mod.weight for _, mod in prunable_modules(model)]
+    prunable = prunable_weights(model)
     ids = {id(p) for p in prunable}
     others = [p for p in model.parameters() if id(p) not in ids]
     groups = [dict(params=prunable, reg=reg, lam=lam)]
@@ -96,16 +100,12 @@ class MLLinBregMethod(Method):
         return "full_grad" if self.optimizer.next_step_is_fine() else "sparse"
 
 
-def prunable_weights(model: nn.Module) -> list[torch.Tensor]:
-    return [mod.weight for _, mod in prunable_modules(model)]
-
-
 class RigLMethod(Method):
     """RigL (algorithms.md §5): masked SGD at a fixed density, drop/grow every ΔT steps.
 
     The loop initializes the model at density 1 − `sparsity` with the `init` scheme (the
     RigL paper uses ERK: `init=erk`); the non-zeros of that initialization are the initial
-    mask. Ordinary steps: the gradient is masked, torch SGD steps (momentum, weight decay),
+    mask. Ordinary steps: a torch SGD step (momentum, weight decay),
     and weights and momentum are re-masked. Mask-update steps (full dense gradient, no SGD
     step) are those of `mlbreg.sparsity.rigl`. Weight decay defaults to 5e-4, the RigL
     paper's CIFAR-10 value (ImageNet: 1e-4).
@@ -129,8 +129,7 @@ class RigLMethod(Method):
         if self.rigl.is_update_step():
             self.rigl.update_masks(self.optimizer)   # no SGD step on mask-update steps
         else:
-            mask_grads_(self.weights, self.rigl.masks)
-            self.optimizer.step()
+            self.optimizer.step()        # re-masking θ and b after the step makes a gradient mask redundant
             self.rigl.apply_masks(self.optimizer)
         self.rigl.advance()
 
@@ -150,7 +149,7 @@ class PruneFinetuneMethod(Method):
     `mlbreg.sparsity.prune.finetune_split`); the pruning happens in `end_epoch` at that
     boundary. With `from_checkpoint` (a model.pt or a run directory) the saved dense
     weights are loaded at construction and pruned at once, and every epoch fine-tunes.
-    Fine-tuning masks the gradient, steps, and re-masks weights and momentum.
+    Fine-tuning steps, then re-masks weights and momentum.
     """
     name = "prune_finetune"
     sparse_init = False
@@ -182,7 +181,6 @@ class PruneFinetuneMethod(Method):
         if not self.pruned:
             self.optimizer.step()
             return
-        mask_grads_(self.weights, self.masks)
         self.optimizer.step()
         apply_masks_(self.weights, self.masks, self.optimizer)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mlbreg import data
-from mlbreg.data import DATASETS, BatchLoader, DataNotFoundError, Split, load_dataset
+from mlbreg.data import BatchLoader, DataNotFoundError, Split, load_dataset
 
 # --------------------------------------------------------------------------- fixtures on disk
 
@@ -225,10 +225,6 @@ def test_synthetic():
     assert (ds.in_shape, ds.mean, ds.std, ds.augment) == ((1, 16, 16), (0.5,), (0.25,), False)
     assert torch.equal(load_dataset("synthetic", shape=(1, 16, 16), num_classes=4, train_size=30, test_size=7,
                                     seed=3).train.x, ds.train.x)
-
-
-def test_dataset_names_all_dispatch():
-    assert set(DATASETS) == set(data._LOADERS)
 
 
 # --------------------------------------------------------------------------- loader

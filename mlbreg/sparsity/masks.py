@@ -142,19 +142,15 @@ def momentum_buffers(optimizer: torch.optim.Optimizer, params: list[torch.Tensor
 
 
 @torch.no_grad()
-def mask_grads_(params: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
-    """g ← M ⊙ g, so a masked SGD step neither moves nor builds momentum outside M."""
-    pairs = [(p.grad, m) for p, m in zip(params, masks) if p.grad is not None]
-    if pairs:
-        torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
-
-
-@torch.no_grad()
 def apply_masks_(params: list[torch.Tensor], masks: list[torch.Tensor],
                  optimizer: Optional[torch.optim.Optimizer] = None) -> None:
-    """θ ← M ⊙ θ and, given the optimizer, b ← M ⊙ b for its momentum buffers."""
-    torch._foreach_mul_(list(params), list(masks))
+    """θ ← M ⊙ θ and, given the optimizer, b ← M ⊙ b for its momentum buffers (one
+    multi-tensor kernel for both). After a masked SGD step this is all the masking needed:
+    whatever the step did outside M is undone, θ and b there are 0 again."""
+    tensors, factors = list(params), list(masks)
     if optimizer is not None:
-        pairs = [(b, m) for b, m in zip(momentum_buffers(optimizer, params), masks) if b is not None]
-        if pairs:
-            torch._foreach_mul_([b for b, _ in pairs], [m for _, m in pairs])
+        for b, m in zip(momentum_buffers(optimizer, params), masks):
+            if b is not None:
+                tensors.append(b)
+                factors.append(m)
+    torch._foreach_mul_(tensors, factors)
