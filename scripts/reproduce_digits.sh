@@ -2,7 +2,7 @@
 # The paper's comparison at laptop scale: scikit-learn's 8x8 digits (bundled, offline), the MLP
 # 64-256-128-10, 200 epochs, lr 0.1 cosine, m = 100, 3 seeds; every method (SGD, Prune+Fine-Tuning,
 # RigL, LinBreg, ML LinBreg), the λ and m ablations and the mask initializations, through the same
-# presets and launcher as the paper's runs. ~80 runs; about 10 minutes on 2 CPU cores.
+# presets and launcher as the paper's runs. 81 runs; about 6 minutes on 2 CPU cores.
 #
 #   bash scripts/reproduce_digits.sh [OVERRIDES...]        # JOBS=4 for 4 parallel runs
 #

@@ -17,7 +17,7 @@ cycle start). Other options reach `SparsePropBackend` unchanged (see backends/sp
 """
 from __future__ import annotations
 
-import warnings
+import sys
 
 import torch
 from torch import nn
@@ -77,7 +77,9 @@ def make_backend(name: str, model: nn.Module, device: torch.device, method_name:
             raise RuntimeError("backend=sparseprop needs the SparseProp package: pip install pybind11 scipy && "
                                "pip install --no-build-isolation 'sparseprop>=0.1.14' (see README); "
                                "or use backend=torch")
-        warnings.warn("SparseProp is not installed: backend=auto uses torch layers", stacklevel=2)
+        # one line on stderr, not a Python warning with its source line: this is the newcomer's first run
+        print("mlbreg: note: SparseProp is not installed, so backend=auto uses torch layers (see the README's "
+              "'CPU sparse backend' to install it)", file=sys.stderr)
         return TorchBackend(model)
     if device.type != "cpu":
         raise ValueError(f"backend=sparseprop runs on the CPU only, not on device {device}; use backend=torch")
