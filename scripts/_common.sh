@@ -11,7 +11,6 @@
 #   hydra/launcher=joblib hydra.launcher.n_jobs=4
 #   hydra/launcher=slurm hydra.launcher.partition=gpu
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MLBREG=${MLBREG:-mlbreg}
 OUTPUTS=${OUTPUTS:-outputs}
 REPORTS=${REPORTS:-$OUTPUTS/reports}
