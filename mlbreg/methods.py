@@ -35,6 +35,12 @@ def split_param_groups(model: nn.Module, reg: str, lam: float) -> list[dict]:
     return groups
 
 
+def _sgd(model: nn.Module, lr, momentum, dampening, weight_decay) -> torch.optim.SGD:
+    """The torch SGD the dense and fixed-density baselines step with."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, dampening=dampening,
+                           weight_decay=weight_decay)
+
+
 class Method:
     name = "base"
     sparse_init = True             # start from a sparse initialization (algorithms.md §4)
@@ -50,7 +56,7 @@ class Method:
     def step(self) -> None:
         self.optimizer.step()
 
-    def end_epoch(self, epoch: int, model: nn.Module) -> None:
+    def end_epoch(self, epoch: int) -> None:
         """Called after every epoch (prune_finetune prunes here)."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -66,8 +72,7 @@ class SGDMethod(Method):
     sparse_init = False
 
     def __init__(self, model, *, lr, momentum, weight_decay, dampening=0.0, **_):
-        super().__init__(torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, dampening=dampening,
-                                         weight_decay=weight_decay))
+        super().__init__(_sgd(model, lr, momentum, dampening, weight_decay))
 
     def step_kind(self) -> str:
         return "dense"
@@ -116,8 +121,7 @@ class RigLMethod(Method):
 
     def __init__(self, model, *, lr, momentum, total_steps, weight_decay=5e-4, dampening=0.0, delta_t=100,
                  alpha=0.3, end_fraction=0.75, **_):
-        super().__init__(torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, dampening=dampening,
-                                         weight_decay=weight_decay))
+        super().__init__(_sgd(model, lr, momentum, dampening, weight_decay))
         self.weights = prunable_weights(model)
         self.rigl = RigL(self.weights, total_steps=total_steps, delta_t=delta_t, alpha=alpha,
                          end_fraction=end_fraction)
@@ -134,10 +138,10 @@ class RigLMethod(Method):
         self.rigl.advance()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "rigl": self.rigl.state_dict()}
+        return {**super().state_dict(), "rigl": self.rigl.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        super().load_state_dict(state)
         self.rigl.load_state_dict(state["rigl"])
 
 
@@ -157,13 +161,12 @@ class PruneFinetuneMethod(Method):
 
     def __init__(self, model, *, lr, momentum, sparsity, epochs, weight_decay=5e-4, dampening=0.0,
                  finetune_epochs=20, from_checkpoint=None, **_):
-        super().__init__(torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, dampening=dampening,
-                                         weight_decay=weight_decay))
+        super().__init__(_sgd(model, lr, momentum, dampening, weight_decay))
         if sparsity is None or not 0 < sparsity < 1:
             raise ValueError(f"invalid sparsity={sparsity!r}: prune_finetune needs a target sparsity in (0, 1)")
         self.weights = prunable_weights(model)
         self.sparsity = float(sparsity)
-        self.dense_epochs, self.finetune_epochs = finetune_split(epochs, finetune_epochs, from_checkpoint)
+        self.dense_epochs, _ = finetune_split(epochs, finetune_epochs, from_checkpoint)
         self.masks: list[torch.Tensor] | None = None
         self.pruned_at_epoch: int | None = None
         if from_checkpoint:
@@ -178,11 +181,9 @@ class PruneFinetuneMethod(Method):
         return "sparse" if self.pruned else "dense"
 
     def step(self) -> None:
-        if not self.pruned:
-            self.optimizer.step()
-            return
         self.optimizer.step()
-        apply_masks_(self.weights, self.masks, self.optimizer)
+        if self.pruned:
+            apply_masks_(self.weights, self.masks, self.optimizer)
 
     @torch.no_grad()
     def prune(self, epoch: int) -> None:
@@ -190,16 +191,16 @@ class PruneFinetuneMethod(Method):
         apply_masks_(self.weights, self.masks, self.optimizer)
         self.pruned_at_epoch = epoch
 
-    def end_epoch(self, epoch: int, model: nn.Module) -> None:
+    def end_epoch(self, epoch: int) -> None:
         if not self.pruned and epoch >= self.dense_epochs:
             self.prune(epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "pruned_at_epoch": self.pruned_at_epoch,
+        return {**super().state_dict(), "pruned_at_epoch": self.pruned_at_epoch,
                 "masks": None if self.masks is None else [m.clone() for m in self.masks]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        super().load_state_dict(state)
         masks = state.get("masks")
         self.masks = None if masks is None else [m.to(device=w.device, dtype=torch.bool)
                                                  for m, w in zip(masks, self.weights)]

@@ -388,8 +388,7 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
         row = {"config_id": config_id}
         for col in describe:
             row[col] = first.get(col)
-        for key, col in (("lam", "lam"), ("m", "m"), ("regularizer.name", "regularizer"), ("sparsity", "target_sparsity"),
-                         ("init.scheme", "init"), ("init.density", "density")):
+        for col, key in CANONICAL.items():
             if key in IGNORED_KEYS.get(method, ()):
                 row[col] = None
         row["n"] = int(group["seed"].nunique())

@@ -393,7 +393,7 @@ class Trainer:
             self.layers_log.append([dict(epoch=epoch + 1, **layer) for layer in layers])
         self.bar.set_postfix(loss=f"{row['train_loss']:.3f}", test_acc=f"{test_acc:.1f}",
                              sparsity=f"{sparsity['sparsity_pct']:.1f}")
-        self.method.end_epoch(epoch + 1, self.model)
+        self.method.end_epoch(epoch + 1)
         return row, int(acc["bad_step"])
 
 

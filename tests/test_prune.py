@@ -63,7 +63,7 @@ def test_method_prunes_at_the_boundary_and_keeps_the_mask():
     for epoch in (1, 2):
         assert method.step_kind() == "dense"
         _step(model, method, x, y)
-        method.end_epoch(epoch, model)
+        method.end_epoch(epoch)
     assert method.step_kind() == "sparse" and method.pruned_at_epoch == 2
     nnz = sum(int(torch.count_nonzero(w)) for w in weights)
     assert nnz == n - round(0.8 * n)
