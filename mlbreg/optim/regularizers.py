@@ -27,7 +27,7 @@ def check_regularizer(name: str) -> str:
     return name
 
 
-def _group_dims(x: torch.Tensor) -> tuple[int, ...]:
+def group_dims(x: torch.Tensor) -> tuple[int, ...]:
     """Dimensions reduced to form one group: kernels for 4-D, rows for 2-D weights."""
     if x.dim() == 4:
         return (2, 3)
@@ -40,12 +40,12 @@ def _group_dims(x: torch.Tensor) -> tuple[int, ...]:
 
 def group_size(x: torch.Tensor) -> int:
     """n_g: the number of entries in one group of this tensor."""
-    return math.prod([x.shape[d] for d in _group_dims(x)])   # a list: torch.compile traces it
+    return math.prod([x.shape[d] for d in group_dims(x)])   # a list: torch.compile traces it
 
 
 def group_norms(x: torch.Tensor) -> torch.Tensor:
     """‖x_g‖₂ per group, broadcastable against x (keepdim)."""
-    dims = _group_dims(x)
+    dims = group_dims(x)
     if not dims:
         return x.abs()
     return torch.linalg.vector_norm(x, dim=dims, keepdim=True)
@@ -122,7 +122,7 @@ def support(theta: torch.Tensor, reg: str) -> torch.Tensor:
     kernels)."""
     nonzero = theta != 0
     if reg == "group":
-        dims = _group_dims(theta)
+        dims = group_dims(theta)
         if dims:
             nonzero = nonzero.any(dim=dims[0], keepdim=True) if len(dims) == 1 else nonzero.flatten(2).any(-1)[..., None, None]
             nonzero = nonzero.expand_as(theta)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..models import prunable_modules
+from ..optim.regularizers import group_dims
 
 SCHEMES = ("uniform", "er", "erk")
 
@@ -65,13 +66,12 @@ def layer_densities(shapes: Mapping[str, tuple[int, ...]], density: float, schem
     return {n: 1.0 if n in dense_set else eps * ratio[n] for n in shapes}
 
 
-def exact_counts(numel: Mapping[str, int], densities: Mapping[str, float], total: Optional[int] = None) -> dict[str, int]:
+def exact_counts(numel: Mapping[str, int], densities: Mapping[str, float]) -> dict[str, int]:
     """Integer non-zero counts per layer: round(p_l·N_l) with largest-remainder rounding so
     that the overall count is the target (within one weight of density·Σ N)."""
     want = {n: densities[n] * numel[n] for n in numel}
     counts = {n: min(numel[n], math.floor(w)) for n, w in want.items()}
-    target = round(sum(want.values())) if total is None else total
-    missing = target - sum(counts.values())
+    missing = round(sum(want.values())) - sum(counts.values())
     # largest remainder first; the sort is stable, so equal remainders go in layer order
     for n in sorted(numel, key=lambda n: want[n] - counts[n], reverse=True):
         if missing <= 0:
@@ -83,12 +83,11 @@ def exact_counts(numel: Mapping[str, int], densities: Mapping[str, float], total
 
 
 def _mask_units(weight: torch.Tensor, by_group: bool) -> tuple[int, ...]:
-    """Shape of the mask that is drawn: whole kernels / rows for the group regularizer."""
-    if by_group and weight.dim() == 4:
-        return tuple(weight.shape[:2])
-    if by_group and weight.dim() == 2:
-        return (weight.shape[0],)
-    return tuple(weight.shape)
+    """Shape of the mask that is drawn: one entry per group of the group regularizer (whole
+    kernels / rows, the trailing dimensions `group_dims` reduces) or per weight."""
+    if not by_group:
+        return tuple(weight.shape)
+    return tuple(size for d, size in enumerate(weight.shape) if d not in group_dims(weight))
 
 
 def random_mask(shape: tuple[int, ...], count: int, generator: torch.Generator) -> torch.Tensor:
@@ -129,7 +128,7 @@ def sparse_init_(model: nn.Module, density: float, scheme: str = "uniform", scal
         mask = random_mask(units[name], counts[name], generator)
         mask = mask.view(mask.shape + (1,) * (w.dim() - mask.dim())).expand_as(w)
         p = counts[name] / n_units
-        w.mul_(mask).mul_(scale / math.sqrt(p) if p > 0 else 0.0)
+        w.mul_(mask).mul_(scale / math.sqrt(p))          # p > 0: every layer keeps a unit
         mod.weight.copy_(w)
         achieved[name] = p
     return achieved
