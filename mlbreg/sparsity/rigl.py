@@ -89,14 +89,17 @@ class RigL:
         with torch.no_grad():
             self.masks = [m.to(torch.bool).clone() for m in masks] if masks is not None else \
                 [w.detach() != 0 for w in self.weights]
-        # host-side counts: no device sync to size the topk on update steps
-        self.active = [int(m.sum()) for m in self.masks]
-        self.updatable = [0 < n < m.numel() for n, m in zip(self.active, self.masks)]
+        self._count_active()
         self.delta_t = int(delta_t)
         self.alpha = float(alpha)
         self.t_end = int(end_fraction * total_steps)
         self.steps_taken = 0
         self.updates_done = 0
+
+    def _count_active(self) -> None:
+        # host-side counts (drop and grow keeps them): no device sync to size the topk on update steps
+        self.active = [int(m.sum()) for m in self.masks]
+        self.updatable = [0 < n < m.numel() for n, m in zip(self.active, self.masks)]
 
     def is_update_step(self, t: Optional[int] = None) -> bool:
         t = self.steps_taken if t is None else t
@@ -147,8 +150,7 @@ class RigL:
                 raise ValueError(f"RigL mask of shape {tuple(theirs.shape)} does not fit a weight of shape "
                                  f"{tuple(mine.shape)}")
         self.masks = [m.to(device=w.device, dtype=torch.bool) for m, w in zip(state["masks"], self.weights)]
-        self.active = [int(m.sum()) for m in self.masks]
-        self.updatable = [0 < n < m.numel() for n, m in zip(self.active, self.masks)]
+        self._count_active()
         self.steps_taken = int(state["steps_taken"])
         self.updates_done = int(state.get("updates_done", 0))
         self.delta_t, self.alpha, self.t_end = int(state["delta_t"]), float(state["alpha"]), int(state["t_end"])
