@@ -195,8 +195,8 @@ def validate(cfg: DictConfig, environment: bool = True) -> None:
         _fail("method.kappa", cfg.method.kappa, "must be in [0, 1] (‖Rg‖ >= κ‖g‖ starts a coarse cycle)")
     if "eps" in cfg.method and _number(cfg, "method.eps") < 0:
         _fail("method.eps", cfg.method.eps, "must be >= 0")
-    if cfg.backend == "sparseprop":
-        _check_sparseprop(cfg, environment)
+    if cfg.backend in ("sparseprop", "native"):
+        _check_sparse_backend(cfg, environment)
     if cfg.device == "cuda" and environment:
         import torch
         if not torch.cuda.is_available():
@@ -212,21 +212,32 @@ def check_data(cfg: DictConfig) -> None:
         raise DataNotFoundError(missing)
 
 
-def _check_sparseprop(cfg: DictConfig, environment: bool) -> None:
-    from .backends import sparseprop_available
+def _check_sparse_backend(cfg: DictConfig, environment: bool) -> None:
+    """backend=sparseprop / native: CPU sparse layers for ML LinBreg's coarse steps."""
+    name = cfg.backend
+    label = "SparseProp" if name == "sparseprop" else "the native kernels"
     if cfg.method.name != "mllinbreg":
-        _fail("backend", "sparseprop", f"SparseProp layers serve ML LinBreg's coarse steps; method={cfg.method.name} "
+        _fail("backend", name, f"sparse CPU layers serve ML LinBreg's coarse steps; method={cfg.method.name} "
               "needs backend=torch (or auto)")
     if cfg.device == "cuda":
-        _fail("backend", "sparseprop", "SparseProp runs on the CPU only; use device=cpu or backend=torch")
+        _fail("backend", name, f"{label} run on the CPU only; use device=cpu or backend=torch")
     if cfg.compile:
         _fail("compile", True, "torch.compile works with torch layers only (backend=torch or auto)")
     if cfg.distributed:
-        _fail("backend", "sparseprop", "swapped layers get their gradients outside autograd, which DDP cannot "
+        _fail("backend", name, "swapped layers get their gradients outside autograd, which DDP cannot "
               "synchronize; use backend=torch for distributed runs")
-    if environment and not sparseprop_available():
-        _fail("backend", "sparseprop", "SparseProp is not installed: pip install pybind11 scipy && pip install "
-              "--no-build-isolation 'sparseprop>=0.1.14' (see README), or use backend=torch")
+    if not environment:
+        return
+    if name == "sparseprop":
+        from .backends import sparseprop_available
+        if not sparseprop_available():
+            _fail("backend", name, "SparseProp is not installed: pip install pybind11 scipy && pip install "
+                  "--no-build-isolation 'sparseprop>=0.1.14' (see README), or use backend=torch")
+    else:
+        from .backends.native import unavailable_reason
+        reason = unavailable_reason()
+        if reason:
+            _fail("backend", name, f"{reason}; or use backend=auto / torch")
 
 
 def identity(cfg: DictConfig) -> dict[str, Any]:

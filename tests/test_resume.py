@@ -197,7 +197,7 @@ def test_a_signal_ends_the_sweep_and_the_rerun_finishes_it(tmp_path, monkeypatch
     assert len(runs) == 1 and "seed0" in runs[0].name        # the jobs after it did not start
     status = RunDir(runs[0]).read_status()
     assert status["status"] == "interrupted" and status["signal"] == signal.SIGTERM
-    assert status["device"] == "cpu" and status["backend"] in ("torch", "sparseprop")
+    assert status["device"] == "cpu" and status["backend"] in ("torch", "native", "sparseprop")
     monkeypatch.undo()
     capsys.readouterr()
     assert main(args) == 0                   # the rerun resumes seed 0 and trains seeds 1 and 2

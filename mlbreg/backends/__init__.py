@@ -1,4 +1,5 @@
-"""Compute backends for the layers: torch (any device) or SparseProp (CPU, sparse layers).
+"""Compute backends for the layers: torch (any device), or sparse CPU layers for ML LinBreg's coarse
+steps: the project's own kernels (native, see backends/native) or SparseProp.
 
 The training loop calls, around every step:
     backend.before_step(kind)   # kind from method.step_kind(): "dense" | "full_grad" | "sparse"
@@ -22,7 +23,7 @@ import sys
 import torch
 from torch import nn
 
-BACKENDS = ("auto", "torch", "sparseprop")
+BACKENDS = ("auto", "torch", "native", "sparseprop")
 
 
 class TorchBackend:
@@ -59,8 +60,8 @@ def _distributed() -> bool:
 
 
 def make_backend(name: str, model: nn.Module, device: torch.device, method_name: str, **options):
-    """`auto`: SparseProp on CPU for ML LinBreg when it is installed (and the run is not
-    distributed), else torch."""
+    """`auto`: on CPU for ML LinBreg (not distributed) the native kernels when they build and pass their
+    self-check, else SparseProp when installed, else torch layers; anything else gets torch layers."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
     if name == "torch":
@@ -71,17 +72,27 @@ def make_backend(name: str, model: nn.Module, device: torch.device, method_name:
     if _distributed():
         # a swapped layer's dense weight gets its gradient after backward, outside autograd:
         # DDP's reducer would never see it (unsynchronized gradients or a hang)
-        raise ValueError("backend=sparseprop does not work with distributed (DDP) training; use backend=torch")
+        raise ValueError(f"backend={name} does not work with distributed (DDP) training; use backend=torch")
+    if device.type != "cpu":
+        raise ValueError(f"backend={name} runs on the CPU only, not on device {device}; use backend=torch")
+    if name in ("auto", "native"):
+        from .native import build
+        try:
+            build.load()
+        except build.NativeUnavailable as err:
+            if name == "native":
+                raise RuntimeError(f"backend=native: {err}; or use backend=auto / torch") from err
+            fallback = "SparseProp" if sparseprop_available() else "torch layers"
+            # one line on stderr, not a Python warning with its source line: this is the newcomer's first run
+            print(f"mlbreg: note: native kernels unavailable ({err}); backend=auto uses {fallback}", file=sys.stderr)
+        else:
+            from .native.backend import NativeBackend
+            return NativeBackend(model, **options)
     if not sparseprop_available():
         if name == "sparseprop":
             raise RuntimeError("backend=sparseprop needs the SparseProp package: pip install pybind11 scipy && "
                                "pip install --no-build-isolation 'sparseprop>=0.1.14' (see README); "
                                "or use backend=torch")
-        # one line on stderr, not a Python warning with its source line: this is the newcomer's first run
-        print("mlbreg: note: SparseProp is not installed, so backend=auto uses torch layers (see the README's "
-              "'CPU sparse backend' to install it)", file=sys.stderr)
         return TorchBackend(model)
-    if device.type != "cpu":
-        raise ValueError(f"backend=sparseprop runs on the CPU only, not on device {device}; use backend=torch")
     from .sparseprop import SparsePropBackend
     return SparsePropBackend(model, **options)

@@ -1,0 +1,248 @@
+"""Sparse conv / linear and fused BatchNorm as autograd functions over the native kernels.
+
+Layout: activations travel between native layers as CHWB (batch innermost): a contiguous (C, H, W, B)
+tensor that torch sees as the NCHW view ``t.permute(3, 0, 1, 2)``. Elementwise torch ops (ReLU, add)
+keep that layout, a native layer reads it without a copy, and a layer that gets any other layout
+copies it once (``to_chwb``). Every kernel checks shapes, dtypes and contiguity itself, so a wrong
+layout raises instead of computing garbage.
+
+Sparse structure (``build_structure``): the non-zeros of each output channel, bucketed by kernel
+position (u, v) and ordered by input channel inside a bucket; ``idx`` maps them to flat positions of
+the dense weight (the values are ``weight.view(-1)[idx]``). A stride-1 conv also gets the transposed,
+flipped structure for its input gradient (a gather, like the forward); a strided conv's input gradient
+is a scatter over the forward structure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch.nn import functional as F
+
+
+def is_chwb(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.permute(1, 2, 3, 0).is_contiguous()
+
+
+def to_chwb(x: torch.Tensor) -> torch.Tensor:
+    """The physical (C, H, W, B) tensor of an NCHW-shaped tensor (a copy only when it is not CHWB)."""
+    return x.permute(1, 2, 3, 0).contiguous()
+
+
+def from_chwb(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(3, 0, 1, 2)
+
+
+@dataclass
+class Structure:
+    """The fixed support of one conv (or linear, as a 1x1 conv on a 1x1 image) for the kernels."""
+    ext: Any
+    c_out: int
+    c_in: int
+    k: int
+    stride: int
+    pad: int
+    idx: torch.Tensor                 # int64 (nnz,) flat positions in the dense weight, kernel order
+    bptr: torch.Tensor                # int32 (c_out*k*k + 1,) bucket starts
+    chan: torch.Tensor                # int32 (nnz,) input channel per non-zero
+    t_perm: Optional[torch.Tensor] = None   # stride 1: kernel-order index of each transposed non-zero
+    t_bptr: Optional[torch.Tensor] = None
+    t_chan: Optional[torch.Tensor] = None
+
+    @property
+    def nnz(self) -> int:
+        return int(self.idx.numel())
+
+
+def _buckets(group: torch.Tensor, n: int) -> torch.Tensor:
+    ptr = torch.zeros(n + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(group, minlength=n), 0, out=ptr[1:])
+    return ptr.to(torch.int32)
+
+
+def build_structure(ext, mask: torch.Tensor, stride: int = 1, pad: int = 0) -> Structure:
+    """Structure of a boolean (C_out, C_in, K, K) conv mask or (N, M) linear mask."""
+    if mask.dim() == 2:
+        mask = mask[:, :, None, None]
+    c_out, c_in, k, k2 = mask.shape
+    assert k == k2, mask.shape
+    if mask.numel() >= 2 ** 31:
+        raise ValueError(f"weight with {mask.numel()} entries is too large for int32 indices")
+    nz = mask.nonzero()
+    co, ci, u, v = nz.unbind(1)
+    flat = ((co * c_in + ci) * k + u) * k + v
+    order = torch.argsort(((co * k + u) * k + v) * c_in + ci)
+    bucket = ((co * k + u) * k + v)[order]
+    st = Structure(ext, c_out, c_in, k, stride, pad, flat[order].contiguous(), _buckets(bucket, c_out * k * k),
+                   ci[order].to(torch.int32).contiguous())
+    if stride == 1:
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel())
+        uf, vf = k - 1 - u, k - 1 - v
+        t_order = torch.argsort(((ci * k + uf) * k + vf) * c_out + co)
+        st.t_perm = inverse[t_order].contiguous()
+        st.t_bptr = _buckets(((ci * k + uf) * k + vf)[t_order], c_in * k * k)
+        st.t_chan = co[t_order].to(torch.int32).contiguous()
+    return st
+
+
+def _input_grad(st: Structure, g: torch.Tensor, val: torch.Tensor, h: int, w: int, dims: int = 4) -> torch.Tensor:
+    if st.stride == 1:
+        return st.ext.conv_gather(g, st.t_bptr, st.t_chan, val.index_select(0, st.t_perm).contiguous(), st.c_in,
+                                  st.k, 1, st.k - 1 - st.pad, dims)
+    return st.ext.conv_scatter(g, st.bptr, st.chan, val, st.c_in, h, w, st.k, st.stride, st.pad, dims)
+
+
+class SparseConvFn(torch.autograd.Function):
+    """y = conv2d(x, W) with W given by its values on the structure; x any layout, y CHWB."""
+
+    @staticmethod
+    def forward(ctx, x, w_val, st: Structure):
+        xc = to_chwb(x)
+        val = w_val.detach().contiguous()
+        out = st.ext.conv_gather(xc, st.bptr, st.chan, val, st.c_out, st.k, st.stride, st.pad, 4)
+        ctx.st, ctx.hw = st, (x.shape[2], x.shape[3])
+        ctx.save_for_backward(xc if w_val.requires_grad else None, val)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        xc, val = ctx.saved_tensors
+        st = ctx.st
+        g = to_chwb(grad)
+        dx = _input_grad(st, g, val, *ctx.hw) if ctx.needs_input_grad[0] else None
+        dval = st.ext.conv_sddmm(g, xc, st.bptr, st.chan, st.k, st.stride, st.pad) if ctx.needs_input_grad[1] else None
+        return dx, dval, None
+
+
+class SparseLinearFn(torch.autograd.Function):
+    """y = x @ W.T for a 2-D x (any strides); y has strides (1, B) (batch innermost)."""
+
+    @staticmethod
+    def forward(ctx, x, w_val, st: Structure):
+        xt = x.t().contiguous()                             # (F, B): a no-op after a CHWB pool + flatten
+        val = w_val.detach().contiguous()
+        b = x.shape[0]
+        out = st.ext.conv_gather(xt.view(st.c_in, 1, 1, b), st.bptr, st.chan, val, st.c_out, 1, 1, 0, 2)
+        ctx.st = st
+        ctx.save_for_backward(xt if w_val.requires_grad else None, val)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        xt, val = ctx.saved_tensors
+        st = ctx.st
+        b = grad.shape[0]
+        g = grad.t().contiguous().view(st.c_out, 1, 1, b)
+        dx = _input_grad(st, g, val, 1, 1, dims=2) if ctx.needs_input_grad[0] else None
+        dval = (st.ext.conv_sddmm(g, xt.view(st.c_in, 1, 1, b), st.bptr, st.chan, 1, 1, 0)
+                if ctx.needs_input_grad[1] else None)
+        return dx, dval, None
+
+
+def sparse_conv2d(x, w_val, st: Structure):
+    return SparseConvFn.apply(x, w_val, st)
+
+
+def sparse_linear(x, w_val, st: Structure):
+    return SparseLinearFn.apply(x, w_val, st)
+
+
+class BatchNormFn(torch.autograd.Function):
+    """act(batch_norm(x) [+ res]) on a CHWB x; statistics exactly as torch's BatchNorm2d
+    (biased batch variance to normalize, unbiased for the running estimate)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, res, ext, relu: bool, training: bool, running_mean, running_var,
+                factor: float, eps: float):
+        c = x.shape[1]
+        xc = x.permute(1, 2, 3, 0)
+        assert xc.is_contiguous(), "BatchNormFn needs a CHWB input"
+        gamma = weight.detach() if weight is not None else torch.ones(c)
+        beta = bias.detach() if bias is not None else torch.zeros(c)
+        rc = to_chwb(res) if res is not None else None
+        if training:
+            y, mean, var = ext.bn_forward(xc, gamma, beta, rc, None, None, eps, relu)
+            if running_mean is not None:
+                n = xc.numel() // max(c, 1)
+                with torch.no_grad():
+                    running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+                    unbiased = var * (n / (n - 1)) if n > 1 else var
+                    running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+        else:
+            y, mean, var = ext.bn_forward(xc, gamma, beta, rc, running_mean, running_var, eps, relu)
+        ctx.ext, ctx.relu, ctx.training, ctx.eps, ctx.has_res = ext, relu, training, eps, res is not None
+        ctx.affine = (weight is not None, bias is not None)
+        # y only for the ReLU mask (saving it otherwise would forbid an in-place op after the layer)
+        ctx.save_for_backward(xc, y if relu else None, gamma, mean, var)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        xc, y, gamma, mean, var = ctx.saved_tensors
+        g = to_chwb(grad)
+        dx, dgamma, dbeta, dres = ctx.ext.bn_backward(g, xc, y.permute(1, 2, 3, 0) if ctx.relu else xc, gamma, mean, var, ctx.eps,
+                                                      ctx.relu, ctx.training, ctx.has_res)
+        if ctx.has_res:
+            dres = dres if ctx.relu else from_chwb(g)
+        else:
+            dres = None
+        return (dx, dgamma if ctx.affine[0] else None, dbeta if ctx.affine[1] else None, dres,
+                None, None, None, None, None, None, None)
+
+
+def batch_norm(bn: torch.nn.BatchNorm2d, x: torch.Tensor, ext, res: Optional[torch.Tensor] = None,
+               relu: bool = False) -> torch.Tensor:
+    """``act(bn(x) [+ res])`` with the module's statistics handled as nn.BatchNorm2d.forward does."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    rm = bn.running_mean if not bn.training or bn.track_running_stats else None
+    rv = bn.running_var if not bn.training or bn.track_running_stats else None
+    return BatchNormFn.apply(x, bn.weight, bn.bias, res, ext, relu, use_batch, rm, rv, factor, bn.eps)
+
+
+# --------------------------------------------------------------------------- self-check helpers
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def max_conv_error(ext, x64: torch.Tensor, w: torch.Tensor, stride: int, pad: int) -> float:
+    """Largest relative error (output, input gradient, weight gradient on the support) of the sparse
+    conv against float64 autograd."""
+    st = build_structure(ext, w != 0, stride, pad)
+    x = x64.float().requires_grad_(True)
+    w_val = w.reshape(-1)[st.idx].clone().requires_grad_(True)
+    out = sparse_conv2d(x, w_val, st)
+    gen = torch.Generator().manual_seed(7)
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    out.backward(grad.float())
+    xr = x64.clone().requires_grad_(True)
+    wr = w.double().clone().requires_grad_(True)
+    ref = F.conv2d(xr, wr, stride=stride, padding=pad)
+    ref.backward(grad)
+    return max(_rel(out, ref), _rel(x.grad, xr.grad), _rel(w_val.grad, wr.grad.reshape(-1)[st.idx]))
+
+
+def max_bn_error(ext, gen: torch.Generator) -> float:
+    x = torch.randn(3, 5, 4, 11, generator=gen)          # (C, H, W, B) physical
+    r = torch.randn(3, 5, 4, 11, generator=gen)
+    bn = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    ref_bn = torch.nn.BatchNorm2d(3)
+    ref_bn.load_state_dict(bn.state_dict())
+    xa, ra = from_chwb(x).requires_grad_(True), from_chwb(r).requires_grad_(True)
+    xb, rb = from_chwb(x).contiguous().requires_grad_(True), from_chwb(r).contiguous().requires_grad_(True)
+    out = batch_norm(bn, xa, ext, res=ra, relu=True)
+    ref = torch.relu(ref_bn(xb) + rb)
+    g = torch.randn(out.shape, generator=gen)
+    out.backward(g)
+    ref.backward(g)
+    return max(_rel(out, ref), _rel(xa.grad, xb.grad), _rel(ra.grad, rb.grad), _rel(bn.weight.grad, ref_bn.weight.grad),
+               _rel(bn.running_var, ref_bn.running_var))
