@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, distributed
 from .backends import make_backend
+from .cpu_alloc import keep_freed_memory
 from .config import ignored_settings, run_name, validate
 from .data import load_dataset, make_loader
 from .flops import FlopsAccount
@@ -166,6 +167,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     device = distributed.local_device(resolve_device(cfg.device))
+    if device.type == "cpu":
+        keep_freed_memory()      # CPU steps reuse heap memory instead of page-faulting fresh mappings
     ctx = distributed.init(cfg.distributed, device)
     if not cfg.resume and ctx.is_main:
         run.clear()

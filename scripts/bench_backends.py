@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Per-step and per-epoch training time on this CPU: dense SGD, ML LinBreg on torch layers, and
-ML LinBreg on SparseProp layers (ResNet-18, 32x32 inputs), in one run.
+"""Per-step and per-epoch training time on this CPU: dense SGD, ML LinBreg on torch layers, on
+SparseProp layers and on the native kernels (ResNet-18, 32x32 inputs), in one run.
 
     python scripts/bench_backends.py                      # batch 128, densities 0.10/0.05/0.02, uniform+ERK
     python scripts/bench_backends.py --batch-size 64 --steps 2 --densities 0.02 --schemes uniform   # quicker
+    python scripts/bench_backends.py --no-sparseprop      # without SparseProp (not installed, or to save time)
 
-For every (layer profile, density) the three methods step in interleaved rounds (SGD, ML torch,
-ML SparseProp, SGD, ...), so a change of machine load hits all three alike; the reported step
+For every (layer profile, density) the methods step in interleaved rounds (SGD, ML torch,
+ML SparseProp, ML native, SGD, ...), so a change of machine load hits all of them alike; the reported step
 times are medians (min in the detail lines). Each ML LinBreg run sees: a fine step, then
 1 + `warmup` + `steps` coarse steps, a second fine step and one more coarse step (whose swap cost is
 the rebuild after a fine step with the per-layer decisions cached). The first coarse step is
@@ -17,6 +18,13 @@ Per-epoch estimate for ML LinBreg with period m (default 100), from the measured
     steps_per_epoch * ((m - 1) * coarse + fine + swap) / m
 and for SGD steps_per_epoch * step (steps_per_epoch = ceil(train_size / batch), CIFAR-10: 391).
 Inputs are random (the kernels' cost does not depend on the values).
+
+For the native backend it also prints the split of a coarse step (conv kernels, fused BatchNorm +
+add + ReLU, layout copies into batch-innermost, optimizer, and the rest: ReLUs outside blocks, pooling,
+loss, autograd) and, per layer, the timed dense vs native forward + backward with the useful GFLOP/s
+(2 * nnz * batch * output positions per product, times 3: forward, input gradient, weight gradient).
+Like `mlbreg train` on a CPU, the process keeps freed memory (mlbreg.cpu_alloc), for every runner
+alike; `--default-malloc` measures without it.
 """
 from __future__ import annotations
 
@@ -32,6 +40,9 @@ import torch
 from torch import nn
 
 from mlbreg.backends import TorchBackend
+from mlbreg.backends.native import build as native_build
+from mlbreg.backends.native import ops as native_ops
+from mlbreg.cpu_alloc import keep_freed_memory
 from mlbreg.metrics import sparsity_summary
 from mlbreg.methods import build_method
 from mlbreg.models import create_model
@@ -53,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds of the per-layer comparison")
     p.add_argument("--no-sgd", action="store_true", help="skip the dense SGD baseline")
+    p.add_argument("--no-sparseprop", action="store_true", help="skip the SparseProp backend")
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator settings alone")
     p.add_argument("--layers", action="store_true", help="print the per-layer choices")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -74,6 +87,10 @@ class Runner:
             from mlbreg.backends.sparseprop import SparsePropBackend
             self.backend = SparsePropBackend(self.model, batch_size=args.batch_size, in_shape=(3, 32, 32),
                                              optimizer=self.method.optimizer, repeats=args.repeats)
+        elif backend == "native":
+            from mlbreg.backends.native.backend import NativeBackend
+            self.backend = NativeBackend(self.model, batch_size=args.batch_size, in_shape=(3, 32, 32),
+                                         optimizer=self.method.optimizer, repeats=args.repeats)
         else:
             self.backend = TorchBackend(self.model)
         self.log = []
@@ -85,6 +102,9 @@ class Runner:
 
     def step(self, x, y):
         kind = self.method.step_kind()
+        native = self.backend.name == "native"
+        native_ops.OpTimes.enabled = native
+        native_ops.OpTimes.reset()
         t = [time.perf_counter()]
         self.backend.before_step(kind)
         t.append(time.perf_counter())
@@ -101,6 +121,9 @@ class Runner:
         t.append(time.perf_counter())
         row = dict(kind=kind, swap=(t[1] - t[0]) + (t[5] - t[4]), fwd=t[2] - t[1], bwd=t[3] - t[2], opt=t[4] - t[3])
         row["total"] = sum(row[k] for k in ("swap", "fwd", "bwd", "opt"))
+        native_ops.OpTimes.enabled = False
+        if native:
+            row.update({f"op_{k}": v for k, v in native_ops.OpTimes.seconds.items()})
         self.log.append(row)
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"{self.label}: non-finite loss")
@@ -115,6 +138,36 @@ def split(rows):
     return " ".join(f"{k} {med(rows, k):.2f}" for k in ("fwd", "bwd", "opt", "swap"))
 
 
+NATIVE, SPARSEPROP, TORCH, SGD = "ML LinBreg, native", "ML LinBreg, SparseProp", "ML LinBreg, torch layers", \
+    "SGD (torch, dense)"
+
+
+def layer_gflops(row, batch):
+    """Useful GFLOP/s of a layer's timed native forward + backward."""
+    if not row.get("native_ms") or row["in_shape"] is None:
+        return float("nan")
+    if row["kind"] == "conv":
+        mod = row["module"]
+        _, h, w = row["in_shape"]
+        k, s, p = mod.kernel_size[0], mod.stride[0], mod.padding[0]
+        positions = ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
+    else:
+        positions = 1
+    return 3 * 2 * row["nnz"] * batch * positions / (row["native_ms"] * 1e-3) / 1e9
+
+
+def print_layers(title, be, args, out):
+    modules = dict(be.model.named_modules())
+    print(f"  {title} per layer (timed forward + backward at batch {args.batch_size}):", file=out)
+    for row in be.summary():
+        times = " ".join(f"{k}={row[k]:.1f}" for k in ("dense_ms", "native_ms", "voo0_ms", "voo1_ms") if k in row)
+        extra = ""
+        if "native_ms" in row:
+            row["module"] = modules[row["layer"]]
+            extra = f" useful {layer_gflops(row, args.batch_size):5.1f} GFLOP/s"
+        print(f"    {row['layer']:22s} density {row['density']:.3f} {row['choice']:17s} {times}{extra}", file=out)
+
+
 def bench_config(scheme, density, args, out):
     # fine, first coarse (one-time per-layer choice), warmup + steps coarse, fine, coarse (cached rebuild)
     rounds = 1 + 1 + args.warmup + args.steps + 1 + 1
@@ -123,16 +176,17 @@ def bench_config(scheme, density, args, out):
                 torch.randint(0, 10, (args.batch_size,), generator=gen)) for _ in range(rounds)]
     runners = []
     if not args.no_sgd:
-        runners.append(Runner("SGD (torch, dense)", "sgd", 1.0, scheme, args, "torch"))
-    runners.append(Runner("ML LinBreg, torch layers", "mllinbreg", density, scheme, args, "torch"))
-    runners.append(Runner("ML LinBreg, SparseProp", "mllinbreg", density, scheme, args, "sparseprop"))
+        runners.append(Runner(SGD, "sgd", 1.0, scheme, args, "torch"))
+    runners.append(Runner(TORCH, "mllinbreg", density, scheme, args, "torch"))
+    if not args.no_sparseprop:
+        runners.append(Runner(SPARSEPROP, "mllinbreg", density, scheme, args, "sparseprop"))
+    runners.append(Runner(NATIVE, "mllinbreg", density, scheme, args, "native"))
     for r in runners:
         r.warm(*batches[0])
     for x, y in batches:
         for r in runners:
             r.step(x, y)
-    sparse_runner = runners[-1]
-    be = sparse_runner.backend
+    by_label = {r.label: r for r in runners}
     res = {}
     first_coarse, timed = 1, slice(2 + args.warmup, 2 + args.warmup + args.steps)
     fine_idx, after_fine = [0, 2 + args.warmup + args.steps], 3 + args.warmup + args.steps
@@ -153,20 +207,21 @@ def bench_config(scheme, density, args, out):
         if "coarse" in v:
             v["step"] = ((m - 1) * v["coarse"] + v["fine"] + v["swap"]) / m
         v["epoch"] = steps_per_epoch * v["step"]
-    swapped = be.swapped_layers()
-    now = sparsity_summary(sparse_runner.model)
+    native = by_label[NATIVE]
+    now = sparsity_summary(native.model)
     print(f"\n=== {args.model}, {scheme}, density {density:.2f} (now {now['nonzeros'] / now['prunable_params']:.3f}), "
           f"batch {args.batch_size}, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f} ===", file=out)
-    print(f"  SparseProp layers: {len(swapped)}/{len(be.layers)} swapped; one-time per-layer timing "
-          f"{be.timing_seconds:.1f} s (first coarse step's swap {res['ML LinBreg, SparseProp']['first']:.1f} s)",
-          file=out)
-    dense_kept = [f"{row['layer']} ({row['why']})" for row in be.summary() if row["choice"] == "dense"]
-    if dense_kept:
-        print("  kept dense: " + "; ".join(dense_kept), file=out)
-    if args.layers:
-        for row in be.summary():
-            t = " ".join(f"{k}={row[k]:.1f}" for k in ("dense_ms", "voo0_ms", "voo1_ms") if k in row)
-            print(f"    {row['layer']:22s} density {row['density']:.3f} {row['choice']:17s} {t}", file=out)
+    for label in (SPARSEPROP, NATIVE):
+        if label not in by_label:
+            continue
+        be = by_label[label].backend
+        print(f"  {label.split(', ')[1]} layers: {len(be.swapped_layers())}/{len(be.layers)} swapped; one-time per-layer "
+              f"timing {be.timing_seconds:.1f} s (first coarse step's swap {res[label]['first']:.1f} s)", file=out)
+        kept = [f"{row['layer']} ({row['why']})" for row in be.summary() if row["choice"] == "dense"]
+        if kept:
+            print("    kept dense: " + "; ".join(kept), file=out)
+        if args.layers or label == NATIVE:
+            print_layers(label.split(", ")[1], be, args, out)
     for label, v in res.items():
         if "coarse" in v:
             print(f"  {label:26s} coarse {v['coarse']:6.2f} s (min {v['min']:.2f}; {v['detail']})  fine {v['fine']:6.2f} s"
@@ -175,59 +230,72 @@ def bench_config(scheme, density, args, out):
         else:
             print(f"  {label:26s} step   {v['step']:6.2f} s (min {v['min']:.2f}; {v['detail']})"
                   f"{'':36s}epoch {v['epoch'] / 60:6.1f} min", file=out)
+    # the native coarse step, split by kind of work (medians over the timed steps)
+    coarse_native = native.log[timed]
+    parts = {k: med(coarse_native, f"op_{k}") if all(f"op_{k}" in r for r in coarse_native) else 0.0
+             for k in ("conv", "bn", "layout")}
+    parts["optimizer"] = med(coarse_native, "opt")
+    parts["rest"] = res[NATIVE]["coarse"] - sum(parts.values())
+    print("  native coarse step split: " + ", ".join(
+        f"{name} {v:.3f} s" for name, v in zip(("conv kernels", "BN+add+ReLU", "layout copies", "optimizer",
+                                                "rest (ReLU/pool/loss/autograd/swap)"), parts.values())), file=out)
     # paired ratios: the steps of one round ran back to back (under the same machine load)
     logs = {r.label: r.log for r in runners}
-    paired = {label: statistics.median(a["total"] / b["total"] for a, b in
-                                       zip(logs[label][timed], logs["ML LinBreg, SparseProp"][timed]))
-              for label in logs if label != "ML LinBreg, SparseProp"}
-    sp, th = res["ML LinBreg, SparseProp"], res["ML LinBreg, torch layers"]
-    sp["paired"] = paired
-    ratios = f"  ratios per epoch: ML SparseProp vs ML torch {th['epoch'] / sp['epoch']:.2f}x"
-    if "SGD (torch, dense)" in res:
-        sgd = res["SGD (torch, dense)"]
-        ratios += (f", ML SparseProp vs SGD {sgd['epoch'] / sp['epoch']:.2f}x, ML torch vs SGD "
-                   f"{sgd['epoch'] / th['epoch']:.2f}x")
-    ratios += (f"; coarse step SparseProp vs torch {th['coarse'] / sp['coarse']:.2f}x (median of the paired "
-               f"per-round ratios {paired['ML LinBreg, torch layers']:.2f}x)")
-    print(ratios, file=out)
+    paired = {label: statistics.median(a["total"] / b["total"] for a, b in zip(logs[label][timed], logs[NATIVE][timed]))
+              for label in logs if label != NATIVE}
+    nv = res[NATIVE]
+    nv["paired"] = paired
+    line = "  ratios (times faster), native vs: "
+    line += ", ".join(f"{label} coarse {res[label].get('coarse', res[label]['step']) / nv['coarse']:.2f}x "
+                      f"(paired {paired[label]:.2f}x) epoch {res[label]['epoch'] / nv['epoch']:.2f}x"
+                      for label in res if label != NATIVE)
+    print(line, file=out)
     out.flush()
     return dict(scheme=scheme, density=density, **{k: v for k, v in res.items()})
+
+
+def cpu_model():
+    return native_build.cpu_model()
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    malloc = "glibc default" if args.default_malloc else ("freed memory kept" if keep_freed_memory() else "default")
     try:
-        import mlbreg.backends.sparseprop  # noqa: F401
-    except ImportError as err:
-        sys.exit(f"SparseProp is not available: {err}")
+        ext = native_build.load()
+    except native_build.NativeUnavailable as err:
+        sys.exit(f"the native kernels are not available: {err}")
+    if not args.no_sparseprop:
+        try:
+            import mlbreg.backends.sparseprop  # noqa: F401
+        except ImportError as err:
+            print(f"SparseProp is not available ({err}); running without it", file=sys.stderr)
+            args.no_sparseprop = True
     out = sys.stdout
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     print(f"bench_backends: {args.model}, batch {args.batch_size}, {args.warmup}+{args.steps} coarse steps per run, "
           f"m={args.m}, {math.ceil(args.train_size / args.batch_size)} steps/epoch; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs ({cpu}), load {os.getloadavg()[0]:.1f}", file=out)
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs ({cpu_model()}), native kernels: "
+          f"{ext.simd_path()} path, allocator: {malloc}, load {os.getloadavg()[0]:.1f}", file=out)
     t0 = time.perf_counter()
     summary = []
     for scheme in args.schemes:
         for density in args.densities:
             summary.append(bench_config(scheme, density, args, out))
-    print("\nSummary (per-epoch time, minutes; ratios = times faster):", file=out)
-    head = (f"{'profile':8s} {'density':>7s} {'SGD':>7s} {'ML torch':>9s} {'ML SP':>7s} {'SP/torch':>9s} {'SP/SGD':>7s}"
-            f" {'paired coarse SP/torch':>23s}")
+    print("\nSummary: coarse step (s) and ratios = times faster (same run, interleaved):", file=out)
+    labels = [SGD, TORCH, SPARSEPROP, NATIVE]
+    short = {SGD: "SGD", TORCH: "torch", SPARSEPROP: "SparseProp", NATIVE: "native"}
+    head = f"{'profile':8s} {'density':>7s} " + " ".join(f"{short[lb]:>10s}" for lb in labels) + \
+        "  native/torch coarse  native/torch epoch  native/SparseProp coarse  native/SGD epoch"
     print(head, file=out)
     for s in summary:
-        sp, th = s["ML LinBreg, SparseProp"], s["ML LinBreg, torch layers"]
-        sgd = s.get("SGD (torch, dense)")
-        sgd_min = f"{sgd['epoch'] / 60:7.1f}" if sgd else f"{'-':>7s}"
-        vs_sgd = f"{sgd['epoch'] / sp['epoch']:6.2f}x" if sgd else f"{'-':>7s}"
-        print(f"{s['scheme']:8s} {s['density']:7.2f} {sgd_min} {th['epoch'] / 60:9.1f} {sp['epoch'] / 60:7.1f} "
-              f"{th['epoch'] / sp['epoch']:8.2f}x {vs_sgd} {sp['paired']['ML LinBreg, torch layers']:22.2f}x", file=out)
+        cells = " ".join(f"{s[lb].get('coarse', s[lb]['step']):10.2f}" if lb in s else f"{'-':>10s}" for lb in labels)
+        nv, th = s[NATIVE], s[TORCH]
+        sp = f"{s[SPARSEPROP]['coarse'] / nv['coarse']:23.2f}x" if SPARSEPROP in s else f"{'-':>24s}"
+        sg = f"{s[SGD]['epoch'] / nv['epoch']:16.2f}x" if SGD in s else f"{'-':>17s}"
+        print(f"{s['scheme']:8s} {s['density']:7.2f} {cells}  {th['coarse'] / nv['coarse']:18.2f}x "
+              f"{th['epoch'] / nv['epoch']:18.2f}x {sp} {sg}", file=out)
     print(f"(total benchmark time {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} CPUs; a load above the CPU count means other processes shared them)", file=out)
 

@@ -181,6 +181,18 @@ def _same_as_dense(model, backend, x, loss=lambda out: out.square().sum()):
     backend.use_dense()
 
 
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((ln for ln in f if ln.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+@pytest.mark.skipif("avx512f" not in _cpu_flags(),
+                    reason="SparseProp 0.1.14 built for an AVX2-only CPU (2-core AMD EPYC, Zen 3) corrupts the heap "
+                           "in this test (segfault or abort a few calls later, reproduced 5 of 5 times, also before "
+                           "the native backend existed); see README 'CPU sparse backends'")
 @pytest.mark.parametrize("force_mode", [False, True], ids=["voo0", "voo1"])
 def test_guard_non_contiguous_inputs_and_gradients(force_mode):
     """Guards 1 and 3: channels_last and transposed inputs, an expanded incoming gradient
@@ -279,8 +291,15 @@ def test_make_backend():
     model = sparse_model()
     assert isinstance(make_backend("sparseprop", model, torch.device("cpu"), "mllinbreg", batch_size=8,
                                    in_shape=(2, 16, 16)), SparsePropBackend)
-    assert isinstance(make_backend("auto", model, torch.device("cpu"), "mllinbreg", batch_size=8,
-                                   in_shape=(2, 16, 16)), SparsePropBackend)
+    # auto: SparseProp when the native kernels are unavailable
+    from mlbreg.backends.native import build as native_build
+
+    def unavailable():
+        raise native_build.NativeUnavailable("test")
+    import unittest.mock
+    with unittest.mock.patch.object(native_build, "load", unavailable):
+        assert isinstance(make_backend("auto", model, torch.device("cpu"), "mllinbreg", batch_size=8,
+                                       in_shape=(2, 16, 16)), SparsePropBackend)
     assert isinstance(make_backend("auto", model, torch.device("cpu"), "sgd"), TorchBackend)
 
 

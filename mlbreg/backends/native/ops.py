@@ -14,11 +14,33 @@ is a scatter over the forward structure.
 """
 from __future__ import annotations
 
+import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch.nn import functional as F
+
+
+class OpTimes:
+    """Seconds per kind of native work ("conv" kernels, "bn" fused BatchNorm, "layout" copies into CHWB),
+    accumulated while ``enabled`` (benchmarks); off by default (one attribute read per call)."""
+    enabled = False
+    seconds: dict = defaultdict(float)
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.seconds = defaultdict(float)
+
+
+def _timed(kind: str, fn, *args):
+    if not OpTimes.enabled:
+        return fn(*args)
+    t = time.perf_counter()
+    out = fn(*args)
+    OpTimes.seconds[kind] += time.perf_counter() - t
+    return out
 
 
 def is_chwb(x: torch.Tensor) -> bool:
@@ -27,7 +49,7 @@ def is_chwb(x: torch.Tensor) -> bool:
 
 def to_chwb(x: torch.Tensor) -> torch.Tensor:
     """The physical (C, H, W, B) tensor of an NCHW-shaped tensor (a copy only when it is not CHWB)."""
-    return x.permute(1, 2, 3, 0).contiguous()
+    return _timed("layout", torch.Tensor.contiguous, x.permute(1, 2, 3, 0))
 
 
 def from_chwb(t: torch.Tensor) -> torch.Tensor:
@@ -89,9 +111,9 @@ def build_structure(ext, mask: torch.Tensor, stride: int = 1, pad: int = 0) -> S
 
 def _input_grad(st: Structure, g: torch.Tensor, val: torch.Tensor, h: int, w: int, dims: int = 4) -> torch.Tensor:
     if st.stride == 1:
-        return st.ext.conv_gather(g, st.t_bptr, st.t_chan, val.index_select(0, st.t_perm).contiguous(), st.c_in,
-                                  st.k, 1, st.k - 1 - st.pad, dims)
-    return st.ext.conv_scatter(g, st.bptr, st.chan, val, st.c_in, h, w, st.k, st.stride, st.pad, dims)
+        return _timed("conv", st.ext.conv_gather, g, st.t_bptr, st.t_chan, val.index_select(0, st.t_perm),
+                      st.c_in, st.k, 1, st.k - 1 - st.pad, dims)
+    return _timed("conv", st.ext.conv_scatter, g, st.bptr, st.chan, val, st.c_in, h, w, st.k, st.stride, st.pad, dims)
 
 
 class SparseConvFn(torch.autograd.Function):
@@ -101,7 +123,7 @@ class SparseConvFn(torch.autograd.Function):
     def forward(ctx, x, w_val, st: Structure):
         xc = to_chwb(x)
         val = w_val.detach().contiguous()
-        out = st.ext.conv_gather(xc, st.bptr, st.chan, val, st.c_out, st.k, st.stride, st.pad, 4)
+        out = _timed("conv", st.ext.conv_gather, xc, st.bptr, st.chan, val, st.c_out, st.k, st.stride, st.pad, 4)
         ctx.st, ctx.hw = st, (x.shape[2], x.shape[3])
         ctx.save_for_backward(xc if w_val.requires_grad else None, val)
         return out
@@ -112,7 +134,8 @@ class SparseConvFn(torch.autograd.Function):
         st = ctx.st
         g = to_chwb(grad)
         dx = _input_grad(st, g, val, *ctx.hw) if ctx.needs_input_grad[0] else None
-        dval = st.ext.conv_sddmm(g, xc, st.bptr, st.chan, st.k, st.stride, st.pad) if ctx.needs_input_grad[1] else None
+        dval = (_timed("conv", st.ext.conv_sddmm, g, xc, st.bptr, st.chan, st.k, st.stride, st.pad)
+                if ctx.needs_input_grad[1] else None)
         return dx, dval, None
 
 
@@ -124,7 +147,7 @@ class SparseLinearFn(torch.autograd.Function):
         xt = x.t().contiguous()                             # (F, B): a no-op after a CHWB pool + flatten
         val = w_val.detach().contiguous()
         b = x.shape[0]
-        out = st.ext.conv_gather(xt.view(st.c_in, 1, 1, b), st.bptr, st.chan, val, st.c_out, 1, 1, 0, 2)
+        out = _timed("conv", st.ext.conv_gather, xt.view(st.c_in, 1, 1, b), st.bptr, st.chan, val, st.c_out, 1, 1, 0, 2)
         ctx.st = st
         ctx.save_for_backward(xt if w_val.requires_grad else None, val)
         return out
@@ -136,7 +159,7 @@ class SparseLinearFn(torch.autograd.Function):
         b = grad.shape[0]
         g = grad.t().contiguous().view(st.c_out, 1, 1, b)
         dx = _input_grad(st, g, val, 1, 1, dims=2) if ctx.needs_input_grad[0] else None
-        dval = (st.ext.conv_sddmm(g, xt.view(st.c_in, 1, 1, b), st.bptr, st.chan, 1, 1, 0)
+        dval = (_timed("conv", st.ext.conv_sddmm, g, xt.view(st.c_in, 1, 1, b), st.bptr, st.chan, 1, 1, 0)
                 if ctx.needs_input_grad[1] else None)
         return dx, dval, None
 
@@ -163,7 +186,7 @@ class BatchNormFn(torch.autograd.Function):
         beta = bias.detach() if bias is not None else torch.zeros(c)
         rc = to_chwb(res) if res is not None else None
         if training:
-            y, mean, var = ext.bn_forward(xc, gamma, beta, rc, None, None, eps, relu)
+            y, mean, var = _timed("bn", ext.bn_forward, xc, gamma, beta, rc, None, None, eps, relu)
             if running_mean is not None:
                 n = xc.numel() // max(c, 1)
                 with torch.no_grad():
@@ -171,7 +194,7 @@ class BatchNormFn(torch.autograd.Function):
                     unbiased = var * (n / (n - 1)) if n > 1 else var
                     running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
         else:
-            y, mean, var = ext.bn_forward(xc, gamma, beta, rc, running_mean, running_var, eps, relu)
+            y, mean, var = _timed("bn", ext.bn_forward, xc, gamma, beta, rc, running_mean, running_var, eps, relu)
         ctx.ext, ctx.relu, ctx.training, ctx.eps, ctx.has_res = ext, relu, training, eps, res is not None
         ctx.affine = (weight is not None, bias is not None)
         # y only for the ReLU mask (saving it otherwise would forbid an in-place op after the layer)
@@ -182,8 +205,8 @@ class BatchNormFn(torch.autograd.Function):
     def backward(ctx, grad):
         xc, y, gamma, mean, var = ctx.saved_tensors
         g = to_chwb(grad)
-        dx, dgamma, dbeta, dres = ctx.ext.bn_backward(g, xc, y.permute(1, 2, 3, 0) if ctx.relu else xc, gamma, mean, var, ctx.eps,
-                                                      ctx.relu, ctx.training, ctx.has_res)
+        dx, dgamma, dbeta, dres = _timed("bn", ctx.ext.bn_backward, g, xc, y.permute(1, 2, 3, 0) if ctx.relu else xc,
+                                         gamma, mean, var, ctx.eps, ctx.relu, ctx.training, ctx.has_res)
         if ctx.has_res:
             dres = dres if ctx.relu else from_chwb(g)
         else:
