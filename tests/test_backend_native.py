@@ -450,3 +450,24 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
     out = train(make_cfg(*overrides), tmp_path / "run")
     assert out["status"] == "finished" and ref["status"] == "finished"
     assert_same_results(tmp_path / "ref", tmp_path / "run")
+
+
+def test_portable_fallback_paths_are_exact():
+    """The plain C++ path (what a CPU without AVX2 gets) and, where the CPU has AVX-512, the AVX2
+    path: built and checked against float64 torch like the default one."""
+    paths = {"plain": native_build._load("plain")}
+    if EXT.simd_path() == "avx512":
+        paths["avx2"] = native_build._load("avx2")
+    gen = torch.Generator().manual_seed(5)
+    for name, ext in paths.items():
+        assert ext.simd_path() == name
+        for stride, k, pad, batch in ((1, 3, 1, 70), (2, 3, 1, 64), (2, 1, 0, 35), (1, 5, 2, 33)):
+            w = torch.randn(7, 6, k, k, generator=gen) * (torch.rand(7, 6, k, k, generator=gen) < 0.3)
+            x = torch.randn(batch, 6, 9, 8, generator=gen, dtype=torch.float64)
+            assert ops.max_conv_error(ext, x, w, stride, pad) < TOL, (name, stride, k)
+        assert ops.max_bn_error(ext, gen) < TOL, name
+
+
+def test_simd_path_and_cache_key():
+    assert EXT.simd_path() in ("avx512", "avx2", "plain")
+    assert native_build.cache_dir().name == "mlbreg" or "MLBREG_CACHE" in __import__("os").environ

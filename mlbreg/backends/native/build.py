@@ -80,11 +80,15 @@ def _load(isa: str):
     else:
         cflags.append("-mcpu=native")
     cflags += {"auto": [], "avx2": ["-DMLBREG_FORCE_AVX2"], "plain": ["-DMLBREG_FORCE_PLAIN"]}[isa]
+    name = f"mlbreg_native_{isa}_{src_hash}"
+    if not any(build_dir.glob(f"{name}*.so")):
+        print(f"mlbreg: building the native CPU kernels ({isa} path; once, ~30 s; cached in {build_dir})",
+              file=sys.stderr)
     try:
         import io
         from contextlib import redirect_stdout
         with redirect_stdout(io.StringIO()):       # ninja's progress lines are not the user's business
-            mod = cpp_extension.load(name=f"mlbreg_native_{isa}_{src_hash}", sources=[str(SOURCE)],
+            mod = cpp_extension.load(name=name, sources=[str(SOURCE)],
                                      extra_cflags=cflags, extra_ldflags=["-fopenmp"],
                                      build_directory=str(build_dir), verbose=False)
     except Exception as err:  # noqa: BLE001 - compiler missing, ninja missing, build error: all "unavailable"

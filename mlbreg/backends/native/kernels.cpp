@@ -10,7 +10,11 @@
 // Vector path: chosen at build time from the compiler's target (-march=native): AVX-512, AVX2+FMA, or a
 // plain C++ fallback (MLBREG_FORCE_PLAIN / MLBREG_FORCE_AVX2 select a narrower one). simd_path() says
 // which one was built.
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
+#include <torch/csrc/utils/pybind.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
@@ -77,8 +81,8 @@ struct Geom {
   int64_t out_plane() const { return ho * wo * b; }
 };
 
-void check_chwb(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dtype() == torch::kFloat32 && t.device().is_cpu() && t.is_contiguous() && t.dim() == 4,
+void check_chwb(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dtype() == at::kFloat && t.device().is_cpu() && t.is_contiguous() && t.dim() == 4,
               name, " must be a contiguous float32 CPU (C, H, W, B) tensor");
 }
 
@@ -307,22 +311,22 @@ void sddmm_conv(const float* dout, const float* in, const int32_t* bptr, const i
 // Outputs are allocated in torch's shape, batch first, with batch-innermost strides: (B, C, H, W) with strides
 // (1, H*W*B, W*B, B) (dims=4), or (B, C) with strides (1, B) (dims=2, for H = W = 1). The memory is the same
 // as a contiguous (C, H, W, B) tensor, and torch sees a plain tensor (not a view of one).
-torch::Tensor alloc_bfirst(int64_t c, int64_t h, int64_t w, int64_t b, const torch::TensorOptions& opts, int64_t dims) {
+at::Tensor alloc_bfirst(int64_t c, int64_t h, int64_t w, int64_t b, const at::TensorOptions& opts, int64_t dims) {
   if (dims == 2) {
     TORCH_CHECK(h == 1 && w == 1, "a 2-d output needs a 1x1 image");
-    return torch::empty_strided({b, c}, {1, b}, opts);
+    return at::empty_strided({b, c}, {1, b}, opts);
   }
   TORCH_CHECK(dims == 4, "output dims must be 2 or 4");
-  return torch::empty_strided({b, c, h, w}, {1, h * w * b, w * b, b}, opts);
+  return at::empty_strided({b, c, h, w}, {1, h * w * b, w * b, b}, opts);
 }
 
-Geom geom(const torch::Tensor& in, int64_t co, int64_t ho, int64_t wo, int64_t k, int64_t s, int64_t p) {
+Geom geom(const at::Tensor& in, int64_t co, int64_t ho, int64_t wo, int64_t k, int64_t s, int64_t p) {
   return Geom{in.size(0), in.size(1), in.size(2), co, ho, wo, k, s, p, in.size(3)};
 }
 
-void check_struct(const torch::Tensor& bptr, const torch::Tensor& chan, const torch::Tensor& val, int64_t groups_out,
+void check_struct(const at::Tensor& bptr, const at::Tensor& chan, const at::Tensor& val, int64_t groups_out,
                   int64_t k, int64_t c_in) {
-  TORCH_CHECK(bptr.dtype() == torch::kInt32 && chan.dtype() == torch::kInt32 && val.dtype() == torch::kFloat32,
+  TORCH_CHECK(bptr.dtype() == at::kInt && chan.dtype() == at::kInt && val.dtype() == at::kFloat,
               "structure dtypes must be int32 / int32 / float32");
   TORCH_CHECK(bptr.is_contiguous() && chan.is_contiguous() && val.is_contiguous(), "structure must be contiguous");
   TORCH_CHECK(bptr.numel() == groups_out * k * k + 1, "bucket pointer has ", bptr.numel(), " entries, expected ",
@@ -331,7 +335,7 @@ void check_struct(const torch::Tensor& bptr, const torch::Tensor& chan, const to
   const int32_t* b = bptr.data_ptr<int32_t>();
   TORCH_CHECK(b[0] == 0 && b[bptr.numel() - 1] == chan.numel(), "bucket pointer does not span the non-zeros");
   if (chan.numel()) {
-    auto mm = torch::aminmax(chan);
+    auto mm = at::aminmax(chan);
     TORCH_CHECK(std::get<0>(mm).item<int32_t>() >= 0 && std::get<1>(mm).item<int32_t>() < c_in,
                 "channel index out of range");
   }
@@ -341,7 +345,7 @@ void check_struct(const torch::Tensor& bptr, const torch::Tensor& chan, const to
 
 // ---------------------------------------------------------------------------------------------------
 // Python entry points
-torch::Tensor conv_gather(torch::Tensor in, torch::Tensor bptr, torch::Tensor chan, torch::Tensor val, int64_t co,
+at::Tensor conv_gather(at::Tensor in, at::Tensor bptr, at::Tensor chan, at::Tensor val, int64_t co,
                           int64_t k, int64_t s, int64_t p, int64_t out_dims) {
   check_chwb(in, "input");
   TORCH_CHECK(s >= 1 && p >= 0 && p < k, "need stride >= 1 and 0 <= padding < kernel");
@@ -355,7 +359,7 @@ torch::Tensor conv_gather(torch::Tensor in, torch::Tensor bptr, torch::Tensor ch
   return out;
 }
 
-torch::Tensor conv_scatter(torch::Tensor dout, torch::Tensor bptr, torch::Tensor chan, torch::Tensor val, int64_t ci,
+at::Tensor conv_scatter(at::Tensor dout, at::Tensor bptr, at::Tensor chan, at::Tensor val, int64_t ci,
                            int64_t hi, int64_t wi, int64_t k, int64_t s, int64_t p, int64_t out_dims) {
   check_chwb(dout, "output gradient");
   check_struct(bptr, chan, val, dout.size(0), k, ci);
@@ -368,14 +372,14 @@ torch::Tensor conv_scatter(torch::Tensor dout, torch::Tensor bptr, torch::Tensor
   return din;
 }
 
-torch::Tensor conv_sddmm(torch::Tensor dout, torch::Tensor in, torch::Tensor bptr, torch::Tensor chan, int64_t k,
+at::Tensor conv_sddmm(at::Tensor dout, at::Tensor in, at::Tensor bptr, at::Tensor chan, int64_t k,
                          int64_t s, int64_t p) {
   check_chwb(dout, "output gradient");
   check_chwb(in, "input");
   TORCH_CHECK(dout.size(3) == in.size(3), "batch sizes differ");
   TORCH_CHECK(dout.size(1) == (in.size(1) + 2 * p - k) / s + 1 && dout.size(2) == (in.size(2) + 2 * p - k) / s + 1,
               "output gradient shape does not match the input");
-  auto dval = torch::empty({chan.numel()}, in.options());
+  auto dval = at::empty({chan.numel()}, in.options());
   check_struct(bptr, chan, dval, dout.size(0), k, in.size(0));
   Geom g = geom(in, dout.size(0), dout.size(1), dout.size(2), k, s, p);
   sddmm_conv(dout.data_ptr<float>(), in.data_ptr<float>(), bptr.data_ptr<int32_t>(), chan.data_ptr<int32_t>(),
@@ -413,18 +417,18 @@ inline double block_sq_dev(const float* x, int64_t n, float mean) {
 
 // x, res: physical (C, H, W, B). Returns (y, mean, var), y batch-first with CHWB strides, where mean/var are the batch statistics used (training) or the given ones (eval);
 // var is the biased batch variance in training.
-std::vector<torch::Tensor> bn_forward(torch::Tensor x, torch::Tensor gamma, torch::Tensor beta, c10::optional<torch::Tensor> res,
-                                      c10::optional<torch::Tensor> mean_in, c10::optional<torch::Tensor> var_in,
+std::vector<at::Tensor> bn_forward(at::Tensor x, at::Tensor gamma, at::Tensor beta, c10::optional<at::Tensor> res,
+                                      c10::optional<at::Tensor> mean_in, c10::optional<at::Tensor> var_in,
                                       double eps, bool relu) {
   check_chwb(x, "input");
   const int64_t c = x.size(0), n = x.numel() / std::max<int64_t>(c, 1);
   TORCH_CHECK(gamma.numel() == c && beta.numel() == c, "affine parameters must have one entry per channel");
-  auto g = gamma.contiguous().to(torch::kFloat32), bt = beta.contiguous().to(torch::kFloat32);
+  auto g = gamma.contiguous().to(at::kFloat), bt = beta.contiguous().to(at::kFloat);
   const bool training = !mean_in.has_value();
-  torch::Tensor mean = training ? torch::empty({c}, x.options().dtype(torch::kFloat64))
-                                : mean_in->to(torch::kFloat64).contiguous();
-  torch::Tensor var = training ? torch::empty({c}, x.options().dtype(torch::kFloat64))
-                               : var_in->to(torch::kFloat64).contiguous();
+  at::Tensor mean = training ? at::empty({c}, x.options().dtype(at::kDouble))
+                                : mean_in->to(at::kDouble).contiguous();
+  at::Tensor var = training ? at::empty({c}, x.options().dtype(at::kDouble))
+                               : var_in->to(at::kDouble).contiguous();
   const float* rp = nullptr;
   if (res.has_value()) {
     check_chwb(*res, "residual");
@@ -469,18 +473,18 @@ std::vector<torch::Tensor> bn_forward(torch::Tensor x, torch::Tensor gamma, torc
 
 // gradients of bn_forward: (dx, dgamma, dbeta, dres) with dres = the incoming gradient after the ReLU
 // (undefined when there is no residual). `y` is the forward output (its sign gives the ReLU mask).
-std::vector<torch::Tensor> bn_backward(torch::Tensor dy, torch::Tensor x, torch::Tensor y, torch::Tensor gamma,
-                                       torch::Tensor mean, torch::Tensor var, double eps, bool relu, bool training,
+std::vector<at::Tensor> bn_backward(at::Tensor dy, at::Tensor x, at::Tensor y, at::Tensor gamma,
+                                       at::Tensor mean, at::Tensor var, double eps, bool relu, bool training,
                                        bool has_res) {
   check_chwb(dy, "output gradient");
   check_chwb(x, "input");
   const int64_t c = x.size(0), n = x.numel() / std::max<int64_t>(c, 1);
-  auto g = gamma.contiguous().to(torch::kFloat32);
-  auto m = mean.to(torch::kFloat64).contiguous(), v = var.to(torch::kFloat64).contiguous();
+  auto g = gamma.contiguous().to(at::kFloat);
+  auto m = mean.to(at::kDouble).contiguous(), v = var.to(at::kDouble).contiguous();
   auto dx = alloc_bfirst(x.size(0), x.size(1), x.size(2), x.size(3), x.options(), 4);
-  torch::Tensor dres;
+  at::Tensor dres;
   if (has_res && relu) dres = alloc_bfirst(x.size(0), x.size(1), x.size(2), x.size(3), x.options(), 4);
-  auto dgamma = torch::empty({c}, x.options()), dbeta = torch::empty({c}, x.options());
+  auto dgamma = at::empty({c}, x.options()), dbeta = at::empty({c}, x.options());
   const float *dyp = dy.data_ptr<float>(), *xp = x.data_ptr<float>(), *ypp = y.data_ptr<float>(), *gp = g.data_ptr<float>();
   const double *mp = m.data_ptr<double>(), *vp = v.data_ptr<double>();
   float *dxp = dx.data_ptr<float>(), *dgp = dgamma.data_ptr<float>(), *dbp = dbeta.data_ptr<float>();
