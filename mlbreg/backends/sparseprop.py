@@ -60,19 +60,16 @@ Time spent in the timed comparisons accumulates in ``timing_seconds``.
 """
 from __future__ import annotations
 
-import math
 import statistics
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..models import prunable_modules
+from .swap import LayerSwapBackend, autocast_on
 
 try:
     import sparseprop  # noqa: F401  (its __init__ imports the top-level extension module `backend`)
@@ -127,23 +124,6 @@ def _not_fp32_cpu(w: torch.Tensor) -> Optional[str]:
     return None
 
 
-def _autocast_on() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # older torch
-        return torch.is_autocast_cpu_enabled()
-
-
-@contextmanager
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _np(t: torch.Tensor, dtype) -> np.ndarray:
     """A numpy view for the kernels, checked: a copy would silently lose the kernel's writes."""
     assert t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu", (t.dtype, t.shape, t.stride())
@@ -151,33 +131,6 @@ def _np(t: torch.Tensor, dtype) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- structure
-@dataclass
-class _Layer:
-    """One prunable layer and, while a structure is built, its sparse form."""
-    name: str
-    module: nn.Module
-    kind: str                                   # "conv" | "linear"
-    reason: Optional[str]                       # static guard failure (None: eligible)
-    in_shape: Optional[tuple] = None            # per-sample input shape seen in a forward
-    in_grad: bool = True                        # does the layer's input require grad in training?
-    idx: Optional[torch.Tensor] = None          # int64 flat positions of the structure (row-major)
-    w_val: Optional[torch.Tensor] = None        # fp32 values on idx, a leaf that gets .grad
-    w_idx: tuple = ()                           # SparseProp index tensors
-    nnz: int = 0
-    grad_buf: Optional[torch.Tensor] = None     # dense weight gradient buffer of this coarse phase
-    mode: Optional[bool] = None                 # None: dense; else vectorizing_over_on
-    why: str = ""                               # why this choice (for reports)
-    timings: dict = field(default_factory=dict)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.module.weight
-
-    @property
-    def swapped(self) -> bool:
-        return self.mode is not None
-
-
 def _conv_structure(mask: torch.Tensor):
     """SparseProp's conv format for a boolean (OC, IC, K, K) mask, vectorized:
     W_OC int32 (OC+1) offsets per output channel, W_IC int16 (OC*(IC+1)) offsets per
@@ -313,8 +266,8 @@ def sparse_linear(x: torch.Tensor, w_val: torch.Tensor, w_idx: tuple, linear: nn
 
 
 # --------------------------------------------------------------------------- the backend
-class SparsePropBackend:
-    """ML LinBreg's coarse steps on SparseProp layers; see the module docstring.
+class SparsePropBackend(LayerSwapBackend):
+    """ML LinBreg's coarse steps on SparseProp layers; see the module docstring and backends/swap.py.
 
     Args:
         model: the model (its Conv2d/Linear layers are candidates).
@@ -337,210 +290,40 @@ class SparsePropBackend:
                  optimizer: Optional[torch.optim.Optimizer] = None, force: bool = False,
                  force_mode: Optional[bool] = None, min_speedup: float = 1.05, warmup: int = 1, repeats: int = 3,
                  bucket: float = 0.1):
-        self.model = model
-        self.batch_size = batch_size
-        self.in_shape = tuple(in_shape) if in_shape is not None else None
-        self.optimizer = optimizer
-        self.force = force
         self.force_mode = force_mode
-        self.min_speedup = min_speedup
-        self.warmup = warmup
-        self.repeats = max(1, repeats)
-        self.bucket = bucket
-        self.timing_seconds = 0.0     # the timed comparisons
-        self.rebuilds = 0
-        self.decisions: dict[tuple, list[tuple[int, Optional[bool], str, dict]]] = {}   # key -> [(nnz, ...)]
-        self.layers: list[_Layer] = []
-        for name, mod in prunable_modules(model):
-            if isinstance(mod, nn.Conv2d):
-                self.layers.append(_Layer(name, mod, "conv", conv_eligible(mod)))
-            else:
-                self.layers.append(_Layer(name, mod, "linear", linear_eligible(mod)))
-        self._stale = True            # the structure must be (re)built before the next sparse step
-        self._active = False          # are the swapped layers' forwards installed?
-        for layer in self.layers:
-            if layer.reason is None:
-                layer.module.register_forward_pre_hook(self._shape_hook(layer))
-        self._generator = torch.Generator().manual_seed(0)    # timing inputs: leave the global RNG alone
+        super().__init__(model, batch_size, in_shape, optimizer=optimizer, force=force, min_speedup=min_speedup,
+                         warmup=warmup, repeats=repeats, bucket=bucket)
 
-    # -- hooks called by the training loop ---------------------------------------------
-    def before_step(self, kind: str) -> None:
-        if kind == "sparse":
-            if self._stale:
-                self._rebuild()
-            elif not self._active:
-                self._activate(refresh=True)
-        elif self._active:
-            self._deactivate()
+    def _reason(self, mod: nn.Module, kind: str) -> Optional[str]:
+        return conv_eligible(mod) if kind == "conv" else linear_eligible(mod)
 
-    def after_backward(self) -> None:
-        if not self._active:
-            return
-        for layer in self.layers:
-            if not layer.swapped:
-                continue
-            g = layer.w_val.grad
-            if g is None:
-                continue                      # the layer was not used in this step
-            layer.w_val.grad = None
-            w = layer.weight
-            if w.grad is None:                # the usual case: the dense weight took no part
-                # a per-cycle buffer, zero outside the structure (never written there): only the
-                # structure is written each step (no dense fill, no allocation)
-                if layer.grad_buf is None:
-                    with _single_thread():
-                        layer.grad_buf = torch.zeros(w.shape, dtype=w.dtype)
-                layer.grad_buf.view(-1).scatter_(0, layer.idx, g)
-                w.grad = layer.grad_buf
-            else:                             # a dense fallback ran too, or grads were not reset: accumulate
-                full = torch.zeros(w.numel(), dtype=w.dtype).scatter_(0, layer.idx, g)
-                w.grad.add_(full.view(w.shape))
+    def _choice_label(self, layer) -> str:
+        return "dense" if not layer.swapped else f"sparse(voo={layer.mode})"
 
-    def after_step(self, kind: str) -> None:
-        if kind != "sparse":
-            self._stale = True                # a fine step may have changed the support
-            return
-        if self._active:
-            self._refresh_values()
-
-    def use_dense(self) -> None:
-        if self._active:
-            self._deactivate()
-
-    # -- reports -------------------------------------------------------------------------
-    def summary(self) -> list[dict[str, Any]]:
-        """One row per prunable layer: the current choice and why."""
-        rows = []
-        for layer in self.layers:
-            numel = layer.weight.numel()
-            rows.append(dict(layer=layer.name, kind=layer.kind, in_shape=layer.in_shape, nnz=layer.nnz,
-                             density=layer.nnz / numel if numel else 0.0,
-                             choice="dense" if not layer.swapped else f"sparse(voo={layer.mode})",
-                             why=layer.reason or layer.why, **layer.timings))
-        return rows
-
-    def swapped_layers(self) -> list[str]:
-        return [layer.name for layer in self.layers if layer.swapped]
-
-    # -- structure ----------------------------------------------------------------------
-    def _shape_hook(self, layer: _Layer):
-        def hook(mod, args):
-            if args and isinstance(args[0], torch.Tensor) and torch.is_grad_enabled() and mod.training:
-                layer.in_shape = tuple(args[0].shape[1:])
-                layer.in_grad = bool(args[0].requires_grad)
-        return hook
-
-    def _ensure_shapes(self) -> None:
-        missing = [layer for layer in self.layers if layer.reason is None and layer.in_shape is None]
-        if not missing or self.in_shape is None:
-            return
-        seen: dict[int, tuple] = {}
-
-        def recorder(layer):
-            def hook(mod, args):
-                seen.setdefault(id(layer), (tuple(args[0].shape[1:]), args[0]))
-            return hook
-
-        handles = [layer.module.register_forward_pre_hook(recorder(layer)) for layer in missing]
-        was_training = self.model.training
-        param = next(self.model.parameters())
-        x = torch.zeros((2,) + self.in_shape, dtype=param.dtype, device=param.device)
-        try:
-            self.model.eval()                 # no BN statistics touched
-            with torch.no_grad():
-                self.model(x)
-        finally:
-            self.model.train(was_training)
-            for h in handles:
-                h.remove()
-        for layer in missing:
-            if id(layer) in seen:
-                shape, inp = seen[id(layer)]
-                layer.in_shape, layer.in_grad = shape, inp is not x
-
-    def _support(self, layer: _Layer) -> torch.Tensor:
-        w = layer.weight.detach()
-        mask = w != 0
-        if self.optimizer is not None:
-            s = self.optimizer.state.get(layer.weight, {}).get("support")
-            if s is not None:
-                mask |= s.to(torch.bool)
-        return mask
-
-    def _rebuild(self) -> None:
-        if self._active:
-            self._deactivate()
-        self._ensure_shapes()
-        for layer in self.layers:
-            self._rebuild_layer(layer)
-        self._stale = False
-        self.rebuilds += 1
-        self._activate(refresh=False)
-
-    def _rebuild_layer(self, layer: _Layer) -> None:
-        """The structure of `layer`, then the timed choice between it and the dense layer."""
-        with _single_thread():                # many small index ops: no OpenMP fork/join per op
-            self._build_layer(layer)
-        if layer.w_val is not None:
-            layer.mode, layer.why = self._choose(layer)   # timed at the training thread count
-            if layer.mode is None:
-                layer.idx, layer.w_val, layer.w_idx = None, None, ()
-
-    def _build_layer(self, layer: _Layer) -> None:
-        layer.mode, layer.idx, layer.w_val, layer.w_idx, layer.timings = None, None, None, (), {}
-        layer.grad_buf = None
-        if layer.reason is not None:
-            layer.nnz = int(torch.count_nonzero(layer.weight.detach()))
-            layer.why = layer.reason
-            return
-        with torch.no_grad():
-            mask = self._support(layer)
-            if layer.kind == "conv":
-                idx, w_idx, max_per_oc = _conv_structure(mask)
-                if max_per_oc > INT16_MAX:    # guard 5
-                    layer.nnz, layer.why = int(idx.numel()), f"{max_per_oc} > {INT16_MAX} non-zeros in one output channel"
-                    return
-            else:
-                idx, w_idx = _linear_structure(mask)
+    def _build(self, layer, mask: torch.Tensor) -> Optional[str]:
+        if layer.kind == "conv":
+            idx, w_idx, max_per_oc = _conv_structure(mask)
             layer.nnz = int(idx.numel())
-            if layer.nnz == 0:
-                layer.why = "no non-zeros"
-                return
-            layer.idx, layer.w_idx = idx, w_idx
-            layer.w_val = layer.weight.detach().reshape(-1).index_select(0, idx).requires_grad_(True)
+            if max_per_oc > INT16_MAX:        # guard 5
+                return f"{max_per_oc} > {INT16_MAX} non-zeros in one output channel"
+        else:
+            idx, w_idx = _linear_structure(mask)
+            layer.nnz = int(idx.numel())
+        layer.idx, layer.kernel = idx, w_idx
+        return None
 
-    def _candidates(self, layer: _Layer) -> list[bool]:
+    def _forced_mode(self, layer) -> bool:
+        if layer.kind == "linear":
+            return False
+        return bool(self.force_mode if self.force_mode is not None else layer.module.stride[0] == 1)
+
+    def _candidates(self, layer) -> list[bool]:
         if layer.kind == "linear":
             return [False]                    # one linear kernel (the mode flag is unused)
         return [False, True]
 
-    def _choose(self, layer: _Layer) -> tuple[Optional[bool], str]:
-        if self.force:
-            if layer.kind == "linear":
-                return False, "forced"
-            mode = self.force_mode if self.force_mode is not None else layer.module.stride[0] == 1
-            return bool(mode), "forced"
-        if layer.in_shape is None or not self.batch_size:
-            return None, "input shape unknown (no dense step seen, no in_shape)"
-        # a decision timed at nnz0 holds for nnz within a factor (1 + bucket) of nnz0 (no fixed
-        # bucket edges: a support that moves by a few weights never triggers a re-timing)
-        key = (layer.name, layer.in_shape, layer.in_grad, self.batch_size, torch.get_num_threads())
-        entries = self.decisions.setdefault(key, [])
-        width = math.log1p(self.bucket)
-        near = [e for e in entries if abs(math.log(layer.nnz / e[0])) <= width]
-        if near:
-            entry = min(near, key=lambda e: abs(math.log(layer.nnz / e[0])))
-        else:
-            t0 = time.perf_counter()
-            entry = (layer.nnz, *self._time_layer(layer))
-            self.timing_seconds += time.perf_counter() - t0
-            entries.append(entry)
-        _, mode, why, timings = entry
-        layer.timings = timings
-        return mode, why
-
     # -- timed comparison --------------------------------------------------------------
-    def _time_layer(self, layer: _Layer) -> tuple[Optional[bool], str, dict]:
+    def _time_layer(self, layer) -> tuple[Optional[bool], str, dict]:
         mod = layer.module
         x = torch.randn((self.batch_size,) + layer.in_shape, generator=self._generator).requires_grad_(layer.in_grad)
         w_dense = layer.weight.detach().clone().requires_grad_(True)
@@ -556,9 +339,9 @@ class SparsePropBackend:
         def make_sparse(mode):
             def run():
                 if layer.kind == "conv":
-                    out = sparse_conv2d(x, w_val, layer.w_idx, mod, mode)
+                    out = sparse_conv2d(x, w_val, layer.kernel, mod, mode)
                 else:
-                    out = sparse_linear(x, w_val, layer.w_idx, mod)
+                    out = sparse_linear(x, w_val, layer.kernel, mod)
                 out.backward(grad)
             return run
 
@@ -591,42 +374,7 @@ class SparsePropBackend:
         return None, f"dense is faster (best sparse {best}: {speedup:.2f}x)", timings
 
     # -- swapping -----------------------------------------------------------------------
-    def _activate(self, refresh: bool) -> None:
-        if refresh:
-            self._check_structure()
-            self._refresh_values()
-        for layer in self.layers:
-            if layer.swapped:
-                layer.module.forward = self._forward_fn(layer)
-        self._active = True
-
-    def _deactivate(self) -> None:
-        for layer in self.layers:
-            if "forward" in layer.module.__dict__:
-                del layer.module.forward
-            if layer.w_val is not None:
-                layer.w_val.grad = None
-            layer.grad_buf = None             # dense steps may write into an exposed buffer: never reuse it
-        self._active = False
-
-    def _check_structure(self) -> None:
-        """Re-enabling without a rebuild: every non-zero must still lie in the structure
-        (else someone changed the weights since: rebuild instead)."""
-        for layer in self.layers:
-            if layer.swapped:
-                w = layer.weight.detach().reshape(-1)
-                with _single_thread():
-                    moved = int(torch.count_nonzero(w)) != int(torch.count_nonzero(w.index_select(0, layer.idx)))
-                if moved:
-                    self._rebuild_layer(layer)
-
-    @torch.no_grad()
-    def _refresh_values(self) -> None:
-        for layer in self.layers:
-            if layer.swapped:
-                torch.index_select(layer.weight.detach().reshape(-1), 0, layer.idx, out=layer.w_val.data)
-
-    def _forward_fn(self, layer: _Layer):
+    def _forward_fn(self, layer):
         mod = layer.module
         dense_forward = type(mod).forward
         if layer.kind == "conv":
@@ -634,9 +382,9 @@ class SparsePropBackend:
 
             def forward(x):
                 if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4 or x.shape[1] != c_in \
-                        or x.shape[0] == 0 or _autocast_on():
+                        or x.shape[0] == 0 or autocast_on():
                     return dense_forward(mod, x)          # guard 6: anything unexpected runs dense
-                out = sparse_conv2d(x, layer.w_val, layer.w_idx, mod, layer.mode)
+                out = sparse_conv2d(x, layer.w_val, layer.kernel, mod, layer.mode)
                 if mod.bias is not None:
                     out = out + mod.bias.view(1, -1, 1, 1)
                 return out
@@ -645,9 +393,9 @@ class SparsePropBackend:
 
             def forward(x):
                 if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 1 or x.shape[-1] != f_in \
-                        or x.numel() == 0 or _autocast_on():
+                        or x.numel() == 0 or autocast_on():
                     return dense_forward(mod, x)
-                out = sparse_linear(x, layer.w_val, layer.w_idx, mod)
+                out = sparse_linear(x, layer.w_val, layer.kernel, mod)
                 if mod.bias is not None:
                     out = out + mod.bias
                 return out

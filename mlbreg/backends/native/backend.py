@@ -22,17 +22,15 @@ runs the dense layer for that call.
 from __future__ import annotations
 
 import functools
-import math
 import statistics
 import time
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...models import prunable_modules
+from ..swap import LayerSwapBackend, autocast_on
 from . import build, ops
 
 __all__ = ["NativeBackend", "conv_reason", "linear_reason"]
@@ -78,40 +76,12 @@ def linear_reason(linear: nn.Module) -> Optional[str]:
     return _not_fp32_cpu(linear.weight)
 
 
-def _autocast_on() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # older torch
-        return torch.is_autocast_cpu_enabled()
-
-
 def _fp32_cpu(x) -> bool:
     return isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.device.type == "cpu"
 
 
-@dataclass
-class _Layer:
-    name: str
-    module: nn.Module
-    kind: str                                   # "conv" | "linear"
-    reason: Optional[str]                       # static guard failure (None: eligible)
-    in_shape: Optional[tuple] = None            # per-sample input shape seen in a forward
-    in_grad: bool = True                        # does the layer's input require grad in training?
-    st: Optional[ops.Structure] = None
-    w_val: Optional[torch.Tensor] = None        # fp32 values on st.idx, a leaf that gets .grad
-    nnz: int = 0
-    grad_buf: Optional[torch.Tensor] = None
-    swapped: bool = False
-    why: str = ""
-    timings: dict = field(default_factory=dict)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.module.weight
-
-
-class NativeBackend:
-    """See the module docstring.
+class NativeBackend(LayerSwapBackend):
+    """See the module docstring and backends/swap.py (the swapping shared with SparseProp).
 
     Args:
         model: its Conv2d / Linear layers are candidates, its BatchNorm2d layers run natively.
@@ -119,8 +89,8 @@ class NativeBackend:
             seen in dense steps or found by one dummy forward with ``in_shape``.
         optimizer: ML LinBreg's optimizer; ``state[w]["support"]`` gives the exact S.
         force: swap every eligible layer without timing (tests, benchmarks of the kernels).
-        min_speedup, warmup, repeats, bucket: as in the SparseProp backend (timed choice, reused while
-            a layer's nnz stays within a factor 1 + bucket of the nnz it was timed at).
+        min_speedup, warmup, repeats, bucket: the timed choice (reused while a layer's nnz stays
+            within a factor 1 + bucket of the nnz it was timed at).
         native_bn: run BatchNorm2d (and the fused ResNet blocks) natively.
     """
     name = "native"
@@ -129,185 +99,32 @@ class NativeBackend:
                  optimizer: Optional[torch.optim.Optimizer] = None, force: bool = False, min_speedup: float = 1.05,
                  warmup: int = 1, repeats: int = 3, bucket: float = 0.1, native_bn: bool = True):
         self.ext = build.load()
-        self.model = model
-        self.batch_size = batch_size
-        self.in_shape = tuple(in_shape) if in_shape is not None else None
-        self.optimizer = optimizer
-        self.force = force
-        self.min_speedup = min_speedup
-        self.warmup = warmup
-        self.repeats = max(1, repeats)
-        self.bucket = bucket
-        self.native_bn = native_bn
-        self.timing_seconds = 0.0
-        self.rebuilds = 0
-        self.decisions: dict[tuple, list[tuple[int, bool, str, dict]]] = {}
-        self.layers: list[_Layer] = []
-        for name, mod in prunable_modules(model):
-            kind = "conv" if isinstance(mod, nn.Conv2d) else "linear"
-            self.layers.append(_Layer(name, mod, kind, conv_reason(mod) if kind == "conv" else linear_reason(mod)))
+        super().__init__(model, batch_size, in_shape, optimizer=optimizer, force=force, min_speedup=min_speedup,
+                         warmup=warmup, repeats=repeats, bucket=bucket)
         self.bns = [m for m in model.modules() if type(m) is nn.BatchNorm2d] if native_bn else []
         self.blocks = _fusable_blocks(model) if native_bn else []
-        self._stale = True
-        self._active = False
-        for layer in self.layers:
-            if layer.reason is None:
-                layer.module.register_forward_pre_hook(self._shape_hook(layer))
-        self._generator = torch.Generator().manual_seed(0)
 
     @property
     def simd_path(self) -> str:
         return self.ext.simd_path()
 
-    # -- hooks called by the training loop ---------------------------------------------
-    def before_step(self, kind: str) -> None:
-        if kind == "sparse":
-            if self._stale:
-                self._rebuild()
-            elif not self._active:
-                self._activate(refresh=True)
-        elif self._active:
-            self._deactivate()
+    def _reason(self, mod: nn.Module, kind: str) -> Optional[str]:
+        return conv_reason(mod) if kind == "conv" else linear_reason(mod)
 
-    def after_backward(self) -> None:
-        if not self._active:
-            return
-        for layer in self.layers:
-            if not layer.swapped or layer.w_val.grad is None:
-                continue
-            g = layer.w_val.grad
-            layer.w_val.grad = None
-            w = layer.weight
-            if w.grad is None:
-                # zero outside S and never written there: only S is written each step
-                if layer.grad_buf is None:
-                    layer.grad_buf = torch.zeros(w.shape, dtype=w.dtype)
-                layer.grad_buf.view(-1).index_copy_(0, layer.st.idx, g)
-                w.grad = layer.grad_buf
-            else:                             # a dense fallback ran too: accumulate
-                w.grad.view(-1).index_add_(0, layer.st.idx, g)
+    def _choice_label(self, layer) -> str:
+        return "native" if layer.swapped else "dense"
 
-    def after_step(self, kind: str) -> None:
-        if kind != "sparse":
-            self._stale = True
-            return
-        if self._active:
-            self._refresh_values()
+    def _build(self, layer, mask: torch.Tensor) -> Optional[str]:
+        mod = layer.module
+        stride, pad = (mod.stride[0], mod.padding[0]) if layer.kind == "conv" else (1, 0)
+        st = ops.build_structure(self.ext, mask, stride, pad)
+        layer.idx, layer.kernel, layer.nnz = st.idx, st, st.nnz
+        return None
 
-    def use_dense(self) -> None:
-        if self._active:
-            self._deactivate()
+    def _forced_mode(self, layer) -> str:
+        return "native"
 
-    # -- reports -------------------------------------------------------------------------
-    def summary(self) -> list[dict[str, Any]]:
-        rows = []
-        for layer in self.layers:
-            numel = layer.weight.numel()
-            rows.append(dict(layer=layer.name, kind=layer.kind, in_shape=layer.in_shape, nnz=layer.nnz,
-                             density=layer.nnz / numel if numel else 0.0,
-                             choice="native" if layer.swapped else "dense", why=layer.reason or layer.why,
-                             **layer.timings))
-        return rows
-
-    def swapped_layers(self) -> list[str]:
-        return [layer.name for layer in self.layers if layer.swapped]
-
-    # -- structure ----------------------------------------------------------------------
-    def _shape_hook(self, layer: _Layer):
-        def hook(mod, args):
-            if args and isinstance(args[0], torch.Tensor) and torch.is_grad_enabled() and mod.training:
-                layer.in_shape = tuple(args[0].shape[1:])
-                layer.in_grad = bool(args[0].requires_grad)
-        return hook
-
-    def _ensure_shapes(self) -> None:
-        missing = [layer for layer in self.layers if layer.reason is None and layer.in_shape is None]
-        if not missing or self.in_shape is None:
-            return
-        seen: dict[int, tuple] = {}
-
-        def recorder(layer):
-            def hook(mod, args):
-                seen.setdefault(id(layer), (tuple(args[0].shape[1:]), args[0]))
-            return hook
-
-        handles = [layer.module.register_forward_pre_hook(recorder(layer)) for layer in missing]
-        was_training = self.model.training
-        param = next(self.model.parameters())
-        x = torch.zeros((2,) + self.in_shape, dtype=param.dtype, device=param.device)
-        try:
-            self.model.eval()
-            with torch.no_grad():
-                self.model(x)
-        finally:
-            self.model.train(was_training)
-            for h in handles:
-                h.remove()
-        for layer in missing:
-            if id(layer) in seen:
-                shape, inp = seen[id(layer)]
-                layer.in_shape, layer.in_grad = shape, inp is not x
-
-    def _support(self, layer: _Layer) -> torch.Tensor:
-        w = layer.weight.detach()
-        mask = w != 0
-        if self.optimizer is not None:
-            s = self.optimizer.state.get(layer.weight, {}).get("support")
-            if s is not None:
-                mask |= s.to(torch.bool)
-        return mask
-
-    def _rebuild(self) -> None:
-        if self._active:
-            self._deactivate()
-        self._ensure_shapes()
-        for layer in self.layers:
-            self._rebuild_layer(layer)
-        self._stale = False
-        self.rebuilds += 1
-        self._activate(refresh=False)
-
-    def _rebuild_layer(self, layer: _Layer) -> None:
-        layer.swapped, layer.st, layer.w_val, layer.grad_buf, layer.timings = False, None, None, None, {}
-        if layer.reason is not None:
-            layer.nnz, layer.why = int(torch.count_nonzero(layer.weight.detach())), layer.reason
-            return
-        with torch.no_grad():
-            mask = self._support(layer)
-            mod = layer.module
-            stride, pad = (mod.stride[0], mod.padding[0]) if layer.kind == "conv" else (1, 0)
-            st = ops.build_structure(self.ext, mask, stride, pad)
-        layer.nnz = st.nnz
-        if st.nnz == 0:
-            layer.why = "no non-zeros"
-            return
-        layer.st = st
-        layer.w_val = layer.weight.detach().reshape(-1).index_select(0, st.idx).requires_grad_(True)
-        layer.swapped, layer.why = self._choose(layer)
-        if not layer.swapped:
-            layer.st, layer.w_val = None, None
-
-    def _choose(self, layer: _Layer) -> tuple[bool, str]:
-        if self.force:
-            return True, "forced"
-        if layer.in_shape is None or not self.batch_size:
-            return False, "input shape unknown (no dense step seen, no in_shape)"
-        key = (layer.name, layer.in_shape, layer.in_grad, self.batch_size, torch.get_num_threads())
-        entries = self.decisions.setdefault(key, [])
-        width = math.log1p(self.bucket)
-        near = [e for e in entries if abs(math.log(layer.nnz / e[0])) <= width]
-        if near:
-            entry = min(near, key=lambda e: abs(math.log(layer.nnz / e[0])))
-        else:
-            t0 = time.perf_counter()
-            entry = (layer.nnz, *self._time_layer(layer))
-            self.timing_seconds += time.perf_counter() - t0
-            entries.append(entry)
-        _, swapped, why, timings = entry
-        layer.timings = timings
-        return swapped, why
-
-    def _time_layer(self, layer: _Layer) -> tuple[bool, str, dict]:
+    def _time_layer(self, layer) -> tuple[Optional[str], str, dict]:
         """Dense (NCHW, as torch layers run) vs native (CHWB in and out), forward + backward,
         interleaved rounds after a warm-up, medians."""
         mod = layer.module
@@ -325,7 +142,7 @@ class NativeBackend:
 
         def native():
             fn = ops.sparse_conv2d if layer.kind == "conv" else ops.sparse_linear
-            return fn(xn, w_val, layer.st)
+            return fn(xn, w_val, layer.kernel)
 
         with torch.no_grad():
             out = dense()
@@ -348,73 +165,47 @@ class NativeBackend:
         speedup = med["dense"] / med["native"]
         timings["speedup"] = speedup
         if speedup >= self.min_speedup:
-            return True, f"{speedup:.2f}x faster than dense", timings
-        return False, f"dense is faster (native {speedup:.2f}x)", timings
+            return "native", f"{speedup:.2f}x faster than dense", timings
+        return None, f"dense is faster (native {speedup:.2f}x)", timings
 
     # -- swapping -----------------------------------------------------------------------
-    def _activate(self, refresh: bool) -> None:
-        if refresh:
-            self._check_structure()
-            self._refresh_values()
-        for layer in self.layers:
-            if layer.swapped:
-                layer.module.forward = self._layer_forward(layer)
+    def _activate_extra(self) -> None:
         for bn in self.bns:
             bn.forward = self._bn_forward(bn)
         for block, forward in self.blocks:
             block.forward = functools.partial(forward, block, self)
-        self._active = True
 
-    def _deactivate(self) -> None:
-        for mod in [layer.module for layer in self.layers] + self.bns + [b for b, _ in self.blocks]:
+    def _deactivate_extra(self) -> None:
+        for mod in self.bns + [b for b, _ in self.blocks]:
             if "forward" in mod.__dict__:
                 del mod.forward
-        for layer in self.layers:
-            if layer.w_val is not None:
-                layer.w_val.grad = None
-            layer.grad_buf = None             # dense steps may write into an exposed buffer: never reuse it
-        self._active = False
 
-    def _check_structure(self) -> None:
-        """Re-enabling without a rebuild: every non-zero must still lie in the structure."""
-        for layer in self.layers:
-            if layer.swapped:
-                w = layer.weight.detach().reshape(-1)
-                if int(torch.count_nonzero(w)) != int(torch.count_nonzero(w.index_select(0, layer.st.idx))):
-                    self._rebuild_layer(layer)
-
-    @torch.no_grad()
-    def _refresh_values(self) -> None:
-        for layer in self.layers:
-            if layer.swapped:
-                torch.index_select(layer.weight.detach().reshape(-1), 0, layer.st.idx, out=layer.w_val.data)
-
-    def _layer_forward(self, layer: _Layer):
+    def _forward_fn(self, layer):
         mod = layer.module
         dense_forward = type(mod).forward
         if layer.kind == "conv":
             c_in = mod.in_channels
 
             def forward(x):
-                if not _fp32_cpu(x) or x.dim() != 4 or x.shape[1] != c_in or x.shape[0] == 0 or _autocast_on():
+                if not _fp32_cpu(x) or x.dim() != 4 or x.shape[1] != c_in or x.shape[0] == 0 or autocast_on():
                     return dense_forward(mod, x)
-                out = ops.sparse_conv2d(x, layer.w_val, layer.st)
+                out = ops.sparse_conv2d(x, layer.w_val, layer.kernel)
                 return out + mod.bias.view(1, -1, 1, 1) if mod.bias is not None else out
         else:
             f_in = mod.in_features
 
             def forward(x):
-                if not _fp32_cpu(x) or x.dim() != 2 or x.shape[1] != f_in or x.shape[0] == 0 or _autocast_on():
+                if not _fp32_cpu(x) or x.dim() != 2 or x.shape[1] != f_in or x.shape[0] == 0 or autocast_on():
                     return dense_forward(mod, x)
-                out = ops.sparse_linear(x, layer.w_val, layer.st)
+                out = ops.sparse_linear(x, layer.w_val, layer.kernel)
                 return out + mod.bias if mod.bias is not None else out
         return forward
 
     def bn_act(self, bn: nn.Module, x: torch.Tensor, res: Optional[torch.Tensor] = None, relu: bool = False):
         """``act(bn(x) [+ res])``: native when bn is a plain BatchNorm2d and x an fp32 CPU batch."""
-        if (type(bn) is nn.BatchNorm2d and _fp32_cpu(x) and x.dim() == 4 and x.shape[0] > 0 and not _autocast_on()
-                and (bn.weight is None or _fp32_cpu(bn.weight)) and (res is None or (_fp32_cpu(res)
-                                                                                  and res.shape == x.shape))
+        if (type(bn) is nn.BatchNorm2d and _fp32_cpu(x) and x.dim() == 4 and x.shape[0] > 0 and not autocast_on()
+                and (bn.weight is None or _fp32_cpu(bn.weight))
+                and (res is None or (_fp32_cpu(res) and res.shape == x.shape))
                 and (not bn.training or x.numel() > x.shape[1])):
             return ops.batch_norm(bn, ops.from_chwb(ops.to_chwb(x)), self.ext, res=res, relu=relu)
         # the module's own forward (ours may be installed on it: calling bn(x) would come back here)
