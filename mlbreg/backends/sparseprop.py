@@ -69,7 +69,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .swap import LayerSwapBackend, autocast_on
+from .swap import LayerSwapBackend, autocast_on, conv_reason, linear_reason
 
 try:
     import sparseprop  # noqa: F401  (its __init__ imports the top-level extension module `backend`)
@@ -87,41 +87,13 @@ BATCH_ALIGN = 8     # SparseProp's conv kernels are wrong for the last batch % 8
 # --------------------------------------------------------------------------- guards
 def conv_eligible(conv: nn.Module) -> Optional[str]:
     """None if SparseProp computes this conv correctly, else why not (guards 4 and 6)."""
-    if type(conv) is not nn.Conv2d:
-        return "not a plain nn.Conv2d"
-    if _not_fp32_cpu(conv.weight):
-        return _not_fp32_cpu(conv.weight)
-    if conv.groups != 1:
-        return f"groups={conv.groups}"
-    if tuple(conv.dilation) != (1, 1):
-        return f"dilation={tuple(conv.dilation)}"
-    kh, kw = conv.kernel_size
-    if kh != kw:
-        return f"non-square kernel {kh}x{kw}"
-    if kh > 255:
-        return f"kernel {kh} too large for uint8 indices"
-    if tuple(conv.stride) not in ((1, 1), (2, 2)):
-        return f"stride={tuple(conv.stride)}"
-    if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r}"
-    pad = conv.padding
-    if isinstance(pad, str) or len(pad) != 2 or pad[0] != pad[1] or not isinstance(pad[0], int):
-        return f"padding={pad!r} (needs integer symmetric padding)"
-    if not 0 <= pad[0] < kh:
-        return f"padding {pad[0]} not below the kernel size {kh}"
-    return None
+    if type(conv) is nn.Conv2d and conv.kernel_size[0] > 255:
+        return f"kernel {conv.kernel_size[0]} too large for uint8 indices"
+    return conv_reason(conv, "SparseProp is", strides=((1, 1), (2, 2)))
 
 
 def linear_eligible(linear: nn.Module) -> Optional[str]:
-    if type(linear) is not nn.Linear:
-        return "not a plain nn.Linear"
-    return _not_fp32_cpu(linear.weight)
-
-
-def _not_fp32_cpu(w: torch.Tensor) -> Optional[str]:
-    if w.dtype != torch.float32 or w.device.type != "cpu":
-        return f"weight is {w.dtype} on {w.device}; SparseProp is fp32 CPU only"
-    return None
+    return linear_reason(linear, "SparseProp is")
 
 
 def _np(t: torch.Tensor, dtype) -> np.ndarray:

@@ -47,6 +47,48 @@ def autocast_on() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+def not_fp32_cpu(w: torch.Tensor, kernels: str) -> Optional[str]:
+    if w.dtype != torch.float32 or w.device.type != "cpu":
+        return f"weight is {w.dtype} on {w.device}; {kernels} fp32 CPU only"
+    return None
+
+
+def conv_reason(conv: nn.Module, kernels: str, strides: Optional[tuple] = None) -> Optional[str]:
+    """None if a plain sparse conv kernel computes `conv`, else why not: nn.Conv2d exactly, fp32 CPU,
+    groups 1, dilation 1, square kernel, integer symmetric zero padding below the kernel size, and a
+    stride in `strides` (None: any equal pair)."""
+    if type(conv) is not nn.Conv2d:
+        return "not a plain nn.Conv2d"
+    if not_fp32_cpu(conv.weight, kernels):
+        return not_fp32_cpu(conv.weight, kernels)
+    if conv.groups != 1:
+        return f"groups={conv.groups}"
+    if tuple(conv.dilation) != (1, 1):
+        return f"dilation={tuple(conv.dilation)}"
+    kh, kw = conv.kernel_size
+    if kh != kw:
+        return f"non-square kernel {kh}x{kw}"
+    stride = tuple(conv.stride)
+    if strides is not None and stride not in strides:
+        return f"stride={stride}"
+    if stride[0] != stride[1]:
+        return f"stride={stride} (needs equal strides)"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r}"
+    pad = conv.padding
+    if isinstance(pad, str) or len(pad) != 2 or pad[0] != pad[1] or not isinstance(pad[0], int):
+        return f"padding={pad!r} (needs integer symmetric padding)"
+    if not 0 <= pad[0] < kh:
+        return f"padding {pad[0]} not below the kernel size {kh}"
+    return None
+
+
+def linear_reason(linear: nn.Module, kernels: str) -> Optional[str]:
+    if type(linear) is not nn.Linear:
+        return "not a plain nn.Linear"
+    return not_fp32_cpu(linear.weight, kernels)
+
+
 @dataclass
 class SwapLayer:
     """One prunable layer and, while a structure is built, its sparse form."""

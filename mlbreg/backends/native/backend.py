@@ -30,50 +30,23 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import swap
 from ..swap import LayerSwapBackend, autocast_on
 from . import build, ops
 
 __all__ = ["NativeBackend", "conv_reason", "linear_reason"]
 
 
-def _not_fp32_cpu(w: torch.Tensor) -> Optional[str]:
-    if w.dtype != torch.float32 or w.device.type != "cpu":
-        return f"weight is {w.dtype} on {w.device}; the native kernels are fp32 CPU only"
-    return None
-
-
 def conv_reason(conv: nn.Module) -> Optional[str]:
-    """None if the native kernels compute this conv, else why not."""
-    if type(conv) is not nn.Conv2d:
-        return "not a plain nn.Conv2d"
-    if _not_fp32_cpu(conv.weight):
-        return _not_fp32_cpu(conv.weight)
-    if conv.groups != 1:
-        return f"groups={conv.groups}"
-    if tuple(conv.dilation) != (1, 1):
-        return f"dilation={tuple(conv.dilation)}"
-    kh, kw = conv.kernel_size
-    if kh != kw:
-        return f"non-square kernel {kh}x{kw}"
-    sh, sw = conv.stride
-    if sh != sw:
-        return f"stride={tuple(conv.stride)} (needs equal strides)"
-    if conv.padding_mode != "zeros":
-        return f"padding_mode={conv.padding_mode!r}"
-    pad = conv.padding
-    if isinstance(pad, str) or len(pad) != 2 or pad[0] != pad[1] or not isinstance(pad[0], int):
-        return f"padding={pad!r} (needs integer symmetric padding)"
-    if not 0 <= pad[0] < kh:
-        return f"padding {pad[0]} not below the kernel size {kh}"
-    if conv.weight.numel() >= 2 ** 31:
-        return "too many weights for int32 indices"
-    return None
+    """None if the native kernels compute this conv (any square kernel, any equal stride), else why not."""
+    why = swap.conv_reason(conv, "the native kernels are")
+    if why is None and conv.weight.numel() >= 2 ** 31:
+        why = "too many weights for int32 indices"
+    return why
 
 
 def linear_reason(linear: nn.Module) -> Optional[str]:
-    if type(linear) is not nn.Linear:
-        return "not a plain nn.Linear"
-    return _not_fp32_cpu(linear.weight)
+    return swap.linear_reason(linear, "the native kernels are")
 
 
 def _fp32_cpu(x) -> bool:
