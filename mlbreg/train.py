@@ -232,6 +232,8 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.flops.load_state_dict(ckpt["flops"])
         _set_rng_state(ckpt["rng"])
+        if ckpt.get("backend"):                # the sparse backend's timed layer choices (older checkpoints: none)
+            self.backend.load_state_dict(ckpt["backend"])
         self.pos, self.partial = ckpt["position"], ckpt.get("partial_epoch")
 
     def checkpoint(self, partial_epoch=None) -> None:
@@ -240,7 +242,7 @@ class Trainer:
             self.run_dir.save_checkpoint(dict(
                 run_key=self.run_key, model=self.model.state_dict(), method=self.method.state_dict(),
                 scheduler=self.scheduler.state_dict(), flops=self.flops.state_dict(), rng=_rng_state(),
-                position=dict(self.pos), partial_epoch=partial_epoch))
+                backend=self.backend.state_dict(), position=dict(self.pos), partial_epoch=partial_epoch))
         self.ctx.barrier()
 
     # -- the run -----------------------------------------------------------------------

@@ -367,6 +367,25 @@ def test_timed_choice_and_summary():
     assert backend.timing_seconds > 0 and sum(map(len, backend.decisions.values())) == len(rows)
 
 
+def test_timed_choices_survive_a_checkpoint():
+    """state_dict / load_state_dict carry the timed choices: a resumed run chooses the same layers
+    without timing again (so it computes what the interrupted run would have)."""
+    model = sparse_model(density=0.05)
+    first = NativeBackend(model, batch_size=16, in_shape=(2, 16, 16), repeats=1, warmup=0)
+    first.before_step("sparse")
+    first.use_dense()
+    state = first.state_dict()
+    again = NativeBackend(model, batch_size=16, in_shape=(2, 16, 16), repeats=1, warmup=0)
+    again.load_state_dict(state)
+    again.before_step("sparse")
+    assert again.timing_seconds == 0 and again.swapped_layers() == first.swapped_layers()
+    assert [r["why"] for r in again.summary()] == [r["why"] for r in first.summary()]
+    again.use_dense()
+    other = NativeBackend(model, batch_size=16, in_shape=(2, 16, 16))
+    other.load_state_dict(dict(state, backend="sparseprop"))      # another backend's choices: ignored
+    assert other.decisions == {}
+
+
 def test_make_backend_native_and_auto():
     model = sparse_model()
     assert isinstance(make_backend("native", model, torch.device("cpu"), "mllinbreg", batch_size=8,
@@ -471,3 +490,21 @@ def test_portable_fallback_paths_are_exact():
 def test_simd_path_and_cache_key():
     assert EXT.simd_path() in ("avx512", "avx2", "plain")
     assert native_build.cache_dir().name == "mlbreg" or "MLBREG_CACHE" in __import__("os").environ
+
+
+def test_no_compiler_gives_one_line_and_trains(tmp_path):
+    """A real failed build (the C++ compiler is /bin/false, empty cache): `mlbreg train` with
+    backend=auto says so in one line and trains with the fallback; backend=native is a config error."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, CXX="/bin/false", MLBREG_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "mlbreg", "train", "epochs=1", "progress=false", "device=cpu"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    notes = [line for line in run.stderr.splitlines() if "native kernels unavailable" in line]
+    assert len(notes) == 1 and "backend=auto uses" in notes[0], run.stderr
+    assert "Traceback" not in run.stderr
+    bad = subprocess.run([sys.executable, "-m", "mlbreg", "train", "epochs=1", "progress=false", "device=cpu",
+                          "backend=native"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "backend=native" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

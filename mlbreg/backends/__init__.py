@@ -45,6 +45,12 @@ class TorchBackend:
     def use_dense(self) -> None:
         """Back to dense layers (before evaluation or checkpointing)."""
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 def sparseprop_available() -> bool:
     try:

@@ -214,6 +214,16 @@ class LayerSwapBackend:
         if self._active:
             self._deactivate()
 
+    # -- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The timed layer choices: a resumed run makes the same choices (and so the same numbers)
+        as the run it continues, instead of timing again under another machine load."""
+        return dict(backend=self.name, decisions={k: list(v) for k, v in self.decisions.items()})
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("backend") == self.name:   # another backend's choices mean nothing here
+            self.decisions = {tuple(k): list(v) for k, v in state["decisions"].items()}
+
     # -- reports -------------------------------------------------------------------------
     def _choice_label(self, layer: SwapLayer) -> str:
         return "dense" if not layer.swapped else "sparse"

@@ -101,9 +101,20 @@ def _load(isa: str):
     return mod
 
 
+_failed: dict[str, NativeUnavailable] = {}
+
+
 def load():
-    """The compiled extension module (built on first use); raises NativeUnavailable."""
-    return _load(_isa())
+    """The compiled extension module (built on first use); raises NativeUnavailable (remembered: a
+    sweep in one process tries the build once)."""
+    isa = _isa()
+    if isa in _failed:
+        raise _failed[isa]
+    try:
+        return _load(isa)
+    except NativeUnavailable as err:
+        _failed[isa] = err
+        raise
 
 
 def available() -> bool:
