@@ -507,4 +507,5 @@ def test_no_compiler_gives_one_line_and_trains(tmp_path):
     assert "Traceback" not in run.stderr
     bad = subprocess.run([sys.executable, "-m", "mlbreg", "train", "epochs=1", "progress=false", "device=cpu",
                           "backend=native"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "backend=native" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert bad.returncode == 2 and "backend='native'" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert "could not build the native kernels" in bad.stderr

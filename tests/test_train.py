@@ -105,15 +105,25 @@ def test_same_seed_same_numbers(tmp_path):
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
-def test_bf16_autocast_trains_and_sparsity_comes_from_fp32_weights(tmp_path):
-    _, outcome, metrics = run(tmp_path, "precision=bf16", "model=convnet", "epochs=30", "init.density=0.05")
+def _bf16_run(tmp_path, epochs):
+    _, outcome, metrics = run(tmp_path, "precision=bf16", "model=convnet", f"epochs={epochs}", "init.density=0.05")
     last = metrics.iloc[-1]
-    assert outcome["status"] == "finished" and last.test_acc_pct >= 85.0
+    assert outcome["status"] == "finished"
     state = torch.load(tmp_path / "model.pt")
     weights = [v for k, v in state.items() if k.endswith("weight") and v.dim() in (2, 4)]
     assert all(w.dtype == torch.float32 for w in weights)
     zeros = sum(int((w == 0).sum()) for w in weights)
     assert 100 * zeros / sum(w.numel() for w in weights) == pytest.approx(last.sparsity_pct)
+    return last
+
+
+def test_bf16_autocast_runs_and_sparsity_comes_from_fp32_weights(tmp_path):
+    _bf16_run(tmp_path, epochs=2)
+
+
+@pytest.mark.slow   # bf16 convs are emulated (slow) on CPUs without AVX-512 BF16: ~3 min on a 2-core EPYC
+def test_bf16_autocast_trains_to_accuracy(tmp_path):
+    assert _bf16_run(tmp_path, epochs=30).test_acc_pct >= 85.0
 
 
 def test_channels_last_gives_the_same_run(tmp_path):

@@ -2,25 +2,11 @@
 
 How it works
 ------------
-The dense ``weight`` parameters stay the single source of truth: the optimizer, checkpoints
-(``model.state_dict()``) and metrics only ever see them, and the module tree is never changed.
-A *swapped* layer gets an instance attribute ``mod.forward`` (``nn.Module.__call__`` calls it, so
-hooks still run) that computes the layer from a flat value vector ``W_val`` over a fixed
-structure with SparseProp's C++ kernels; ``del mod.forward`` makes it dense again. The sparse
-values and index tensors live in this backend (outside the module tree); a dense bias is added
-by plain torch ops so its gradient flows as usual.
-
-Per step (the training loop calls the hooks, see ``mlbreg.backends``):
-
-* ``before_step("sparse")`` (an ML LinBreg coarse step): after a fine step, rebuild the
-  structure from the support S (the optimizer's ``state[w]["support"]`` when the optimizer is
-  known, else ``w != 0``, which is S for the ``l1`` regularizer), re-choose the layers to swap,
-  and swap them. After ``use_dense()`` with no fine step in between it re-enables the same
-  layers without rebuilding.
-* ``before_step("full_grad" | "dense")``: dense layers (a fine step needs the full gradient).
-* ``after_backward()``: ``W_val.grad`` of the swapped layers is scattered into a zero
-  ``weight.grad``; the optimizer runs unchanged (outside S its coarse step ignores the gradient).
-* ``after_step("sparse")``: the updated dense values are gathered into ``W_val``.
+The swapping around the training loop's hooks (structure from the support S after a fine step,
+timed per-layer choice, value gradients scattered into ``weight.grad``, values gathered back after
+each coarse step) is shared with the native backend: see ``mlbreg/backends/swap.py``. This module
+holds SparseProp's guards, its index format and the autograd functions around its kernels; a dense
+bias is added by plain torch ops so its gradient flows as usual.
 
 The structure is a superset of S; weights of S that shrink to 0 during a cycle keep their slot
 (SparseProp's own ``dense != 0`` constructor would drop them, so the index tensors are built here).
