@@ -240,16 +240,23 @@ def make_batches(sizes, shape=(2, 16, 16), seed=1):
     return [(torch.randn(b, *shape, generator=g), torch.randint(0, 10, (b,), generator=g)) for b in sizes]
 
 
-def assert_same_state(model, ref, opt, ref_opt, tol=TOL):
+def assert_same_state(model, ref, opt, ref_opt, tol=TOL, bn_momentum_tol=TOL):
     """Every parameter, its v, momentum and support, and every buffer (BN statistics) to `tol`
-    (relative error of the whole tensor); the support exactly."""
+    (relative error of the whole tensor); the support exactly. `bn_momentum_tol`: the momentum of
+    BatchNorm's weight and bias (sums of their gradients, see the ResNet test)."""
     errors = {}
+    bn_params = {f"{n}.{k}" for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
+                 for k in ("weight", "bias")}
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         errors[name] = rel(p, q)
         s, r = opt.state[p], ref_opt.state[q]
         for key in ("v", "momentum_buffer"):
             if key in r:
-                errors[f"{name} {key}"] = rel(s[key], r[key])
+                err = rel(s[key], r[key])
+                if key == "momentum_buffer" and name in bn_params:
+                    assert err < bn_momentum_tol, (name, key, err)
+                    continue
+                errors[f"{name} {key}"] = err
         if "support" in r:
             assert torch.equal(s["support"], r["support"]), name
     for (name, b), (_, c) in zip(model.named_buffers(), ref.named_buffers()):
@@ -280,7 +287,11 @@ def test_same_trajectory_as_torch_layers(reg, lam):
 
 
 def test_resnet18_five_steps_equal_torch():
-    """Five ML LinBreg steps (one fine, four coarse) of the CIFAR ResNet-18 with fused blocks."""
+    """Five ML LinBreg steps (one fine, four coarse) of the CIFAR ResNet-18 with fused blocks: each
+    step, started from torch's state before it, ends where torch's step ends (weights, v, momentum,
+    support, BN statistics < 1e-5). Step by step, because this sparse-initialized ResNet is chaotic in
+    fp32: run on its own for 5 steps, torch fp32 ends 10% away from float64, and any change of
+    summation order (torch on 1 vs 2 threads, native vs torch) grows from 1e-7 to 1e-4."""
     def build():
         torch.manual_seed(0)
         model = create_model("resnet18", 10, (3, 16, 16))
@@ -288,17 +299,28 @@ def test_resnet18_five_steps_equal_torch():
         return model
     batches = make_batches([19] * 5, shape=(3, 16, 16))
     ref, model = build(), build()
-    # lr 0.01: at 0.05 this sparse-initialized ResNet is chaotic enough that torch fp32 itself leaves the
-    # float64 trajectory by 3e-4 in 3 steps (and native tracks torch fp32 as closely as that allows)
-    ref_opt, ref_trace, _ = run_mllinbreg(ref, lambda m, o: TorchBackend(m), batches, m=5, lr=0.01)
-    opt, trace, backend = run_mllinbreg(
-        model, lambda m, o: NativeBackend(m, batch_size=19, in_shape=(3, 16, 16), force=True, optimizer=o),
-        batches, m=5, lr=0.01)
-    assert [k for k, _ in trace] == ["full_grad"] + ["sparse"] * 4
-    assert len(backend.swapped_layers()) == 21 and len(backend.blocks) == 9
-    for (_, a), (_, b) in zip(trace, ref_trace):
-        assert a == pytest.approx(b, rel=TOL)
-    assert_same_state(model, ref, opt, ref_opt)
+    ref_opt = MLLinBreg(split_param_groups(ref, "l1", 0.05), lr=0.01, lam=0.05, momentum=0.9, m=5)
+    opt = MLLinBreg(split_param_groups(model, "l1", 0.05), lr=0.01, lam=0.05, momentum=0.9, m=5)
+    backend = NativeBackend(model, batch_size=19, in_shape=(3, 16, 16), force=True, optimizer=opt)
+    kinds = []
+    for x, y in batches:
+        model.load_state_dict(ref.state_dict())
+        opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
+        kind = "full_grad" if ref_opt.next_step_is_fine() else "sparse"
+        kinds.append(kind)
+        for net, o, be in ((ref, ref_opt, TorchBackend(ref)), (model, opt, backend)):
+            be.before_step(kind)
+            loss = nn.functional.cross_entropy(net(x), y)
+            o.zero_grad(set_to_none=True)
+            loss.backward()
+            be.after_backward()
+            o.step()
+            be.after_step(kind)
+            be.use_dense()
+        backend.after_step("full_grad")          # the next step starts from torch's state: rebuild
+        assert_same_state(model, ref, opt, ref_opt)
+    assert kinds == ["full_grad"] + ["sparse"] * 4
+    assert len(backend.swapped_layers()) == 21 and len(backend.blocks) == 9 and backend.rebuilds == 4
 
 
 def test_layout_stays_chwb_between_native_layers():

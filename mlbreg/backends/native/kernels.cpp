@@ -261,34 +261,152 @@ void scatter_conv(const float* dout, float* din, const int32_t* bptr, const int3
 }
 
 // ---------------------------------------------------------------------------------------------------
+// transposed gather (input gradient of a strided conv, stride s > 1):
+//   din[ci][Y][X][b] = sum over (u, v) with Y + p - u = s*y, X + p - v = s*x (y, x inside dout) of
+//                      sum_j val[j] * dout[chan[j]][y][x][b]
+// over the transposed structure (per input channel ci, buckets (u, v) of output channels). Positions of
+// one parity class (X, X + s, ...) read consecutive x: a register tile of TP of them.
+template <int TP>
+inline void tgather_tile(const float* dout, float* din, const int32_t* bptr, const int32_t* chan, const float* val,
+                         const Geom& g, int64_t ci, int64_t Y, int64_t X0, int64_t b0) {
+  V acc[TP][NV];
+  for (int t = 0; t < TP; ++t)
+    for (int n = 0; n < NV; ++n) acc[t][n] = simd::zero();
+  const int64_t plane = g.out_plane();
+  for (int64_t u = 0; u < g.k; ++u) {
+    const int64_t ty = Y + g.p - u;
+    if (ty < 0 || ty % g.s != 0 || ty / g.s >= g.ho) continue;
+    const float* row = dout + (ty / g.s) * g.wo * g.b + b0;
+    for (int64_t v = 0; v < g.k; ++v) {
+      const int64_t tx = X0 + g.p - v;
+      if (tx < 0 || tx % g.s != 0 || tx / g.s + TP > g.wo) continue;   // callers make whole tiles valid
+      const int64_t bucket = (ci * g.k + u) * g.k + v;
+      const float* base = row + (tx / g.s) * g.b;
+      for (int32_t j = bptr[bucket]; j < bptr[bucket + 1]; ++j) {
+        const V w = simd::set1(val[j]);
+        const float* q = base + chan[j] * plane;
+        for (int t = 0; t < TP; ++t)
+          for (int n = 0; n < NV; ++n) acc[t][n] = simd::fma(w, simd::load(q + t * g.b + n * simd::W), acc[t][n]);
+      }
+    }
+  }
+  float* o = din + ((ci * g.hi + Y) * g.wi + X0) * g.b + b0;
+  for (int t = 0; t < TP; ++t)
+    for (int n = 0; n < NV; ++n) simd::store(o + t * g.s * g.b + n * simd::W, acc[t][n]);
+}
+
+// a tile of TP positions X0, X0 + s, ... is valid when every kernel column of X0's parity class maps
+// inside dout for all of them (else its positions go one by one, each checking its own columns)
+inline bool tile_inside(const Geom& g, int64_t X0, int64_t tp) {
+  if (X0 + (tp - 1) * g.s >= g.wi) return false;
+  for (int64_t v = 0; v < g.k; ++v) {
+    const int64_t tx = X0 + g.p - v;
+    if (tx >= 0 && tx % g.s == 0) {
+      if (tx / g.s + tp > g.wo) return false;
+    } else if (tx < 0 && (-tx) % g.s == 0) {
+      return false;                  // the column is of this parity but before dout's start for X0
+    }
+  }
+  return true;
+}
+
+inline void tgather_lanes(const float* dout, float* din, const int32_t* bptr, const int32_t* chan, const float* val,
+                          const Geom& g, int64_t ci, int64_t Y, int64_t X, int64_t b0, int64_t b1) {
+  float acc[BT] = {0};
+  const int64_t plane = g.out_plane(), nl = b1 - b0;
+  for (int64_t u = 0; u < g.k; ++u) {
+    const int64_t ty = Y + g.p - u;
+    if (ty < 0 || ty % g.s != 0 || ty / g.s >= g.ho) continue;
+    for (int64_t v = 0; v < g.k; ++v) {
+      const int64_t tx = X + g.p - v;
+      if (tx < 0 || tx % g.s != 0 || tx / g.s >= g.wo) continue;
+      const int64_t bucket = (ci * g.k + u) * g.k + v;
+      const float* base = dout + ((ty / g.s) * g.wo + tx / g.s) * g.b + b0;
+      for (int32_t j = bptr[bucket]; j < bptr[bucket + 1]; ++j) {
+        const float w = val[j];
+        const float* q = base + chan[j] * plane;
+        for (int64_t l = 0; l < nl; ++l) acc[l] = std::fma(w, q[l], acc[l]);
+      }
+    }
+  }
+  float* o = din + ((ci * g.hi + Y) * g.wi + X) * g.b + b0;
+  for (int64_t l = 0; l < nl; ++l) o[l] = acc[l];
+}
+
+void tgather_conv(const float* dout, float* din, const int32_t* bptr, const int32_t* chan, const float* val,
+                  const Geom& g) {
+  const int64_t tiles = (g.b + BT - 1) / BT;
+  at::parallel_for(0, tiles * g.hi, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t tile = it / g.hi, Y = it % g.hi;
+      const int64_t b0 = tile * BT, b1 = std::min(g.b, b0 + BT);
+      const bool full = b1 - b0 == BT;
+      for (int64_t ci = 0; ci < g.ci; ++ci) {
+        for (int64_t r = 0; r < g.s; ++r) {            // parity class of X
+          int64_t X = r;
+          while (X < g.wi) {
+            if (full && tile_inside(g, X, NP)) {
+              tgather_tile<NP>(dout, din, bptr, chan, val, g, ci, Y, X, b0);
+              X += NP * g.s;
+            } else {
+              if (full)
+                tgather_tile<1>(dout, din, bptr, chan, val, g, ci, Y, X, b0);
+              else
+                tgather_lanes(dout, din, bptr, chan, val, g, ci, Y, X, b0, b1);
+              X += g.s;
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
 // sddmm (weight gradient on the support): dval[j] = sum_{y, x valid, b} dout[co][y][x][b] * in[chan[j]][y*s-p+u][x*s-p+v][b]
 // G non-zeros of one bucket share the dout loads.
 template <int G>
 inline void sddmm_group(const float* dout, const float* in, const int32_t* chan, float* dval, const Geom& g,
                         int64_t co, int64_t u, int64_t v, int32_t j0) {
+  constexpr int A = 8 / G;             // accumulators per non-zero: G * A = 8 independent FMA chains
   const int64_t y_lo = std::max<int64_t>(0, (g.p - u + g.s - 1) / g.s);
   const int64_t y_hi = std::min(g.ho, (g.hi + g.p - u - 1) >= 0 ? (g.hi + g.p - u - 1) / g.s + 1 : 0);
   const int64_t x_lo = std::max<int64_t>(0, (g.p - v + g.s - 1) / g.s);
   const int64_t x_hi = std::min(g.wo, (g.wi + g.p - v - 1) >= 0 ? (g.wi + g.p - v - 1) / g.s + 1 : 0);
   const int64_t plane = g.in_plane(), bv = g.b / simd::W * simd::W;
-  V acc[G];
+  V acc[G][A];
   double tail[G];
-  for (int i = 0; i < G; ++i) { acc[i] = simd::zero(); tail[i] = 0.0; }
+  for (int i = 0; i < G; ++i) {
+    tail[i] = 0.0;
+    for (int a = 0; a < A; ++a) acc[i][a] = simd::zero();
+  }
   const float* inp[G];
   for (int i = 0; i < G; ++i) inp[i] = in + chan[j0 + i] * plane;
   for (int64_t y = y_lo; y < y_hi; ++y) {
     for (int64_t x = x_lo; x < x_hi; ++x) {
       const float* d = dout + ((co * g.ho + y) * g.wo + x) * g.b;
       const int64_t off = ((y * g.s - g.p + u) * g.wi + (x * g.s - g.p + v)) * g.b;
-      for (int64_t b = 0; b < bv; b += simd::W) {
-        const V dv = simd::load(d + b);
-        for (int i = 0; i < G; ++i) acc[i] = simd::fma(dv, simd::load(inp[i] + off + b), acc[i]);
+      int64_t b = 0;
+      for (; b + A * simd::W <= bv; b += A * simd::W) {
+        V dv[A];
+        for (int a = 0; a < A; ++a) dv[a] = simd::load(d + b + a * simd::W);
+        for (int i = 0; i < G; ++i)
+          for (int a = 0; a < A; ++a)
+            acc[i][a] = simd::fma(dv[a], simd::load(inp[i] + off + b + a * simd::W), acc[i][a]);
       }
-      for (int64_t b = bv; b < g.b; ++b)
+      for (; b < bv; b += simd::W) {
+        const V dv = simd::load(d + b);
+        for (int i = 0; i < G; ++i) acc[i][0] = simd::fma(dv, simd::load(inp[i] + off + b), acc[i][0]);
+      }
+      for (b = bv; b < g.b; ++b)
         for (int i = 0; i < G; ++i) tail[i] += double(d[b]) * double(inp[i][off + b]);
     }
   }
-  for (int i = 0; i < G; ++i) dval[j0 + i] = float(double(simd::hsum(acc[i])) + tail[i]);
+  for (int i = 0; i < G; ++i) {
+    double sum = tail[i];
+    for (int a = 0; a < A; ++a) sum += double(simd::hsum(acc[i][a]));
+    dval[j0 + i] = float(sum);
+  }
 }
 
 void sddmm_conv(const float* dout, const float* in, const int32_t* bptr, const int32_t* chan, float* dval,
@@ -302,6 +420,7 @@ void sddmm_conv(const float* dout, const float* in, const int32_t* bptr, const i
         const int32_t j1 = bptr[co * kk + uv + 1];
         for (; j + 8 <= j1; j += 8) sddmm_group<8>(dout, in, chan, dval, g, co, u, v, j);
         for (; j + 4 <= j1; j += 4) sddmm_group<4>(dout, in, chan, dval, g, co, u, v, j);
+        for (; j + 2 <= j1; j += 2) sddmm_group<2>(dout, in, chan, dval, g, co, u, v, j);
         for (; j < j1; ++j) sddmm_group<1>(dout, in, chan, dval, g, co, u, v, j);
       }
     }
@@ -368,6 +487,20 @@ at::Tensor conv_scatter(at::Tensor dout, at::Tensor bptr, at::Tensor chan, at::T
   auto din = alloc_bfirst(ci, hi, wi, dout.size(3), dout.options(), out_dims).zero_();
   Geom g{ci, hi, wi, dout.size(0), dout.size(1), dout.size(2), k, s, p, dout.size(3)};
   scatter_conv(dout.data_ptr<float>(), din.data_ptr<float>(), bptr.data_ptr<int32_t>(), chan.data_ptr<int32_t>(),
+               val.data_ptr<float>(), g);
+  return din;
+}
+
+at::Tensor conv_tgather(at::Tensor dout, at::Tensor bptr, at::Tensor chan, at::Tensor val, int64_t ci,
+                        int64_t hi, int64_t wi, int64_t k, int64_t s, int64_t p, int64_t out_dims) {
+  check_chwb(dout, "output gradient");
+  TORCH_CHECK(s >= 1 && p >= 0 && p < k, "need stride >= 1 and 0 <= padding < kernel");
+  check_struct(bptr, chan, val, ci, k, dout.size(0));
+  TORCH_CHECK(dout.size(1) == (hi + 2 * p - k) / s + 1 && dout.size(2) == (wi + 2 * p - k) / s + 1,
+              "output gradient shape does not match the input size");
+  auto din = alloc_bfirst(ci, hi, wi, dout.size(3), dout.options(), out_dims);
+  Geom g{ci, hi, wi, dout.size(0), dout.size(1), dout.size(2), k, s, p, dout.size(3)};
+  tgather_conv(dout.data_ptr<float>(), din.data_ptr<float>(), bptr.data_ptr<int32_t>(), chan.data_ptr<int32_t>(),
                val.data_ptr<float>(), g);
   return din;
 }
@@ -539,6 +672,7 @@ int64_t batch_tile() { return BT; }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_gather", &conv_gather, "sparse conv, gather form (forward; stride-1 input gradient)");
   m.def("conv_scatter", &conv_scatter, "sparse conv input gradient, scatter form (any stride)");
+  m.def("conv_tgather", &conv_tgather, "sparse conv input gradient, gather over the transposed structure (any stride)");
   m.def("conv_sddmm", &conv_sddmm, "sparse conv weight gradient on the support");
   m.def("bn_forward", &bn_forward, "BatchNorm (+ residual) (+ ReLU) over CHWB");
   m.def("bn_backward", &bn_backward, "gradients of bn_forward");

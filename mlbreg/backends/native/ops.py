@@ -10,7 +10,7 @@ Sparse structure (``build_structure``): the non-zeros of each output channel, bu
 position (u, v) and ordered by input channel inside a bucket; ``idx`` maps them to flat positions of
 the dense weight (the values are ``weight.view(-1)[idx]``). A stride-1 conv also gets the transposed,
 flipped structure for its input gradient (a gather, like the forward); a strided conv's input gradient
-is a scatter over the forward structure.
+is a gather over the transposed structure, by parity class of the input position.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class Structure:
     idx: torch.Tensor                 # int64 (nnz,) flat positions in the dense weight, kernel order
     bptr: torch.Tensor                # int32 (c_out*k*k + 1,) bucket starts
     chan: torch.Tensor                # int32 (nnz,) input channel per non-zero
-    t_perm: Optional[torch.Tensor] = None   # stride 1: kernel-order index of each transposed non-zero
+    t_perm: Optional[torch.Tensor] = None   # kernel-order index of each transposed non-zero
     t_bptr: Optional[torch.Tensor] = None
     t_chan: Optional[torch.Tensor] = None
 
@@ -98,14 +98,16 @@ def build_structure(ext, mask: torch.Tensor, stride: int = 1, pad: int = 0) -> S
     bucket = ((co * k + u) * k + v)[order]
     st = Structure(ext, c_out, c_in, k, stride, pad, flat[order].contiguous(), _buckets(bucket, c_out * k * k),
                    ci[order].to(torch.int32).contiguous())
-    if stride == 1:
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel())
-        uf, vf = k - 1 - u, k - 1 - v
-        t_order = torch.argsort(((ci * k + uf) * k + vf) * c_out + co)
-        st.t_perm = inverse[t_order].contiguous()
-        st.t_bptr = _buckets(((ci * k + uf) * k + vf)[t_order], c_in * k * k)
-        st.t_chan = co[t_order].to(torch.int32).contiguous()
+    # transposed structure for the input gradient: per input channel, buckets of output channels;
+    # flipped kernel positions for stride 1 (the gradient is then a stride-1 conv of the output
+    # gradient), as they are for a strided conv (the transposed gather reads them directly)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    ut, vt = (k - 1 - u, k - 1 - v) if stride == 1 else (u, v)
+    t_order = torch.argsort(((ci * k + ut) * k + vt) * c_out + co)
+    st.t_perm = inverse[t_order].contiguous()
+    st.t_bptr = _buckets(((ci * k + ut) * k + vt)[t_order], c_in * k * k)
+    st.t_chan = co[t_order].to(torch.int32).contiguous()
     return st
 
 
@@ -113,7 +115,8 @@ def _input_grad(st: Structure, g: torch.Tensor, val: torch.Tensor, h: int, w: in
     if st.stride == 1:
         return _timed("conv", st.ext.conv_gather, g, st.t_bptr, st.t_chan, val.index_select(0, st.t_perm),
                       st.c_in, st.k, 1, st.k - 1 - st.pad, dims)
-    return _timed("conv", st.ext.conv_scatter, g, st.bptr, st.chan, val, st.c_in, h, w, st.k, st.stride, st.pad, dims)
+    return _timed("conv", st.ext.conv_tgather, g, st.t_bptr, st.t_chan, val.index_select(0, st.t_perm), st.c_in,
+                  h, w, st.k, st.stride, st.pad, dims)
 
 
 class SparseConvFn(torch.autograd.Function):
