@@ -338,6 +338,38 @@ def test_layout_stays_chwb_between_native_layers():
     assert seen and all(seen.values()), seen
 
 
+def test_sequential_bn_relu_is_fused_and_exact():
+    """In an nn.Sequential, BatchNorm2d + ReLU(inplace) run as one fused op; outputs, gradients and BN
+    statistics equal the plain model (the conv net of the digits runs)."""
+    torch.manual_seed(0)
+    model = create_model("convnet", 10, (2, 12, 12))
+    sparse_init_(model, density=0.3, scheme="uniform", seed=0)
+    ref = copy.deepcopy(model)
+    backend = NativeBackend(model, batch_size=13, in_shape=(2, 12, 12), force=True)
+    assert [type(b).__name__ for b, _ in backend.blocks] == ["Sequential"]
+    calls = []
+    for mod in model.modules():
+        if isinstance(mod, nn.ReLU):
+            mod.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(13, 2, 12, 12)
+    backend.before_step("sparse")
+    calls.clear()                                      # the rebuild's shape-finding forward ran them
+    out = model(x)
+    out.square().sum().backward()
+    backend.after_backward()
+    want = ref(x)
+    want.square().sum().backward()
+    assert not calls                                   # every ReLU ran inside the fused BatchNorm
+    assert rel(out, want) < TOL
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        mask = p != 0 if p.dim() > 1 else torch.ones_like(p, dtype=torch.bool)   # swapped: gradient on S only
+        assert rel(p.grad[mask], q.grad[mask]) < TOL, name
+    for (name, b), (_, c) in zip(model.named_buffers(), ref.named_buffers()):
+        assert rel(b, c) < TOL if b.is_floating_point() else torch.equal(b, c), name
+    backend.use_dense()
+    assert "forward" not in model.features.__dict__
+
+
 def test_guards_unsupported_layers_stay_dense():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2, padding=1), nn.Conv2d(4, 4, 3, dilation=2, padding=2),
                           nn.Conv2d(4, 4, (1, 3), padding=(0, 1)), nn.Conv2d(4, 4, 3, stride=(1, 2), padding=1),

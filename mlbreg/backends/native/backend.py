@@ -198,7 +198,8 @@ class NativeBackend(LayerSwapBackend):
 
 
 def _fusable_blocks(model: nn.Module):
-    """(module, forward(module, backend, x)) pairs for the CIFAR ResNet's blocks and stem: the same
+    """(module, forward(module, backend, x)) pairs: the CIFAR ResNet's blocks and stem, and every
+    nn.Sequential holding a BatchNorm2d directly followed by an nn.ReLU (VGG, the conv net): the same
     computation as their own forward, with BatchNorm + add + ReLU fused."""
     from ...models.resnet import BasicBlock, ResNet
     pairs = []
@@ -207,7 +208,29 @@ def _fusable_blocks(model: nn.Module):
             pairs.append((mod, _block_forward))
         elif type(mod) is ResNet:
             pairs.append((mod, _resnet_forward))
+        elif type(mod) is nn.Sequential and _bn_relu_pairs(mod):
+            pairs.append((mod, _sequential_forward))
     return pairs
+
+
+def _bn_relu_pairs(seq: nn.Sequential) -> set:
+    """Positions i of a plain BatchNorm2d whose next module is a plain nn.ReLU."""
+    mods = list(seq)
+    return {i for i in range(len(mods) - 1) if type(mods[i]) is nn.BatchNorm2d and type(mods[i + 1]) is nn.ReLU}
+
+
+def _sequential_forward(self, be: NativeBackend, x):
+    fused = _bn_relu_pairs(self)
+    mods = list(self)
+    i = 0
+    while i < len(mods):
+        if i in fused:                        # BatchNorm then ReLU: one fused op (the ReLU module is skipped)
+            x = be.bn_act(mods[i], x, relu=True)
+            i += 2
+        else:
+            x = mods[i](x)
+            i += 1
+    return x
 
 
 def _block_forward(self, be: NativeBackend, x):
