@@ -206,61 +206,6 @@ void gather_conv(const float* in, float* out, const int32_t* bptr, const int32_t
 }
 
 // ---------------------------------------------------------------------------------------------------
-// scatter (input gradient of a strided conv): din[chan[j]][y*s-p+u][x*s-p+v][b] += val[j] * dout[co][y][x][b].
-// Threads own disjoint batch tiles of din, so no two threads write the same element.
-void scatter_conv(const float* dout, float* din, const int32_t* bptr, const int32_t* chan, const float* val,
-                  const Geom& g) {
-  const int64_t tiles = (g.b + BT - 1) / BT, plane = g.in_plane();
-  const std::vector<int64_t> off = offsets(bptr, chan, g.co, g, plane);
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t b0 = tile * BT, b1 = std::min(g.b, b0 + BT), nl = b1 - b0;
-      const bool full = nl == BT;
-      for (int64_t y = 0; y < g.ho; ++y) {
-        const int64_t u_lo = std::max<int64_t>(0, g.p - y * g.s), u_hi = std::min(g.k, g.hi + g.p - y * g.s);
-        for (int64_t co = 0; co < g.co; ++co) {
-          const int32_t j0 = bptr[(co * g.k + u_lo) * g.k], j1 = bptr[(co * g.k + std::max(u_lo, u_hi)) * g.k];
-          for (int64_t x = 0; x < g.wo; ++x) {
-            const int64_t v_lo = std::max<int64_t>(0, g.p - x * g.s), v_hi = std::min(g.k, g.wi + g.p - x * g.s);
-            const float* d = dout + ((co * g.ho + y) * g.wo + x) * g.b + b0;
-            V dv[NV];
-            if (full)
-              for (int n = 0; n < NV; ++n) dv[n] = simd::load(d + n * simd::W);
-            if (full && v_lo == 0 && v_hi == g.k) {     // interior: one flat run of non-zeros
-              float* base = din + ((y * g.s - g.p) * g.wi + (x * g.s - g.p)) * g.b + b0;
-              for (int32_t j = j0; j < j1; ++j) {
-                float* q = base + off[j];
-                const V w = simd::set1(val[j]);
-                for (int n = 0; n < NV; ++n) simd::store(q + n * simd::W, simd::fma(w, dv[n], simd::load(q + n * simd::W)));
-              }
-              continue;
-            }
-            for (int64_t u = u_lo; u < u_hi; ++u) {
-              float* row = din + (y * g.s - g.p + u) * g.wi * g.b + b0;
-              for (int64_t v = v_lo; v < v_hi; ++v) {
-                const int64_t bucket = (co * g.k + u) * g.k + v;
-                float* base = row + (x * g.s - g.p + v) * g.b;
-                for (int32_t j = bptr[bucket]; j < bptr[bucket + 1]; ++j) {
-                  float* q = base + chan[j] * plane;
-                  if (full) {
-                    const V w = simd::set1(val[j]);
-                    for (int n = 0; n < NV; ++n)
-                      simd::store(q + n * simd::W, simd::fma(w, dv[n], simd::load(q + n * simd::W)));
-                  } else {
-                    const float w = val[j];
-                    for (int64_t l = 0; l < nl; ++l) q[l] = std::fma(w, d[l], q[l]);
-                  }
-                }
-              }
-            }
-          }
-        }
-      }
-    }
-  });
-}
-
-// ---------------------------------------------------------------------------------------------------
 // transposed gather (input gradient of a strided conv, stride s > 1):
 //   din[ci][Y][X][b] = sum over (u, v) with Y + p - u = s*y, X + p - v = s*x (y, x inside dout) of
 //                      sum_j val[j] * dout[chan[j]][y][x][b]
@@ -478,19 +423,6 @@ at::Tensor conv_gather(at::Tensor in, at::Tensor bptr, at::Tensor chan, at::Tens
   return out;
 }
 
-at::Tensor conv_scatter(at::Tensor dout, at::Tensor bptr, at::Tensor chan, at::Tensor val, int64_t ci,
-                           int64_t hi, int64_t wi, int64_t k, int64_t s, int64_t p, int64_t out_dims) {
-  check_chwb(dout, "output gradient");
-  check_struct(bptr, chan, val, dout.size(0), k, ci);
-  TORCH_CHECK(dout.size(1) == (hi + 2 * p - k) / s + 1 && dout.size(2) == (wi + 2 * p - k) / s + 1,
-              "output gradient shape does not match the input size");
-  auto din = alloc_bfirst(ci, hi, wi, dout.size(3), dout.options(), out_dims).zero_();
-  Geom g{ci, hi, wi, dout.size(0), dout.size(1), dout.size(2), k, s, p, dout.size(3)};
-  scatter_conv(dout.data_ptr<float>(), din.data_ptr<float>(), bptr.data_ptr<int32_t>(), chan.data_ptr<int32_t>(),
-               val.data_ptr<float>(), g);
-  return din;
-}
-
 at::Tensor conv_tgather(at::Tensor dout, at::Tensor bptr, at::Tensor chan, at::Tensor val, int64_t ci,
                         int64_t hi, int64_t wi, int64_t k, int64_t s, int64_t p, int64_t out_dims) {
   check_chwb(dout, "output gradient");
@@ -671,7 +603,6 @@ int64_t batch_tile() { return BT; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_gather", &conv_gather, "sparse conv, gather form (forward; stride-1 input gradient)");
-  m.def("conv_scatter", &conv_scatter, "sparse conv input gradient, scatter form (any stride)");
   m.def("conv_tgather", &conv_tgather, "sparse conv input gradient, gather over the transposed structure (any stride)");
   m.def("conv_sddmm", &conv_sddmm, "sparse conv weight gradient on the support");
   m.def("bn_forward", &bn_forward, "BatchNorm (+ residual) (+ ReLU) over CHWB");
