@@ -253,10 +253,6 @@ def bench_config(scheme, density, args, out):
     return dict(scheme=scheme, density=density, **{k: v for k, v in res.items()})
 
 
-def cpu_model():
-    return native_build.cpu_model()
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -275,7 +271,7 @@ def main(argv=None):
     out = sys.stdout
     print(f"bench_backends: {args.model}, batch {args.batch_size}, {args.warmup}+{args.steps} coarse steps per run, "
           f"m={args.m}, {math.ceil(args.train_size / args.batch_size)} steps/epoch; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs ({cpu_model()}), native kernels: "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs ({native_build.cpu_model()}), native kernels: "
           f"{ext.simd_path()} path, allocator: {malloc}, load {os.getloadavg()[0]:.1f}", file=out)
     t0 = time.perf_counter()
     summary = []

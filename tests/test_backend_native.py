@@ -183,9 +183,9 @@ def test_batchnorm_matches_torch(training, res, relu, batch, momentum):
 def test_structure_checks_reject_bad_input():
     st = ops.build_structure(EXT, torch.ones(2, 3, 3, 3, dtype=torch.bool), 1, 1)
     with pytest.raises(RuntimeError, match="contiguous"):
-        EXT.conv_gather(torch.randn(3, 4, 4, 2).transpose(1, 2), st.bptr, st.chan, torch.ones(st.nnz), 2, 3, 1, 1, 4)
+        EXT.conv_gather(torch.randn(3, 4, 4, 2).transpose(1, 2), st.bptr, st.chan, torch.ones(st.nnz), 2, 3, 1, 1)
     with pytest.raises(RuntimeError, match="channel index"):
-        EXT.conv_gather(torch.randn(2, 4, 4, 2), st.bptr, st.chan, torch.ones(st.nnz), 2, 3, 1, 1, 4)
+        EXT.conv_gather(torch.randn(2, 4, 4, 2), st.bptr, st.chan, torch.ones(st.nnz), 2, 3, 1, 1)
 
 
 # --------------------------------------------------------------------------- the backend
@@ -541,9 +541,18 @@ def test_portable_fallback_paths_are_exact():
         assert ops.max_bn_error(ext, gen) < TOL, name
 
 
-def test_simd_path_and_cache_key():
+def test_cache_location_and_isa_choice(monkeypatch, tmp_path):
+    """The cache follows $MLBREG_CACHE, else $XDG_CACHE_HOME/mlbreg; a bad MLBREG_NATIVE_ISA names the
+    valid ones (as NativeUnavailable: backend=auto falls back, backend=native reports it)."""
     assert EXT.simd_path() in ("avx512", "avx2", "plain")
-    assert native_build.cache_dir().name == "mlbreg" or "MLBREG_CACHE" in __import__("os").environ
+    monkeypatch.setenv("MLBREG_CACHE", str(tmp_path / "c"))
+    assert native_build.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("MLBREG_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert native_build.cache_dir() == tmp_path / "x" / "mlbreg"
+    monkeypatch.setenv("MLBREG_NATIVE_ISA", "sse9")
+    with pytest.raises(native_build.NativeUnavailable, match="'sse9' is not one of auto, avx2, plain"):
+        native_build.load()
 
 
 def test_no_compiler_gives_one_line_and_trains(tmp_path):

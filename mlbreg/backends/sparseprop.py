@@ -46,8 +46,6 @@ Time spent in the timed comparisons accumulates in ``timing_seconds``.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Optional
 
 import numpy as np
@@ -55,7 +53,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .swap import LayerSwapBackend, autocast_on, conv_reason, linear_reason
+from .swap import LayerSwapBackend, conv_reason, linear_reason, timed_rounds
 
 try:
     import sparseprop  # noqa: F401  (its __init__ imports the top-level extension module `backend`)
@@ -306,22 +304,10 @@ class SparsePropBackend(LayerSwapBackend):
         candidates = {"dense": run_dense}
         for mode in self._candidates(layer):
             candidates[f"voo{int(mode)}"] = make_sparse(mode)
-        times: dict[str, list[float]] = {name: [] for name in candidates}
-        with torch.enable_grad():
-            for _ in range(self.warmup):
-                for fn in candidates.values():
-                    fn()
-            for r in range(self.repeats):     # interleaved rounds: a load change hits all candidates alike
-                for name, fn in list(candidates.items()):
-                    t = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - t)
-                    x.grad = w_dense.grad = w_val.grad = None
-                if r == 0 and self.repeats > 1:   # drop hopeless candidates after the first round
-                    best = min(v[0] for v in times.values())
-                    for name in [n for n in candidates if n != "dense" and times[n][0] > 3 * best]:
-                        del candidates[name]
-        med = {name: statistics.median(v) for name, v in times.items()}
+
+        def reset():
+            x.grad = w_dense.grad = w_val.grad = None
+        med = timed_rounds(candidates, self.warmup, self.repeats, reset)
         timings = {f"{name}_ms": 1e3 * v for name, v in med.items()}
         sparse = {name: v for name, v in med.items() if name != "dense"}
         best = min(sparse, key=sparse.get)
@@ -332,29 +318,9 @@ class SparsePropBackend(LayerSwapBackend):
         return None, f"dense is faster (best sparse {best}: {speedup:.2f}x)", timings
 
     # -- swapping -----------------------------------------------------------------------
-    def _forward_fn(self, layer):
-        mod = layer.module
-        dense_forward = type(mod).forward
+    linear_any_rank = True
+
+    def _sparse_forward(self, layer, x):
         if layer.kind == "conv":
-            c_in = mod.in_channels
-
-            def forward(x):
-                if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4 or x.shape[1] != c_in \
-                        or x.shape[0] == 0 or autocast_on():
-                    return dense_forward(mod, x)          # guard 6: anything unexpected runs dense
-                out = sparse_conv2d(x, layer.w_val, layer.kernel, mod, layer.mode)
-                if mod.bias is not None:
-                    out = out + mod.bias.view(1, -1, 1, 1)
-                return out
-        else:
-            f_in = mod.in_features
-
-            def forward(x):
-                if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 1 or x.shape[-1] != f_in \
-                        or x.numel() == 0 or autocast_on():
-                    return dense_forward(mod, x)
-                out = sparse_linear(x, layer.w_val, layer.kernel, mod)
-                if mod.bias is not None:
-                    out = out + mod.bias
-                return out
-        return forward
+            return sparse_conv2d(x, layer.w_val, layer.kernel, layer.module, layer.mode)
+        return sparse_linear(x, layer.w_val, layer.kernel, layer.module)

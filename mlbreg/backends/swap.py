@@ -18,6 +18,7 @@ Subclasses provide the eligibility reasons, the structure, the timed comparison 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +39,30 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def timed_rounds(candidates: dict, warmup: int, repeats: int, reset) -> dict[str, float]:
+    """Median seconds of each candidate (a callable; "dense" among them): `warmup` untimed calls each,
+    then `repeats` interleaved rounds (a load change hits all candidates alike); after the first round
+    a candidate 3x slower than the best is dropped. `reset()` runs after every call (clear gradients)."""
+    candidates = dict(candidates)
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    with torch.enable_grad():
+        for _ in range(warmup):
+            for fn in candidates.values():
+                fn()
+                reset()
+        for r in range(repeats):
+            for name, fn in list(candidates.items()):
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+                reset()
+            if r == 0 and repeats > 1:
+                best = min(v[0] for v in times.values())
+                for name in [n for n in candidates if n != "dense" and times[n][0] > 3 * best]:
+                    del candidates[name]
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def autocast_on() -> bool:
@@ -165,8 +190,11 @@ class LayerSwapBackend:
     def _time_layer(self, layer: SwapLayer) -> tuple[Any, str, dict]:
         raise NotImplementedError
 
-    def _forward_fn(self, layer: SwapLayer):
+    def _sparse_forward(self, layer: SwapLayer, x: torch.Tensor) -> torch.Tensor:
+        """The layer without its bias on the sparse kernels."""
         raise NotImplementedError
+
+    linear_any_rank = False           # may a swapped linear layer take (..., F) inputs, not only (B, F)?
 
     def _activate_extra(self) -> None:
         """Install anything beyond the swapped layers (native: BatchNorm, fused blocks)."""
@@ -338,6 +366,29 @@ class LayerSwapBackend:
         return mode, why
 
     # -- swapping -----------------------------------------------------------------------
+    def _runs_sparse(self, layer: SwapLayer, x) -> bool:
+        """An fp32 CPU input of the expected shape outside autocast; anything else runs the dense layer."""
+        if not (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.device.type == "cpu"
+                and x.numel() > 0 and not autocast_on()):
+            return False
+        mod = layer.module
+        if layer.kind == "conv":
+            return x.dim() == 4 and x.shape[1] == mod.in_channels
+        return (x.dim() >= 1 if self.linear_any_rank else x.dim() == 2) and x.shape[-1] == mod.in_features
+
+    def _forward_fn(self, layer: SwapLayer):
+        mod = layer.module
+        dense_forward = type(mod).forward
+
+        def forward(x):
+            if not self._runs_sparse(layer, x):
+                return dense_forward(mod, x)
+            out = self._sparse_forward(layer, x)
+            if mod.bias is None:
+                return out
+            return out + (mod.bias.view(1, -1, 1, 1) if layer.kind == "conv" else mod.bias)
+        return forward
+
     def _activate(self, refresh: bool) -> None:
         if refresh:
             self._check_structure()

@@ -22,8 +22,6 @@ runs the dense layer for that call.
 from __future__ import annotations
 
 import functools
-import statistics
-import time
 from typing import Optional
 
 import torch
@@ -31,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import swap
-from ..swap import LayerSwapBackend, autocast_on
+from ..swap import LayerSwapBackend, autocast_on, timed_rounds
 from . import build, ops
 
 __all__ = ["NativeBackend", "conv_reason", "linear_reason"]
@@ -122,18 +120,10 @@ class NativeBackend(LayerSwapBackend):
         grad = torch.randn(out.shape, generator=self._generator)
         grad_n = ops.from_chwb(ops.to_chwb(grad)) if layer.kind == "conv" else grad.t().contiguous().t()
         candidates = {"dense": lambda: dense().backward(grad), "native": lambda: native().backward(grad_n)}
-        times: dict[str, list[float]] = {name: [] for name in candidates}
-        with torch.enable_grad():
-            for _ in range(self.warmup):
-                for fn in candidates.values():
-                    fn()
-            for _ in range(self.repeats):
-                for name, fn in candidates.items():
-                    t = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - t)
-                    x.grad = xn.grad = w_dense.grad = w_val.grad = None
-        med = {name: statistics.median(v) for name, v in times.items()}
+
+        def reset():
+            x.grad = xn.grad = w_dense.grad = w_val.grad = None
+        med = timed_rounds(candidates, self.warmup, self.repeats, reset)
         timings = {f"{name}_ms": 1e3 * v for name, v in med.items()}
         speedup = med["dense"] / med["native"]
         timings["speedup"] = speedup
@@ -153,26 +143,9 @@ class NativeBackend(LayerSwapBackend):
             if "forward" in mod.__dict__:
                 del mod.forward
 
-    def _forward_fn(self, layer):
-        mod = layer.module
-        dense_forward = type(mod).forward
-        if layer.kind == "conv":
-            c_in = mod.in_channels
-
-            def forward(x):
-                if not _fp32_cpu(x) or x.dim() != 4 or x.shape[1] != c_in or x.shape[0] == 0 or autocast_on():
-                    return dense_forward(mod, x)
-                out = ops.sparse_conv2d(x, layer.w_val, layer.kernel)
-                return out + mod.bias.view(1, -1, 1, 1) if mod.bias is not None else out
-        else:
-            f_in = mod.in_features
-
-            def forward(x):
-                if not _fp32_cpu(x) or x.dim() != 2 or x.shape[1] != f_in or x.shape[0] == 0 or autocast_on():
-                    return dense_forward(mod, x)
-                out = ops.sparse_linear(x, layer.w_val, layer.kernel)
-                return out + mod.bias if mod.bias is not None else out
-        return forward
+    def _sparse_forward(self, layer, x):
+        fn = ops.sparse_conv2d if layer.kind == "conv" else ops.sparse_linear
+        return fn(x, layer.w_val, layer.kernel)
 
     def bn_act(self, bn: nn.Module, x: torch.Tensor, res: Optional[torch.Tensor] = None, relu: bool = False):
         """``act(bn(x) [+ res])``: native when bn is a plain BatchNorm2d and x an fp32 CPU batch."""

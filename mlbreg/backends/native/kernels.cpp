@@ -373,14 +373,9 @@ void sddmm_conv(const float* dout, const float* in, const int32_t* bptr, const i
 }
 
 // Outputs are allocated in torch's shape, batch first, with batch-innermost strides: (B, C, H, W) with strides
-// (1, H*W*B, W*B, B) (dims=4), or (B, C) with strides (1, B) (dims=2, for H = W = 1). The memory is the same
-// as a contiguous (C, H, W, B) tensor, and torch sees a plain tensor (not a view of one).
-at::Tensor alloc_bfirst(int64_t c, int64_t h, int64_t w, int64_t b, const at::TensorOptions& opts, int64_t dims) {
-  if (dims == 2) {
-    TORCH_CHECK(h == 1 && w == 1, "a 2-d output needs a 1x1 image");
-    return at::empty_strided({b, c}, {1, b}, opts);
-  }
-  TORCH_CHECK(dims == 4, "output dims must be 2 or 4");
+// (1, H*W*B, W*B, B). The memory is the same as a contiguous (C, H, W, B) tensor, and torch sees a plain tensor
+// (not a view of one).
+at::Tensor alloc_bfirst(int64_t c, int64_t h, int64_t w, int64_t b, const at::TensorOptions& opts) {
   return at::empty_strided({b, c, h, w}, {1, h * w * b, w * b, b}, opts);
 }
 
@@ -410,13 +405,13 @@ void check_struct(const at::Tensor& bptr, const at::Tensor& chan, const at::Tens
 // ---------------------------------------------------------------------------------------------------
 // Python entry points
 at::Tensor conv_gather(at::Tensor in, at::Tensor bptr, at::Tensor chan, at::Tensor val, int64_t co,
-                          int64_t k, int64_t s, int64_t p, int64_t out_dims) {
+                          int64_t k, int64_t s, int64_t p) {
   check_chwb(in, "input");
   TORCH_CHECK(s >= 1 && p >= 0 && p < k, "need stride >= 1 and 0 <= padding < kernel");
   check_struct(bptr, chan, val, co, k, in.size(0));
   const int64_t ho = (in.size(1) + 2 * p - k) / s + 1, wo = (in.size(2) + 2 * p - k) / s + 1;
   TORCH_CHECK(ho > 0 && wo > 0, "output would be empty");
-  auto out = alloc_bfirst(co, ho, wo, in.size(3), in.options(), out_dims);
+  auto out = alloc_bfirst(co, ho, wo, in.size(3), in.options());
   Geom g = geom(in, co, ho, wo, k, s, p);
   gather_conv(in.data_ptr<float>(), out.data_ptr<float>(), bptr.data_ptr<int32_t>(), chan.data_ptr<int32_t>(),
               val.data_ptr<float>(), g);
@@ -424,13 +419,13 @@ at::Tensor conv_gather(at::Tensor in, at::Tensor bptr, at::Tensor chan, at::Tens
 }
 
 at::Tensor conv_tgather(at::Tensor dout, at::Tensor bptr, at::Tensor chan, at::Tensor val, int64_t ci,
-                        int64_t hi, int64_t wi, int64_t k, int64_t s, int64_t p, int64_t out_dims) {
+                        int64_t hi, int64_t wi, int64_t k, int64_t s, int64_t p) {
   check_chwb(dout, "output gradient");
   TORCH_CHECK(s >= 1 && p >= 0 && p < k, "need stride >= 1 and 0 <= padding < kernel");
   check_struct(bptr, chan, val, ci, k, dout.size(0));
   TORCH_CHECK(dout.size(1) == (hi + 2 * p - k) / s + 1 && dout.size(2) == (wi + 2 * p - k) / s + 1,
               "output gradient shape does not match the input size");
-  auto din = alloc_bfirst(ci, hi, wi, dout.size(3), dout.options(), out_dims);
+  auto din = alloc_bfirst(ci, hi, wi, dout.size(3), dout.options());
   Geom g{ci, hi, wi, dout.size(0), dout.size(1), dout.size(2), k, s, p, dout.size(3)};
   tgather_conv(dout.data_ptr<float>(), din.data_ptr<float>(), bptr.data_ptr<int32_t>(), chan.data_ptr<int32_t>(),
                val.data_ptr<float>(), g);
@@ -500,7 +495,7 @@ std::vector<at::Tensor> bn_forward(at::Tensor x, at::Tensor gamma, at::Tensor be
     TORCH_CHECK(res->sizes() == x.sizes(), "residual shape differs from the input");
     rp = res->data_ptr<float>();
   }
-  auto y = alloc_bfirst(x.size(0), x.size(1), x.size(2), x.size(3), x.options(), 4);
+  auto y = alloc_bfirst(x.size(0), x.size(1), x.size(2), x.size(3), x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   double* mp = mean.data_ptr<double>();
@@ -546,9 +541,9 @@ std::vector<at::Tensor> bn_backward(at::Tensor dy, at::Tensor x, at::Tensor y, a
   const int64_t c = x.size(0), n = x.numel() / std::max<int64_t>(c, 1);
   auto g = gamma.contiguous().to(at::kFloat);
   auto m = mean.to(at::kDouble).contiguous(), v = var.to(at::kDouble).contiguous();
-  auto dx = alloc_bfirst(x.size(0), x.size(1), x.size(2), x.size(3), x.options(), 4);
+  auto dx = alloc_bfirst(x.size(0), x.size(1), x.size(2), x.size(3), x.options());
   at::Tensor dres;
-  if (has_res && relu) dres = alloc_bfirst(x.size(0), x.size(1), x.size(2), x.size(3), x.options(), 4);
+  if (has_res && relu) dres = alloc_bfirst(x.size(0), x.size(1), x.size(2), x.size(3), x.options());
   auto dgamma = at::empty({c}, x.options()), dbeta = at::empty({c}, x.options());
   const float *dyp = dy.data_ptr<float>(), *xp = x.data_ptr<float>(), *ypp = y.data_ptr<float>(), *gp = g.data_ptr<float>();
   const double *mp = m.data_ptr<double>(), *vp = v.data_ptr<double>();
@@ -599,7 +594,6 @@ std::vector<at::Tensor> bn_backward(at::Tensor dy, at::Tensor x, at::Tensor y, a
 }
 
 std::string simd_path() { return MLBREG_PATH; }
-int64_t batch_tile() { return BT; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_gather", &conv_gather, "sparse conv, gather form (forward; stride-1 input gradient)");
@@ -608,5 +602,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_forward", &bn_forward, "BatchNorm (+ residual) (+ ReLU) over CHWB");
   m.def("bn_backward", &bn_backward, "gradients of bn_forward");
   m.def("simd_path", &simd_path);
-  m.def("batch_tile", &batch_tile);
 }

@@ -111,12 +111,12 @@ def build_structure(ext, mask: torch.Tensor, stride: int = 1, pad: int = 0) -> S
     return st
 
 
-def _input_grad(st: Structure, g: torch.Tensor, val: torch.Tensor, h: int, w: int, dims: int = 4) -> torch.Tensor:
+def _input_grad(st: Structure, g: torch.Tensor, val: torch.Tensor, h: int, w: int) -> torch.Tensor:
     if st.stride == 1:
         return _timed("conv", st.ext.conv_gather, g, st.t_bptr, st.t_chan, val.index_select(0, st.t_perm),
-                      st.c_in, st.k, 1, st.k - 1 - st.pad, dims)
+                      st.c_in, st.k, 1, st.k - 1 - st.pad)
     return _timed("conv", st.ext.conv_tgather, g, st.t_bptr, st.t_chan, val.index_select(0, st.t_perm), st.c_in,
-                  h, w, st.k, st.stride, st.pad, dims)
+                  h, w, st.k, st.stride, st.pad)
 
 
 class SparseConvFn(torch.autograd.Function):
@@ -126,7 +126,7 @@ class SparseConvFn(torch.autograd.Function):
     def forward(ctx, x, w_val, st: Structure):
         xc = to_chwb(x)
         val = w_val.detach().contiguous()
-        out = _timed("conv", st.ext.conv_gather, xc, st.bptr, st.chan, val, st.c_out, st.k, st.stride, st.pad, 4)
+        out = _timed("conv", st.ext.conv_gather, xc, st.bptr, st.chan, val, st.c_out, st.k, st.stride, st.pad)
         ctx.st, ctx.hw = st, (x.shape[2], x.shape[3])
         ctx.save_for_backward(xc if w_val.requires_grad else None, val)
         return out
@@ -142,37 +142,14 @@ class SparseConvFn(torch.autograd.Function):
         return dx, dval, None
 
 
-class SparseLinearFn(torch.autograd.Function):
-    """y = x @ W.T for a 2-D x (any strides); y has strides (1, B) (batch innermost)."""
-
-    @staticmethod
-    def forward(ctx, x, w_val, st: Structure):
-        xt = x.t().contiguous()                             # (F, B): a no-op after a CHWB pool + flatten
-        val = w_val.detach().contiguous()
-        b = x.shape[0]
-        out = _timed("conv", st.ext.conv_gather, xt.view(st.c_in, 1, 1, b), st.bptr, st.chan, val, st.c_out, 1, 1, 0, 2)
-        ctx.st = st
-        ctx.save_for_backward(xt if w_val.requires_grad else None, val)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        xt, val = ctx.saved_tensors
-        st = ctx.st
-        b = grad.shape[0]
-        g = grad.t().contiguous().view(st.c_out, 1, 1, b)
-        dx = _input_grad(st, g, val, 1, 1, dims=2) if ctx.needs_input_grad[0] else None
-        dval = (_timed("conv", st.ext.conv_sddmm, g, xt.view(st.c_in, 1, 1, b), st.bptr, st.chan, 1, 1, 0)
-                if ctx.needs_input_grad[1] else None)
-        return dx, dval, None
-
-
 def sparse_conv2d(x, w_val, st: Structure):
     return SparseConvFn.apply(x, w_val, st)
 
 
 def sparse_linear(x, w_val, st: Structure):
-    return SparseLinearFn.apply(x, w_val, st)
+    """A linear layer is a 1x1 conv on a 1x1 image: (B, F) -> (B, F, 1, 1) is a view, and so is the
+    way back; a (B, F) input with strides (1, B) (a CHWB pool + flatten) needs no copy."""
+    return SparseConvFn.apply(x[:, :, None, None], w_val, st).flatten(1)
 
 
 class BatchNormFn(torch.autograd.Function):
