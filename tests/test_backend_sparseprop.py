@@ -20,7 +20,7 @@ from mlbreg.backends import TorchBackend, make_backend  # noqa: E402
 from mlbreg.optim import MLLinBreg  # noqa: E402
 from mlbreg.methods import split_param_groups  # noqa: E402
 
-from conftest import make_cfg  # noqa: E402
+from conftest import make_batches, make_cfg, run_mllinbreg  # noqa: E402
 
 
 class SmallNet(nn.Module):
@@ -48,30 +48,6 @@ def sparse_model(seed=0, density=0.3, **kwargs):
             if isinstance(mod, (nn.Conv2d, nn.Linear)):
                 mod.weight.mul_((torch.rand_like(mod.weight) < density).float() * 3)
     return model
-
-
-def run_mllinbreg(model, make, batches, m=3, lam=0.05, reg="l1"):
-    """ML LinBreg the way mlbreg.train drives it; `make(model, optimizer)` builds the backend."""
-    opt = MLLinBreg(split_param_groups(model, reg, lam), lr=0.05, lam=lam, momentum=0.9, m=m)
-    backend = make(model, opt)
-    trace = []
-    for x, y in batches:
-        kind = "full_grad" if opt.next_step_is_fine() else "sparse"
-        backend.before_step(kind)
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        backend.after_backward()
-        opt.step()
-        backend.after_step(kind)
-        trace.append((kind, loss.item()))
-    backend.use_dense()
-    return opt, trace, backend
-
-
-def make_batches(sizes, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(b, 2, 16, 16, generator=g), torch.randint(0, 10, (b,), generator=g)) for b in sizes]
 
 
 @pytest.mark.parametrize("force_mode,reg,lam", [(False, "l1", 0.05), (True, "l1", 0.05), (True, "group", 0.2)],
