@@ -269,11 +269,11 @@ def test_resnet18_five_steps_equal_torch():
     of summation order (torch on 1 vs 2 threads, native vs torch) grows from 1e-7 to 1e-4.
 
     All steps but one match to 1e-5; one may reach 5e-2 (supports still equal):
-    with ~2.6M ReLU inputs per step, a pre-activation within fp32 rounding of 0 can take the other
+    with 2.9M batch-norm outputs per step (batch 19) feeding the ReLUs, a pre-activation within fp32 rounding of 0 can take the other
     side of the kink under a different summation order. Measured on a Zen 4 (torch's AVX-512
     kernels), 1 thread: step 3 flips one ReLU after layer4.1.bn1, channel 476 -- that channel's bias
     gradient is off by 1.8e-3 while its weight gradient (times x_hat ~ 0) is off by 2e-7 and every
-    other channel by <1e-8 (a kink flip, not a kernel error; fp32 torch agrees with float64 there to
+    other channel by at most 1.1e-8 (a kink flip, not a kernel error; fp32 torch agrees with float64 there to
     3e-7); the whole bias momentum is then 1.05e-2 apart. On 2 threads it is step 5, channel 16 of
     layer2.1.bn1 (7e-4). On a Zen 3 no step flipped."""
     def build():
