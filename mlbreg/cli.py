@@ -15,11 +15,22 @@ commands:
   train   [hydra overrides]  train one run (or a sweep with -m), e.g.
           mlbreg train dataset=cifar10 model=resnet18 lam=1.0 m=100
           mlbreg train -m lam=0.5,1,2 seed=0,1,2
+  tune    --target-sparsity S [hydra overrides]
+                             find the λ whose run ends at sparsity S (±0.5 pp), e.g.
+          mlbreg tune --target-sparsity 0.95 model=mlp epochs=20
   report  DIR [DIR ...] [--out OUT] [--sweep "OVERRIDES"]
                              tables and plots from run / sweep directories
                              (mlbreg report --help for the options)
+  export  RUN_DIR [--out FILE]   the trained model as a compact sparse safetensors file
+  eval    RUN_DIR_OR_FILE        test accuracy of the exported (or saved) model
+  bench   RUN_DIR [--batch-sizes 1,128]
+                             inference latency: dense torch vs the sparse CPU backends
   a paper preset: mlbreg train -m +experiment=table1_resnet18
 """
+
+
+# commands besides train and report: the module that holds each one's `main(argv)`
+COMMANDS = {"tune": ".tune", "export": ".export", "eval": ".evaluate", "bench": ".bench"}
 
 
 def config_dir() -> str:
@@ -213,13 +224,18 @@ def main(argv: list[str] | None = None) -> int:
         if command == "report":
             from .report import main as report_main
             return report_main(rest)
+        if command in COMMANDS:
+            # each command's module has `main(argv) -> exit code`; imported late: `--help` stays fast
+            import importlib
+            return importlib.import_module(COMMANDS[command], __package__).main(rest)
     except KeyboardInterrupt:      # Ctrl-C before training started (training itself checkpoints)
         print("mlbreg: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:        # `mlbreg report ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    print(f"mlbreg: unknown command {command!r}; valid: train, report\n\n{USAGE}", file=sys.stderr)
+    valid = ", ".join(["train", "report", *COMMANDS])
+    print(f"mlbreg: unknown command {command!r}; valid: {valid}\n\n{USAGE}", file=sys.stderr)
     return 2
 
 
