@@ -82,7 +82,8 @@ def _train(argv: list[str]) -> int:
             # passes through Hydra's per-job error handling, an Exception would not)
             raise SystemExit(128 + int(outcome["signal"]))
         statuses.append(status)
-        return status
+        # what a sweeper or a Hydra callback gets back: the run's final metrics row
+        return dict(outcome.get("final") or {}, status=status, run_dir=str(run_dir))
 
     flags, overrides = _split_flags(argv)
     if argv != flags + overrides:

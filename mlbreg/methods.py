@@ -160,7 +160,7 @@ class PruneFinetuneMethod(Method):
     needs_sparsity = True
 
     def __init__(self, model, *, lr, momentum, sparsity, epochs, weight_decay=5e-4, dampening=0.0,
-                 finetune_epochs=20, from_checkpoint=None, **_):
+                 finetune_epochs=0.1, from_checkpoint=None, **_):
         super().__init__(_sgd(model, lr, momentum, dampening, weight_decay))
         if sparsity is None or not 0 < sparsity < 1:
             raise ValueError(f"invalid sparsity={sparsity!r}: prune_finetune needs a target sparsity in (0, 1)")

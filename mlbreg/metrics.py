@@ -49,3 +49,19 @@ def sparsity_summary(model: nn.Module, rows: list[dict] | None = None) -> dict[s
         nonzeros=prunable_nnz,
         prunable_params=prunable,
     )
+
+
+@torch.no_grad()
+def model_bytes(model: nn.Module, rows: list[dict] | None = None) -> dict[str, int]:
+    """Size of the model's state_dict: dense (as model.pt holds it) and compressed (as
+    `mlbreg export` stores it: prunable weights as values + positions, the rest dense)."""
+    from .export import layer_nbytes
+    rows = layer_stats(model) if rows is None else rows
+    prunable = {f"{r['layer']}.weight": r for r in rows}
+    dense = sparse = 0
+    for name, t in model.state_dict().items():
+        size = t.numel() * t.element_size()
+        dense += size
+        row = prunable.get(name)
+        sparse += size if row is None else layer_nbytes(row["numel"], row["nonzeros"], t.element_size())
+    return dict(model_bytes_dense=dense, model_bytes_sparse=sparse)

@@ -7,6 +7,8 @@ Files (all under the run directory):
 - `summary.csv`   one row at the end: identifying config + final metrics
 - `checkpoint.pt` everything to continue bit-for-bit (written atomically)
 - `model.pt`      the final model's state_dict
+- `config.yaml`   the resolved config of the run
+- `env.json`      provenance: code commit, library versions, CPU, threads, device (`mlbreg.env`)
 
 Every write that replaces a file goes through a temporary file and `os.replace`, so a
 kill at any moment leaves either the old or the new file, never half of one.
@@ -110,6 +112,23 @@ class RunDir:
         data = dict(status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info)
         _atomic_write_bytes(self.path / "status.json", lambda f: f.write(json.dumps(data, indent=1).encode()))
 
+    def write_env(self, env: dict[str, Any]) -> None:
+        """env.json of this attempt; the environments of earlier attempts (a run resumed on
+        another node or after an upgrade) are kept in its `earlier` list when they differ."""
+        from .env import COMPARED_FIELDS
+        path = self.path / "env.json"
+        earlier: list[dict[str, Any]] = []
+        if path.exists():
+            try:
+                old = json.loads(path.read_text())
+                earlier = old.pop("earlier", [])
+                if any(old.get(k) != env.get(k) for k in COMPARED_FIELDS):
+                    earlier.append({k: old.get(k) for k in COMPARED_FIELDS + ("hostname", "started")})
+            except (json.JSONDecodeError, AttributeError):
+                pass
+        data = dict(env, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), earlier=earlier)
+        _atomic_write_bytes(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
+
     # -- checkpoints -------------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         _atomic_write_bytes(self.checkpoint_path, lambda f: torch.save(state, f))
@@ -133,5 +152,6 @@ class RunDir:
 
     def clear(self) -> None:
         """Remove the results of an earlier attempt (resume=false)."""
-        for name in ("metrics.csv", "layers.csv", "summary.csv", "checkpoint.pt", "model.pt", "status.json"):
+        for name in ("metrics.csv", "layers.csv", "summary.csv", "checkpoint.pt", "model.pt", "status.json",
+                     "env.json"):
             (self.path / name).unlink(missing_ok=True)

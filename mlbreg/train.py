@@ -31,9 +31,10 @@ from .backends import make_backend
 from .cpu_alloc import keep_freed_memory
 from .config import ignored_settings, run_name, validate
 from .data import load_dataset, make_loader
+from .env import collect_env
 from .flops import FlopsAccount
 from .methods import build_method, method_class
-from .metrics import layer_stats, sparsity_summary
+from .metrics import layer_stats, model_bytes, sparsity_summary
 from .models import create_model
 from .rundir import CsvLog, RunDir
 from .sparsity import sparse_init_
@@ -42,13 +43,17 @@ METRIC_COLUMNS = [
     "epoch", "step", "lr", "train_loss", "train_acc_pct", "test_loss", "test_acc_pct",
     "sparsity_pct", "sparsity_all_params_pct", "conv_sparsity_pct", "nonzeros", "prunable_params",
     "fine_steps", "coarse_steps", "train_gflops", "train_flops_vs_sgd", "inference_flops_vs_dense",
-    "epoch_s", "forward_s", "backward_s", "optimizer_s", "swap_s", "eval_s",
+    "epoch_s", "forward_s", "backward_s", "optimizer_s", "swap_s", "eval_s", "model_bytes_dense", "model_bytes_sparse",
 ]
 LAYER_COLUMNS = ["epoch", "layer", "kind", "shape", "numel", "nonzeros", "density", "kernels", "zero_kernels"]
 
 
+# SIGUSR2: submitit's (and Slurm's `--signal=USR2@...`) warning that the job's time is up
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR2") if hasattr(signal, name))
+
+
 class _StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop checkpoints after the current step and exits."""
+    """SIGTERM / SIGINT / SIGUSR2 set a flag; the loop checkpoints after the current step and exits."""
 
     def __init__(self):
         self.signal = None
@@ -60,7 +65,7 @@ class _StopRequest:
 @contextmanager
 def _catch_signals(stop: _StopRequest):
     previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         try:
             previous[sig] = signal.signal(sig, stop)
         except ValueError:  # not the main thread: signals stay with whoever runs us
@@ -173,7 +178,25 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if not cfg.resume and ctx.is_main:
         run.clear()
     ctx.barrier()
-    return Trainer(cfg, run, run_key, device, ctx, previous).run()
+    outcome = Trainer(cfg, run, run_key, device, ctx, previous).run()
+    if outcome["status"] == "interrupted":
+        _hand_on(outcome.get("signal"))
+    return outcome
+
+
+def _hand_on(signum) -> None:
+    """After the checkpoint, give a stop signal to the handler that owned it before the
+    run (submitit's SIGUSR2 handler requeues the Slurm job and exits). Only a Python
+    handler gets it: with the default action the signal would kill the process instead
+    of the clean exit with 128 + signal."""
+    if signum is None or signum not in STOP_SIGNALS or signum == signal.SIGINT:
+        return
+    try:
+        handler = signal.getsignal(signum)
+    except ValueError:
+        return
+    if callable(handler):
+        signal.raise_signal(signum)
 
 
 class Trainer:
@@ -218,6 +241,7 @@ class Trainer:
             self.metrics_log.keep_epochs_up_to(self.pos["epoch"])
             self.layers_log.keep_epochs_up_to(self.pos["epoch"])
             OmegaConf.save(cfg, run.file("config.yaml"), resolve=True)
+            run.write_env(collect_env(device))
             self._write_status("running", epoch=self.pos["epoch"], step=self.pos["step"])
 
     def _write_status(self, status: str, **info) -> None:
@@ -392,7 +416,7 @@ class Trainer:
                    train_gflops=total_flops / 1e9, train_flops_vs_sgd=total_flops / flops.sgd_total(),
                    inference_flops_vs_dense=f_sparse / flops.f_dense, epoch_s=acc["epoch_s"],
                    forward_s=times["fwd"], backward_s=times["bwd"], optimizer_s=times["opt"], swap_s=times["swap"],
-                   eval_s=time.perf_counter() - t_eval)
+                   eval_s=time.perf_counter() - t_eval, **model_bytes(self.model, layers))
         if self.ctx.is_main:
             self.metrics_log.append([row])
             self.layers_log.append([dict(epoch=epoch + 1, **layer) for layer in layers])
