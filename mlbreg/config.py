@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .backends import BACKENDS
 from .data import DATASETS, DataNotFoundError, missing_data
+from .loggers import LOGGERS, tensorboard_missing
 from .methods import METHODS, method_class
 from .models import list_models
 from .optim import MLLinBreg
@@ -31,7 +32,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SCHEDULERS = ("cosine", "constant")
 # Keys that change how a run is executed or where its data comes from, not its results:
 # they are left out of the run's identity so that e.g. a resumed run may use another device.
-NON_IDENTIFYING = ("resume", "device", "progress", "checkpoint_every", "output_root", "num_threads",
+NON_IDENTIFYING = ("resume", "device", "progress", "logger", "checkpoint_every", "output_root", "num_threads",
                    "distributed", "stop_check_every", "compile", "compile_optimizer",
                    "hydra", "dataset.root", "dataset.download", "dataset.num_workers", "eval_batch_size")
 
@@ -128,7 +129,7 @@ def validate(cfg: DictConfig, environment: bool = True) -> None:
     choices = {"dataset.name": DATASETS, "model.name": tuple(list_models()), "method.name": METHODS,
                "regularizer.name": tuple(r for r in REGULARIZERS if r != "none"), "init.scheme": SCHEMES,
                "device": DEVICES, "scheduler": SCHEDULERS, "backend": BACKENDS,
-               "precision": ("fp32", "bf16"), "dataset.loader": ("tensor", "torchvision")}
+               "precision": ("fp32", "bf16"), "dataset.loader": ("tensor", "torchvision"), "logger": LOGGERS}
     for key, valid in choices.items():
         value = OmegaConf.select(cfg, key)
         if value not in valid:
@@ -197,6 +198,8 @@ def validate(cfg: DictConfig, environment: bool = True) -> None:
         _fail("method.eps", cfg.method.eps, "must be >= 0")
     if cfg.backend in ("sparseprop", "native"):
         _check_sparse_backend(cfg, environment)
+    if cfg.logger == "tensorboard" and environment and tensorboard_missing():
+        _fail("logger", "tensorboard", tensorboard_missing())
     if cfg.device == "cuda" and environment:
         import torch
         if not torch.cuda.is_available():

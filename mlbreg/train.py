@@ -34,6 +34,7 @@ from .data import load_dataset, make_loader
 from .env import collect_env
 from .flops import FlopsAccount
 from .methods import build_method, method_class
+from .loggers import make_logger
 from .metrics import layer_stats, model_bytes, sparsity_summary
 from .models import create_model
 from .rundir import CsvLog, RunDir
@@ -243,6 +244,7 @@ class Trainer:
             OmegaConf.save(cfg, run.file("config.yaml"), resolve=True)
             run.write_env(collect_env(device))
             self._write_status("running", epoch=self.pos["epoch"], step=self.pos["step"])
+        self.logger = make_logger(cfg.logger, run.path, self.resumed_from) if ctx.is_main else None
 
     def _write_status(self, status: str, **info) -> None:
         # with what actually ran: `device=auto` / `backend=auto` resolved
@@ -285,6 +287,8 @@ class Trainer:
             raise
         finally:
             self.bar.close()
+            if self.logger is not None:
+                self.logger.close()
         outcome.update(run_key=self.run_key, device=self.device.type, backend=self.backend.name)
         if self.resumed_from is not None:
             outcome["resumed_from"] = self.resumed_from
@@ -419,6 +423,8 @@ class Trainer:
                    eval_s=time.perf_counter() - t_eval, **model_bytes(self.model, layers))
         if self.ctx.is_main:
             self.metrics_log.append([row])
+            if self.logger is not None:
+                self.logger.append(row)
             self.layers_log.append([dict(epoch=epoch + 1, **layer) for layer in layers])
         self.bar.set_postfix(loss=f"{row['train_loss']:.3f}", test_acc=f"{test_acc:.1f}",
                              sparsity=f"{sparsity['sparsity_pct']:.1f}")

@@ -128,3 +128,46 @@ def test_sigusr2_goes_on_to_submitits_handler_after_the_checkpoint(tmp_path, mon
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert seen == [(signal.SIGUSR2, 17, "interrupted")]
+
+
+def _tensorboard_scalars(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_logger_writes_the_csv_rows_and_a_resume_purges_the_rest(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    cfg = make_cfg("epochs=4", "checkpoint_every=2", "logger=tensorboard")   # digits: 12 steps per epoch
+    original = train_module.FlopsAccount.add_step
+    count = {"n": 0}
+
+    def crash_at_step_40(self, kind, batch):
+        count["n"] += 1
+        if count["n"] == 40:      # epoch 4: epoch 3's row (step 36) is logged, the checkpoint is at step 24
+            raise RuntimeError("node lost")
+        return original(self, kind, batch)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module.FlopsAccount, "add_step", crash_at_step_40)
+        with pytest.raises(RuntimeError, match="node lost"):
+            train(cfg, tmp_path)
+    assert [s for s, _ in _tensorboard_scalars(tmp_path / "tensorboard")["metrics/train_loss"]] == [12, 24, 36]
+    assert train(cfg, tmp_path)["status"] == "finished"      # resumes at step 24
+    rows = pd.read_csv(tmp_path / "metrics.csv")
+    scalars = _tensorboard_scalars(tmp_path / "tensorboard")
+    assert rows["step"].tolist() == [12, 24, 36, 48]
+    for column in ("test_acc_pct", "train_loss", "sparsity_pct", "model_bytes_sparse"):
+        assert scalars[f"metrics/{column}"] == [(s, pytest.approx(v, rel=1e-6))
+                                                for s, v in zip(rows["step"], rows[column])], column
+
+
+def test_logger_tensorboard_is_not_part_of_the_run_identity():
+    from mlbreg.config import run_name
+    assert run_name(make_cfg("logger=tensorboard")) == run_name(make_cfg())
+
+
+def test_bad_logger_names_the_valid_ones():
+    from mlbreg.config import ConfigError, validate
+    with pytest.raises(ConfigError, match="invalid logger='wandb'.*csv, tensorboard"):
+        validate(make_cfg("logger=wandb"))
