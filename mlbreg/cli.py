@@ -59,6 +59,32 @@ def register_resolvers() -> None:
 
 
 def _train(argv: list[str]) -> int:
+    return run_hydra(argv, _train_job)
+
+
+def _train_job(cfg, run_dir: str) -> dict:
+    """One `mlbreg train` job: train (or resume, or skip) the run in `run_dir`."""
+    from .train import train  # imported late: `mlbreg --help` stays fast
+    outcome = train(cfg, run_dir)
+    status = outcome["status"]
+    if outcome.get("skipped"):
+        print(f"mlbreg: {run_dir} finished earlier; kept (resume=false trains it again)", file=sys.stderr)
+    elif status == "finished":
+        print(f"mlbreg: finished {run_dir}: {_final_line(outcome)}")
+    else:
+        print(f"mlbreg: run {status}: {outcome.get('message', '')}", file=sys.stderr)
+    if status == "interrupted" and outcome.get("signal"):
+        # the run is checkpointed; a signal also ends the sweep it belongs to (SystemExit
+        # passes through Hydra's per-job error handling, an Exception would not)
+        raise SystemExit(128 + int(outcome["signal"]))
+    # what a sweeper or a Hydra callback gets back: the run's final metrics row
+    return dict(outcome.get("final") or {}, status=status, run_dir=str(run_dir))
+
+
+def run_hydra(argv: list[str], job, extra_overrides: tuple[str, ...] = ()) -> int:
+    """Hydra's command line (one run, or a sweep with -m, on any launcher) around
+    `job(cfg, run_dir) -> dict with "status"`; the exit code is 0 when every job's status
+    is "finished". `extra_overrides` go after the user's (e.g. another run dir)."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
@@ -67,23 +93,9 @@ def _train(argv: list[str]) -> int:
 
     @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
     def hydra_main(cfg):
-        from .train import train  # imported late: `mlbreg --help` stays fast
-        run_dir = HydraConfig.get().runtime.output_dir
-        outcome = train(cfg, run_dir)
-        status = outcome["status"]
-        if outcome.get("skipped"):
-            print(f"mlbreg: {run_dir} finished earlier; kept (resume=false trains it again)", file=sys.stderr)
-        elif status == "finished":
-            print(f"mlbreg: finished {run_dir}: {_final_line(outcome)}")
-        else:
-            print(f"mlbreg: run {status}: {outcome.get('message', '')}", file=sys.stderr)
-        if status == "interrupted" and outcome.get("signal"):
-            # the run is checkpointed; a signal also ends the sweep it belongs to (SystemExit
-            # passes through Hydra's per-job error handling, an Exception would not)
-            raise SystemExit(128 + int(outcome["signal"]))
-        statuses.append(status)
-        # what a sweeper or a Hydra callback gets back: the run's final metrics row
-        return dict(outcome.get("final") or {}, status=status, run_dir=str(run_dir))
+        result = job(cfg, HydraConfig.get().runtime.output_dir)
+        statuses.append(result["status"])
+        return result
 
     flags, overrides = _split_flags(argv)
     if argv != flags + overrides:
@@ -92,7 +104,7 @@ def _train(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     _check_whole_sweeps()
-    sys.argv = [sys.argv[0]] + argv
+    sys.argv = [sys.argv[0]] + argv + list(extra_overrides)
     # let Hydra re-raise instead of printing and exiting, so known user errors become one line
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     try:
