@@ -1,19 +1,25 @@
 """`mlbreg report DIR [DIR ...] [--out OUTDIR]`: run directories -> the paper's tables and plots.
 
-Only the text files a run writes are read (config.yaml, status.json, metrics.csv and, when
-metrics.csv is missing, summary.csv): no checkpoint, no network, no dashboard.
+The text files a run writes are read (config.yaml, status.json, metrics.csv or, when it is
+missing, summary.csv, layers.csv, env.json), plus model.pt of a few runs for the mask
+pictures: no checkpoint, no network, no dashboard.
 
 Data flows one way:
 
     run dirs -> `collect` -> runs frame (one row per run: config, status, final metrics,
                              summed timings) + metrics frame (one row per run and epoch)
+                             + layers frame (one row per run, epoch and prunable layer)
+                             + environments (env.json per run)
              -> `aggregate` -> one row per configuration: mean, std (ddof=1) and n over seeds
+                `aggregate_layers` -> one row per configuration and layer (final epoch)
+                `environment_notes` -> the compared env.json fields that differ
+                `mask_runs` -> model.pt of one run per chosen configuration -> `LayerMask`s
              -> tables (CSV, Markdown, LaTeX) and plots (PNG, PDF)
 
 Which runs count: a run is *included* when status.json says `finished` and metrics.csv
 has a row for every epoch of its config. Every other run (running, interrupted, diverged,
 failed, no status, truncated metrics) is listed by name with its status and the reason,
-and left out of every mean and every plot.
+and left out of every mean, every plot and the environment comparison.
 
 A configuration is the run's identifying config (`mlbreg.config.identity`) without the
 seed, after blanking the keys the method does not use (λ and m for SGD, the init for the
@@ -25,10 +31,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -71,7 +78,8 @@ CANONICAL = {"dataset": "dataset.name", "model": "model.name", "method": "method
 
 FINAL_METRICS = ["test_acc_pct", "sparsity_pct", "sparsity_all_params_pct", "conv_sparsity_pct",
                  "train_flops_vs_sgd", "inference_flops_vs_dense", "train_loss", "test_loss", "train_acc_pct",
-                 "nonzeros", "prunable_params", "fine_steps", "coarse_steps", "train_gflops"]
+                 "nonzeros", "prunable_params", "fine_steps", "coarse_steps", "train_gflops",
+                 "model_bytes_dense", "model_bytes_sparse"]
 # per-epoch seconds of metrics.csv -> summed over the run (Figure 2)
 TIME_COLUMNS = {"epoch_s": "time_train_s", "forward_s": "time_forward_s", "backward_s": "time_backward_s",
                 "optimizer_s": "time_optimizer_s", "swap_s": "time_swap_s", "eval_s": "time_eval_s"}
@@ -89,6 +97,8 @@ class Collection:
     runs: pd.DataFrame      # one row per run directory (included or not)
     metrics: pd.DataFrame   # one row per run and epoch (every run that has a metrics.csv)
     ignored: int = 0        # runs under the directories that are not part of the --sweep selection
+    layers: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["path", "epoch", "layer"]))
+    envs: dict[str, dict[str, Any] | None] = field(default_factory=dict)   # run path -> env.json (None: none)
 
 
 # -- finding and reading runs ------------------------------------------------------------------
@@ -131,6 +141,37 @@ def _read_metrics(path: Path) -> pd.DataFrame | None:
     # a line cut off by a kill has missing fields: keep only complete epochs
     frame = frame.dropna(subset=[c for c in ("epoch", "test_acc_pct", "sparsity_pct") if c in frame])
     return frame.sort_values("epoch").drop_duplicates("epoch", keep="last").reset_index(drop=True)
+
+
+LAYER_NUMBERS = ["epoch", "numel", "nonzeros", "density", "kernels", "zero_kernels"]
+
+
+def read_layers(path: Path) -> pd.DataFrame | None:
+    """A run's layers.csv (one row per prunable layer and epoch), or None when it has none."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    try:
+        frame = pd.read_csv(path, on_bad_lines="skip", dtype={"layer": str, "kind": str, "shape": str})
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
+        return None
+    if not {"epoch", "layer", "density"} <= set(frame.columns):
+        return None
+    for col in LAYER_NUMBERS:
+        if col in frame:
+            frame[col] = pd.to_numeric(frame[col], errors="coerce")
+    frame = frame.dropna(subset=["epoch", "layer", "density"])
+    # the file's row order is the model's layer order (named_modules); plots keep it
+    frame["layer_index"] = frame.groupby("epoch").cumcount()
+    return frame.drop_duplicates(["epoch", "layer"], keep="last").reset_index(drop=True)
+
+
+def read_env(path: Path) -> dict[str, Any] | None:
+    """A run's env.json, or None when it has none (runs from before env.json) or it is unreadable."""
+    try:
+        env = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return env if isinstance(env, dict) else None
 
 
 def _run_label(path: Path, flat: dict[str, Any]) -> str:
@@ -287,7 +328,8 @@ def collect(paths: Iterable[str | os.PathLike], sweeps: Iterable[str] = ()) -> C
     if not dirs and not expected:
         raise ReportError(f"no run directories (config.yaml + metrics.csv or status.json) under "
                           f"{', '.join(map(str, paths))}")
-    rows, frames = [], []
+    rows, frames, layer_frames = [], [], []
+    envs: dict[str, dict[str, Any] | None] = {}
     ignored = 0
     for path in dirs:
         row, metrics = read_run(path)
@@ -301,6 +343,10 @@ def collect(paths: Iterable[str | os.PathLike], sweeps: Iterable[str] = ()) -> C
         rows.append(row)
         if metrics is not None:
             frames.append(metrics.assign(path=row["path"]))
+        layers = read_layers(path / "layers.csv")
+        if layers is not None:
+            layer_frames.append(layers.assign(path=row["path"]))
+        envs[row["path"]] = read_env(path / "env.json")
     found = {row["run"] for row in rows}
     for name in expected:
         if name not in found:
@@ -319,7 +365,10 @@ def collect(paths: Iterable[str | os.PathLike], sweeps: Iterable[str] = ()) -> C
     metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["path", "epoch"])
     info = runs[["path", "run", "config_id", "included", "dataset", "model", "method", "setting", "seed"]].copy()
     metrics = metrics.merge(info, on="path", how="left")
-    return Collection(runs=runs, metrics=metrics, ignored=ignored)
+    layers = (pd.concat(layer_frames, ignore_index=True) if layer_frames
+              else pd.DataFrame(columns=["path", "epoch", "layer", "layer_index", "density"]))
+    layers = layers.merge(info, on="path", how="left")
+    return Collection(runs=runs, metrics=metrics, ignored=ignored, layers=layers, envs=envs)
 
 
 def _mark_duplicates(runs: pd.DataFrame) -> pd.DataFrame:
@@ -410,6 +459,54 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     return agg.drop(columns=[c for c in agg if c.startswith("_")])
 
 
+def representatives(block: pd.DataFrame) -> pd.DataFrame:
+    """One configuration per method: most seeds, then the median of its main hyperparameter
+    (λ for the Bregman methods, the target for RigL and pruning), so methods meet mid-range."""
+    chosen = []
+    for _, group in block.groupby("method", sort=False):
+        group = group[group["n"] == group["n"].max()]
+        key = next((c for c in ("lam", "target_sparsity") if group[c].notna().any()), None)
+        if key is not None:
+            group = group.sort_values(key, kind="stable")
+        chosen.append(group.index[(len(group) - 1) // 2])
+    return block.loc[chosen]
+
+
+def final_layers(layers: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """The layers frame's rows of the included runs at their final epoch (runs whose
+    layers.csv lacks that epoch, or is missing, contribute nothing)."""
+    if layers.empty:
+        return layers
+    done = runs.loc[runs["included"].astype(bool), ["path", "epochs_done"]]
+    rows = layers.merge(done, on="path", how="inner")
+    return rows[rows["epoch"] == rows["epochs_done"]].drop(columns="epochs_done")
+
+
+def aggregate_layers(layers: pd.DataFrame, runs: pd.DataFrame, agg: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration and prunable layer at the final epoch: density, non-zeros and
+    empty kernels as mean and std (ddof=1) over the seeds that have a layers.csv; `agg`'s
+    configuration order, the model's layer order."""
+    final = final_layers(layers, runs)
+    if final.empty or agg.empty:
+        return pd.DataFrame()
+    out = []
+    for _, conf in agg.iterrows():
+        rows = final[final["config_id"] == conf["config_id"]]
+        for layer, group in sorted(rows.groupby("layer", sort=False), key=lambda g: g[1]["layer_index"].min()):
+            first = group.iloc[0]
+            row = dict(dataset=conf["dataset"], model=conf["model"], method=conf["method"], setting=conf["setting"],
+                       config_id=conf["config_id"], n=int(group["seed"].nunique()),
+                       seeds=",".join(str(s) for s in sorted(group["seed"].unique())), epoch=int(first["epoch"]),
+                       layer=layer, layer_index=int(first["layer_index"]), kind=first.get("kind"),
+                       shape=first.get("shape"), numel=first.get("numel"), kernels=first.get("kernels"))
+            for col in ("density", "nonzeros", "zero_kernels"):
+                values = pd.to_numeric(group[col], errors="coerce") if col in group else pd.Series(dtype=float)
+                row[f"{col}_mean"] = values.mean()
+                row[f"{col}_std"] = values.std(ddof=1) if values.count() > 1 else np.nan
+            out.append(row)
+    return pd.DataFrame(out)
+
+
 # -- tables ----------------------------------------------------------------------------------
 
 def _pm(mean: float, std: float, digits: int = 2, latex: bool = False) -> str:
@@ -448,7 +545,30 @@ def results_table(agg: pd.DataFrame, latex: bool = False) -> pd.DataFrame:
                                        zip(agg["conv_sparsity_pct_mean"], agg["conv_sparsity_pct_std"])]
     table["Train FLOPs (% of SGD)"] = [_pct(m, s, latex) for m, s in
                                        zip(agg["train_flops_vs_sgd_mean"], agg["train_flops_vs_sgd_std"])]
+    dense, sparse = agg.get("model_bytes_dense_mean"), agg.get("model_bytes_sparse_mean")
+    if dense is not None and sparse is not None and (dense.notna() | sparse.notna()).any():
+        table["Model size (dense / compressed)"] = [_size_pair(d, s) for d, s in zip(dense, sparse)]
     return table
+
+
+def human_bytes(n: float) -> str:
+    """A byte count in decimal units with three significant digits ("84.3 kB"); "" for NaN."""
+    if n is None or pd.isna(n):
+        return ""
+    units = ["B", "kB", "MB", "GB", "TB"]
+    k = 0 if n < 1000 else min(len(units) - 1, int(math.log10(n) // 3))
+    text = f"{n / 1000 ** k:.3g}"
+    if float(text) >= 1000 and k + 1 < len(units):   # 999.7 kB rounds to "1e+03": the next unit
+        k += 1
+        text = f"{n / 1000 ** k:.3g}"
+    return f"{n:.0f} B" if k == 0 else f"{text} {units[k]}"
+
+
+def _size_pair(dense: float, sparse: float) -> str:
+    """Runs from before the size columns have neither: a blank cell."""
+    if pd.isna(dense) and pd.isna(sparse):
+        return ""
+    return f"{human_bytes(dense) or '–'} / {human_bytes(sparse) or '–'}"
 
 
 def mask_init_table(agg: pd.DataFrame, latex: bool = False) -> pd.DataFrame | None:
@@ -476,6 +596,31 @@ def mask_init_table(agg: pd.DataFrame, latex: bool = False) -> pd.DataFrame | No
         "Sparsity (%)": [_pm(m, s, 3, latex) for m, s in zip(sub["sparsity_pct_mean"], sub["sparsity_pct_std"])],
         "Test acc (%)": [_pm(m, s, 3, latex) for m, s in zip(sub["test_acc_pct_mean"], sub["test_acc_pct_std"])],
     }).reset_index(drop=True)
+
+
+def layers_table(layer_agg: pd.DataFrame, latex: bool = False) -> pd.DataFrame | None:
+    """Per configuration and layer at the final epoch: density (%), non-zeros and (convs)
+    empty kernels, mean ± std over seeds."""
+    if layer_agg.empty:
+        return None
+    table = pd.DataFrame({
+        "Dataset": layer_agg["dataset"].map(lambda v: DATASET_LABELS.get(v, v)),
+        "Architecture": layer_agg["model"].map(lambda v: MODEL_LABELS.get(v, v)),
+        "Method": layer_agg["method"].map(lambda v: METHOD_LABELS.get(v, v)),
+        "Setting": layer_agg["setting"].fillna(""),
+        "n": layer_agg["n"],
+        "Layer": layer_agg["layer"],
+        "Shape": layer_agg["shape"].fillna(""),
+        "Density (%)": [_pm(100 * m, 100 * s if not pd.isna(s) else s, latex=latex)
+                        for m, s in zip(layer_agg["density_mean"], layer_agg["density_std"])],
+        "Non-zeros": [f"{m:,.0f} / {t:,.0f}" if not pd.isna(m) and not pd.isna(t) else "–"
+                      for m, t in zip(layer_agg["nonzeros_mean"], layer_agg["numel"])],
+    })
+    if (layer_agg["kind"] == "conv").any():
+        table["Empty kernels"] = [f"{m:,.1f} / {t:,.0f}" if k == "conv" and not pd.isna(m) else ""
+                                  for k, m, t in zip(layer_agg["kind"], layer_agg["zero_kernels_mean"],
+                                                     layer_agg["kernels"])]
+    return table
 
 
 def cpu_time_table(agg: pd.DataFrame) -> pd.DataFrame | None:
@@ -541,25 +686,196 @@ def write_table(table: pd.DataFrame, out: Path, name: str, latex_table: pd.DataF
     return paths
 
 
+# -- environments ----------------------------------------------------------------------------
+
+def _env_value(key: str, value: Any) -> str:
+    if value is None:
+        return "none"
+    if key == "git_commit":
+        return str(value)[:10]
+    if key == "git_dirty":
+        return "dirty" if value else "clean"
+    return str(value)
+
+
+def _runs_phrase(names: list[str], named: bool = True, show: int = 5) -> str:
+    """"5 runs" or "1 run: name"; beyond `show` names the rest is counted, not listed."""
+    count = f"{len(names)} run{'s' if len(names) != 1 else ''}"
+    if not named:
+        return count
+    listed = ", ".join(names[:show]) + (f", and {len(names) - show} more" if len(names) > show else "")
+    return f"{count}: {listed}"
+
+
+def environment_notes(collection: Collection) -> list[str]:
+    """One line per compared env.json field (`mlbreg.env.COMPARED_FIELDS`) whose value is not
+    the same in every included run, the values by how many runs have them; a line for included
+    runs without env.json and one per run resumed under another environment. [] when all agree."""
+    from .env import COMPARED_FIELDS, differing
+
+    runs = collection.runs
+    ok = runs[runs["included"].astype(bool)]
+    envs = {row.run: collection.envs.get(row.path) for row in ok.itertuples()}
+    present = {name: env for name, env in envs.items() if env is not None}
+    lines = []
+    for key, values in differing(present).items():
+        ordered = sorted(values.items(), key=lambda item: (-len(item[1]), _env_value(key, item[0])))
+        # the runs that stand out are named; the most common value is only counted
+        lines.append(f"environments differ: {key} " + " vs ".join(
+            f"{_env_value(key, value)} ({_runs_phrase(sorted(names), named=i > 0)})"
+            for i, (value, names) in enumerate(ordered)))
+    missing = sorted(name for name, env in envs.items() if env is None)
+    if missing:
+        lines.append(f"no env.json: {_runs_phrase(missing)} (not compared)")
+    for name, env in present.items():
+        attempts = [e for e in env.get("earlier") or [] if isinstance(e, dict)] + [env]
+        changed = [k for k in COMPARED_FIELDS if len({json.dumps(e.get(k), default=str) for e in attempts}) > 1]
+        if len(attempts) > 1 and changed:
+            lines.append(f"resumed under another environment: {name} (" + ", ".join(
+                f"{k} {' -> '.join(_env_value(k, e.get(k)) for e in attempts)}" for k in changed) + ")")
+    return lines
+
+
+# -- mask pictures ---------------------------------------------------------------------------
+
+@dataclass
+class LayerMask:
+    """Which weights of one prunable layer are non-zero, as drawn.
+
+    `image[i, j]` is the fraction of non-zero weights in cell (i, j): a cell is one weight of
+    a linear layer (out x in) or one kernel of a conv layer (out_channels x in_channels),
+    and a block of `block` cells where the layer is larger than the picture. 0 exactly
+    where every weight of the cell is zero (an empty kernel)."""
+    layer: str
+    kind: str                 # "conv" | "linear"
+    shape: tuple[int, ...]
+    image: np.ndarray
+    block: tuple[int, int]    # cells per pixel (rows, columns); (1, 1): not downsampled
+    density: float            # non-zero weights / all weights
+    empty: int                # empty kernels (conv) or zero weights (linear)
+    cells: int                # kernels (conv) or weights (linear)
+
+
+def _block_mean(values: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """Mean over blocks of `block` cells; the last, partial blocks average their real cells only."""
+    if block == (1, 1):
+        return values
+    (rows, cols), (br, bc) = values.shape, block
+    pr, pc = -rows % br, -cols % bc
+    padded = np.pad(values, ((0, pr), (0, pc)))
+    real = np.pad(np.ones_like(values), ((0, pr), (0, pc)))
+    shape = (padded.shape[0] // br, br, padded.shape[1] // bc, bc)
+    return padded.reshape(shape).sum(axis=(1, 3)) / real.reshape(shape).sum(axis=(1, 3))
+
+
+def mask_image(name: str, weight, max_side: int = 256) -> LayerMask:
+    """The picture of one Conv2d (4-d) or Linear (2-d) weight; sides above `max_side` cells
+    are averaged over blocks so that a ResNet's 512x512 kernels still fit a panel."""
+    import torch
+    w = torch.as_tensor(weight).detach().cpu()
+    nonzero = w != 0
+    if w.dim() == 4:
+        cells = nonzero.flatten(2).double().mean(-1).numpy()
+        kind, empty = "conv", int((~nonzero.flatten(2).any(-1)).sum())
+    elif w.dim() == 2:
+        cells = nonzero.double().numpy()
+        kind, empty = "linear", int((~nonzero).sum())
+    else:
+        raise ValueError(f"{name}: a {w.dim()}-d weight is neither a conv nor a linear layer")
+    block = tuple(max(1, math.ceil(side / max_side)) for side in cells.shape)
+    return LayerMask(layer=name, kind=kind, shape=tuple(w.shape), image=_block_mean(cells, block), block=block,
+                     density=float(nonzero.double().mean()), empty=empty, cells=cells.size)
+
+
+def mask_images(model_file: Path, max_side: int = 256) -> list[LayerMask]:
+    """Every prunable weight of a run's model.pt, in the model's order.
+
+    model.pt is the trainer's dense state_dict; the prunable layers (Conv2d, Linear) are
+    exactly its 4-d and 2-d `.weight` tensors (BN weights are 1-d)."""
+    import torch
+    state = torch.load(model_file, map_location="cpu", weights_only=True)
+    return [mask_image(key[:-len(".weight")], t, max_side) for key, t in state.items()
+            if key.endswith(".weight") and getattr(t, "dim", lambda: 0)() in (2, 4)]
+
+
+@dataclass
+class MaskRun:
+    """One configuration's mask picture: the configuration, the run drawn, its layers."""
+    config: dict[str, Any]    # its row of the aggregated frame
+    run: str
+    path: str
+    masks: list[LayerMask]
+
+
+def mask_runs(collection: Collection, agg: pd.DataFrame, limit: int = 4,
+              max_side: int = 256) -> tuple[list[MaskRun], list[str]]:
+    """Up to `limit` configurations per (dataset, model) -> the masks of one run each, and notes
+    on configurations that had no readable model.pt.
+
+    Order: one configuration per method first (`representatives`), then the rest in table
+    order; dense configurations (sparsity 0, e.g. SGD) have nothing to show and are skipped.
+    The run drawn is the configuration's included run with the lowest seed that has model.pt."""
+    if agg.empty or limit <= 0:
+        return [], []
+    runs = collection.runs[collection.runs["included"].astype(bool)]
+    chosen, notes = [], []
+    for _, block in agg.groupby(["dataset", "model"], sort=False):
+        block = block[block["sparsity_pct_mean"].fillna(0) > 0]
+        if block.empty:
+            continue
+        first = representatives(block)
+        order = list(first.index) + [i for i in block.index if i not in set(first.index)]
+        drawn = 0
+        for i in order:
+            if drawn >= limit:
+                break
+            conf = block.loc[i]
+            candidates = runs[runs["config_id"] == conf["config_id"]].sort_values("seed", kind="stable")
+            for run in candidates.itertuples():
+                model_file = Path(run.path) / "model.pt"
+                if not model_file.exists():
+                    continue
+                try:
+                    masks = mask_images(model_file, max_side)
+                except Exception as err:  # noqa: BLE001 - an unreadable model.pt is one picture less
+                    notes.append(f"{run.run}: model.pt unreadable ({type(err).__name__}: {err})")
+                    continue
+                chosen.append(MaskRun(config=conf.to_dict(), run=run.run, path=run.path, masks=masks))
+                drawn += 1
+                break
+            else:
+                label = f"{METHOD_LABELS.get(conf['method'], conf['method'])} {conf['setting'] or ''}".strip()
+                notes.append(f"no mask picture for {label} ({conf['dataset']}/{conf['model']}): "
+                             f"none of its runs has model.pt")
+    return chosen, notes
+
+
 # -- the command -----------------------------------------------------------------------------
 
 def excluded_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return runs.loc[~runs["included"].astype(bool), ["run", "status", "reason"]].reset_index(drop=True)
 
 
-def write_report(collection: Collection, out: Path, plots: bool = True, dpi: int = 150) -> dict[str, list[Path]]:
-    """All tables and plots of `collection` into `out`; returns the written files by kind."""
+def write_report(collection: Collection, out: Path, plots: bool = True, dpi: int = 150,
+                 masks: int = 4) -> dict[str, list[Path]]:
+    """All tables and plots of `collection` into `out`; returns the written files by kind.
+    `masks`: mask pictures for up to that many configurations per (dataset, model)."""
     out.mkdir(parents=True, exist_ok=True)
     runs, metrics = collection.runs, collection.metrics
     agg = aggregate(runs)
+    layer_agg = aggregate_layers(collection.layers, runs, agg)
     written: dict[str, list[Path]] = {"data": [], "tables": [], "plots": []}
     runs.to_csv(out / "runs.csv", index=False)
     metrics.to_csv(out / "metrics.csv", index=False)
+    collection.layers.to_csv(out / "layer_epochs.csv", index=False)
     excluded = excluded_runs(runs)
     excluded.to_csv(out / "excluded.csv", index=False)
-    written["data"] += [out / "runs.csv", out / "metrics.csv", out / "excluded.csv"]
+    written["data"] += [out / "runs.csv", out / "metrics.csv", out / "layer_epochs.csv", out / "excluded.csv"]
     sections = [f"# mlbreg report\n\n{int(runs['included'].sum())} of {len(runs)} runs included "
                 f"(finished, every epoch in metrics.csv); values are mean ± std (ddof=1) over the n seeds.\n"]
+    env_lines = environment_notes(collection)
+    if env_lines:
+        sections.append("## Environments\n\n" + "\n".join(f"- {line}" for line in env_lines) + "\n")
     if not agg.empty:
         agg.to_csv(out / "aggregate.csv", index=False)
         written["data"].append(out / "aggregate.csv")
@@ -573,14 +889,27 @@ def write_report(collection: Collection, out: Path, plots: bool = True, dpi: int
         for name, title, table, latex in tables:
             written["tables"] += write_table(table, out, name, latex)
             sections.append(f"## {title}\n\n{to_markdown(table)}")
+        layer_table = layers_table(layer_agg)
+        if layer_table is not None:
+            # layers.csv holds the numbers (means, stds, counts); .md and .tex the formatted table
+            paths = [out / "layers.csv", out / "layers.md", out / "layers.tex"]
+            layer_agg.to_csv(paths[0], index=False)
+            paths[1].write_text(to_markdown(layer_table))
+            paths[2].write_text(to_latex(layers_table(layer_agg, latex=True)))
+            written["tables"] += paths
+            sections.append(f"## Per-layer density (final epoch)\n\n{to_markdown(layer_table)}")
     if len(excluded):
         sections.append(f"## Excluded runs ({len(excluded)})\n\n{to_markdown(excluded)}")
     if plots:
         from .plots import make_plots   # matplotlib only when plotting
-        written["plots"] = make_plots(agg, metrics, out, dpi=dpi)
+        drawn, notes = mask_runs(collection, agg, masks)
+        written["plots"] = make_plots(agg, metrics, out, dpi=dpi, layers=collection.layers, layer_agg=layer_agg,
+                                      masks=drawn)
         pngs = [p for p in written["plots"] if p.suffix == ".png"]
         if pngs:
             sections.append("## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n")
+        if notes:
+            sections.append("## Mask pictures not drawn\n\n" + "\n".join(f"- {n}" for n in notes) + "\n")
     (out / "report.md").write_text("\n".join(sections))
     written["data"].append(out / "report.md")
     return written
@@ -599,6 +928,9 @@ def main(argv: list[str] | None = None) -> int:
                              "missing. Repeat for several sweeps.")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
     parser.add_argument("--dpi", type=int, default=150, help="resolution of the PNG plots (default 150)")
+    parser.add_argument("--masks", type=int, default=4, metavar="N",
+                        help="mask pictures (model.pt of one run per configuration) for up to N sparse "
+                             "configurations per dataset and architecture, one per method first (default 4; 0: none)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
     try:
@@ -606,7 +938,7 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as err:
         print(f"mlbreg report: {err}", file=sys.stderr)
         return 2
-    written = write_report(collection, out, plots=not args.no_plots, dpi=args.dpi)
+    written = write_report(collection, out, plots=not args.no_plots, dpi=args.dpi, masks=args.masks)
     runs = collection.runs
     print(f"{len(runs)} runs, {int(runs['included'].sum())} included in the tables and plots"
           + (f" ({collection.ignored} other runs under {', '.join(args.dirs)} are not in --sweep)"
@@ -617,6 +949,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in excluded.itertuples(index=False):
             detail = row.reason if row.reason and row.reason != row.status else ""
             print(f"  {row.run}  [{row.status}]  {detail}".rstrip())
+    for line in environment_notes(collection):
+        print(line)
     results = out / "results.md"
     if results.exists():
         print("\n" + results.read_text())
