@@ -7,7 +7,7 @@
 #   bash scripts/reproduce_digits.sh [OVERRIDES...]        # JOBS=4 for 4 parallel runs
 #
 # -> $REPORTS/digits_{methods,lambda,m,mask_init}/ (tables: results.md, mask_init.md; plots: *.png)
-#    With DOCS=docs/digits, the tables and four plots are also copied there (the README's small-scale
+#    With DOCS=docs/digits, the tables and seven plots are also copied there (the README's small-scale
 #    results): REPORT_ARGS="--dpi 100" DOCS=docs/digits bash scripts/reproduce_digits.sh
 source "$(dirname "$0")/_common.sh"
 JOBS=${JOBS:-2}
@@ -39,6 +39,11 @@ if [[ -n ${DOCS:-} ]]; then
     cp "$REPORTS/digits_m/results.md" "$DOCS/ablation_m.md"
     cp "$REPORTS/digits_mask_init/mask_init.md" "$DOCS/mask_init.md"
     cp "$REPORTS/digits_methods/accuracy_vs_sparsity_digits_mlp.png" "$REPORTS/digits_methods/training_curves_digits_mlp.png" \
-       "$REPORTS/digits_lambda/ablation_lambda_digits_mlp.png" "$REPORTS/digits_m/ablation_m_digits_mlp.png" "$DOCS/"
+       "$REPORTS/digits_lambda/ablation_lambda_digits_mlp.png" "$REPORTS/digits_m/ablation_m_digits_mlp.png" \
+       "$REPORTS/digits_methods/layer_density_digits_mlp.png" "$REPORTS/digits_lambda/layer_density_epochs_digits_mlp.png" \
+       "$DOCS/"
+    cp "$REPORTS/digits_methods/layers.md" "$DOCS/layers.md"
+    # one mask picture: ML LinBreg's drawn run (the name carries the run's slug)
+    cp "$(ls "$REPORTS"/digits_methods/masks_digits_mlp_mllinbreg_*.png | head -1)" "$DOCS/masks_digits_mlp_mllinbreg.png"
     echo "copied the tables and plots to $DOCS/"
 fi
