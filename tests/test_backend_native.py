@@ -268,14 +268,19 @@ def test_resnet18_five_steps_equal_torch():
     chaotic in fp32: run on its own for 5 steps, torch fp32 ends 10% away from float64, and any change
     of summation order (torch on 1 vs 2 threads, native vs torch) grows from 1e-7 to 1e-4.
 
-    All steps but one match to 1e-5; one may reach 5e-2 (supports still equal):
-    with 2.9M batch-norm outputs per step (batch 19) feeding the ReLUs, a pre-activation within fp32 rounding of 0 can take the other
-    side of the kink under a different summation order. Measured on a Zen 4 (torch's AVX-512
+    The supports match exactly at every step; the tensors within 5e-2 (relative, whole tensor):
+    with 2.9M batch-norm outputs per step (batch 19) feeding the ReLUs, a pre-activation within
+    fp32 rounding of 0 can take the other side of the kink under a different summation order.
+    That is torch's own noise: torch against torch on 2 threads with a channels_last input
+    differs by up to 2.6e-3 per step on the same five steps (Intel Xeon, AVX-512), and even its
+    supports differ; a kernel error (a wrong index, a lost term) is O(1). The exact agreement of
+    the kernels is asserted on the small models above. Measured on a Zen 4 (torch's AVX-512
     kernels), 1 thread: step 3 flips one ReLU after layer4.1.bn1, channel 476 -- that channel's bias
     gradient is off by 1.8e-3 while its weight gradient (times x_hat ~ 0) is off by 2e-7 and every
     other channel by at most 1.1e-8 (a kink flip, not a kernel error; fp32 torch agrees with float64 there to
     3e-7); the whole bias momentum is then 1.05e-2 apart. On 2 threads it is step 5, channel 16 of
-    layer2.1.bn1 (7e-4). On a Zen 3 no step flipped."""
+    layer2.1.bn1 (7e-4). On a Zen 3 no step flipped; on an Intel Xeon (AVX-512) three of the
+    five steps did (1e-3 .. 7e-3), so the number of flips is not bounded here."""
     def build():
         torch.manual_seed(0)
         model = create_model("resnet18", 10, (3, 16, 16))
@@ -297,7 +302,7 @@ def test_resnet18_five_steps_equal_torch():
             be.use_dense()
         backend.after_step("full_grad")          # the next step starts from torch's state: rebuild
         errors.append(state_error(model, ref, opt, ref_opt))
-    assert all(err < 5e-2 for err, _ in errors) and sum(err >= TOL for err, _ in errors) <= 1, errors
+    assert all(err < 5e-2 for err, _ in errors), errors
     assert kinds == ["full_grad"] + ["sparse"] * 4
     assert len(backend.swapped_layers()) == 21 and len(backend.blocks) == 9 and backend.rebuilds == 4
 
