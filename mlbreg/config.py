@@ -1,17 +1,21 @@
 """Config checks and run identity.
 
 `validate` runs before any data is loaded or any file is written: every bad value fails
-with a message that names the key, the value and what is allowed. `run_name` derives a
-run's directory name from the config keys that identify the run (not from the clock), so
-re-running a command finds its earlier run (to skip or resume it) and a different config
-never reuses a directory.
+with a message that names the key, the value and what is allowed. The checks are tables
+(`TOP_RULES` here, each method's `rules` in mlbreg.methods) applied by
+`mlbreg.checks.check_table`, and a config is checked once per job however many callers
+ask (the run-dir resolver, the sweep check, `train`).
+
+`run_name` derives a run's directory name from the config keys that identify the run (not
+from the clock), so re-running a command finds its earlier run (to skip or resume it) and
+a different config never reuses a directory. Names are a persistent contract
+(tests/test_golden.py).
 """
 from __future__ import annotations
 
 import difflib
 import hashlib
 import json
-import math
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -19,13 +23,18 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .backends import BACKENDS
+from .checks import (ConfigError, above, at_least, boolean, check_table, choice, fail, integer, interval, number,
+                     optional)
 from .data import DATASETS, DataNotFoundError, missing_data
 from .loggers import LOGGERS, tensorboard_missing
 from .methods import METHODS, method_class
 from .models import list_models
-from .optim import MLLinBreg
 from .optim.regularizers import REGULARIZERS
+from .paths import config_dir
 from .sparsity import SCHEMES
+
+__all__ = ["ConfigError", "validate", "check_data", "run_name", "identity", "digest", "known_keys",
+           "unknown_key_message", "unused_notes", "GROUPS", "NON_IDENTIFYING", "LATER_KEYS"]
 
 GROUPS = ("dataset", "model", "method", "regularizer", "init")
 DEVICES = ("auto", "cpu", "cuda")
@@ -43,12 +52,28 @@ NON_IDENTIFYING = ("resume", "device", "progress", "logger", "checkpoint_every",
 LATER_KEYS: dict[str, Any] = {"dataset.augment": False}
 
 
-class ConfigError(ValueError):
-    """An invalid configuration value (raised before anything runs)."""
+def _sparsity(value, key):
+    if value is not None and not 0 < number(value, key) < 1:
+        fail(key, value, "must be in (0, 1) (the fraction of prunable weights that are zero)")
 
 
-def _fail(key: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"invalid {key}={value!r}: {allowed}")
+def _top_rules() -> tuple:
+    """The checks of the keys every run has, in the order they are reported."""
+    return (
+        ("dataset.name", choice(DATASETS)), ("model.name", choice(list_models())), ("method.name", choice(METHODS)),
+        ("regularizer.name", choice(r for r in REGULARIZERS if r != "none")), ("init.scheme", choice(SCHEMES)),
+        ("device", choice(DEVICES)), ("scheduler", choice(SCHEDULERS)), ("backend", choice(BACKENDS)),
+        ("precision", choice(("fp32", "bf16"))), ("dataset.loader", choice(("tensor", "torchvision"))),
+        ("logger", choice(LOGGERS)), ("compile_optimizer", choice(("auto", True, False))),
+        ("lam", at_least(0)), ("m", integer(1, " (m = 1 is LinBreg)")), ("lr", above(0)),
+        ("momentum", interval(0, 1, "[)")), ("epochs", integer(1)), ("batch_size", integer(1)),
+        ("init.density", interval(0, 1, "(]")), ("init.scale", above(0)), ("sparsity", _sparsity),
+        ("checkpoint_every", integer(0, " (0 = only at the end and on signals)")), ("seed", integer(0)),
+        ("eval_batch_size", integer(1)), ("stop_check_every", integer(1)),
+        ("num_threads", optional(integer(1), " (or null for torch's default)")),
+        *((key, boolean) for key in ("resume", "compile", "progress", "channels_last", "distributed",
+                                     "sync_batchnorm")),
+    )
 
 
 @lru_cache(maxsize=None)
@@ -56,7 +81,6 @@ def known_keys(group: str | None = None, option: str | None = None) -> tuple[str
     """The keys a config may have: top-level (group None) from conf/train.yaml plus the
     groups, or those of one group option (conf/<group>/<option>.yaml; all options of the
     group when that file does not exist)."""
-    from .cli import config_dir  # cli.py imports nothing heavy
     conf = Path(config_dir())
     if group is None:
         files, extra = [conf / "train.yaml"], {*GROUPS, "hydra"}
@@ -95,115 +119,40 @@ def _check_keys(cfg: DictConfig) -> None:
                 raise ConfigError(unknown_key_message(f"{group}.{key}", valid))
 
 
-def _number(cfg, key: str):
-    value = OmegaConf.select(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(key, value, "must be a number")
-    if not math.isfinite(value):
-        _fail(key, value, "must be a finite number")
-    return value
+def unused_notes(cfg: DictConfig) -> list[str]:
+    """Notes on set keys that the chosen method does not use (allowed: see `Method.unused_notes`)."""
+    return method_class(cfg.method.name).unused_notes(cfg)
 
 
-def _integer(cfg, key: str, low: int, meaning: str = "") -> int:
-    value = _number(cfg, key)
-    if int(value) != value or value < low:
-        _fail(key, value, f"must be an integer >= {low}{meaning}")
-    return int(value)
-
-
-def ignored_settings(cfg: DictConfig) -> list[str]:
-    """Notes on set keys that the chosen method does not use (allowed, so that one sweep
-    can cover several methods, e.g. `method=sgd,rigl sparsity=0.9`)."""
-    notes = []
-    if cfg.sparsity is not None and not method_class(cfg.method.name).needs_sparsity:
-        notes.append(f"sparsity={cfg.sparsity} is ignored by method={cfg.method.name} (rigl and prune_finetune "
-                     "use a target sparsity; ML LinBreg's and LinBreg's follows from lam)")
-    return notes
+_VALIDATED: set[tuple[str, bool]] = set()
 
 
 def validate(cfg: DictConfig, environment: bool = True) -> None:
     """Raise ConfigError for the first invalid value. `environment=False` skips what
     depends on the machine (CUDA present, SparseProp installed): a sweep submitted to a
-    cluster is checked on the login node, which may have neither."""
+    cluster is checked on the login node, which may have neither. A config already
+    checked (same content, same `environment`) is not checked again."""
+    memo = (digest(_content(cfg), 16), environment)
+    if memo in _VALIDATED:
+        return
     _check_keys(cfg)
-    choices = {"dataset.name": DATASETS, "model.name": tuple(list_models()), "method.name": METHODS,
-               "regularizer.name": tuple(r for r in REGULARIZERS if r != "none"), "init.scheme": SCHEMES,
-               "device": DEVICES, "scheduler": SCHEDULERS, "backend": BACKENDS,
-               "precision": ("fp32", "bf16"), "dataset.loader": ("tensor", "torchvision"), "logger": LOGGERS}
-    for key, valid in choices.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in valid:
-            _fail(key, value, f"valid: {', '.join(valid)}")
-    if cfg.compile_optimizer not in ("auto", True, False):
-        _fail("compile_optimizer", cfg.compile_optimizer, "valid: auto, true, false")
-    if _number(cfg, "lam") < 0:
-        _fail("lam", cfg.lam, "must be >= 0")
-    _integer(cfg, "m", 1, " (m = 1 is LinBreg)")
-    if _number(cfg, "lr") <= 0:
-        _fail("lr", cfg.lr, "must be > 0")
-    if not 0 <= _number(cfg, "momentum") < 1:
-        _fail("momentum", cfg.momentum, "must be in [0, 1)")
-    _integer(cfg, "epochs", 1)
-    _integer(cfg, "batch_size", 1)
-    if not 0 < _number(cfg, "init.density") <= 1:
-        _fail("init.density", cfg.init.density, "must be in (0, 1]")
-    if _number(cfg, "init.scale") <= 0:
-        _fail("init.scale", cfg.init.scale, "must be > 0")
-    if "delta" in cfg.method and _number(cfg, "method.delta") <= 0:
-        _fail("method.delta", cfg.method.delta, "must be > 0")
-    if "criterion" in cfg.method and cfg.method.criterion not in MLLinBreg.CRITERIA:
-        _fail("method.criterion", cfg.method.criterion, f"valid: {', '.join(MLLinBreg.CRITERIA)}")
-    # fixed-density baselines (rigl, prune_finetune) and their target `sparsity`
-    method = cfg.method.name
-    sparsity = OmegaConf.select(cfg, "sparsity")
-    if method_class(method).needs_sparsity and sparsity is None:
-        raise ConfigError(f"invalid sparsity=null: method={method} needs a target sparsity in (0, 1), "
-                          "e.g. sparsity=0.9")
-    if sparsity is not None and not 0 < _number(cfg, "sparsity") < 1:
-        _fail("sparsity", sparsity, "must be in (0, 1) (the fraction of prunable weights that are zero)")
-    if "weight_decay" in cfg.method and _number(cfg, "method.weight_decay") < 0:
-        _fail("method.weight_decay", cfg.method.weight_decay, "must be >= 0")
-    if method == "rigl":
-        _integer(cfg, "method.delta_t", 1, " (steps between mask updates)")
-        if not 0 <= _number(cfg, "method.alpha") <= 1:
-            _fail("method.alpha", cfg.method.alpha, "must be in [0, 1] (the initial drop fraction)")
-        if not 0 < _number(cfg, "method.end_fraction") <= 1:
-            _fail("method.end_fraction", cfg.method.end_fraction, "must be in (0, 1] (T_end as a fraction of all steps)")
-    if method == "prune_finetune":
-        from .sparsity.prune import checkpoint_file, finetune_split
-        source = OmegaConf.select(cfg, "method.from_checkpoint")
-        if source:
-            try:
-                checkpoint_file(source)
-            except FileNotFoundError:
-                _fail("method.from_checkpoint", source, "no such model.pt or run directory with a model.pt")
-        try:
-            finetune_split(cfg.epochs, OmegaConf.select(cfg, "method.finetune_epochs"), source)
-        except ValueError as err:
-            raise ConfigError(str(err).replace("invalid finetune_epochs", "invalid method.finetune_epochs")) from None
-    _integer(cfg, "checkpoint_every", 0, " (0 = only at the end and on signals)")
-    _integer(cfg, "seed", 0)
-    _integer(cfg, "eval_batch_size", 1)
-    _integer(cfg, "stop_check_every", 1)
-    if cfg.num_threads is not None:
-        _integer(cfg, "num_threads", 1, " (or null for torch's default)")
-    for key in ("resume", "compile", "progress", "channels_last", "distributed", "sync_batchnorm"):
-        if not isinstance(cfg[key], bool):
-            _fail(key, cfg[key], "must be true or false")
-    if "dampening" in cfg.method and not 0 <= _number(cfg, "method.dampening") <= 1:
-        _fail("method.dampening", cfg.method.dampening, "must be in [0, 1]")
-    if "kappa" in cfg.method and not 0 <= _number(cfg, "method.kappa") <= 1:
-        _fail("method.kappa", cfg.method.kappa, "must be in [0, 1] (‖Rg‖ >= κ‖g‖ starts a coarse cycle)")
-    if "eps" in cfg.method and _number(cfg, "method.eps") < 0:
-        _fail("method.eps", cfg.method.eps, "must be >= 0")
+    check_table(cfg, _top_rules())
+    method_class(cfg.method.name).check(cfg)
     if cfg.backend in ("sparseprop", "native"):
         _check_sparse_backend(cfg, environment)
     if cfg.logger == "tensorboard" and environment and tensorboard_missing():
-        _fail("logger", "tensorboard", tensorboard_missing())
+        fail("logger", "tensorboard", tensorboard_missing())
     if cfg.device == "cuda" and environment:
         import torch
         if not torch.cuda.is_available():
-            _fail("device", "cuda", "CUDA is not available on this machine; use device=cpu or device=auto")
+            fail("device", "cuda", "CUDA is not available on this machine; use device=cpu or device=auto")
+    _VALIDATED.add(memo)
+
+
+def _content(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain data without `hydra` (whose run dir is computed from it)."""
+    return {k: OmegaConf.to_container(cfg._get_node(k), resolve=False) if OmegaConf.is_config(cfg._get_node(k))
+            else cfg._get_node(k)._value() for k in cfg.keys() if k != "hydra"}
 
 
 def check_data(cfg: DictConfig) -> None:
@@ -219,28 +168,28 @@ def _check_sparse_backend(cfg: DictConfig, environment: bool) -> None:
     """backend=sparseprop / native: CPU sparse layers for ML LinBreg's coarse steps."""
     name = cfg.backend
     label = "SparseProp" if name == "sparseprop" else "the native kernels"
-    if cfg.method.name != "mllinbreg":
-        _fail("backend", name, f"sparse CPU layers serve ML LinBreg's coarse steps; method={cfg.method.name} "
-              "needs backend=torch (or auto)")
+    if not method_class(cfg.method.name).has_coarse_steps:
+        fail("backend", name, f"sparse CPU layers serve ML LinBreg's coarse steps; method={cfg.method.name} "
+             "needs backend=torch (or auto)")
     if cfg.device == "cuda":
-        _fail("backend", name, f"{label} run on the CPU only; use device=cpu or backend=torch")
+        fail("backend", name, f"{label} run on the CPU only; use device=cpu or backend=torch")
     if cfg.compile:
-        _fail("compile", True, "torch.compile works with torch layers only (backend=torch or auto)")
+        fail("compile", True, "torch.compile works with torch layers only (backend=torch or auto)")
     if cfg.distributed:
-        _fail("backend", name, "swapped layers get their gradients outside autograd, which DDP cannot "
-              "synchronize; use backend=torch for distributed runs")
+        fail("backend", name, "swapped layers get their gradients outside autograd, which DDP cannot "
+             "synchronize; use backend=torch for distributed runs")
     if not environment:
         return
     if name == "sparseprop":
         from .backends import sparseprop_available
         if not sparseprop_available():
-            _fail("backend", name, "SparseProp is not installed: pip install pybind11 scipy && pip install "
-                  "--no-build-isolation 'sparseprop>=0.1.14' (see README), or use backend=torch")
+            fail("backend", name, "SparseProp is not installed: pip install pybind11 scipy && pip install "
+                 "--no-build-isolation 'sparseprop>=0.1.14' (see README), or use backend=torch")
     else:
         from .backends.native import unavailable_reason
         reason = unavailable_reason()
         if reason:
-            _fail("backend", name, f"{reason}; or use backend=auto / torch")
+            fail("backend", name, f"{reason}; or use backend=auto / torch")
 
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
@@ -270,18 +219,7 @@ def digest(data: Any, length: int = 8) -> str:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """`<dataset>/<model>/<method>/<lam,m,init,seed>-<hash of the identity>`."""
+    """`<dataset>/<model>/<method>/<the method's name parts>_seed<N>_<hash of the identity>`."""
     method = cfg.method.name
-    parts = []
-    if method in ("mllinbreg", "linbreg"):
-        parts.append(f"{cfg.regularizer.name}-lam{cfg.lam:g}")
-    if method == "mllinbreg":
-        parts.append(f"m{cfg.m}")
-    if method_class(method).needs_sparsity:   # fixed-sparsity methods: the target names the run
-        parts.append(f"sp{cfg.sparsity:g}")
-    if method in ("mllinbreg", "linbreg"):
-        parts.append(f"{cfg.init.scheme}{cfg.init.density:g}")
-    elif method == "rigl":
-        parts.append(cfg.init.scheme)
-    parts += [f"seed{cfg.seed}", digest(identity(cfg))]
+    parts = [*method_class(method).name_parts(cfg), f"seed{cfg.seed}", digest(identity(cfg))]
     return f"{cfg.dataset.name}/{cfg.model.name}/{method}/{'_'.join(parts)}"

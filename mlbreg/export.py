@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .metrics import layer_nbytes  # noqa: F401 - the size rule this file follows (tests import it here)
+
 FORMATS = ("safetensors",)
 FORMAT_TAG = "mlbreg-sparse/1"
 EXPORT_NAME = "model.safetensors"
@@ -55,13 +57,6 @@ DATASET_SHAPES = {
 
 class ExportError(Exception):
     """Bad input to export / load / eval: the message says what to do."""
-
-
-def layer_nbytes(numel: int, nonzeros: int, itemsize: int = 4) -> int:
-    """Bytes of one prunable weight in the exported file: values + the smaller position code."""
-    bitmask = math.ceil(numel / 8)
-    indices = 4 * nonzeros
-    return itemsize * nonzeros + min(bitmask, indices)
 
 
 # --------------------------------------------------------------------------- one tensor

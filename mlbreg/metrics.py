@@ -5,6 +5,8 @@ account keeps its own per-step counts on the device, see `mlbreg.flops`).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -51,11 +53,18 @@ def sparsity_summary(model: nn.Module, rows: list[dict] | None = None) -> dict[s
     )
 
 
+def layer_nbytes(numel: int, nonzeros: int, itemsize: int = 4) -> int:
+    """Bytes of one prunable weight in `mlbreg export`'s file: its non-zero values + the smaller
+    position code (a bitmask of ceil(numel / 8) bytes or 4-byte indices)."""
+    bitmask = math.ceil(numel / 8)
+    indices = 4 * nonzeros
+    return itemsize * nonzeros + min(bitmask, indices)
+
+
 @torch.no_grad()
 def model_bytes(model: nn.Module, rows: list[dict] | None = None) -> dict[str, int]:
     """Size of the model's state_dict: dense (as model.pt holds it) and compressed (as
     `mlbreg export` stores it: prunable weights as values + positions, the rest dense)."""
-    from .export import layer_nbytes
     rows = layer_stats(model) if rows is None else rows
     prunable = {f"{r['layer']}.weight": r for r in rows}
     dense = sparse = 0

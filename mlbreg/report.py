@@ -41,7 +41,6 @@ from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
-from omegaconf import open_dict
 
 # -- names on tables and plots ----------------------------------------------------------------
 
@@ -259,60 +258,13 @@ def _config_id(method: str, ident: dict[str, Any]) -> tuple[str, dict[str, Any]]
     return digest(key, 10), key
 
 
-def preset_override(name: str) -> str:
-    """The override that loads the preset conf/experiment/NAME.yaml."""
-    return f"+experiment={name}"
-
-
-def _normalize_presets(overrides: list[str]) -> list[str]:
-    """`experiment=NAME` is accepted as `+experiment=NAME` (a common slip)."""
-    return [preset_override(o.split("=", 1)[1]) if o.split("=", 1)[0] in ("experiment", "+experiment") else o
-            for o in overrides]
-
-
-def sweep_jobs(overrides: list[str]) -> list[tuple[list[str], Any]]:
-    """The jobs of `mlbreg train -m <overrides>`: (the job's overrides, its composed config).
-
-    The same expansion as Hydra's basic sweeper: the composed config's `hydra.sweeper.params`
-    (a preset's grid) followed by the command line's overrides, as a cartesian product."""
-    from hydra import initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.types import RunMode
-    from omegaconf import OmegaConf
-
-    from .cli import config_dir, register_resolvers
-
-    register_resolvers()
-    # launcher settings do not change which runs a sweep makes (and their plugins need not be importable)
-    overrides = [o for o in _normalize_presets(overrides)
-                 if not o.lstrip("+~").startswith(("hydra/launcher", "hydra.launcher"))]
-    with initialize_config_dir(config_dir(), version_base="1.3"):
-        hydra = GlobalHydra.instance().hydra
-        try:
-            base = hydra.compose_config("train", overrides, run_mode=RunMode.MULTIRUN, from_shell=True)
-        except Exception as err:  # noqa: BLE001 - a bad override is the user's input
-            raise ReportError(f"sweep {' '.join(overrides)!r}: {err}") from err
-        params = OmegaConf.select(base, "hydra.sweeper.params") or {}
-        arguments = [f"{k}={v}" for k, v in params.items()] + overrides
-        jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)[0]
-        out = []
-        for job in jobs:
-            try:
-                cfg = hydra.compose_config("train", job, run_mode=RunMode.RUN, from_shell=True)
-            except Exception as err:  # noqa: BLE001
-                raise ReportError(f"sweep job {' '.join(job)!r}: {err}") from err
-            with open_dict(cfg):
-                del cfg["hydra"]
-            out.append((job, cfg))
-    return out
-
-
 def expand_sweep(overrides: list[str]) -> list[str]:
-    """The run names (`dataset/model/method/slug`) that `mlbreg train -m <overrides>` produces."""
-    from .config import run_name
-    return [run_name(cfg) for _, cfg in sweep_jobs(overrides)]
+    """The run names that `mlbreg train -m <overrides>` produces (see `mlbreg.hydra_glue`)."""
+    from .hydra_glue import SweepError, expand_sweep as expand
+    try:
+        return expand(overrides)
+    except SweepError as err:
+        raise ReportError(str(err)) from err
 
 
 def collect(paths: Iterable[str | os.PathLike], sweeps: Iterable[str] = ()) -> Collection:

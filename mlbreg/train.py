@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 from . import __version__, distributed
 from .backends import make_backend
 from .cpu_alloc import keep_freed_memory
-from .config import ignored_settings, run_name, validate
+from .config import run_name, unused_notes, validate
 from .data import load_dataset, make_loader
 from .env import collect_env
 from .flops import FlopsAccount
-from .methods import build_method, method_class
+from .methods import method_class, method_from_config
 from .loggers import make_logger
 from .metrics import layer_stats, model_bytes, sparsity_summary
 from .models import create_model
@@ -105,16 +105,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _settings(cfg: DictConfig, steps_per_epoch: int) -> dict[str, Any]:
-    """Method settings: top-level keys plus the method group's own keys."""
-    settings = dict(lr=cfg.lr, momentum=cfg.momentum, lam=cfg.lam, m=cfg.m, reg=cfg.regularizer.name,
-                    sparsity=cfg.sparsity, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
-                    total_steps=cfg.epochs * steps_per_epoch,
-                    compiled={"auto": None, True: True, False: False}[cfg.compile_optimizer])
-    settings.update({k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"})
-    return settings
-
-
 def build(cfg: DictConfig, device: torch.device):
     """config -> (data, model, method, loaders, scheduler). Deterministic in cfg.seed."""
     seed_everything(cfg.seed)
@@ -135,7 +125,7 @@ def build(cfg: DictConfig, device: torch.device):
                                shuffle=True, augment=data.augment, **loader)
     test_loader = make_loader(split=data.test, batch_size=cfg.eval_batch_size, mean=data.mean, std=data.std,
                               shuffle=False, augment=False, **loader)
-    method = build_method(cfg.method.name, model, **_settings(cfg, len(train_loader)))
+    method = method_from_config(cfg, model, len(train_loader))
     total_steps = cfg.epochs * len(train_loader)
     if cfg.scheduler == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(method.optimizer, T_max=total_steps)
@@ -163,7 +153,7 @@ def evaluate(model: nn.Module, loader) -> tuple[float, float]:
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run (or resume, or skip if finished) one training; returns the run's final status dict."""
     validate(cfg)
-    for note in ignored_settings(cfg):
+    for note in unused_notes(cfg):
         print(f"mlbreg: note: {note}", file=sys.stderr)
     run = RunDir(run_dir)
     run_key = f"{__version__}:{run_name(cfg)}"
@@ -433,11 +423,7 @@ class Trainer:
 
 
 def _init_density(cfg: DictConfig) -> float:
-    """The overall density the run started from (see `build`)."""
-    cls = method_class(cfg.method.name)
-    if not cls.sparse_init:
-        return 1.0
-    return 1.0 - cfg.sparsity if cls.uses_target_sparsity else cfg.init.density
+    return method_class(cfg.method.name).init_density(cfg)
 
 
 def _write_summary(cfg: DictConfig, run: RunDir, outcome: dict[str, Any]) -> None:

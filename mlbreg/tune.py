@@ -258,7 +258,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str]) -> int:
-    from .cli import run_hydra
+    from .hydra_glue import run_hydra
     options, rest = _parse(argv)
     _register_name_resolver(options.target_sparsity)
 

@@ -22,7 +22,8 @@ import pandas as pd
 import torch
 from hydra import compose, initialize_config_dir
 
-from mlbreg.cli import config_dir, register_resolvers
+from mlbreg.hydra_glue import register_resolvers
+from mlbreg.paths import config_dir
 from mlbreg.data import BatchLoader, load_dataset
 from mlbreg.train import train
 

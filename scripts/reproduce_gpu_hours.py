@@ -4,7 +4,7 @@
                                           [--train-size 4096] [--device cuda] [OVERRIDE ...]
 
 Each preset is expanded into its runs exactly as `mlbreg train -m +experiment=NAME` would
-(`mlbreg.report.sweep_jobs`). For every distinct (dataset shape, model, method, backend) one
+(`mlbreg.hydra_glue.sweep_jobs`). For every distinct (dataset shape, model, method, backend) one
 short training of that very config runs on synthetic images of the dataset's shape and class
 count (`--train-size` images, 3 epochs, the first one a warm-up, no files kept), through the
 real loop (`mlbreg.train.train`). Its seconds per training image and per evaluated image,
@@ -26,8 +26,9 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf, open_dict
 
-from mlbreg.cli import config_dir
-from mlbreg.report import preset_override, sweep_jobs, to_markdown
+from mlbreg.paths import config_dir
+from mlbreg.hydra_glue import preset_override, sweep_jobs
+from mlbreg.report import to_markdown
 
 PRESETS = ["table1_resnet18", "table1_vgg16", "table1_wrn28_10", "table2_mask_init", "ablation_lambda",
            "ablation_m", "tinyimagenet", "cpu_timing"]

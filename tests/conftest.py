@@ -3,7 +3,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from mlbreg.cli import config_dir, register_resolvers
+from mlbreg.hydra_glue import register_resolvers
+from mlbreg.paths import config_dir
 
 register_resolvers()
 

@@ -103,7 +103,7 @@ def test_machine_checks_can_be_left_to_the_compute_node():
 def test_a_key_the_method_ignores_is_noted_not_refused(tmp_path, capsys):
     # one sweep may cover several methods: method=sgd,rigl sparsity=0.9
     assert main(["train", "sparsity=0.9", "epochs=1", f"output_root={tmp_path}", "progress=false"]) == 0
-    assert "note: sparsity=0.9 is ignored by method=mllinbreg" in capsys.readouterr().err
+    assert "note: sparsity=0.9 is not used by method=mllinbreg" in capsys.readouterr().err
 
 
 def test_unreadable_checkpoint_is_an_error_not_a_silent_restart(tmp_path, capsys):
