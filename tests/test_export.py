@@ -9,7 +9,8 @@ import torch
 
 import mlbreg
 from mlbreg.cli import main
-from mlbreg.export import EXPORT_NAME, ExportError, dataset_shapes, decode_weight, encode_weight, layer_nbytes
+from mlbreg.export import EXPORT_NAME, ExportError, dataset_shapes
+from mlbreg.sparse_format import decode_weight, encode_weight, layer_nbytes
 from mlbreg.train import train
 
 from conftest import make_cfg
