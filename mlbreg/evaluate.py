@@ -27,7 +27,7 @@ def _device(requested: str | None, trained_on: str | None) -> torch.device:
 
 def evaluate_path(path, device: str | None = None) -> dict:
     """Test loss and accuracy of the model at `path` on its run's test split, and the run's own."""
-    from .train import build, evaluate
+    from .build import build, evaluate
     info = resolve(path)
     cfg = info["cfg"]
     dev = _device(device, info.get("device"))

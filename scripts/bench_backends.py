@@ -118,8 +118,9 @@ class Runner:
         t.append(time.perf_counter())
         self.backend.after_step(kind)
         t.append(time.perf_counter())
-        row = dict(kind=kind, swap=(t[1] - t[0]) + (t[5] - t[4]), fwd=t[2] - t[1], bwd=t[3] - t[2], opt=t[4] - t[3])
-        row["total"] = sum(row[k] for k in ("swap", "fwd", "bwd", "opt"))
+        row = dict(kind=kind, swap_s=(t[1] - t[0]) + (t[5] - t[4]), forward_s=t[2] - t[1], backward_s=t[3] - t[2],
+                   optimizer_s=t[4] - t[3])
+        row["total"] = sum(row[k] for k in ("swap_s", "forward_s", "backward_s", "optimizer_s"))
         native_ops.OpTimes.enabled = False
         if native:
             row.update({f"op_{k}": v for k, v in native_ops.OpTimes.seconds.items()})
@@ -133,8 +134,12 @@ def med(rows, key="total"):
     return statistics.median(r[key] for r in rows) if rows else float("nan")
 
 
+TIMERS = {"forward_s": "fwd", "backward_s": "bwd", "optimizer_s": "opt", "swap_s": "swap"}   # metrics.csv name -> label
+
+
 def split(rows):
-    return " ".join(f"{k} {med(rows, k):.2f}" for k in ("fwd", "bwd", "opt", "swap"))
+    """Medians of the timers, short labels: 'fwd 0.12 bwd 0.30 opt 0.01 swap 0.00'."""
+    return " ".join(f"{label} {med(rows, k):.2f}" for k, label in TIMERS.items())
 
 
 NATIVE, SPARSEPROP, TORCH, SGD = "ML LinBreg, native", "ML LinBreg, SparseProp", "ML LinBreg, torch layers", \
@@ -197,9 +202,9 @@ def bench_config(scheme, density, args, out):
         assert [log[i]["kind"] for i in fine_idx] == ["full_grad"] * 2, [x["kind"] for x in log]
         coarse = log[timed]
         fine = [log[i] for i in fine_idx]
-        swap = log[after_fine]["swap"]                 # rebuild after a fine step (decisions cached)
+        swap = log[after_fine]["swap_s"]               # rebuild after a fine step (decisions cached)
         res[r.label] = dict(coarse=med(coarse), fine=med(fine), swap=swap, detail=split(coarse),
-                            min=min(x["total"] for x in coarse), first=log[first_coarse]["swap"])
+                            min=min(x["total"] for x in coarse), first=log[first_coarse]["swap_s"])
     steps_per_epoch = math.ceil(args.train_size / args.batch_size)
     m = args.m
     for label, v in res.items():
@@ -233,7 +238,7 @@ def bench_config(scheme, density, args, out):
     coarse_native = native.log[timed]
     parts = {k: med(coarse_native, f"op_{k}") if all(f"op_{k}" in r for r in coarse_native) else 0.0
              for k in ("conv", "bn", "layout")}
-    parts["optimizer"] = med(coarse_native, "opt")
+    parts["optimizer"] = med(coarse_native, "optimizer_s")
     parts["rest"] = res[NATIVE]["coarse"] - sum(parts.values())
     print("  native coarse step split: " + ", ".join(
         f"{name} {v:.3f} s" for name, v in zip(("conv kernels", "BN+add+ReLU", "layout copies", "optimizer",

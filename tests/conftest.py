@@ -1,50 +1,28 @@
-"""Shared test helpers: compose the real Hydra config, shrunk for speed (lightning-hydra-template style)."""
+"""Fixtures and markers shared by the tests (plain helper functions are in helpers.py).
+
+Markers (registered in pyproject.toml): `slow` (deselected by default; `-m slow` runs them),
+`gpu` (skipped without CUDA), `sparseprop` (skipped without the SparseProp package).
+"""
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
-from mlbreg.hydra_glue import register_resolvers
-from mlbreg.paths import config_dir
-
-register_resolvers()
 
 
-def backend_step(model, opt, backend, x, y, kind):
-    """One ML LinBreg step the way mlbreg.train drives a backend; returns the loss."""
-    backend.before_step(kind)
-    loss = torch.nn.functional.cross_entropy(model(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    backend.after_backward()
-    opt.step()
-    backend.after_step(kind)
-    return loss.item()
+def _sparseprop_missing() -> str | None:
+    from mlbreg.backends import sparseprop_available
+    if sparseprop_available():
+        return None
+    return ("SparseProp is not installed or failed to build (pip install pybind11 scipy && "
+            "pip install --no-build-isolation 'sparseprop>=0.1.14')")
 
 
-def run_mllinbreg(model, make, batches, m=3, lam=0.05, reg="l1", lr=0.05):
-    """ML LinBreg over `batches`; `make(model, optimizer)` builds the backend. Returns (optimizer,
-    [(step kind, loss)], backend)."""
-    from mlbreg.methods import split_param_groups
-    from mlbreg.optim import MLLinBreg
-    opt = MLLinBreg(split_param_groups(model, reg, lam), lr=lr, lam=lam, momentum=0.9, m=m)
-    backend = make(model, opt)
-    trace = []
-    for x, y in batches:
-        kind = "full_grad" if opt.next_step_is_fine() else "sparse"
-        trace.append((kind, backend_step(model, opt, backend, x, y, kind)))
-    backend.use_dense()
-    return opt, trace, backend
-
-
-def make_batches(sizes, shape=(2, 16, 16), seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(b, *shape, generator=g), torch.randint(0, 10, (b,), generator=g)) for b in sizes]
-
-
-def make_cfg(*overrides: str):
-    """The real `conf/train.yaml` composed with overrides (progress bar off)."""
-    with initialize_config_dir(config_dir(), version_base="1.3"):
-        return compose("train", overrides=["progress=false", *overrides])
+def pytest_collection_modifyitems(config, items):
+    reasons = {"gpu": None if torch.cuda.is_available() else "needs CUDA"}
+    if any("sparseprop" in item.keywords for item in items):
+        reasons["sparseprop"] = _sparseprop_missing()
+    for item in items:
+        for marker, reason in reasons.items():
+            if reason and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(autouse=True)

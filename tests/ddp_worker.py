@@ -8,7 +8,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from conftest import make_cfg
+from helpers import make_cfg
 from mlbreg.flops import FlopsAccount
 from mlbreg.train import Trainer, train
 

@@ -18,7 +18,7 @@ from mlbreg.models import create_model
 from mlbreg.optim import MLLinBreg
 from mlbreg.sparsity import sparse_init_
 
-from conftest import backend_step, make_batches, make_cfg, run_mllinbreg
+from helpers import backend_step, make_batches, make_cfg, run_mllinbreg
 
 try:
     EXT = native_build.load()

@@ -20,7 +20,7 @@ from mlbreg.backends import TorchBackend, make_backend  # noqa: E402
 from mlbreg.optim import MLLinBreg  # noqa: E402
 from mlbreg.methods import split_param_groups  # noqa: E402
 
-from conftest import make_batches, make_cfg, run_mllinbreg  # noqa: E402
+from helpers import make_batches, make_cfg, run_mllinbreg  # noqa: E402
 
 
 class SmallNet(nn.Module):

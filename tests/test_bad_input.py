@@ -6,7 +6,7 @@ from mlbreg.cli import main
 from mlbreg.rundir import RunDir
 from mlbreg.train import train
 
-from conftest import make_cfg
+from helpers import make_cfg
 
 CASES = [
     # (overrides, words the message must contain)

@@ -13,7 +13,7 @@ from mlbreg.export import EXPORT_NAME, ExportError, dataset_shapes
 from mlbreg.sparse_format import decode_weight, encode_weight, layer_nbytes
 from mlbreg.train import train
 
-from conftest import make_cfg
+from helpers import make_cfg
 
 
 def _train(path, *overrides):

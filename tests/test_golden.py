@@ -16,7 +16,7 @@ import torch
 from mlbreg.config import run_name
 from mlbreg.train import train
 
-from conftest import make_cfg
+from helpers import make_cfg
 
 # overrides -> the run name mlbreg has always given them
 NAMES = {

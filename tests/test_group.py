@@ -9,7 +9,7 @@ from torch import nn
 from mlbreg.optim import MLLinBreg
 from mlbreg.train import train
 
-from conftest import make_cfg
+from helpers import make_cfg
 
 
 def run(tmp_path, *overrides):

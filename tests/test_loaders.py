@@ -5,7 +5,7 @@ import torch
 from mlbreg.data import BatchLoader, TorchvisionLoader, load_dataset, make_loader
 from mlbreg.train import train
 
-from conftest import make_cfg
+from helpers import make_cfg
 
 
 @pytest.fixture(scope="module")

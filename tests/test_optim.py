@@ -309,7 +309,7 @@ def test_compiled_linbreg_lam0_delta1_follows_sgd():
         torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_compiled_auto_compiles_on_cuda():
     net = tiny_net(torch.float32).cuda()
     opt = MLLinBreg(split_groups(net, reg="l1"), lr=0.1, lam=0.05, momentum=0.9, m=3, compiled=None)

@@ -10,7 +10,7 @@ from mlbreg.models import create_model, prunable_modules
 from mlbreg.sparsity import finetune_split, global_magnitude_masks
 from mlbreg.train import train
 
-from conftest import make_cfg
+from helpers import make_cfg
 
 
 def test_global_magnitude_hand_case_with_ties():

@@ -15,7 +15,7 @@ from mlbreg.config import run_name
 from mlbreg.report import collect, main
 from mlbreg.train import train
 
-from conftest import make_cfg
+from helpers import make_cfg
 
 EPOCHS = 3
 # (overrides, seeds): two λ with three seeds, an m and an init variant (two seeds), dense SGD
@@ -184,7 +184,7 @@ def test_no_runs_is_an_error(tmp_path, capsys):
 def test_a_failed_run_never_makes_a_finished_one_a_duplicate():
     import pandas as pd
 
-    from mlbreg.report import _mark_duplicates
+    from mlbreg.report.configs import mark_duplicates as _mark_duplicates
     runs = pd.DataFrame(dict(run=["a_failed", "b", "c"], included=[False, True, True], config_id=["x"] * 3,
                              seed=[0, 0, 0], reason=["failed", "", ""], status=["failed", "finished", "finished"]))
     out = _mark_duplicates(runs).set_index("run")

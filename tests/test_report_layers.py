@@ -16,7 +16,7 @@ from mlbreg.config import run_name
 from mlbreg.report import aggregate, collect, human_bytes, main, mask_image, mask_runs
 from mlbreg.train import train
 
-from conftest import make_cfg
+from helpers import make_cfg
 
 EPOCHS = 2
 METHODS = {"mllinbreg": ["method=mllinbreg", "lam=0.03"], "rigl": ["method=rigl", "sparsity=0.9"]}

@@ -14,7 +14,7 @@ import mlbreg.train as train_module
 from mlbreg.rundir import RunDir
 from mlbreg.train import train
 
-from conftest import make_cfg
+from helpers import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 # backend=torch: bitwise equality needs a fixed choice of layers (backend=auto may pick

@@ -14,7 +14,7 @@ from mlbreg.models import create_model, prunable_modules
 from mlbreg.sparsity import RigL, drop_and_grow, drop_fraction, exact_counts, layer_densities, sparse_init_
 from mlbreg.train import train
 
-from conftest import make_cfg
+from helpers import make_cfg
 
 IN_SHAPE = (1, 8, 8)
 

@@ -6,7 +6,7 @@ import torch
 from mlbreg.config import run_name
 from mlbreg.train import LAYER_COLUMNS, METRIC_COLUMNS, train
 
-from conftest import make_cfg
+from helpers import make_cfg
 
 
 def run(tmp_path, *overrides):
@@ -178,10 +178,10 @@ class _StrictLoader:
                 torch.cuda.set_sync_debug_mode(0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("method", ["mllinbreg", "linbreg", "sgd"])
 def test_cuda_training_steps_never_synchronize(tmp_path, monkeypatch, method):
-    import mlbreg.train as train_module
+    import mlbreg.build as train_module  # build() calls make_loader
     real = train_module.make_loader
 
     def make_loader(**kwargs):

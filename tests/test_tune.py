@@ -15,7 +15,7 @@ from mlbreg.config import run_name
 from mlbreg.rundir import RunDir
 from mlbreg.tune import probe_config, search, tune
 
-from conftest import make_cfg
+from helpers import make_cfg
 
 # digits, 5 epochs of 12 steps; backend=torch: probes are then bit-reproducible
 TUNE_ARGS = ["epochs=5", "backend=torch"]

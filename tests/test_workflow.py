@@ -15,7 +15,7 @@ from mlbreg.env import COMPARED_FIELDS
 from mlbreg.rundir import RunDir
 from mlbreg.train import train
 
-from conftest import make_cfg
+from helpers import make_cfg
 
 RETURNS = []
 

@@ -15,46 +15,31 @@ SparseProp backend times layers at the training batch size, can run a dummy forw
 support S from ML LinBreg's `optimizer.state[w]["support"]` (exact for every regularizer, and
 after resuming inside a cycle; without it the structure is `w != 0`, which is S for `l1` at a
 cycle start). Other options reach `SparsePropBackend` unchanged (see backends/sparseprop.py).
+
+Modules: dense.py (TorchBackend), swap.py (the layer swapping native and SparseProp share),
+choice.py (which layers run sparse: eligibility, timed comparison, cached choices), shapes.py,
+native/ (the project's kernels), sparseprop.py. `BACKENDS` is a `Registry` of name -> factory
+`(model, device, method_name, **options)`; native and SparseProp are imported only when chosen.
 """
 from __future__ import annotations
 
+import importlib
 import sys
 
 import torch
 from torch import nn
 
-BACKENDS = ("auto", "torch", "native", "sparseprop")
+from ..registry import Registry
+from .dense import TorchBackend
 
+__all__ = ["BACKENDS", "TorchBackend", "make_backend", "sparseprop_available"]
 
-class TorchBackend:
-    """Plain torch layers: nothing to swap."""
-    name = "torch"
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def before_step(self, kind: str) -> None:
-        pass
-
-    def after_backward(self) -> None:
-        pass
-
-    def after_step(self, kind: str) -> None:
-        pass
-
-    def use_dense(self) -> None:
-        """Back to dense layers (before evaluation or checkpointing)."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+BACKENDS: Registry = Registry("backend")
 
 
 def sparseprop_available() -> bool:
     try:
-        import sparseprop  # noqa: F401
+        importlib.import_module("sparseprop")
     except Exception:  # noqa: BLE001 - a broken build is as unavailable as a missing one
         return False
     return True
@@ -65,40 +50,76 @@ def _distributed() -> bool:
             and torch.distributed.get_world_size() > 1)
 
 
+def _has_coarse_steps(method_name: str) -> bool:
+    """Does the method have coarse steps the sparse CPU backends serve (ML LinBreg)? Unknown: no."""
+    from ..methods import METHODS, method_class   # a sibling layer, imported when needed
+    return method_name in METHODS and method_class(method_name).has_coarse_steps
+
+
 def make_backend(name: str, model: nn.Module, device: torch.device, method_name: str, **options):
     """`auto`: on CPU for ML LinBreg (not distributed) the native kernels when they build and pass their
     self-check, else SparseProp when installed, else torch layers; anything else gets torch layers."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
-    if name == "torch":
-        return TorchBackend(model)
-    wants_sparse = device.type == "cpu" and method_name == "mllinbreg" and not _distributed()
-    if name == "auto" and not wants_sparse:
-        return TorchBackend(model)
+    return BACKENDS.get(name)(model, device, method_name, **options)
+
+
+def _cpu_only(name: str, device: torch.device) -> None:
     if _distributed():
         # a swapped layer's dense weight gets its gradient after backward, outside autograd:
         # DDP's reducer would never see it (unsynchronized gradients or a hang)
         raise ValueError(f"backend={name} does not work with distributed (DDP) training; use backend=torch")
     if device.type != "cpu":
         raise ValueError(f"backend={name} runs on the CPU only, not on device {device}; use backend=torch")
-    if name in ("auto", "native"):
-        from .native import build
-        try:
-            build.load()
-        except build.NativeUnavailable as err:
-            if name == "native":
-                raise RuntimeError(f"backend=native: {err}; or use backend=auto / torch") from err
-            fallback = "SparseProp" if sparseprop_available() else "torch layers"
-            # one line on stderr, not a Python warning with its source line: this is the newcomer's first run
-            print(f"mlbreg: note: native kernels unavailable ({err}); backend=auto uses {fallback}", file=sys.stderr)
-        else:
-            from .native.backend import NativeBackend
-            return NativeBackend(model, **options)
-    if not sparseprop_available():
-        if name == "sparseprop":
-            raise RuntimeError("backend=sparseprop needs the SparseProp package: pip install pybind11 scipy && "
-                               "pip install --no-build-isolation 'sparseprop>=0.1.14' (see README); "
-                               "or use backend=torch")
-        return TorchBackend(model)
+
+
+def _native_backend(model: nn.Module, **options):
+    from .native.backend import NativeBackend
+    return NativeBackend(model, **options)
+
+
+def _sparseprop_backend(model: nn.Module, **options):
     from .sparseprop import SparsePropBackend
     return SparsePropBackend(model, **options)
+
+
+@BACKENDS.register("auto")
+def _auto(model: nn.Module, device: torch.device, method_name: str, **options):
+    if not (device.type == "cpu" and _has_coarse_steps(method_name) and not _distributed()):
+        return TorchBackend(model)
+    from .native import build
+    try:
+        build.load()
+    except build.NativeUnavailable as err:
+        fallback = "SparseProp" if sparseprop_available() else "torch layers"
+        # one line on stderr, not a Python warning with its source line: this is the newcomer's first run
+        print(f"mlbreg: note: native kernels unavailable ({err}); backend=auto uses {fallback}", file=sys.stderr)
+    else:
+        return _native_backend(model, **options)
+    if not sparseprop_available():
+        return TorchBackend(model)
+    return _sparseprop_backend(model, **options)
+
+
+@BACKENDS.register("torch")
+def _torch(model: nn.Module, device: torch.device, method_name: str, **options):
+    return TorchBackend(model)
+
+
+@BACKENDS.register("native")
+def _native(model: nn.Module, device: torch.device, method_name: str, **options):
+    _cpu_only("native", device)
+    from .native import build
+    try:
+        build.load()
+    except build.NativeUnavailable as err:
+        raise RuntimeError(f"backend=native: {err}; or use backend=auto / torch") from err
+    return _native_backend(model, **options)
+
+
+@BACKENDS.register("sparseprop")
+def _sparseprop(model: nn.Module, device: torch.device, method_name: str, **options):
+    _cpu_only("sparseprop", device)
+    if not sparseprop_available():
+        raise RuntimeError("backend=sparseprop needs the SparseProp package: pip install pybind11 scipy && "
+                           "pip install --no-build-isolation 'sparseprop>=0.1.14' (see README); "
+                           "or use backend=torch")
+    return _sparseprop_backend(model, **options)

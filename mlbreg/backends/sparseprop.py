@@ -4,7 +4,8 @@ How it works
 ------------
 The swapping around the training loop's hooks (structure from the support S after a fine step,
 timed per-layer choice, value gradients scattered into ``weight.grad``, values gathered back after
-each coarse step) is shared with the native backend: see ``mlbreg/backends/swap.py``. This module
+each coarse step) is shared with the native backend: see ``mlbreg/backends/swap.py`` (the timed choice:
+``mlbreg/backends/choice.py``). This module
 holds SparseProp's guards, its index format and the autograd functions around its kernels; a dense
 bias is added by plain torch ops so its gradient flows as usual.
 
@@ -53,11 +54,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .swap import LayerSwapBackend, conv_reason, linear_reason, timed_rounds
+from .choice import conv_reason, linear_reason, timed_rounds
+from .swap import LayerSwapBackend
 
 try:
-    import sparseprop  # noqa: F401  (its __init__ imports the top-level extension module `backend`)
-    from sparseprop import backend as _spb
+    from sparseprop import backend as _spb   # (sparseprop's __init__ imports the top-level extension module `backend`)
 except Exception as err:  # noqa: BLE001 - a broken build is as unusable as a missing one
     raise ImportError("the SparseProp backend needs the SparseProp package (pip install pybind11 scipy && "
                       "pip install --no-build-isolation 'sparseprop>=0.1.14'); use backend=torch") from err

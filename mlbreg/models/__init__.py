@@ -6,36 +6,26 @@ touches the training code.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch.nn as nn
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+from . import resnet, small, vgg, wrn
+from .registry import MODELS, register_model
 
-
-def register_model(name: str):
-    """Decorator: register ``fn(num_classes, in_shape, **kwargs) -> nn.Module`` as `name`."""
-
-    def deco(fn):
-        if name in _REGISTRY:
-            # Silent overwrites would make the zoo depend on import order.
-            raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+# The model files are imported for their side effect: each registers its builders in MODELS.
+_MODEL_FILES = (resnet, small, vgg, wrn)
 
 
 def list_models() -> list[str]:
     """Sorted names of all registered models."""
-    return sorted(_REGISTRY)
+    return sorted(MODELS)
 
 
 def create_model(name: str, num_classes: int, in_shape, **kwargs) -> nn.Module:
     """Build model `name` for inputs of shape ``in_shape = (C, H, W)``."""
-    if name not in _REGISTRY:
+    if name not in MODELS:
+        # the registry would list the names in registration order; sorted reads better
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(list_models())}")
-    return _REGISTRY[name](num_classes=num_classes, in_shape=tuple(in_shape), **kwargs)
+    return MODELS.get(name)(num_classes=num_classes, in_shape=tuple(in_shape), **kwargs)
 
 
 def prunable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -47,8 +37,4 @@ def prunable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-# Imported last (after register_model exists) purely for their registration
-# side effect; the modules import `register_model` from this package.
-from . import resnet, small, vgg, wrn  # noqa: E402,F401
-
-__all__ = ["register_model", "create_model", "list_models", "prunable_modules"]
+__all__ = ["MODELS", "register_model", "create_model", "list_models", "prunable_modules"]

@@ -5,7 +5,7 @@ import math
 
 import torch.nn as nn
 
-from . import register_model
+from .registry import register_model
 
 
 class MLP(nn.Module):

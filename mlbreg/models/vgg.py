@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from . import register_model
+from .registry import register_model
 
 CFG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 

@@ -28,8 +28,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import swap
-from ..swap import LayerSwapBackend, autocast_on, timed_rounds
+from .. import choice
+from ..choice import timed_rounds
+from ..swap import LayerSwapBackend, autocast_on
 from . import build, ops
 
 __all__ = ["NativeBackend", "conv_reason", "linear_reason"]
@@ -37,14 +38,14 @@ __all__ = ["NativeBackend", "conv_reason", "linear_reason"]
 
 def conv_reason(conv: nn.Module) -> Optional[str]:
     """None if the native kernels compute this conv (any square kernel, any equal stride), else why not."""
-    why = swap.conv_reason(conv, "the native kernels are")
+    why = choice.conv_reason(conv, "the native kernels are")
     if why is None and conv.weight.numel() >= 2 ** 31:
         why = "too many weights for int32 indices"
     return why
 
 
 def linear_reason(linear: nn.Module) -> Optional[str]:
-    return swap.linear_reason(linear, "the native kernels are")
+    return choice.linear_reason(linear, "the native kernels are")
 
 
 def _fp32_cpu(x) -> bool:
@@ -52,7 +53,8 @@ def _fp32_cpu(x) -> bool:
 
 
 class NativeBackend(LayerSwapBackend):
-    """See the module docstring and backends/swap.py (the swapping shared with SparseProp).
+    """See the module docstring and backends/swap.py (the swapping shared with SparseProp)
+    and backends/choice.py (the timed layer choice).
 
     Args:
         model: its Conv2d / Linear layers are candidates, its BatchNorm2d layers run natively.
