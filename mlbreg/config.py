@@ -16,15 +16,26 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from .backends import BACKENDS
-from .checks import (ConfigError, above, at_least, boolean, check_table, choice, fail, integer, interval, number,
-                     optional)
+from .checks import (
+    ConfigError,
+    above,
+    at_least,
+    boolean,
+    check_table,
+    choice,
+    fail,
+    integer,
+    interval,
+    number,
+    optional,
+)
 from .data import DATASETS, DataNotFoundError, missing_data
 from .loggers import LOGGERS, tensorboard_missing
 from .methods import METHODS, method_class
@@ -76,7 +87,7 @@ def _top_rules() -> tuple:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def known_keys(group: str | None = None, option: str | None = None) -> tuple[str, ...]:
     """The keys a config may have: top-level (group None) from conf/train.yaml plus the
     groups, or those of one group option (conf/<group>/<option>.yaml; all options of the

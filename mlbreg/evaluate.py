@@ -3,8 +3,8 @@ checked against the accuracy the run itself recorded.
 
 The model comes from `mlbreg.export.resolve` (an exported file; for a run directory its
 model.safetensors when there is one, else model.pt). The test split, its loader and its
-normalization are the training's own (`mlbreg.train.build`), and so is the evaluation
-(`mlbreg.train.evaluate`): on the run's device and thread count the accuracy is the same
+normalization are the training's own (`mlbreg.build.build`), and so is the evaluation
+(`mlbreg.build.evaluate`): on the run's device and thread count the accuracy is the same
 number, not a close one, and the exit code says whether it is.
 """
 from __future__ import annotations

@@ -107,7 +107,7 @@ def final_metrics(run_dir: Path) -> dict[str, Any] | None:
 
 def dataset_shapes(cfg, from_data: bool = False) -> tuple[int, tuple[int, ...]]:
     """(num_classes, in_shape) of the run's data set: from the config (synthetic), the table,
-    or (unknown name, or `from_data`) by loading the data set as `mlbreg.train.build` does."""
+    or (unknown name, or `from_data`) by loading the data set as `mlbreg.build.build` does."""
     from omegaconf import OmegaConf
     ds = cfg.dataset
     if not from_data:
@@ -123,7 +123,7 @@ def dataset_shapes(cfg, from_data: bool = False) -> tuple[int, tuple[int, ...]]:
 
 
 def build_model(cfg, num_classes: int, in_shape) -> nn.Module:
-    """The run's architecture, as `mlbreg.train.build` creates it (weights to be loaded)."""
+    """The run's architecture, as `mlbreg.build.build` creates it (weights to be loaded)."""
     from omegaconf import OmegaConf
 
     from .models import create_model

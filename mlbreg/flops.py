@@ -7,7 +7,6 @@ ignored too, as FlopCounterMode does.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 

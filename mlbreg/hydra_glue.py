@@ -137,9 +137,10 @@ def split_flags(argv: list[str]) -> tuple[list[str], list[str]]:
 def user_error(err: BaseException) -> str | None:
     """The message of a bad-input error (bad config value, missing data, bad checkpoint)
     anywhere in the exception chain, or None for a real crash."""
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
     from .data import DataNotFoundError
     from .rundir import CheckpointError
-    from hydra.errors import ConfigCompositionException, OverrideParseException
     user_errors = (ConfigError, DataNotFoundError, CheckpointError, ConfigCompositionException,
                    OverrideParseException)
     seen = set()

@@ -42,8 +42,8 @@ from mlbreg.backends import TorchBackend
 from mlbreg.backends.native import build as native_build
 from mlbreg.backends.native import ops as native_ops
 from mlbreg.cpu_alloc import keep_freed_memory
-from mlbreg.metrics import sparsity_summary
 from mlbreg.methods import build_method
+from mlbreg.metrics import sparsity_summary
 from mlbreg.models import create_model
 from mlbreg.sparsity import sparse_init_
 
@@ -207,7 +207,7 @@ def bench_config(scheme, density, args, out):
                             min=min(x["total"] for x in coarse), first=log[first_coarse]["swap_s"])
     steps_per_epoch = math.ceil(args.train_size / args.batch_size)
     m = args.m
-    for label, v in res.items():
+    for v in res.values():
         if "coarse" in v:
             v["step"] = ((m - 1) * v["coarse"] + v["fine"] + v["swap"]) / m
         v["epoch"] = steps_per_epoch * v["step"]

@@ -22,9 +22,9 @@ import pandas as pd
 import torch
 from hydra import compose, initialize_config_dir
 
+from mlbreg.data import BatchLoader, load_dataset
 from mlbreg.hydra_glue import register_resolvers
 from mlbreg.paths import config_dir
-from mlbreg.data import BatchLoader, load_dataset
 from mlbreg.train import train
 
 
@@ -37,7 +37,7 @@ def loader_images_per_s(device: torch.device, n: int, batch_size: int, repeats: 
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        for x, y in loader:
+        for _x, _y in loader:
             pass
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -26,8 +26,8 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf, open_dict
 
-from mlbreg.paths import config_dir
 from mlbreg.hydra_glue import preset_override, sweep_jobs
+from mlbreg.paths import config_dir
 from mlbreg.report import to_markdown
 
 PRESETS = ["table1_resnet18", "table1_vgg16", "table1_wrn28_10", "table2_mask_init", "ablation_lambda",
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{preset}: a CPU preset, skipped on {args.device}", flush=True)
             continue
         hours = 0.0
-        for job, cfg in jobs:
+        for _job, cfg in jobs:
             key = (cfg.dataset.name, cfg.model.name, cfg.method.name, cfg.backend, cfg.batch_size,
                    OmegaConf.select(cfg, "precision"), OmegaConf.select(cfg, "channels_last"))
             new = key not in timings

@@ -8,9 +8,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-from helpers import make_cfg
 from mlbreg.flops import FlopsAccount
 from mlbreg.train import Trainer, train
+
+from helpers import make_cfg
 
 out_dir = sys.argv[1]
 overrides = sys.argv[2:]

@@ -157,7 +157,7 @@ def test_batchnorm_matches_torch(training, res, relu, batch, momentum):
     ref = copy.deepcopy(bn).double()
     bn.train(training)
     ref.train(training)
-    for step in range(3):
+    for _step in range(3):
         x64 = torch.randn(batch, 5, 6, 4, generator=gen, dtype=torch.float64) * 3 + 1
         r64 = torch.randn(batch, 5, 6, 4, generator=gen, dtype=torch.float64)
         x = ops.from_chwb(ops.to_chwb(x64.float())).requires_grad_(True)
@@ -485,10 +485,11 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
     import os
     import signal
 
+    from test_resume import assert_same_results
+
     import mlbreg.backends.native.backend as native_backend
     import mlbreg.train as train_module
     from mlbreg.train import train
-    from test_resume import assert_same_results
     monkeypatch.setattr(native_backend, "NativeBackend", Forced)
     overrides = ["model=convnet", "epochs=3", "batch_size=64", "m=5", "backend=native", "device=cpu"]
     ref = train(make_cfg(*overrides), tmp_path / "ref")

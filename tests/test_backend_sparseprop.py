@@ -11,16 +11,19 @@ import pytest
 import torch
 from torch import nn
 
-sparseprop_mod = pytest.importorskip(
-    "mlbreg.backends.sparseprop", reason="SparseProp is not installed or failed to build (pip install "
-    "pybind11 scipy && pip install --no-build-isolation 'sparseprop>=0.1.14')", exc_type=ImportError)
-SparsePropBackend = sparseprop_mod.SparsePropBackend
+from mlbreg.backends import TorchBackend, make_backend
+from mlbreg.methods import split_param_groups
+from mlbreg.optim import MLLinBreg
 
-from mlbreg.backends import TorchBackend, make_backend  # noqa: E402
-from mlbreg.optim import MLLinBreg  # noqa: E402
-from mlbreg.methods import split_param_groups  # noqa: E402
+from helpers import make_batches, make_cfg, run_mllinbreg
 
-from helpers import make_batches, make_cfg, run_mllinbreg  # noqa: E402
+# every test needs the package: without it the `sparseprop` marker skips them (conftest.py)
+pytestmark = pytest.mark.sparseprop
+try:
+    import mlbreg.backends.sparseprop as sparseprop_mod
+    from mlbreg.backends.sparseprop import SparsePropBackend
+except ImportError:
+    sparseprop_mod = SparsePropBackend = None
 
 
 class SmallNet(nn.Module):

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mlbreg.data import sources as data  # where _load_tinyimagenet finds _read_jpegs (patched below)
 from mlbreg.data import BatchLoader, DataNotFoundError, Split, load_dataset
+from mlbreg.data import sources as data  # where _load_tinyimagenet finds _read_jpegs (patched below)
 
 # --------------------------------------------------------------------------- fixtures on disk
 

@@ -14,9 +14,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from mlbreg.config import run_name, validate
 from mlbreg.hydra_glue import preset_override, register_resolvers, sweep_jobs
 from mlbreg.paths import config_dir
-from mlbreg.config import run_name, validate
 
 register_resolvers()
 CONF = Path(config_dir())

@@ -39,6 +39,7 @@ def test_group_support_and_coarse_steps_keep_whole_kernels():
         conv.weight[0, 0, 1, 1] = 0.0                                  # a zero inside a live kernel
     opt = MLLinBreg([conv.weight], lr=0.1, lam=0.01, reg="group", m=5)
     x = torch.randn(8, 4, 7, 7)
+    support_at_fine = None   # set by the fine step (k = 0)
     for k in range(5):
         opt.zero_grad()
         conv(x).pow(2).mean().backward()

@@ -230,7 +230,8 @@ def test_adaptive_criterion_skips_coarse_cycle_when_support_misses_gradient():
     theta.grad = torch.tensor([0.1, 1.0, 1.0, 1.0], dtype=torch.float64)
     opt.step()
     assert not opt.coarse_cycle and opt.next_step_is_fine()
-    opt.step(); opt.step()   # steps 1, 2 are fine as well
+    opt.step()
+    opt.step()   # steps 1, 2 are fine as well
     theta.grad = torch.tensor([1.0, 0.01, 0.0, 0.0], dtype=torch.float64)
     opt.step()               # step 3: new cycle, gradient on the support -> coarse cycle
     assert opt.coarse_cycle and not opt.next_step_is_fine()

@@ -1,8 +1,9 @@
 """The wheel ships every subpackage (an editable install would hide a missing one)."""
+from pathlib import Path
+
 import pytest
 
 tomllib = pytest.importorskip("tomllib")   # Python >= 3.11
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 

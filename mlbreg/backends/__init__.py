@@ -52,7 +52,7 @@ def _distributed() -> bool:
 
 def _has_coarse_steps(method_name: str) -> bool:
     """Does the method have coarse steps the sparse CPU backends serve (ML LinBreg)? Unknown: no."""
-    from ..methods import METHODS, method_class   # a sibling layer, imported when needed
+    from ..methods import METHODS, method_class  # a sibling layer, imported when needed
     return method_name in METHODS and method_class(method_name).has_coarse_steps
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,13 +21,13 @@ from torch import nn
 # -- eligibility ------------------------------------------------------------------------
 
 
-def not_fp32_cpu(w: torch.Tensor, kernels: str) -> Optional[str]:
+def not_fp32_cpu(w: torch.Tensor, kernels: str) -> str | None:
     if w.dtype != torch.float32 or w.device.type != "cpu":
         return f"weight is {w.dtype} on {w.device}; {kernels} fp32 CPU only"
     return None
 
 
-def conv_reason(conv: nn.Module, kernels: str, strides: Optional[tuple] = None) -> Optional[str]:
+def conv_reason(conv: nn.Module, kernels: str, strides: tuple | None = None) -> str | None:
     """None if a plain sparse conv kernel computes `conv`, else why not: nn.Conv2d exactly, fp32 CPU,
     groups 1, dilation 1, square kernel, integer symmetric zero padding below the kernel size, and a
     stride in `strides` (None: any equal pair)."""
@@ -56,7 +57,7 @@ def conv_reason(conv: nn.Module, kernels: str, strides: Optional[tuple] = None) 
     return None
 
 
-def linear_reason(linear: nn.Module, kernels: str) -> Optional[str]:
+def linear_reason(linear: nn.Module, kernels: str) -> str | None:
     if type(linear) is not nn.Linear:
         return "not a plain nn.Linear"
     return not_fp32_cpu(linear.weight, kernels)
@@ -107,7 +108,7 @@ class LayerChoice:
         self.decisions: dict[tuple, list[Entry]] = {}   # key -> [(nnz, mode, why, timings)]
         self.timing_seconds = 0.0
 
-    def choose(self, layer, batch_size: Optional[int], forced_mode: Callable[[Any], Any],
+    def choose(self, layer, batch_size: int | None, forced_mode: Callable[[Any], Any],
                time_layer: Callable[[Any], tuple[Any, str, dict]]) -> tuple[Any, str]:
         """(mode, why) for a built `layer` (a swap.SwapLayer; its ``timings`` are set): forced, cached,
         or timed now by ``time_layer(layer)`` -> (mode, why, timings)."""

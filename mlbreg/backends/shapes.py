@@ -2,8 +2,6 @@
 by a forward pre-hook during dense training steps, or found by one dummy forward."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -17,7 +15,7 @@ def shape_hook(layer):
     return hook
 
 
-def ensure_shapes(model: nn.Module, layers: list, in_shape: Optional[tuple]) -> None:
+def ensure_shapes(model: nn.Module, layers: list, in_shape: tuple | None) -> None:
     """Input shapes of eligible layers no dense step has shown yet: one dummy forward (eval, no grad)
     of a batch of 2 with per-sample shape `in_shape` (None: nothing to do)."""
     missing = [layer for layer in layers if layer.reason is None and layer.in_shape is None]

@@ -47,8 +47,6 @@ Time spent in the timed comparisons accumulates in ``timing_seconds``.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 from torch import nn
@@ -58,7 +56,7 @@ from .choice import conv_reason, linear_reason, timed_rounds
 from .swap import LayerSwapBackend
 
 try:
-    from sparseprop import backend as _spb   # (sparseprop's __init__ imports the top-level extension module `backend`)
+    from sparseprop import backend as _spb  # (sparseprop's __init__ imports the top-level extension module `backend`)
 except Exception as err:  # noqa: BLE001 - a broken build is as unusable as a missing one
     raise ImportError("the SparseProp backend needs the SparseProp package (pip install pybind11 scipy && "
                       "pip install --no-build-isolation 'sparseprop>=0.1.14'); use backend=torch") from err
@@ -70,14 +68,14 @@ BATCH_ALIGN = 8     # SparseProp's conv kernels are wrong for the last batch % 8
 
 
 # --------------------------------------------------------------------------- guards
-def conv_eligible(conv: nn.Module) -> Optional[str]:
+def conv_eligible(conv: nn.Module) -> str | None:
     """None if SparseProp computes this conv correctly, else why not (guards 4 and 6)."""
     if type(conv) is nn.Conv2d and conv.kernel_size[0] > 255:
         return f"kernel {conv.kernel_size[0]} too large for uint8 indices"
     return conv_reason(conv, "SparseProp is", strides=((1, 1), (2, 2)))
 
 
-def linear_eligible(linear: nn.Module) -> Optional[str]:
+def linear_eligible(linear: nn.Module) -> str | None:
     return linear_reason(linear, "SparseProp is")
 
 
@@ -243,21 +241,21 @@ class SparsePropBackend(LayerSwapBackend):
     """
     name = "sparseprop"
 
-    def __init__(self, model: nn.Module, batch_size: Optional[int] = None, in_shape=None, *,
-                 optimizer: Optional[torch.optim.Optimizer] = None, force: bool = False,
-                 force_mode: Optional[bool] = None, min_speedup: float = 1.05, warmup: int = 1, repeats: int = 3,
+    def __init__(self, model: nn.Module, batch_size: int | None = None, in_shape=None, *,
+                 optimizer: torch.optim.Optimizer | None = None, force: bool = False,
+                 force_mode: bool | None = None, min_speedup: float = 1.05, warmup: int = 1, repeats: int = 3,
                  bucket: float = 0.1):
         self.force_mode = force_mode
         super().__init__(model, batch_size, in_shape, optimizer=optimizer, force=force, min_speedup=min_speedup,
                          warmup=warmup, repeats=repeats, bucket=bucket)
 
-    def _reason(self, mod: nn.Module, kind: str) -> Optional[str]:
+    def _reason(self, mod: nn.Module, kind: str) -> str | None:
         return conv_eligible(mod) if kind == "conv" else linear_eligible(mod)
 
     def _choice_label(self, layer) -> str:
         return "dense" if not layer.swapped else f"sparse(voo={layer.mode})"
 
-    def _build(self, layer, mask: torch.Tensor) -> Optional[str]:
+    def _build(self, layer, mask: torch.Tensor) -> str | None:
         if layer.kind == "conv":
             idx, w_idx, max_per_oc = _conv_structure(mask)
             layer.nnz = int(idx.numel())
@@ -280,7 +278,7 @@ class SparsePropBackend(LayerSwapBackend):
         return [False, True]
 
     # -- timed comparison --------------------------------------------------------------
-    def _time_layer(self, layer) -> tuple[Optional[bool], str, dict]:
+    def _time_layer(self, layer) -> tuple[bool | None, str, dict]:
         mod = layer.module
         x = torch.randn((self.batch_size,) + layer.in_shape, generator=self._generator).requires_grad_(layer.in_grad)
         w_dense = layer.weight.detach().clone().requires_grad_(True)

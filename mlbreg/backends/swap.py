@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,14 +53,14 @@ class SwapLayer:
     name: str
     module: nn.Module
     kind: str                                   # "conv" | "linear"
-    reason: Optional[str]                       # static guard failure (None: eligible)
-    in_shape: Optional[tuple] = None            # per-sample input shape seen in a forward
+    reason: str | None                       # static guard failure (None: eligible)
+    in_shape: tuple | None = None            # per-sample input shape seen in a forward
     in_grad: bool = True                        # does the layer's input require grad in training?
-    idx: Optional[torch.Tensor] = None          # int64 flat positions of the structure in the dense weight
-    w_val: Optional[torch.Tensor] = None        # fp32 values on idx, a leaf that gets .grad
+    idx: torch.Tensor | None = None          # int64 flat positions of the structure in the dense weight
+    w_val: torch.Tensor | None = None        # fp32 values on idx, a leaf that gets .grad
     kernel: Any = None                          # the backend's structure for its kernels
     nnz: int = 0
-    grad_buf: Optional[torch.Tensor] = None     # dense weight gradient buffer of this coarse phase
+    grad_buf: torch.Tensor | None = None     # dense weight gradient buffer of this coarse phase
     mode: Any = None                            # None: dense; else the backend's sparse mode
     why: str = ""                               # why this choice (for reports)
     timings: dict = field(default_factory=dict)
@@ -120,8 +120,8 @@ class LayerSwapBackend:
     (``_reason``, ``_build``, ``_forced_mode``, ``_time_layer``, ``_sparse_forward``)."""
     name = "swap"
 
-    def __init__(self, model: nn.Module, batch_size: Optional[int] = None, in_shape=None, *,
-                 optimizer: Optional[torch.optim.Optimizer] = None, force: bool = False, min_speedup: float = 1.05,
+    def __init__(self, model: nn.Module, batch_size: int | None = None, in_shape=None, *,
+                 optimizer: torch.optim.Optimizer | None = None, force: bool = False, min_speedup: float = 1.05,
                  warmup: int = 1, repeats: int = 3, bucket: float = 0.1):
         self.model = model
         self.batch_size = batch_size
@@ -154,10 +154,10 @@ class LayerSwapBackend:
         return self.choices.timing_seconds
 
     # -- subclass hooks --------------------------------------------------------------------
-    def _reason(self, mod: nn.Module, kind: str) -> Optional[str]:
+    def _reason(self, mod: nn.Module, kind: str) -> str | None:
         raise NotImplementedError
 
-    def _build(self, layer: SwapLayer, mask: torch.Tensor) -> Optional[str]:
+    def _build(self, layer: SwapLayer, mask: torch.Tensor) -> str | None:
         """Set layer.idx, layer.kernel, layer.nnz from the support mask; return why the layer must
         stay dense, or None."""
         raise NotImplementedError

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import INIT_KEYS, Method, sgd
 from ..checks import at_least, interval
+from .base import INIT_KEYS, Method, sgd
 
 
 @dataclass(frozen=True)

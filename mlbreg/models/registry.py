@@ -5,7 +5,7 @@ it while ``__init__`` imports the model files to fill it: no import cycle.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn as nn
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import types
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch.optim import Optimizer
@@ -60,7 +60,7 @@ class LinBreg(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, lam: float = 0.0, reg: str = "l1", delta: float = 1.0,
                  momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
-                 foreach: Optional[bool] = None, compiled: Optional[bool] = False):
+                 foreach: bool | None = None, compiled: bool | None = False):
         if lr < 0:
             raise ValueError(f"invalid learning rate lr={lr}; must be >= 0")
         if lam < 0:
@@ -137,7 +137,7 @@ class LinBreg(Optimizer):
             self._lr_tensors[key] = torch.zeros((), dtype=torch.float32, device=device)
         return self._lr_tensors[key].fill_(group["lr"])   # no host sync: a fill kernel
 
-    def _step_group(self, group, masks_for: Optional[Callable] = None, refresh_support: bool = False) -> None:
+    def _step_group(self, group, masks_for: Callable | None = None, refresh_support: bool = False) -> None:
         """One update of `group`: restricted to `masks_for(params)` if given; with
         `refresh_support`, state[p]["support"] is set to the new support afterwards."""
         params, grads, duals, bufs = self._group_tensors(group)
@@ -175,7 +175,7 @@ class LinBreg(Optimizer):
                 self.state[p]["momentum_buffer"] = b
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
+    def step(self, closure: Callable[[], float] | None = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -205,7 +205,7 @@ class MLLinBreg(LinBreg):
     def __init__(self, params, lr: float = 1e-3, lam: float = 0.0, reg: str = "l1", delta: float = 1.0,
                  momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
                  m: int = 100, criterion: str = "fixed", kappa: float = 0.45, eps: float = 1e-3,
-                 foreach: Optional[bool] = None, compiled: Optional[bool] = False):
+                 foreach: bool | None = None, compiled: bool | None = False):
         if int(m) != m or m < 1:
             raise ValueError(f"invalid m={m}; the cycle period must be an integer >= 1")
         if criterion not in self.CRITERIA:
@@ -227,7 +227,7 @@ class MLLinBreg(LinBreg):
         return [self.state[p]["support"] for p in params]
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
+    def step(self, closure: Callable[[], float] | None = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():

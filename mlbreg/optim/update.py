@@ -4,8 +4,6 @@ one signature; `mlbreg.optim.linbreg` holds the optimizers around it.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .regularizers import foreach_l1_prox_, prox_
@@ -16,10 +14,10 @@ __all__ = ["linbreg_update"]
 def linbreg_update(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
-    duals: list[Optional[torch.Tensor]],
-    bufs: list[Optional[torch.Tensor]],
-    masks: Optional[list[torch.Tensor]] = None,
-    support_out: Optional[list[torch.Tensor]] = None,
+    duals: list[torch.Tensor | None],
+    bufs: list[torch.Tensor | None],
+    masks: list[torch.Tensor] | None = None,
+    support_out: list[torch.Tensor] | None = None,
     *,
     lr: float | torch.Tensor,
     reg: str,

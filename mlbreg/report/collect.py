@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -129,6 +130,7 @@ def _run_label(path: Path, flat: dict[str, Any]) -> str:
 def _read_config(path: Path, row: dict[str, Any]) -> bool:
     """config.yaml -> the row's name, config columns and identity; False when it is unreadable."""
     from omegaconf import OmegaConf
+
     from ..config import identity
 
     try:
@@ -218,7 +220,8 @@ def read_run(path: Path) -> tuple[dict[str, Any], pd.DataFrame | None]:
 
 def expand_sweep(overrides: list[str]) -> list[str]:
     """The run names that `mlbreg train -m <overrides>` produces (see `mlbreg.hydra_glue`)."""
-    from ..hydra_glue import SweepError, expand_sweep as expand
+    from ..hydra_glue import SweepError
+    from ..hydra_glue import expand_sweep as expand
     try:
         return expand(overrides)
     except SweepError as err:

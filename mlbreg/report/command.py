@@ -64,7 +64,7 @@ def write_report(collection: Collection, out: Path, plots: bool = True, dpi: int
     if len(excluded):
         sections.append(f"## Excluded runs ({len(excluded)})\n\n{to_markdown(excluded)}")
     if plots:
-        from .plots import make_plots   # matplotlib only when plotting
+        from .plots import make_plots  # matplotlib only when plotting
         drawn, notes = mask_runs(collection, agg, masks)
         written["plots"] = make_plots(agg, metrics, out, dpi=dpi, layers=collection.layers, layer_agg=layer_agg,
                                       masks=drawn)

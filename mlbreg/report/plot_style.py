@@ -1,8 +1,8 @@
 """What the report's plots share: matplotlib (Agg) set up, PNG + PDF saved, titles, labels, colours."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import pandas as pd
 

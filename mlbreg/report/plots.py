@@ -22,8 +22,8 @@ Shared set-up, titles and colours: `mlbreg.report.plot_style`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -124,7 +124,7 @@ def _curves_figure(configs: pd.DataFrame, ok: pd.DataFrame, title: str, by_metho
         label = _series_label(conf["method"], conf["setting"], [])
         color = (METHOD_COLORS.get(conf["method"]) if by_method else
                  cmap(0.9 * i / max(1, len(configs) - 1)))
-        for ax, (col, ylabel, logy) in zip(axes, CURVES):
+        for ax, (col, _ylabel, logy) in zip(axes, CURVES):
             stats = rows.groupby("epoch")[col].agg(["mean", "std"]).reset_index()
             ax.plot(stats["epoch"], stats["mean"], color=color, lw=1.3, label=label)
             if stats["std"].notna().any():
@@ -133,7 +133,7 @@ def _curves_figure(configs: pd.DataFrame, ok: pd.DataFrame, title: str, by_metho
                     low = np.maximum(low, 0.05 * stats["mean"])
                 ax.fill_between(stats["epoch"], low, stats["mean"] + stats["std"].fillna(0), color=color,
                                 alpha=0.18, lw=0)
-    for ax, (col, ylabel, logy) in zip(axes, CURVES):
+    for ax, (_col, ylabel, logy) in zip(axes, CURVES):
         ax.set_xlabel("Epoch")
         ax.set_ylabel(ylabel)
         if logy:

@@ -8,7 +8,7 @@ variance-preserving factor c/√p_l.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -135,14 +135,14 @@ def sparse_init_(model: nn.Module, density: float, scheme: str = "uniform", scal
 
 
 # -- fixed masks during training (RigL, prune_finetune) ---------------------------------
-def momentum_buffers(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+def momentum_buffers(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor | None]:
     """The momentum buffer of each parameter in a torch.optim.SGD (None before its first step)."""
     return [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
 
 
 @torch.no_grad()
 def apply_masks_(params: list[torch.Tensor], masks: list[torch.Tensor],
-                 optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+                 optimizer: torch.optim.Optimizer | None = None) -> None:
     """θ ← M ⊙ θ and, given the optimizer, b ← M ⊙ b for its momentum buffers (one
     multi-tensor kernel for both). After a masked SGD step this is all the masking needed:
     whatever the step did outside M is undone, θ and b there are 0 again."""

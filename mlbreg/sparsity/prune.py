@@ -8,7 +8,6 @@ deterministic. `finetune_split` decides how the epochs of a run are split.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 
@@ -33,7 +32,7 @@ def global_magnitude_masks(weights: list[torch.Tensor], sparsity: float) -> list
     return [m.view_as(w) for m, w in zip(keep.split([w.numel() for w in weights]), weights)]
 
 
-def finetune_split(epochs: int, finetune_epochs: Union[int, float], from_checkpoint: Optional[str] = None
+def finetune_split(epochs: int, finetune_epochs: int | float, from_checkpoint: str | None = None
                    ) -> tuple[int, int]:
     """(dense epochs, fine-tuning epochs) of a prune_finetune run.
 
@@ -57,7 +56,7 @@ def finetune_split(epochs: int, finetune_epochs: Union[int, float], from_checkpo
     return int(epochs) - ft, ft
 
 
-def checkpoint_file(path: Union[str, Path]) -> Path:
+def checkpoint_file(path: str | Path) -> Path:
     """A dense model to prune: a state_dict file (model.pt) or a run directory (its model.pt)."""
     path = Path(path).expanduser()
     if path.is_dir():
@@ -68,7 +67,7 @@ def checkpoint_file(path: Union[str, Path]) -> Path:
 
 
 @torch.no_grad()
-def load_dense_weights(model: torch.nn.Module, path: Union[str, Path]) -> Path:
+def load_dense_weights(model: torch.nn.Module, path: str | Path) -> Path:
     """Load a saved model into `model` in place: a model.pt state_dict, a run's
     checkpoint.pt (its "model" entry) or a run directory. Returns the file used."""
     file = checkpoint_file(path)

@@ -22,7 +22,7 @@ Everything is one topk per layer and a few whole-tensor ops; no per-element Pyth
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -76,7 +76,7 @@ class RigL:
     """
 
     def __init__(self, weights: list[torch.Tensor], *, total_steps: int, delta_t: int = 100, alpha: float = 0.3,
-                 end_fraction: float = 0.75, masks: Optional[list[torch.Tensor]] = None):
+                 end_fraction: float = 0.75, masks: list[torch.Tensor] | None = None):
         if int(delta_t) != delta_t or delta_t < 1:
             raise ValueError(f"invalid delta_t={delta_t}; must be an integer >= 1")
         if not 0 <= alpha <= 1:
@@ -101,20 +101,20 @@ class RigL:
         self.active = [int(m.sum()) for m in self.masks]
         self.updatable = [0 < n < m.numel() for n, m in zip(self.active, self.masks)]
 
-    def is_update_step(self, t: Optional[int] = None) -> bool:
+    def is_update_step(self, t: int | None = None) -> bool:
         t = self.steps_taken if t is None else t
         return t > 0 and t % self.delta_t == 0 and t < self.t_end
 
-    def drop_fraction(self, t: Optional[int] = None) -> float:
+    def drop_fraction(self, t: int | None = None) -> float:
         return drop_fraction(self.steps_taken if t is None else t, self.alpha, self.t_end)
 
-    def drop_counts(self, t: Optional[int] = None) -> list[int]:
+    def drop_counts(self, t: int | None = None) -> list[int]:
         """k per layer at step t (0 for dense layers)."""
         f = self.drop_fraction(t)
         return [round(f * n) if ok else 0 for n, ok in zip(self.active, self.updatable)]
 
     @torch.no_grad()
-    def update_masks(self, optimizer: Optional[torch.optim.Optimizer] = None) -> list[int]:
+    def update_masks(self, optimizer: torch.optim.Optimizer | None = None) -> list[int]:
         """Drop and grow in every sparse layer (uses each weight's .grad); new and
         dropped weights and their momentum become 0. Returns k per layer."""
         counts = self.drop_counts()
@@ -131,7 +131,7 @@ class RigL:
         return counts
 
     @torch.no_grad()
-    def apply_masks(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    def apply_masks(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         apply_masks_(self.weights, self.masks, optimizer)
 
     def advance(self) -> None:

@@ -22,7 +22,6 @@ runs the dense layer for that call.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 from torch import nn
@@ -36,7 +35,7 @@ from . import build, ops
 __all__ = ["NativeBackend", "conv_reason", "linear_reason"]
 
 
-def conv_reason(conv: nn.Module) -> Optional[str]:
+def conv_reason(conv: nn.Module) -> str | None:
     """None if the native kernels compute this conv (any square kernel, any equal stride), else why not."""
     why = choice.conv_reason(conv, "the native kernels are")
     if why is None and conv.weight.numel() >= 2 ** 31:
@@ -44,7 +43,7 @@ def conv_reason(conv: nn.Module) -> Optional[str]:
     return why
 
 
-def linear_reason(linear: nn.Module) -> Optional[str]:
+def linear_reason(linear: nn.Module) -> str | None:
     return choice.linear_reason(linear, "the native kernels are")
 
 
@@ -68,8 +67,8 @@ class NativeBackend(LayerSwapBackend):
     """
     name = "native"
 
-    def __init__(self, model: nn.Module, batch_size: Optional[int] = None, in_shape=None, *,
-                 optimizer: Optional[torch.optim.Optimizer] = None, force: bool = False, min_speedup: float = 1.05,
+    def __init__(self, model: nn.Module, batch_size: int | None = None, in_shape=None, *,
+                 optimizer: torch.optim.Optimizer | None = None, force: bool = False, min_speedup: float = 1.05,
                  warmup: int = 1, repeats: int = 3, bucket: float = 0.1, native_bn: bool = True):
         self.ext = build.load()
         super().__init__(model, batch_size, in_shape, optimizer=optimizer, force=force, min_speedup=min_speedup,
@@ -81,13 +80,13 @@ class NativeBackend(LayerSwapBackend):
     def simd_path(self) -> str:
         return self.ext.simd_path()
 
-    def _reason(self, mod: nn.Module, kind: str) -> Optional[str]:
+    def _reason(self, mod: nn.Module, kind: str) -> str | None:
         return conv_reason(mod) if kind == "conv" else linear_reason(mod)
 
     def _choice_label(self, layer) -> str:
         return "native" if layer.swapped else "dense"
 
-    def _build(self, layer, mask: torch.Tensor) -> Optional[str]:
+    def _build(self, layer, mask: torch.Tensor) -> str | None:
         mod = layer.module
         stride, pad = (mod.stride[0], mod.padding[0]) if layer.kind == "conv" else (1, 0)
         st = ops.build_structure(self.ext, mask, stride, pad)
@@ -97,7 +96,7 @@ class NativeBackend(LayerSwapBackend):
     def _forced_mode(self, layer) -> str:
         return "native"
 
-    def _time_layer(self, layer) -> tuple[Optional[str], str, dict]:
+    def _time_layer(self, layer) -> tuple[str | None, str, dict]:
         """Dense (NCHW, as torch layers run) vs native (CHWB in and out), forward + backward,
         interleaved rounds after a warm-up, medians."""
         mod = layer.module
@@ -149,7 +148,7 @@ class NativeBackend(LayerSwapBackend):
         fn = ops.sparse_conv2d if layer.kind == "conv" else ops.sparse_linear
         return fn(x, layer.w_val, layer.kernel)
 
-    def bn_act(self, bn: nn.Module, x: torch.Tensor, res: Optional[torch.Tensor] = None, relu: bool = False):
+    def bn_act(self, bn: nn.Module, x: torch.Tensor, res: torch.Tensor | None = None, relu: bool = False):
         """``act(bn(x) [+ res])``: native when bn is a plain BatchNorm2d and x an fp32 CPU batch."""
         if (type(bn) is nn.BatchNorm2d and _fp32_cpu(x) and x.dim() == 4 and x.shape[0] > 0 and not autocast_on()
                 and (bn.weight is None or _fp32_cpu(bn.weight))

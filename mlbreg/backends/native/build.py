@@ -63,7 +63,7 @@ def _isa() -> str:
     return isa
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(isa: str):
     if platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
         raise NativeUnavailable(f"untested CPU architecture {platform.machine()}")

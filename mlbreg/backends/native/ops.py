@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -68,9 +68,9 @@ class Structure:
     idx: torch.Tensor                 # int64 (nnz,) flat positions in the dense weight, kernel order
     bptr: torch.Tensor                # int32 (c_out*k*k + 1,) bucket starts
     chan: torch.Tensor                # int32 (nnz,) input channel per non-zero
-    t_perm: Optional[torch.Tensor] = None   # kernel-order index of each transposed non-zero
-    t_bptr: Optional[torch.Tensor] = None
-    t_chan: Optional[torch.Tensor] = None
+    t_perm: torch.Tensor | None = None   # kernel-order index of each transposed non-zero
+    t_bptr: torch.Tensor | None = None
+    t_chan: torch.Tensor | None = None
 
     @property
     def nnz(self) -> int:
@@ -195,7 +195,7 @@ class BatchNormFn(torch.autograd.Function):
                 None, None, None, None, None, None, None)
 
 
-def batch_norm(bn: torch.nn.BatchNorm2d, x: torch.Tensor, ext, res: Optional[torch.Tensor] = None,
+def batch_norm(bn: torch.nn.BatchNorm2d, x: torch.Tensor, ext, res: torch.Tensor | None = None,
                relu: bool = False) -> torch.Tensor:
     """``act(bn(x) [+ res])`` with the module's statistics handled as nn.BatchNorm2d.forward does."""
     factor = 0.0 if bn.momentum is None else bn.momentum
