@@ -60,7 +60,13 @@ NON_IDENTIFYING = ("resume", "device", "progress", "logger", "checkpoint_every",
 # A run that leaves such a key at that default keeps the name it had before the key
 # existed, so upgrading mlbreg mid-sweep still skips and resumes the sweep's runs. A new
 # identifying key whose default keeps the old behaviour belongs here.
-LATER_KEYS: dict[str, Any] = {"dataset.augment": False}
+LATER_KEYS: dict[str, Any] = {
+    "dataset.augment": False,
+    "method.momentum_style": "torch",
+    # RigL's reference defaults (issue 14) changed the behaviour: runs at the new defaults get
+    # new names; a config asking for the old behaviour keeps the old name
+    "method.reinit_when_same": True, "method.count": "round", "method.drop_noise_std": 0,
+}
 
 
 def _sparsity(value, key):

@@ -89,7 +89,9 @@ class FlopsAccount:
     """Training FLOPs of the steps actually taken (algorithms.md §6), kept on the device.
 
     Per step and sample: dense 3·f_D, full_grad 2·f_S + f_D, sparse 3·f_S, where
-    f_S = Σ_l density_l·f_D,l with the densities of the weights used in that step.
+    f_S = Σ_l density_l·f_D,l with the densities of the structure the step computes on: the
+    method's fixed one where it has one (ML LinBreg's frozen support S in a coarse step, the
+    masks of RigL and of fine-tuning), else the non-zeros of θ in that step.
 
     FLOPs are linear in the per-layer non-zero counts, so a step only adds batch·nnz_l to
     a per-kind vector (three multi-tensor kernels, no host sync); `total()` folds the
@@ -118,11 +120,16 @@ class FlopsAccount:
     def f_sparse(self) -> torch.Tensor:
         return (self.nnz().to(torch.float64) * self.flops_per_weight).sum()
 
-    def add_step(self, kind: str, batch: int) -> None:
+    def add_step(self, kind: str, batch: int, structure_nnz: torch.Tensor | None = None) -> None:
+        """Count one step of `kind` on `batch` samples. `structure_nnz`: the per-layer sizes of the
+        structure the step computes on, when the method fixes one (ML LinBreg's support S in a
+        coarse step, RigL's and prune + fine-tune's masks), which can exceed the non-zeros of θ
+        (a coordinate of S that shrank to 0 is still computed); else θ's non-zeros."""
         self.counts[kind] += 1
         self.samples[kind] += batch
         if kind != "dense":
-            self.nnz_samples[kind].add_(self.nnz(), alpha=batch)
+            nnz = self.nnz() if structure_nnz is None else structure_nnz
+            self.nnz_samples[kind].add_(nnz, alpha=batch)
 
     def total(self) -> float:
         """FLOPs of all steps so far (reads the device once)."""

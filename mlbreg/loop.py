@@ -193,7 +193,8 @@ class Trainer:
         (loss * weight if weight != 1.0 else loss).backward()
         backend.after_backward()
         t2 = time.perf_counter()
-        self.flops.add_step(kind, y.numel())   # densities of the weights this step used
+        # the structure this step computed on (a coarse step's frozen support), else θ's non-zeros
+        self.flops.add_step(kind, y.numel(), self.method.structure_nnz(kind))
         method.step()
         self.scheduler.step()
         t3 = time.perf_counter()

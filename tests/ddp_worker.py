@@ -31,11 +31,11 @@ signal_at = int(os.environ.get("MLBREG_TEST_SIGNAL_AT_STEP", 0)) if os.environ.g
 add_step, steps = FlopsAccount.add_step, []
 
 
-def add_step_counted(self, kind, batch):
+def add_step_counted(self, kind, batch, *structure):
     steps.append(kind)
     if len(steps) == signal_at:
         os.kill(os.getpid(), signal.SIGTERM)
-    return add_step(self, kind, batch)
+    return add_step(self, kind, batch, *structure)
 
 
 FlopsAccount.add_step = add_step_counted

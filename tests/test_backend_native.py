@@ -496,11 +496,11 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
     original = train_module.FlopsAccount.add_step
     counter = {"n": 0}
 
-    def add_step(self, kind, batch):
+    def add_step(self, kind, batch, *structure):
         counter["n"] += 1
         if counter["n"] == 33:                # a coarse step in epoch 2 (23 steps per epoch)
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, kind, batch)
+        return original(self, kind, batch, *structure)
     monkeypatch.setattr(train_module.FlopsAccount, "add_step", add_step)
     out = train(make_cfg(*overrides), tmp_path / "run")
     assert out["status"] == "interrupted" and out["step"] == 33

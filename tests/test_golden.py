@@ -29,15 +29,19 @@ NAMES = {
     ("method=linbreg", "lam=0.1", "regularizer=l1"): "digits/mlp/linbreg/l1-lam0.1_uniform0.01_seed0_b5142f01",
     ("method=sgd",): "digits/mlp/sgd/seed0_f57fe735",
     ("method=sgd", "lam=2", "sparsity=0.9"): "digits/mlp/sgd/seed0_007c2299",
-    ("method=rigl", "sparsity=0.9"): "digits/mlp/rigl/sp0.9_uniform_seed0_c3f76560",
-    ("method=rigl", "sparsity=0.95", "init=erk", "seed=1"): "digits/mlp/rigl/sp0.95_erk_seed1_1be385b2",
+    # RigL's defaults became the reference's (issue 14): new names at the new defaults, the old
+    # names for the old behaviour (LATER_KEYS)
+    ("method=rigl", "sparsity=0.9"): "digits/mlp/rigl/sp0.9_uniform_seed0_fcc487d0",
+    ("method=rigl", "sparsity=0.9", "method.reinit_when_same=true", "method.count=round", "method.drop_noise_std=0"):
+        "digits/mlp/rigl/sp0.9_uniform_seed0_c3f76560",
+    ("method=rigl", "sparsity=0.95", "init=erk", "seed=1"): "digits/mlp/rigl/sp0.95_erk_seed1_ca238e5e",
     ("method=prune_finetune", "sparsity=0.9"): "digits/mlp/prune_finetune/sp0.9_seed0_17259b18",
     ("method=prune_finetune", "sparsity=0.98", "method.finetune_epochs=20", "epochs=200"):
         "digits/mlp/prune_finetune/sp0.98_seed0_f6c89cfa",
     ("dataset=cifar10", "model=resnet18", "lam=1.0", "m=100"):
         "cifar10/resnet18/mllinbreg/l1-lam1_m100_uniform0.01_seed0_6e1f38dc",
     ("dataset=tinyimagenet", "model=resnet18", "method=rigl", "sparsity=0.9", "init=erk"):
-        "tinyimagenet/resnet18/rigl/sp0.9_erk_seed0_90975f02",
+        "tinyimagenet/resnet18/rigl/sp0.9_erk_seed0_dd081005",
     ("+experiment=table1_resnet18",): "cifar10/resnet18/mllinbreg/l1-lam0.03_m100_uniform0.01_seed0_d25f079a",
     # dataset.augment came later (LATER_KEYS): at its old default the name it had before
     ("dataset=synthetic", "dataset.augment=false"): "synthetic/mlp/mllinbreg/l1-lam0.03_m100_uniform0.01_seed0_85844321",

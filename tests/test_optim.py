@@ -231,10 +231,36 @@ def test_adaptive_criterion_skips_coarse_cycle_when_support_misses_gradient():
     opt.step()
     assert not opt.coarse_cycle and opt.next_step_is_fine()
     opt.step()
-    opt.step()   # steps 1, 2 are fine as well
+    opt.step()   # steps 1, 2 are fine as well (each tests again, and fails again)
     theta.grad = torch.tensor([1.0, 0.01, 0.0, 0.0], dtype=torch.float64)
-    opt.step()               # step 3: new cycle, gradient on the support -> coarse cycle
+    opt.step()               # step 3: gradient on the support -> coarse cycle
     assert opt.coarse_cycle and not opt.next_step_is_fine()
+
+
+def test_adaptive_criterion_restricts_with_the_support_before_the_fine_step():
+    """Eq. 10 at θ_k: R_k is the support of θ_k, not of the iterate the fine step makes. Here the
+    fine step makes every entry non-zero (λ = 0), so restricting afterwards would always pass."""
+    theta = nn.Parameter(torch.tensor([1.0, 0.0], dtype=torch.float64))
+    opt = MLLinBreg([theta], lr=0.01, lam=0.0, reg="l1", m=4, criterion="adaptive", kappa=0.45)
+    theta.grad = torch.tensor([0.1, 1.0], dtype=torch.float64)   # ‖R_0 g‖ = 0.1 < 0.45 · 1.005
+    opt.step()
+    assert theta.detach().ne(0).all()                 # the support after the step is everything
+    assert not opt.coarse_cycle and opt.next_step_is_fine()
+
+
+def test_adaptive_criterion_tests_again_at_the_next_step_after_a_failure():
+    """Eq. 10 decides at every iteration: a failed test makes the next step fine, which tests again
+    (not m − 1 untested fine steps); the cycle that starts there has m − 1 coarse steps."""
+    theta = nn.Parameter(torch.tensor([1.0, 0.0], dtype=torch.float64))
+    opt = MLLinBreg([theta], lr=0.01, lam=0.0, reg="l1", m=4, criterion="adaptive", kappa=0.45)
+    kinds = []
+    for k in range(6):
+        kinds.append("fine" if opt.next_step_is_fine() else "coarse")
+        # step 0: the gradient is off the support (fails); from step 1 on θ is dense (passes)
+        theta.grad = torch.tensor([0.1, 1.0] if k == 0 else [1.0, 1.0], dtype=torch.float64)
+        opt.step()
+    assert kinds == ["fine", "fine", "coarse", "coarse", "coarse", "fine"]
+    assert opt.coarse_cycles_started == 2 and opt.cycle_start == 5
 
 
 @pytest.mark.parametrize("eps,second_cycle", [(0.0, True), (0.0128, True), (0.0130, False)])
@@ -243,11 +269,11 @@ def test_adaptive_criterion_needs_theta_to_move_since_the_last_coarse_cycle(eps,
     theta = nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
     opt = MLLinBreg([theta], lr=0.01, lam=0.0, reg="l1", m=2, criterion="adaptive", kappa=0.45, eps=eps)
     theta.grad = torch.tensor([1.0, 1.0], dtype=torch.float64)
-    opt.step()            # step 0: first cycle, no θ_last yet: coarse, θ_last = [0.99, 1.99]
+    opt.step()            # step 0: tested at θ_0, no θ_last yet: coarse, θ_last = θ_0 = [1, 2]
     assert opt.coarse_cycle and opt.coarse_cycles_started == 1
     opt.step()            # step 1 (coarse): θ = [0.98, 1.98]
-    opt.step()            # step 2: θ = [0.97, 1.97]; ‖θ − θ_last‖ = 0.02·√2, ‖θ‖ ≈ 2.196
-    # ratio 0.028284 / 2.195859 = 0.012881: a cycle starts for ε up to that, not beyond
+    opt.step()            # step 2, tested at θ_2 = [0.98, 1.98]: ‖θ − θ_last‖ = 0.02·√2, ‖θ‖ ≈ 2.2093
+    # ratio 0.028284 / 2.209299 = 0.012802: a cycle starts for ε up to that, not beyond
     assert opt.coarse_cycle == second_cycle and opt.coarse_cycles_started == 1 + second_cycle
 
 

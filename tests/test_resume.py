@@ -92,11 +92,11 @@ def _signal_at_step(monkeypatch, step: int, signum=signal.SIGTERM):
     original = train_module.FlopsAccount.add_step
     counter = {"n": 0}
 
-    def add_step(self, kind, batch):
+    def add_step(self, kind, batch, *structure):
         counter["n"] += 1
         if counter["n"] == step:
             os.kill(os.getpid(), signum)
-        return original(self, kind, batch)
+        return original(self, kind, batch, *structure)
 
     monkeypatch.setattr(train_module.FlopsAccount, "add_step", add_step)
 

@@ -90,7 +90,7 @@ def test_run_name_is_determined_by_the_identifying_config():
 def test_a_key_added_later_keeps_old_run_names_at_its_default(monkeypatch):
     import mlbreg.config as config
     before = run_name(make_cfg("lam=0.1"))       # a config tree without the new keys
-    monkeypatch.setattr(config, "LATER_KEYS", {"new_knob": 0.5, "method.new_option": "off"})
+    monkeypatch.setattr(config, "LATER_KEYS", {**config.LATER_KEYS, "new_knob": 0.5, "method.new_option": "off"})
     assert run_name(make_cfg("lam=0.1", "+new_knob=0.5", "+method.new_option=off")) == before
     assert run_name(make_cfg("lam=0.1", "+new_knob=0.7", "+method.new_option=off")) != before
     assert run_name(make_cfg("lam=0.1", "+new_knob=0.5", "+method.new_option=on")) != before

@@ -74,11 +74,11 @@ def _stop_at_step(mp, step, signum=signal.SIGTERM):
     original = train_module.FlopsAccount.add_step
     count = {"n": 0}
 
-    def add_step(self, kind, batch):
+    def add_step(self, kind, batch, *structure):
         count["n"] += 1
         if count["n"] == step:
             os.kill(os.getpid(), signum)
-        return original(self, kind, batch)
+        return original(self, kind, batch, *structure)
     mp.setattr(train_module.FlopsAccount, "add_step", add_step)
 
 
@@ -143,11 +143,11 @@ def test_tensorboard_logger_writes_the_csv_rows_and_a_resume_purges_the_rest(tmp
     original = train_module.FlopsAccount.add_step
     count = {"n": 0}
 
-    def crash_at_step_40(self, kind, batch):
+    def crash_at_step_40(self, kind, batch, *structure):
         count["n"] += 1
         if count["n"] == 40:      # epoch 4: epoch 3's row (step 36) is logged, the checkpoint is at step 24
             raise RuntimeError("node lost")
-        return original(self, kind, batch)
+        return original(self, kind, batch, *structure)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_module.FlopsAccount, "add_step", crash_at_step_40)
         with pytest.raises(RuntimeError, match="node lost"):

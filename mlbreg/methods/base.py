@@ -51,12 +51,17 @@ def sgd(model: nn.Module, s) -> torch.optim.SGD:
                            weight_decay=s.weight_decay)
 
 
+def mask_counts(masks: list[torch.Tensor]) -> torch.Tensor:
+    """Non-zeros per mask as a float64 vector on the masks' device (once per structure change)."""
+    return torch.stack([m.count_nonzero() for m in masks]).to(torch.float64)
+
+
 def config_values(cfg, steps_per_epoch: int) -> dict[str, Any]:
     """Every value a method may take from a config: top-level keys, derived counts, and the
     method group's own keys (`cfg.method.*`, which are exactly its Settings fields)."""
     from omegaconf import OmegaConf
     values = dict(lr=cfg.lr, momentum=cfg.momentum, lam=cfg.lam, m=cfg.m, reg=cfg.regularizer.name,
-                  sparsity=cfg.sparsity, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+                  sparsity=cfg.sparsity, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, seed=cfg.seed,
                   total_steps=cfg.epochs * steps_per_epoch,
                   compiled={"auto": None, True: True, False: False}[cfg.compile_optimizer])
     values.update({k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"})
@@ -134,6 +139,11 @@ class Method:
 
     def end_epoch(self, epoch: int) -> None:
         """Called after every epoch (prune_finetune prunes here)."""
+
+    def structure_nnz(self, kind: str) -> torch.Tensor | None:
+        """Per prunable layer, the number of weights a step of `kind` computes on, when the
+        method fixes a structure (float64, on the weights' device); None: θ's non-zeros."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}

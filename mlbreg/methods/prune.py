@@ -9,7 +9,7 @@ import torch
 from ..checks import ConfigError, fail
 from ..sparsity import apply_masks_, finetune_split, global_magnitude_masks, load_dense_weights
 from ..sparsity.prune import checkpoint_file
-from .base import INIT_KEYS, Method, prunable_weights, sgd
+from .base import INIT_KEYS, Method, mask_counts, prunable_weights, sgd
 from .sgd import SGD_RULES
 
 
@@ -53,6 +53,7 @@ class PruneFinetuneMethod(Method):
         self.dense_epochs, _ = finetune_split(s.epochs, s.finetune_epochs, s.from_checkpoint)
         self.masks: list[torch.Tensor] | None = None
         self.pruned_at_epoch: int | None = None
+        self._mask_nnz = None
         if s.from_checkpoint:
             load_dense_weights(model, s.from_checkpoint)
             self.prune(epoch=0)
@@ -75,6 +76,14 @@ class PruneFinetuneMethod(Method):
     def name_parts(cls, cfg) -> list[str]:
         return [f"sp{cfg.sparsity:g}"]
 
+    def structure_nnz(self, kind: str):
+        """Fine-tuning steps compute on the fixed mask."""
+        if kind != "sparse" or self.masks is None:
+            return None
+        if self._mask_nnz is None:
+            self._mask_nnz = mask_counts(self.masks)
+        return self._mask_nnz
+
     @property
     def pruned(self) -> bool:
         return self.masks is not None
@@ -90,6 +99,7 @@ class PruneFinetuneMethod(Method):
     @torch.no_grad()
     def prune(self, epoch: int) -> None:
         self.masks = global_magnitude_masks(self.weights, self.sparsity)
+        self._mask_nnz = None
         apply_masks_(self.weights, self.masks, self.optimizer)
         self.pruned_at_epoch = epoch
 
@@ -106,4 +116,5 @@ class PruneFinetuneMethod(Method):
         masks = state.get("masks")
         self.masks = None if masks is None else [m.to(device=w.device, dtype=torch.bool)
                                                  for m, w in zip(masks, self.weights)]
+        self._mask_nnz = None
         self.pruned_at_epoch = state.get("pruned_at_epoch")

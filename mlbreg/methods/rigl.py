@@ -1,11 +1,20 @@
-"""RigL (algorithms.md §5): masked SGD at a fixed density, drop/grow every ΔT steps."""
+"""RigL (algorithms.md §5): masked SGD at a fixed density, drop/grow every ΔT steps.
+
+The drop/grow follows the reference implementation (google-research/rigl) by default:
+k = ⌊f·n⌋ (`count`), drop scores |θ| plus N(0, 1e-5²) noise that breaks ties
+(`drop_noise_std`, seeded from the run's seed, the step and the layer), and a dropped
+weight regrown in the same update keeps its value and momentum (`reinit_when_same`).
+`reinit_when_same=true count=round drop_noise_std=0` gives mlbreg's earlier RigL."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from ..checks import integer, interval
+import torch
+
+from ..checks import at_least, boolean, choice, integer, interval
 from ..sparsity import RigL
+from ..sparsity.rigl import COUNTS
 from .base import Method, prunable_weights, sgd
 from .sgd import SGD_RULES
 
@@ -20,6 +29,10 @@ class RigLSettings:
     delta_t: int = 100
     alpha: float = 0.3
     end_fraction: float = 0.75
+    reinit_when_same: bool = False
+    count: str = "truncate"
+    drop_noise_std: float = 1e-5
+    seed: int = 0
 
 
 class RigLMethod(Method):
@@ -34,7 +47,10 @@ class RigLMethod(Method):
     rules = SGD_RULES + (
         ("method.delta_t", integer(1, " (steps between mask updates)")),
         ("method.alpha", interval(0, 1, meaning=" (the initial drop fraction)")),
-        ("method.end_fraction", interval(0, 1, "(]", " (T_end as a fraction of all steps)")))
+        ("method.end_fraction", interval(0, 1, "(]", " (T_end as a fraction of all steps)")),
+        ("method.reinit_when_same", boolean),
+        ("method.count", choice(COUNTS)),
+        ("method.drop_noise_std", at_least(0, " (stddev of the noise on the drop scores; 0: none)")))
     uses_target_sparsity = True
     needs_sparsity = True
     unused_keys = ("lam", "m", "regularizer.name", "init.density")
@@ -45,7 +61,9 @@ class RigLMethod(Method):
         super().__init__(sgd(model, s))
         self.weights = prunable_weights(model)
         self.rigl = RigL(self.weights, total_steps=s.total_steps, delta_t=s.delta_t, alpha=s.alpha,
-                         end_fraction=s.end_fraction)
+                         end_fraction=s.end_fraction, reinit_when_same=s.reinit_when_same, count=s.count,
+                         drop_noise_std=s.drop_noise_std, seed=s.seed)
+        self._mask_nnz = None
 
     @classmethod
     def name_parts(cls, cfg) -> list[str]:
@@ -53,6 +71,14 @@ class RigLMethod(Method):
 
     def step_kind(self) -> str:
         return "full_grad" if self.rigl.is_update_step() else "sparse"
+
+    def structure_nnz(self, kind: str):
+        """Ordinary steps compute on the masks; their sizes never change (drop k, grow k)."""
+        if kind != "sparse":
+            return None
+        if self._mask_nnz is None:
+            self._mask_nnz = torch.tensor(self.rigl.active, dtype=torch.float64, device=self.weights[0].device)
+        return self._mask_nnz
 
     def step(self) -> None:
         if self.rigl.is_update_step():

@@ -34,7 +34,9 @@ from torch.optim import Optimizer
 from .regularizers import check_regularizer, subgradient, support
 from .update import linbreg_update
 
-__all__ = ["LinBreg", "MLLinBreg"]
+__all__ = ["LinBreg", "MLLinBreg", "MOMENTUM_STYLES"]
+
+MOMENTUM_STYLES = ("torch", "reference")
 
 
 class LinBreg(Optimizer):
@@ -49,6 +51,12 @@ class LinBreg(Optimizer):
         delta: elastic-net parameter δ > 0 (ignored for reg="none", where δ = 1).
         momentum, dampening, weight_decay: as in torch.optim.SGD (b = g on the first
             step; mlbreg's configs choose dampening, see the README).
+        momentum_style: "torch" (the default): b ← β·b + (1 − d)·g with b = g on the
+            first step, v ← v − τ·b, as torch.optim.SGD; "reference": the LinBreg
+            reference's (BregmanLearning `optimizers.LinBreg`) b ← β·b + (1 − β)·τ·g from
+            b = 0, v ← v − b, so τ sits inside the buffer (under a schedule, a step's b
+            mixes earlier learning rates) and at β = 0.9 a step moves v 10x less than
+            "torch" with d = 0. `dampening` must be 0 with "reference".
         foreach: use the multi-tensor path (default: True for CUDA tensors, like torch).
         compiled: run the multi-tensor update through `torch.compile`, which fuses its
             ~7 multi-tensor kernels into a few that read g, b, v (and S) once and write
@@ -60,7 +68,12 @@ class LinBreg(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, lam: float = 0.0, reg: str = "l1", delta: float = 1.0,
                  momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
-                 foreach: bool | None = None, compiled: bool | None = False):
+                 foreach: bool | None = None, compiled: bool | None = False, momentum_style: str = "torch"):
+        if momentum_style not in MOMENTUM_STYLES:
+            raise ValueError(f"unknown momentum_style {momentum_style!r}; valid: {', '.join(MOMENTUM_STYLES)}")
+        if momentum_style == "reference" and dampening != 0:
+            raise ValueError(f"dampening={dampening} has no meaning with momentum_style='reference' "
+                             "(its buffer is b ← β·b + (1 − β)·τ·g); use dampening=0")
         if lr < 0:
             raise ValueError(f"invalid learning rate lr={lr}; must be >= 0")
         if lam < 0:
@@ -73,7 +86,7 @@ class LinBreg(Optimizer):
             raise ValueError(f"invalid weight_decay={weight_decay}; must be >= 0")
         check_regularizer(reg)
         defaults = dict(lr=lr, lam=lam, reg=reg, delta=delta, momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, foreach=foreach)
+                        weight_decay=weight_decay, foreach=foreach, momentum_style=momentum_style)
         super().__init__(params, defaults)
         for group in self.param_groups:
             check_regularizer(group["reg"])
@@ -150,7 +163,8 @@ class LinBreg(Optimizer):
                     self.state[p]["support"] = torch.empty_like(p, memory_format=torch.preserve_format)
             support_out = [self.state[p]["support"] for p in params]
         settings = dict(reg=group["reg"], lam=group["lam"], delta=group["delta"], momentum=group["momentum"],
-                        dampening=group["dampening"], weight_decay=group["weight_decay"])
+                        dampening=group["dampening"], weight_decay=group["weight_decay"],
+                        momentum_style=group.get("momentum_style", "torch"))
         done = False
         if self._use_compiled(group, params, bufs):
             lr = self._lr_tensor(group, params[0].device)
@@ -186,14 +200,23 @@ class LinBreg(Optimizer):
 
 
 class MLLinBreg(LinBreg):
-    """Multilevel LinBreg: fine step at k mod m = 0, then m − 1 coarse steps on the support.
+    """Multilevel LinBreg: a fine step, then m − 1 coarse steps on the support it leaves.
+
+    Cycle order: a cycle here is fine step first (a full LinBreg step at θ_k, after which
+    the support S of θ_{k+1} is fixed), then m − 1 coarse steps restricted to S. The paper's
+    Algorithm 1 writes a cycle the other way round (the coarse steps from θ_k on the
+    restriction of θ_k, then a fine step); over a run the two alternate the same steps,
+    shifted by one fine step at the start and the end. Here the structure a coarse step
+    uses always comes from a full-gradient step, and step 0 (a sparse initialization) is
+    fine.
 
     Args (besides LinBreg's):
         m: cycle period (m = 1 is LinBreg).
-        criterion: "fixed" (every cycle has m − 1 coarse steps) or "adaptive" (paper eq. 10:
-            at a fine step start a coarse cycle only if ‖R g‖ ≥ κ‖g‖ and ‖θ − θ_last‖ ≥ ε‖θ‖,
-            θ_last being the iterate at the last coarse cycle's start; otherwise the next
-            m − 1 steps are fine too).
+        criterion: "fixed" (every cycle has m − 1 coarse steps) or "adaptive" (paper eq. 10,
+            tested at every fine step k, at θ_k: the coarse steps follow only if
+            ‖R_k g_k‖ ≥ κ‖g_k‖ and ‖θ_k − θ_last‖ ≥ ε‖θ_k‖, with g_k = ∇L(θ_k), R_k the
+            restriction to the support of θ_k and θ_last the iterate at the last successful
+            test; after a failed test the next step is fine and tests again).
         kappa, eps: the adaptive criterion's κ and ε (ML BPGD defaults 0.45 and 1e-3).
 
     `next_step_is_fine()` tells a training loop whether the next `step()` needs the full
@@ -205,23 +228,24 @@ class MLLinBreg(LinBreg):
     def __init__(self, params, lr: float = 1e-3, lam: float = 0.0, reg: str = "l1", delta: float = 1.0,
                  momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
                  m: int = 100, criterion: str = "fixed", kappa: float = 0.45, eps: float = 1e-3,
-                 foreach: bool | None = None, compiled: bool | None = False):
+                 foreach: bool | None = None, compiled: bool | None = False, momentum_style: str = "torch"):
         if int(m) != m or m < 1:
             raise ValueError(f"invalid m={m}; the cycle period must be an integer >= 1")
         if criterion not in self.CRITERIA:
             raise ValueError(f"unknown criterion {criterion!r}; valid: {', '.join(self.CRITERIA)}")
         super().__init__(params, lr=lr, lam=lam, reg=reg, delta=delta, momentum=momentum, dampening=dampening,
-                         weight_decay=weight_decay, foreach=foreach, compiled=compiled)
+                         weight_decay=weight_decay, foreach=foreach, compiled=compiled, momentum_style=momentum_style)
         self.m = int(m)
         self.criterion = criterion
         self.kappa = kappa
         self.eps = eps
         self.steps_taken = 0          # k
         self.coarse_cycle = True      # does the current cycle take coarse steps?
+        self.cycle_start = 0          # the step k of the current cycle's fine step
         self.coarse_cycles_started = 0  # (the adaptive criterion keeps θ_last in state[p]["theta_last"])
 
     def next_step_is_fine(self) -> bool:
-        return self.steps_taken % self.m == 0 or not self.coarse_cycle
+        return not self.coarse_cycle or (self.steps_taken - self.cycle_start) % self.m == 0
 
     def _support_masks(self, params):
         return [self.state[p]["support"] for p in params]
@@ -232,13 +256,16 @@ class MLLinBreg(LinBreg):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        fine = self.next_step_is_fine()
-        cycle_start = self.steps_taken % self.m == 0
-        if fine:
+        if self.next_step_is_fine():
+            # eq. 10 is evaluated at θ_k with g = ∇L(θ_k), before this fine step moves θ
+            start = self.m > 1 and self._criterion_holds()
             for group in self.param_groups:
                 self._step_group(group, refresh_support=True)
-            if cycle_start:
-                self.coarse_cycle = self._start_coarse_cycle()
+            if self.m > 1:
+                self.coarse_cycle = start
+                if start:
+                    self.cycle_start = self.steps_taken
+                    self.coarse_cycles_started += 1
         else:
             for group in self.param_groups:
                 if group["reg"] == "none":
@@ -248,13 +275,13 @@ class MLLinBreg(LinBreg):
         self.steps_taken += 1
         return loss
 
-    def _start_coarse_cycle(self) -> bool:
+    def _criterion_holds(self) -> bool:
+        """Whether the m − 1 steps after this fine step are coarse: always ("fixed"), or
+        paper eq. 10 at θ_k ("adaptive"): ‖R_k g‖ ≥ κ‖g‖ and ‖θ_k − θ_last‖ ≥ ε‖θ_k‖, with
+        R_k the restriction to the support of θ_k, g its gradient and θ_last the iterate
+        at the last coarse cycle's start. On success θ_last ← θ_k."""
         if self.criterion == "fixed":
-            self.coarse_cycles_started += 1
             return True
-        # eq. 10 with g the fine step's gradient (the update leaves p.grad as it was) and
-        # R the restriction to the new support; unregularized tensors are always part of
-        # the coarse model, so their gradient counts fully in ‖R g‖.
         params, grads, restricted, reg_grads, supports = [], [], [], [], []
         for group in self.param_groups:
             for p in group["params"]:
@@ -263,10 +290,10 @@ class MLLinBreg(LinBreg):
                 params.append(p)
                 grads.append(p.grad)
                 if group["reg"] == "none":
-                    restricted.append(p.grad)
+                    restricted.append(p.grad)   # unregularized tensors are always in the coarse model
                 else:
                     reg_grads.append(p.grad)
-                    supports.append(self.state[p]["support"])
+                    supports.append(support(p.detach(), group["reg"]).to(p.grad.dtype))
         if reg_grads:
             restricted += torch._foreach_mul(reg_grads, supports)
 
@@ -276,14 +303,13 @@ class MLLinBreg(LinBreg):
             return torch.stack(torch._foreach_norm(tensors)).double().square().sum()
 
         # θ_last lives per parameter (state[p]["theta_last"]): it follows the parameter's
-        # device on load, and a tensor that had no gradient at the last cycle start is
-        # simply not part of the comparison
+        # device on load; a tensor that had no gradient at the last cycle start is not compared
         moved = [p for p in params if "theta_last" in self.state[p]]
         sums = [sq_norm(grads), sq_norm(restricted)]
         if moved:
             last = [self.state[p]["theta_last"] for p in moved]
             sums += [sq_norm(torch._foreach_sub(moved, last)), sq_norm(moved)]
-        g_sq, rg_sq, *diff = torch.stack(sums).tolist()    # one host sync per cycle start
+        g_sq, rg_sq, *diff = torch.stack(sums).tolist()    # one host sync per test
         moved_enough = not diff or diff[0] ** 0.5 >= self.eps * diff[1] ** 0.5
         start = rg_sq ** 0.5 >= self.kappa * g_sq ** 0.5 and moved_enough
         if start:
@@ -292,15 +318,14 @@ class MLLinBreg(LinBreg):
                     self.state[p]["theta_last"].copy_(p)
                 else:
                     self.state[p]["theta_last"] = p.detach().clone()
-            self.coarse_cycles_started += 1
         return start
 
     # -- checkpointing: the cycle position is part of the optimizer's state --------------
     def state_dict(self):
         sd = super().state_dict()
         sd["ml_linbreg"] = {"steps_taken": self.steps_taken, "coarse_cycle": self.coarse_cycle,
-                            "coarse_cycles_started": self.coarse_cycles_started,
-                            "m": self.m, "criterion": self.criterion}
+                            "cycle_start": self.cycle_start, "coarse_cycles_started": self.coarse_cycles_started,
+                            "m": self.m, "criterion": self.criterion, "criterion_at": "step_start"}
         return sd
 
     def load_state_dict(self, state_dict):
@@ -308,7 +333,13 @@ class MLLinBreg(LinBreg):
         ml = state_dict.pop("ml_linbreg", None)
         super().load_state_dict(state_dict)
         if ml is not None:
+            if self.criterion == "adaptive" and ml.get("criterion") == "adaptive" and "criterion_at" not in ml:
+                # before mlbreg tested eq. 10 at θ_k, it tested after the fine step and skipped
+                # m − 1 tests after a failure: resuming would mix the two in one run
+                raise ValueError("this checkpoint's adaptive criterion (ML LinBreg) follows the rule of an older "
+                                 "mlbreg (tested after the fine step); start the run fresh (resume=false)")
             self.steps_taken = ml["steps_taken"]
+            self.cycle_start = ml.get("cycle_start", 0)
             self.coarse_cycle = ml["coarse_cycle"]
             self.coarse_cycles_started = ml.get("coarse_cycles_started", 0)
             older = ml.get("theta_last")   # older checkpoints: one list over all parameters

@@ -27,6 +27,7 @@ def linbreg_update(
     dampening: float,
     weight_decay: float,
     foreach: bool,
+    momentum_style: str = "torch",
 ) -> None:
     """One LinBreg step on a list of tensors of one param group.
 
@@ -41,7 +42,13 @@ def linbreg_update(
     if weight_decay != 0:
         grads = (torch._foreach_add(grads, params, alpha=weight_decay) if foreach
                  else [g.add(p, alpha=weight_decay) for g, p in zip(grads, params)])
-    if momentum != 0:
+    if momentum != 0 and momentum_style == "reference":
+        # b ← β·b + (1 − β)·τ·g from b = 0, then v ← v − b: the torch-style update of the
+        # scaled gradient x = (1 − β)·τ·g with d = 0 (b = x on the first step is β·0 + x)
+        grads = _scaled(grads, lr, 1 - momentum, foreach)
+        _momentum_update(grads, bufs, masks, momentum, 0.0, foreach)
+        direction, lr = bufs, 1.0
+    elif momentum != 0:
         _momentum_update(grads, bufs, masks, momentum, dampening, foreach)
         direction = bufs
     else:
@@ -58,6 +65,15 @@ def linbreg_update(
             prox_(p, v, reg, lam, delta)
     if support_out is not None:
         _write_support(params, support_out)
+
+
+def _scaled(grads, lr, factor: float, foreach) -> list[torch.Tensor]:
+    """factor·τ·g as new tensors (τ a float or, compiled, a 0-d tensor)."""
+    if foreach:
+        out = torch._foreach_mul(grads, lr)
+        torch._foreach_mul_(out, factor)
+        return out
+    return [g.mul(lr).mul_(factor) for g in grads]
 
 
 def _descend(target, direction, masks, lr, foreach) -> None:

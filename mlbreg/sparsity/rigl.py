@@ -1,21 +1,34 @@
 """RigL (Evci et al. 2020, "Rigging the Lottery"): sparse training at a fixed density.
 
 The mask schedule of algorithms.md §5, independent of the optimizer that takes the SGD
-steps (`mlbreg.methods.RigLMethod` pairs it with torch.optim.SGD):
+steps (`mlbreg.methods.RigLMethod` pairs it with torch.optim.SGD). By default it follows
+the reference implementation (google-research/rigl, `SparseRigLOptimizer` and
+`_get_update_op` in rigl/sparse_optimizers.py):
 
 - t counts the optimizer steps already taken (0, 1, 2, ...). Step t is a *mask-update
   step* when t > 0, t mod ΔT = 0 and t < T_end, with T_end = ⌊end_fraction·T⌋ (T: all
   steps of the run). So the first ΔT steps are plain SGD on the initial mask, and from
   T_end on the mask is fixed.
 - drop_fraction(t) = (α/2)·(1 + cos(π·t/T_end)) (cosine decay from α to 0).
-- On an update step, per sparse layer with n active weights: k = round(drop_fraction·n);
-  drop the k active weights of smallest |θ|, then grow the k weights of largest |g|
-  (g: the dense gradient of the masked weights, p.grad with the torch backend) among
-  those not active after the drop. As in the reference implementation, a weight just
-  dropped may be grown again; every grown weight starts at exactly 0 with zero momentum.
-  The SGD step is skipped on update steps (the caller does that).
+- On an update step, per sparse layer with n active weights: k = ⌊drop_fraction·n⌋
+  (`count="truncate"`, the reference's `int(n_ones * drop_fraction)`; `count="round"`:
+  round(drop_fraction·n)); drop the k active weights of smallest |θ| + ε, ε ~ N(0, σ²)
+  with σ = `drop_noise_std` (1e-5, the reference's `noise_std`: it breaks ties at random;
+  0: no noise, ties go to the lower index), then grow the k weights of largest |g| (g:
+  the dense gradient of the masked weights, p.grad with the torch backend) among those
+  not active after the drop. A weight just dropped may be grown again.
+- Only connections that were not active before the update are new: they start at exactly
+  0 with zero momentum. A dropped and regrown weight keeps its value and its momentum
+  (`reinit_when_same=False`, the reference default); with `reinit_when_same=True` it is
+  reset like a new one. Dropped weights become 0 with zero momentum.
+- The SGD step is skipped on update steps (the caller does that).
 - Layers that are dense at the start (density 1, e.g. `init.dense_first`) are never
   updated: dropping and regrowing there would only zero their smallest weights.
+
+The noise is drawn on the CPU from a torch.Generator seeded from (seed, t, layer index),
+then moved to the weight's device: it is the same on every device and after a resume,
+with no state beyond the step count. `reinit_when_same=True, count="round",
+drop_noise_std=0` is mlbreg's RigL before these options existed.
 
 Everything is one topk per layer and a few whole-tensor ops; no per-element Python.
 """
@@ -28,7 +41,7 @@ import torch
 
 from .masks import apply_masks_, momentum_buffers
 
-__all__ = ["RigL", "drop_fraction", "drop_and_grow"]
+__all__ = ["COUNTS", "RigL", "drop_and_grow", "drop_fraction", "drop_noise"]
 
 
 def drop_fraction(t: int, alpha: float, t_end: int) -> float:
@@ -38,27 +51,50 @@ def drop_fraction(t: int, alpha: float, t_end: int) -> float:
     return alpha / 2 * (1 + math.cos(math.pi * t / t_end))
 
 
+COUNTS = ("truncate", "round")
+
+
+def drop_noise(shape: torch.Size, std: float, seed: int, t: int, layer: int) -> torch.Tensor:
+    """N(0, std²) noise for the drop scores of layer `layer` at step t: float32 on the CPU
+    from a generator seeded from (seed, t, layer), so it is the same on every device and
+    after a resume."""
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(t) * 1009 + int(layer)) % 2**63)
+    return torch.randn(shape, generator=g, dtype=torch.float32).mul_(std)
+
+
+def _extreme(score: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Boolean mask of the k smallest (largest) entries of the flat `score`, exact ties
+    going to the lower index (torch.topk alone does not promise that): one topk for the
+    k-th value, then whole-tensor compares and a cumsum, no host sync."""
+    values = torch.topk(score, k, largest=largest, sorted=False).values
+    kth = values.min() if largest else values.max()
+    beyond = score > kth if largest else score < kth
+    tied = score == kth
+    return beyond | (tied & (tied.cumsum(0) <= k - beyond.sum()))
+
+
 @torch.no_grad()
-def drop_and_grow(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, k: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """New mask after dropping the k smallest-|θ| active weights and growing the k
-    largest-|g| weights among the inactive ones (after the drop).
+def drop_and_grow(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, k: int,
+                  noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """New mask after dropping the k smallest-score active weights (score |θ|, plus `noise`
+    where given) and growing the k largest-|g| weights among the inactive ones (after the
+    drop).
 
     Returns (new_mask, kept): `kept` is the mask after the drop, so θ ⊙ kept zeroes the
-    dropped and the grown weights (grown weights start at 0). Ties go to the lower index
-    (torch.topk on the flat tensor)."""
+    dropped weights (and, with reinit_when_same, the regrown ones too). Exact ties go to
+    the lower index, in the drop and in the grow."""
     flat_mask = mask.reshape(-1)
     if k <= 0:
         return mask.clone(), mask.clone()
-    inf = torch.tensor(float("inf"), dtype=weight.dtype, device=weight.device)
-    drop_score = torch.where(flat_mask, weight.reshape(-1).abs(), inf)
-    dropped = torch.topk(drop_score, k, largest=False, sorted=False).indices
-    kept = flat_mask.clone()
-    kept[dropped] = False
-    grow_score = torch.where(kept, -inf, grad.reshape(-1).abs().to(weight.dtype))
-    grown = torch.topk(grow_score, k, largest=True, sorted=False).indices
-    new_mask = kept.clone()
-    new_mask[grown] = True
+    dtype = torch.promote_types(weight.dtype, torch.float32)   # noise of 1e-5 must not vanish in half precision
+    inf = torch.tensor(float("inf"), dtype=dtype, device=weight.device)
+    score = weight.reshape(-1).abs().to(dtype)
+    if noise is not None:
+        score = score + noise.reshape(-1).to(device=weight.device, dtype=dtype)
+    drop_score = torch.where(flat_mask, score, inf)            # inactive weights are never "dropped"
+    kept = flat_mask & ~_extreme(drop_score, k, largest=False)
+    grow_score = torch.where(kept, -inf, grad.reshape(-1).abs().to(dtype))
+    new_mask = kept | _extreme(grow_score, k, largest=True)
     return new_mask.view_as(mask), kept.view_as(mask)
 
 
@@ -73,10 +109,21 @@ class RigL:
         alpha: initial drop fraction α.
         end_fraction: mask updates stop at T_end = ⌊end_fraction·T⌋.
         masks: optional initial boolean masks (default: weight != 0).
+        reinit_when_same: a dropped weight that is regrown in the same update restarts
+            at 0 with zero momentum (default False, the reference's: it keeps both).
+        count: k per layer, "truncate" (⌊f·n⌋, the reference's) or "round" (round(f·n)).
+        drop_noise_std: stddev of the Gaussian noise added to the active weights' drop
+            scores |θ| (default 1e-5, the reference's `noise_std`; 0: ties to the lower index).
+        seed: seeds the noise, with the step and the layer index (the run's seed).
+
+    `reinit_when_same=True, count="round", drop_noise_std=0` is mlbreg's earlier RigL.
+    These options are constructor arguments, not checkpoint state.
     """
 
     def __init__(self, weights: list[torch.Tensor], *, total_steps: int, delta_t: int = 100, alpha: float = 0.3,
-                 end_fraction: float = 0.75, masks: list[torch.Tensor] | None = None):
+                 end_fraction: float = 0.75, masks: list[torch.Tensor] | None = None,
+                 reinit_when_same: bool = False, count: str = "truncate", drop_noise_std: float = 1e-5,
+                 seed: int = 0):
         if int(delta_t) != delta_t or delta_t < 1:
             raise ValueError(f"invalid delta_t={delta_t}; must be an integer >= 1")
         if not 0 <= alpha <= 1:
@@ -85,6 +132,10 @@ class RigL:
             raise ValueError(f"invalid end_fraction={end_fraction}; must be in (0, 1]")
         if total_steps < 1:
             raise ValueError(f"invalid total_steps={total_steps}; must be >= 1")
+        if count not in COUNTS:
+            raise ValueError(f"invalid count={count!r}; valid: {', '.join(COUNTS)}")
+        if not (math.isfinite(drop_noise_std) and drop_noise_std >= 0):
+            raise ValueError(f"invalid drop_noise_std={drop_noise_std}; must be >= 0")
         self.weights = list(weights)
         with torch.no_grad():
             self.masks = [m.to(torch.bool).clone() for m in masks] if masks is not None else \
@@ -93,6 +144,10 @@ class RigL:
         self.delta_t = int(delta_t)
         self.alpha = float(alpha)
         self.t_end = int(end_fraction * total_steps)
+        self.reinit_when_same = bool(reinit_when_same)
+        self.count = count
+        self.drop_noise_std = float(drop_noise_std)
+        self.seed = int(seed)
         self.steps_taken = 0
         self.updates_done = 0
 
@@ -111,21 +166,27 @@ class RigL:
     def drop_counts(self, t: int | None = None) -> list[int]:
         """k per layer at step t (0 for dense layers)."""
         f = self.drop_fraction(t)
-        return [round(f * n) if ok else 0 for n, ok in zip(self.active, self.updatable)]
+        size = int if self.count == "truncate" else round
+        return [size(f * n) if ok else 0 for n, ok in zip(self.active, self.updatable)]
 
     @torch.no_grad()
     def update_masks(self, optimizer: torch.optim.Optimizer | None = None) -> list[int]:
-        """Drop and grow in every sparse layer (uses each weight's .grad); new and
-        dropped weights and their momentum become 0. Returns k per layer."""
+        """Drop and grow in every sparse layer (uses each weight's .grad). New connections
+        and dropped weights, with their momentum, become 0; a dropped and regrown weight
+        keeps its value and momentum unless `reinit_when_same`. Returns k per layer."""
         counts = self.drop_counts()
         buffers = momentum_buffers(optimizer, self.weights) if optimizer is not None else [None] * len(self.weights)
         for i, (w, k) in enumerate(zip(self.weights, counts)):
             if k == 0 or w.grad is None:
                 continue
-            new_mask, kept = drop_and_grow(w, w.grad, self.masks[i], k)
-            w.mul_(kept)
+            old = self.masks[i]
+            noise = drop_noise(w.shape, self.drop_noise_std, self.seed, self.steps_taken, i) \
+                if self.drop_noise_std > 0 else None
+            new_mask, kept = drop_and_grow(w, w.grad, old, k, noise)
+            keep = kept if self.reinit_when_same else new_mask & old   # what keeps its value and momentum
+            w.mul_(keep)
             if buffers[i] is not None:
-                buffers[i].mul_(kept)
+                buffers[i].mul_(keep)
             self.masks[i] = new_mask
         self.updates_done += 1
         return counts
