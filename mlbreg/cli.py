@@ -42,8 +42,10 @@ def _train_job(cfg, run_dir: str) -> dict:
     from .train import train  # imported late: `mlbreg --help` stays fast
     outcome = train(cfg, run_dir)
     status = outcome["status"]
-    if outcome.get("skipped"):
-        print(f"mlbreg: {run_dir} finished earlier; kept (resume=false trains it again)", file=sys.stderr)
+    if status == "busy":
+        print(f"mlbreg: {run_dir} {outcome['message']}")
+    elif outcome.get("skipped"):
+        print(f"mlbreg: finished, skipped: {run_dir}: {_final_line(outcome)} (resume=false trains it again)")
     elif status == "finished":
         print(f"mlbreg: finished {run_dir}: {_final_line(outcome)}")
     else:

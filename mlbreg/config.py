@@ -52,7 +52,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SCHEDULERS = ("cosine", "constant")
 # Keys that change how a run is executed or where its data comes from, not its results:
 # they are left out of the run's identity so that e.g. a resumed run may use another device.
-NON_IDENTIFYING = ("resume", "device", "progress", "logger", "checkpoint_every", "output_root", "num_threads",
+NON_IDENTIFYING = ("resume", "wait_for_lock", "device", "progress", "logger", "checkpoint_every", "output_root", "num_threads",
                    "distributed", "stop_check_every", "compile", "compile_optimizer",
                    "hydra", "dataset.root", "dataset.download", "dataset.num_workers", "eval_batch_size")
 
@@ -88,7 +88,7 @@ def _top_rules() -> tuple:
         ("checkpoint_every", integer(0, " (0 = only at the end and on signals)")), ("seed", integer(0)),
         ("eval_batch_size", integer(1)), ("stop_check_every", integer(1)),
         ("num_threads", optional(integer(1), " (or null for torch's default)")),
-        *((key, boolean) for key in ("resume", "compile", "progress", "channels_last", "distributed",
+        *((key, boolean) for key in ("resume", "wait_for_lock", "compile", "progress", "channels_last", "distributed",
                                      "sync_batchnorm")),
     )
 

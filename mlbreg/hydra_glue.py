@@ -72,7 +72,8 @@ def run_hydra(argv: list[str], job, extra_overrides: tuple[str, ...] = ()) -> in
         print(f"mlbreg: {known}", file=sys.stderr)
         return 2
     # a run that did not finish (diverged) makes the exit code non-zero, in a sweep too
-    return 0 if all(s == "finished" for s in statuses) else 2
+    # a run skipped because another launcher runs it is not a failure of this command
+    return 0 if all(s in ("finished", "busy") for s in statuses) else 2
 
 
 def _check_whole_sweeps() -> None:

@@ -15,6 +15,7 @@ any step sees exactly the batches an uninterrupted run sees.
 from __future__ import annotations
 
 import csv
+import io
 import signal
 import sys
 import time
@@ -32,7 +33,7 @@ from .env import collect_env
 from .flops import FlopsAccount
 from .loggers import make_logger
 from .metrics import layer_stats, model_bytes, sparsity_summary
-from .rundir import CsvLog, RunDir
+from .rundir import CsvLog, RunDir, atomic_write_bytes
 from .runstate import EpochMeter, RngState, StopGuard
 
 __all__ = ["LAYER_COLUMNS", "METRIC_COLUMNS", "Trainer", "write_summary"]
@@ -83,7 +84,7 @@ class Trainer:
     def _open_files(self) -> None:
         run = self.run_dir
         self.metrics_log = CsvLog(run.file("metrics.csv"), METRIC_COLUMNS)
-        self.layers_log = CsvLog(run.file("layers.csv"), LAYER_COLUMNS)
+        self.layers_log = CsvLog(run.file("layers.csv"), LAYER_COLUMNS, key=("epoch", "layer"))
         if self.ctx.is_main:
             run.path.mkdir(parents=True, exist_ok=True)
             self.metrics_log.keep_epochs_up_to(self.pos["epoch"])
@@ -283,9 +284,8 @@ def write_summary(cfg: DictConfig, run: RunDir, outcome: dict[str, Any], name: s
                momentum=cfg.momentum, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed)
     row.update({k: v for k, v in final.items() if k not in ("epoch", "lr")})  # lr: the configured one
     row.update(run_name=name, status="finished")
-    tmp = run.file("summary.csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        writer.writeheader()
-        writer.writerow(row)
-    tmp.replace(run.file("summary.csv"))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(row))
+    writer.writeheader()
+    writer.writerow(row)
+    atomic_write_bytes(run.file("summary.csv"), lambda f: f.write(buf.getvalue().encode()))

@@ -16,9 +16,11 @@ kill at any moment leaves either the old or the new file, never half of one.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -32,21 +34,40 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not belong to this run."""
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_write_bytes(path: Path, write) -> None:
+    """`write(f)` into a temporary file of its own (PID + random suffix, same directory),
+    fsync'd, then renamed over `path` and the directory fsync'd: readers and a kill at any
+    moment see the old or the new file, and two writers never share a temporary file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:              # e.g. a filesystem that cannot open directories: the rename stands
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class CsvLog:
-    """Append-only CSV with a fixed header; every row is flushed to disk when written."""
+    """Append-only CSV with a fixed header; every row is flushed to disk when written.
+    `key`: the columns that identify a row (metrics.csv: epoch; layers.csv: epoch, layer)."""
 
-    def __init__(self, path: Path, columns: list[str]):
+    def __init__(self, path: Path, columns: list[str], key: tuple[str, ...] = ("epoch",)):
         self.path = path
         self.columns = columns
+        self.key = key
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
         new = not self.path.exists() or self.path.stat().st_size == 0
@@ -61,22 +82,31 @@ class CsvLog:
 
     def keep_epochs_up_to(self, epoch: int) -> None:
         """Drop rows of epochs after `epoch` (written after the checkpoint a run resumes
-        from), so a resumed run has neither duplicate nor missing rows."""
+        from) and repeated rows of one key (the last one stays: what a rerun of the epoch
+        wrote), and a last line cut short by a kill, so a resumed run has neither duplicate
+        nor missing rows."""
         if not self.path.exists():
             return
-        with open(self.path, newline="") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or self.columns
-            kept = [row for row in reader if int(row["epoch"]) <= epoch]
+        text = self.path.read_text()
+        if text and not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]     # a row cut short by a kill mid-write
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = reader.fieldnames or self.columns
+        rows: dict[tuple, dict] = {}
+        for row in reader:
+            if row.get("epoch") and int(row["epoch"]) <= epoch:
+                key = tuple(row.get(k) for k in self.key)
+                rows.pop(key, None)                 # re-insert: the last occurrence, in its place
+                rows[key] = row
+        kept = list(rows.values())
 
         def write(fb):
             text = _rows_to_text(header, kept)
             fb.write(text.encode())
-        _atomic_write_bytes(self.path, write)
+        atomic_write_bytes(self.path, write)
 
 
 def _rows_to_text(header, rows) -> str:
-    import io
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=header, lineterminator="\r\n")
     writer.writeheader()
@@ -111,7 +141,7 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         # UTC with the zone written out: runs of a sweep may finish on machines in other zones
         data = dict(status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info)
-        _atomic_write_bytes(self.path / "status.json", lambda f: f.write(json.dumps(data, indent=1).encode()))
+        atomic_write_bytes(self.path / "status.json", lambda f: f.write(json.dumps(data, indent=1).encode()))
 
     def write_env(self, env: dict[str, Any]) -> None:
         """env.json of this attempt; the environments of earlier attempts (a run resumed on
@@ -128,11 +158,11 @@ class RunDir:
             except (json.JSONDecodeError, AttributeError):
                 pass
         data = dict(env, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), earlier=earlier)
-        _atomic_write_bytes(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
+        atomic_write_bytes(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
 
     # -- checkpoints -------------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        _atomic_write_bytes(self.checkpoint_path, lambda f: torch.save(state, f))
+        atomic_write_bytes(self.checkpoint_path, lambda f: torch.save(state, f))
 
     def load_checkpoint(self, run_key: str) -> dict[str, Any]:
         try:
@@ -149,7 +179,7 @@ class RunDir:
         return state
 
     def save_model(self, model_state: dict[str, Any]) -> None:
-        _atomic_write_bytes(self.path / "model.pt", lambda f: torch.save(model_state, f))
+        atomic_write_bytes(self.path / "model.pt", lambda f: torch.save(model_state, f))
 
     def clear(self) -> None:
         """Remove the results of an earlier attempt (resume=false)."""

@@ -12,6 +12,7 @@ callers import from here (`build`, `evaluate`, `METRIC_COLUMNS`, ...) stay impor
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from .cpu_alloc import keep_freed_memory
 from .flops import FlopsAccount
 from .loop import LAYER_COLUMNS, METRIC_COLUMNS, Trainer
 from .rundir import RunDir
+from .runlock import RunLock, describe
 from .runstate import STOP_SIGNALS, hand_on
 
 __all__ = ["train", "build", "evaluate", "resolve_device", "seed_everything", "Trainer", "FlopsAccount",
@@ -33,11 +35,32 @@ __all__ = ["train", "build", "evaluate", "resolve_device", "seed_everything", "T
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Run (or resume, or skip if finished) one training; returns the run's final status dict."""
+    """Run (or resume, or skip if finished or run by another launcher) one training; returns
+    the run's final status dict (`skipped`: nothing was trained; `busy`: the live holder of
+    the run directory's lock, see mlbreg.runlock)."""
     validate(cfg)
     for note in unused_notes(cfg):
         print(f"mlbreg: note: {note}", file=sys.stderr)
     run = RunDir(run_dir)
+    # rank 0 of a DDP job holds the lock for all ranks (they share the run directory)
+    lock = RunLock(run.path) if int(os.environ.get("RANK", "0")) == 0 else None
+    holder = lock.acquire(wait=bool(cfg.get("wait_for_lock"))) if lock else None
+    if holder is not None:
+        message = f"already running on {describe(holder)}; skipped"
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RuntimeError(f"{run.path}: {message}")   # the other ranks must not wait for this one
+        return dict(status="busy", skipped=True, busy=holder, message=message)
+    try:
+        if lock and lock.taken_over:
+            print(f"mlbreg: note: {run.path}: took over the lock left by {describe(lock.taken_over)}, "
+                  "which no longer holds it", file=sys.stderr)
+        return _train_locked(cfg, run)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train_locked(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     name = run_name(cfg)
     run_key = f"{__version__}:{name}"
     previous = run.read_status()

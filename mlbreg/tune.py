@@ -143,6 +143,8 @@ def probe_config(cfg: DictConfig, lam: float) -> DictConfig:
     OmegaConf.set_readonly(probe, False)
     with open_dict(probe):
         probe.lam = lam
+        # a probe another tune (another seed's job, say) is training: wait for it and reuse it
+        probe.wait_for_lock = True
     return probe
 
 
@@ -165,12 +167,12 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     import csv
     import io
 
-    from .rundir import _atomic_write_bytes
+    from .rundir import atomic_write_bytes
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=TUNE_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write_bytes(path, lambda f: f.write(buf.getvalue().encode()))
+    atomic_write_bytes(path, lambda f: f.write(buf.getvalue().encode()))
 
 
 class _Interrupted(Exception):

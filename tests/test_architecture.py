@@ -22,6 +22,7 @@ LAYERS = {
     # building blocks
     "models": 1, "optim": 1, "distributed": 1,
     "sparsity": 2, "data": 2, "flops": 2, "metrics": 2, "rundir": 2, "loggers": 2, "sparse_format": 2,
+    "runlock": 0,
     "methods": 3, "backends": 3,
     "config": 4,
     # one run

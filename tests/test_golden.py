@@ -49,7 +49,7 @@ NAMES = {
 }
 
 # keys that change how a run is executed, not its result: the same name whatever their value
-EXECUTION = ["device=cpu", "progress=true", "logger=tensorboard", "checkpoint_every=3", "num_threads=2",
+EXECUTION = ["device=cpu", "wait_for_lock=true", "progress=true", "logger=tensorboard", "checkpoint_every=3", "num_threads=2",
              "resume=false", "eval_batch_size=17", "dataset.num_workers=2", "compile_optimizer=false"]
 
 METRICS = ["epoch", "step", "lr", "train_loss", "train_acc_pct", "test_loss", "test_acc_pct", "sparsity_pct",
@@ -61,7 +61,7 @@ SUMMARY = ["dataset", "model", "method", "regularizer", "lam", "m", "init", "ini
            "init_scale", "lr", "momentum", "epochs", "batch_size", "seed", "step", *METRICS[3:], "run_name", "status"]
 STATUS = ["backend", "device", "epoch", "final", "run_key", "status", "step", "updated"]
 FILES = {"checkpoint.pt", "config.yaml", "env.json", "layers.csv", "metrics.csv", "model.pt", "status.json",
-         "summary.csv"}
+         "summary.csv", ".lock"}   # .lock: the run directory's lock (issue 15), empty once released
 
 
 @pytest.mark.parametrize("overrides", list(NAMES), ids=lambda o: " ".join(o))

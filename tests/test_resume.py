@@ -122,11 +122,15 @@ def test_signal_mid_epoch_checkpoints_and_resumes_exactly(tmp_path, monkeypatch,
 def test_finished_run_is_skipped_and_resume_false_reruns(tmp_path):
     cfg = make_cfg("epochs=2")
     train(cfg, tmp_path)
-    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir() if p.is_file()}
+    # every file but the lock (taken and released around the check, empty before and after)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()
+              if p.is_file() and p.name != ".lock"}
     out = train(cfg, tmp_path)
-    assert out["status"] == "finished"
-    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir() if p.is_file()}
+    assert out["status"] == "finished" and out["skipped"]
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()
+             if p.is_file() and p.name != ".lock"}
     assert before == after  # not recomputed, not even touched
+    assert (tmp_path / ".lock").read_bytes() == b""
     out = train(make_cfg("epochs=2", "resume=false"), tmp_path)
     assert out["status"] == "finished"
     assert (tmp_path / "metrics.csv").stat().st_mtime_ns > before["metrics.csv"][1]
@@ -145,15 +149,16 @@ def test_sweep_rerun_trains_only_interrupted_and_missing_runs(tmp_path):
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM  # checkpointed, then the shell's code for SIGTERM
     (interrupted,) = [d for d in run_dirs(tmp_path / "out") if "seed2" in d.name]
     assert RunDir(interrupted).read_status()["status"] == "interrupted"
-    finished = {d: {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in d.iterdir() if p.is_file()}
-                for d in run_dirs(tmp_path / "out") if "seed2" not in d.name}
+    def files(d):      # the run's results: every file but its lock (taken and released by the rerun)
+        return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in d.iterdir() if p.is_file() and p.name != ".lock"}
+    finished = {d: files(d) for d in run_dirs(tmp_path / "out") if "seed2" not in d.name}
     assert len(finished) == 2
     result = mlbreg("-m", "seed=0,1,2,3", *common, cwd=tmp_path)
     dirs = run_dirs(tmp_path / "out")
     assert len(dirs) == 4
     assert all(RunDir(d).read_status()["status"] == "finished" for d in dirs)
-    for d, files in finished.items():  # byte-identical and untouched
-        assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in d.iterdir() if p.is_file()} == files
+    for d, before in finished.items():  # byte-identical and untouched
+        assert files(d) == before
     metrics = pd.read_csv(interrupted / "metrics.csv")
     assert metrics.epoch.tolist() == [1, 2, 3], result.stderr
 

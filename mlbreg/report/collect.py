@@ -3,9 +3,11 @@ the environments, each run read from its text files (config.yaml, status.json, m
 or summary.csv, layers.csv, env.json)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..runlock import pid_alive
 from .configs import config_id, mark_duplicates, settings
 
 # short columns of the runs frame and tables -> dotted config keys
@@ -75,11 +78,18 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: data}
 
 
+def complete_lines(path: Path) -> io.StringIO:
+    """The file's text up to its last newline: a row being appended by a running training
+    (or cut short by a kill) is left out whole, never read as a shorter number."""
+    text = path.read_text()
+    return io.StringIO(text[: text.rfind("\n") + 1])
+
+
 def _read_metrics(path: Path) -> pd.DataFrame | None:
     if not path.exists() or path.stat().st_size == 0:
         return None
     try:
-        frame = pd.read_csv(path, on_bad_lines="skip")
+        frame = pd.read_csv(complete_lines(path), on_bad_lines="skip")
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
         return None
     if "epoch" not in frame:
@@ -95,7 +105,7 @@ def read_layers(path: Path) -> pd.DataFrame | None:
     if not path.exists() or path.stat().st_size == 0:
         return None
     try:
-        frame = pd.read_csv(path, on_bad_lines="skip", dtype={"layer": str, "kind": str, "shape": str})
+        frame = pd.read_csv(complete_lines(path), on_bad_lines="skip", dtype={"layer": str, "kind": str, "shape": str})
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
         return None
     if not {"epoch", "layer", "density"} <= set(frame.columns):
@@ -147,6 +157,25 @@ def _read_config(path: Path, row: dict[str, Any]) -> bool:
     return True
 
 
+def lock_held(path: Path) -> bool:
+    """Whether a live process holds the run's lock (mlbreg.runlock), as far as this host can
+    tell: a released lock is empty; a holder on another host is taken at its word."""
+    holder = _json(path / ".lock") or _json(path / ".lock.lease")
+    if not holder:
+        return not (path / ".lock").exists()      # runs from before the lock: unknown, trust status.json
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        return pid_alive(holder["pid"])
+    return True
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text() or "null")
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _read_status(path: Path, row: dict[str, Any]) -> dict[str, Any]:
     """status.json -> the row's status and message (and what actually ran); returns its content."""
     status_file = path / "status.json"
@@ -158,6 +187,9 @@ def _read_status(path: Path, row: dict[str, Any]) -> dict[str, Any]:
             status = {"status": "unreadable"}
     row["status"] = status.get("status", "no status.json")
     row["message"] = status.get("message", "")
+    if row["status"] == "running" and not lock_held(path):
+        # status.json says running, but no process holds the run's lock: it was killed
+        row["message"] = "no process holds its lock (killed?); rerun the same command to resume it"
     # what actually ran (device=auto, backend=auto resolved), for runs that recorded it
     for key in ("device", "backend"):
         if status.get(key):
