@@ -42,9 +42,6 @@ class Registry(Generic[T]):
     def names(self) -> tuple[str, ...]:
         return tuple(self._items)
 
-    def items(self):
-        return self._items.items()
-
     def __contains__(self, name: object) -> bool:
         return name in self._items
 

@@ -58,6 +58,20 @@ def _read(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def holder_alive(run_dir: str | os.PathLike) -> bool | None:
+    """Whether a live process holds the run directory's lock, as far as this host can tell:
+    False for a released lock (empty) or a holder on this host whose PID is gone, True for a
+    live one or one on another host (taken at its word), None when there is no lock file
+    (runs from before the lock)."""
+    run_dir = Path(run_dir)
+    holder = _read(run_dir / LOCK_NAME) or _read(run_dir / LEASE_NAME)
+    if not holder:
+        return None if not (run_dir / LOCK_NAME).exists() else False
+    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+        return pid_alive(holder["pid"])
+    return True
+
+
 def describe(holder: dict[str, Any]) -> str:
     return f"{holder.get('host', '?')} pid {holder.get('pid', '?')} since {holder.get('started', '?')}"
 

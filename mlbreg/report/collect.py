@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shlex
-import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..runlock import pid_alive
+from ..runlock import holder_alive
 from .configs import config_id, mark_duplicates, settings
 
 # short columns of the runs frame and tables -> dotted config keys
@@ -157,25 +156,6 @@ def _read_config(path: Path, row: dict[str, Any]) -> bool:
     return True
 
 
-def lock_held(path: Path) -> bool:
-    """Whether a live process holds the run's lock (mlbreg.runlock), as far as this host can
-    tell: a released lock is empty; a holder on another host is taken at its word."""
-    holder = _json(path / ".lock") or _json(path / ".lock.lease")
-    if not holder:
-        return not (path / ".lock").exists()      # runs from before the lock: unknown, trust status.json
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-        return pid_alive(holder["pid"])
-    return True
-
-
-def _json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text() or "null")
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _read_status(path: Path, row: dict[str, Any]) -> dict[str, Any]:
     """status.json -> the row's status and message (and what actually ran); returns its content."""
     status_file = path / "status.json"
@@ -187,7 +167,7 @@ def _read_status(path: Path, row: dict[str, Any]) -> dict[str, Any]:
             status = {"status": "unreadable"}
     row["status"] = status.get("status", "no status.json")
     row["message"] = status.get("message", "")
-    if row["status"] == "running" and not lock_held(path):
+    if row["status"] == "running" and holder_alive(path) is False:
         # status.json says running, but no process holds the run's lock: it was killed
         row["message"] = "no process holds its lock (killed?); rerun the same command to resume it"
     # what actually ran (device=auto, backend=auto resolved), for runs that recorded it

@@ -31,14 +31,19 @@ def _has_conv(agg: pd.DataFrame) -> bool:
     return "conv_sparsity_pct_mean" in agg and bool((agg["conv_sparsity_pct_mean"].fillna(0) > 0).any())
 
 
+def _config_columns(frame: pd.DataFrame) -> dict[str, pd.Series]:
+    """The columns that name a configuration: dataset, architecture, method, setting, n."""
+    return {"Dataset": frame["dataset"].map(lambda v: DATASET_LABELS.get(v, v)),
+            "Architecture": frame["model"].map(lambda v: MODEL_LABELS.get(v, v)),
+            "Method": frame["method"].map(lambda v: METHOD_LABELS.get(v, v)),
+            "Setting": frame["setting"].fillna(""),
+            "n": frame["n"]}
+
+
 def results_table(agg: pd.DataFrame, latex: bool = False) -> pd.DataFrame:
     """Table 1: architecture, method, setting -> n, sparsity and test accuracy (mean ± std)."""
     table = pd.DataFrame({
-        "Dataset": agg["dataset"].map(lambda v: DATASET_LABELS.get(v, v)),
-        "Architecture": agg["model"].map(lambda v: MODEL_LABELS.get(v, v)),
-        "Method": agg["method"].map(lambda v: METHOD_LABELS.get(v, v)),
-        "Setting": agg["setting"].fillna(""),
-        "n": agg["n"],
+        **_config_columns(agg),
         "Sparsity (%)": [_pm(m, s, latex=latex) for m, s in zip(agg["sparsity_pct_mean"], agg["sparsity_pct_std"])],
         "Test acc (%)": [_pm(m, s, latex=latex) for m, s in zip(agg["test_acc_pct_mean"], agg["test_acc_pct_std"])],
     })
@@ -106,11 +111,7 @@ def layers_table(layer_agg: pd.DataFrame, latex: bool = False) -> pd.DataFrame |
     if layer_agg.empty:
         return None
     table = pd.DataFrame({
-        "Dataset": layer_agg["dataset"].map(lambda v: DATASET_LABELS.get(v, v)),
-        "Architecture": layer_agg["model"].map(lambda v: MODEL_LABELS.get(v, v)),
-        "Method": layer_agg["method"].map(lambda v: METHOD_LABELS.get(v, v)),
-        "Setting": layer_agg["setting"].fillna(""),
-        "n": layer_agg["n"],
+        **_config_columns(layer_agg),
         "Layer": layer_agg["layer"],
         "Shape": layer_agg["shape"].fillna(""),
         "Density (%)": [_pm(100 * m, 100 * s if not pd.isna(s) else s, latex=latex)
