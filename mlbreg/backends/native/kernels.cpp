@@ -20,10 +20,12 @@
 #include <cmath>
 #include <cstdint>
 #include <vector>
+#include <cstdlib>
 
 #if !defined(MLBREG_FORCE_PLAIN) && !defined(MLBREG_FORCE_AVX2) && defined(__AVX512F__)
 #include <immintrin.h>
 #define MLBREG_PATH "avx512"
+#define NVMAX_IS_8 1
 namespace simd {
 using V = __m512;
 constexpr int W = 16;
@@ -32,12 +34,13 @@ inline V set1(float a) { return _mm512_set1_ps(a); }
 inline V load(const float* p) { return _mm512_loadu_ps(p); }
 inline void store(float* p, V a) { _mm512_storeu_ps(p, a); }
 inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V add(V a, V b) { return _mm512_add_ps(a, b); }
 inline float hsum(V a) { return _mm512_reduce_add_ps(a); }
 }  // namespace simd
-constexpr int NP = 6;  // output positions per register tile (NP * BT / W = 12 accumulators)
 #elif !defined(MLBREG_FORCE_PLAIN) && defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define MLBREG_PATH "avx2"
+#define NVMAX_IS_8 0
 namespace simd {
 using V = __m256;
 constexpr int W = 8;
@@ -46,6 +49,7 @@ inline V set1(float a) { return _mm256_set1_ps(a); }
 inline V load(const float* p) { return _mm256_loadu_ps(p); }
 inline void store(float* p, V a) { _mm256_storeu_ps(p, a); }
 inline V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V add(V a, V b) { return _mm256_add_ps(a, b); }
 inline float hsum(V a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -53,9 +57,9 @@ inline float hsum(V a) {
   return _mm_cvtss_f32(s);
 }
 }  // namespace simd
-constexpr int NP = 3;
 #else
 #define MLBREG_PATH "plain"
+#define NVMAX_IS_8 0
 namespace simd {
 struct V { float v[4]; };
 constexpr int W = 4;
@@ -64,142 +68,197 @@ inline V set1(float a) { return V{{a, a, a, a}}; }
 inline V load(const float* p) { return V{{p[0], p[1], p[2], p[3]}}; }
 inline void store(float* p, V a) { for (int i = 0; i < 4; ++i) p[i] = a.v[i]; }
 inline V fma(V a, V b, V c) { V r; for (int i = 0; i < 4; ++i) r.v[i] = std::fma(a.v[i], b.v[i], c.v[i]); return r; }
+inline V add(V a, V b) { V r; for (int i = 0; i < 4; ++i) r.v[i] = a.v[i] + b.v[i]; return r; }
 inline float hsum(V a) { return (a.v[0] + a.v[1]) + (a.v[2] + a.v[3]); }
 }  // namespace simd
-constexpr int NP = 2;
 #endif
 
 using simd::V;
-constexpr int BT = 32;             // batch lanes per tile (a full tile is BT / W vectors)
-constexpr int NV = BT / simd::W;
+namespace simd {
+// the lanes of a vector summed in double, lane by lane (a fixed order)
+inline double hsum_d(V a) {
+  alignas(64) float t[W];
+  store(t, a);
+  double s = 0.0;
+  for (int i = 0; i < W; ++i) s += t[i];
+  return s;
+}
+}  // namespace simd
+// Register budget: accumulators per tile (32 zmm on AVX-512, 16 ymm on AVX2; the rest hold the broadcast
+// weight and scratch). A lane chunk is NV vectors of the batch (NV in 8, 4, 2, 1); the tile holds TP = ACC / NV
+// output positions of it, so the full batch of 128 on AVX-512 is 3 positions x 8 vectors.
+constexpr int ACC = simd::W == 16 ? 24 : 12;
+constexpr int NVMAX = simd::W == 16 ? 8 : 4;
+constexpr int tp_for(int nv) { return ACC / nv > 12 ? 12 : ACC / nv; }
 
 namespace {
 
-struct Geom {
-  int64_t ci, hi, wi, co, ho, wo, k, s, p, b;
-  int64_t in_plane() const { return hi * wi * b; }
-  int64_t out_plane() const { return ho * wo * b; }
-};
 
 void check_chwb(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dtype() == at::kFloat && t.device().is_cpu() && t.is_contiguous() && t.dim() == 4,
               name, " must be a contiguous float32 CPU (C, H, W, B) tensor");
 }
 
+// Lanes go in chunks of NVMAX, 4, 2, 1 full vectors; the lanes past the last full vector (fewer than W) go
+// through a scalar loop.
+inline int64_t vector_lanes(int64_t b) { return b / simd::W * simd::W; }
+
 // ---------------------------------------------------------------------------------------------------
-// gather: out[co][y][x][b] = sum over buckets (u, v) valid at (y, x) of sum_j val[j] * in[chan[j]][y*s-p+u][x*s-p+v][b]
-// One register tile: TP output positions (x0, x0+1, ...) x NV vectors of a full batch tile at lane b0.
-template <int TP>
-inline void gather_tile(const float* in, float* out, const int32_t* bptr, const int32_t* chan, const float* val,
-                        const Geom& g, int64_t co, int64_t y, int64_t x0, int64_t u_lo, int64_t u_hi, int64_t v_lo,
-                        int64_t v_hi, int64_t b0) {
-  V acc[TP][NV];
-  for (int t = 0; t < TP; ++t)
-    for (int n = 0; n < NV; ++n) acc[t][n] = simd::zero();
-  const int64_t plane = g.in_plane(), step = g.s * g.b;
-  for (int64_t u = u_lo; u < u_hi; ++u) {
-    const float* row = in + (y * g.s - g.p + u) * g.wi * g.b + b0;
-    for (int64_t v = v_lo; v < v_hi; ++v) {
-      const int64_t bucket = (co * g.k + u) * g.k + v;
-      const float* base = row + (x0 * g.s - g.p + v) * g.b;
-      for (int32_t j = bptr[bucket]; j < bptr[bucket + 1]; ++j) {
-        const V w = simd::set1(val[j]);
-        const float* q = base + chan[j] * plane;
-        for (int t = 0; t < TP; ++t)
-          for (int n = 0; n < NV; ++n) acc[t][n] = simd::fma(w, simd::load(q + t * step + n * simd::W), acc[t][n]);
-      }
-    }
-  }
-  float* o = out + ((co * g.ho + y) * g.wo + x0) * g.b + b0;
-  for (int t = 0; t < TP; ++t)
-    for (int n = 0; n < NV; ++n) simd::store(o + t * g.b + n * simd::W, acc[t][n]);
+// Padded planes. A sparse kernel reads, for one output tile, the same spatial window of many input channels.
+// In a plain CHWB tensor the channel planes lie H*W*B floats apart, a multiple of 4 KiB for any batch that is a
+// multiple of 8: every channel's window then falls into the same cache sets and evicts the others (measured: the
+// same kernel ran between 30 and 90 GFLOP/s from one process to the next, with the physical page placement).
+// The kernels therefore read a copy of their input with a zero border of `p` (no border cases: every output
+// position is "interior") and a channel stride of an odd number of cache lines.
+struct Padded {
+  int64_t c, hp, wp, b, cs;     // channels, padded height / width, batch, channel stride (floats)
+};
+inline int64_t channel_stride(int64_t hp, int64_t wp, int64_t b) {
+  int64_t lines = (hp * wp * b + 15) / 16;
+  if (lines % 2 == 0) ++lines;
+  return lines * 16;
 }
 
-// Interior positions (every kernel column inside the input): the non-zeros of rows [u_lo, u_hi) form the one
-// range [j0, j1) (buckets are ordered by (u, v)), each at a precomputed offset from the tile's corner.
-template <int TP>
-inline void gather_flat(const float* in, float* out, const int64_t* off, const float* val, const Geom& g, int64_t co,
-                        int64_t y, int64_t x0, int32_t j0, int32_t j1, int64_t b0) {
+// x (C, H, W, B) -> (C, cs) holding the padded planes (H + 2p) x (W + 2p) x B, zeros around
+void pad_planes(const float* x, float* out, int64_t c, int64_t h, int64_t w, int64_t b, int64_t p, int64_t cs) {
+  const int64_t hp = h + 2 * p, wp = w + 2 * p;
+  at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      float* o = out + ch * cs;
+      const float* xi = x + ch * h * w * b;
+      std::fill(o, o + p * wp * b, 0.f);
+      for (int64_t y = 0; y < h; ++y) {
+        float* row = o + (y + p) * wp * b;
+        std::fill(row, row + p * b, 0.f);
+        std::copy(xi + y * w * b, xi + (y + 1) * w * b, row + p * b);
+        std::fill(row + (p + w) * b, row + wp * b, 0.f);
+      }
+      std::fill(o + (h + p) * wp * b, o + cs, 0.f);
+    }
+  });
+}
+
+// Work items of a row-parallel loop: rows x blocks of channels, so that a layer with few rows (the last ResNet
+// stage, a linear layer's single row) still gives every thread work. Each output element is computed by exactly
+// one item, always in the same order: the result does not depend on the thread count.
+int64_t channel_blocks(int64_t rows, int64_t channels) {
+  const int64_t want = 4 * std::max<int64_t>(1, at::get_num_threads());
+  return std::max<int64_t>(1, std::min(channels, (want + rows - 1) / rows));
+}
+
+// Output positions per cache block along a row: the block's input window for every input channel (kr rows x
+// (block * s + k) columns x B lanes) is kept near 1 MiB, inside a core's L2, so the output channels that follow
+// one another reuse it instead of streaming the whole plane from L3.
+int64_t block_positions(int64_t channels, int64_t kr, int64_t k, int64_t s, int64_t lanes, int64_t width, int64_t tp) {
+  const int64_t per_col = std::max<int64_t>(1, channels * kr * lanes * 4);
+  const int64_t cols = (int64_t(1) << 20) / per_col;
+  const int64_t pos = (cols - k) / std::max<int64_t>(1, s);
+  return std::max<int64_t>(std::max<int64_t>(tp, 4), std::min(width, pos / tp * tp));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// gather over a padded input: out[co][y][x][b] = sum_j val[j] * in[chan[j]][y*s + u_j][x*s + v_j][b]
+// (padded coordinates), each non-zero at the precomputed offset off[j] = chan*cs + (u*wp + v)*B from the tile's
+// corner. One register tile: TP output positions x NV vectors of lanes from b0; non-zeros [j0, j1).
+template <int TP, int NV>
+inline void gather_tile(const float* base, float* o, const int64_t* off, const float* val, int32_t j0, int32_t j1,
+                        int64_t step, int64_t ostep) {
   V acc[TP][NV];
   for (int t = 0; t < TP; ++t)
     for (int n = 0; n < NV; ++n) acc[t][n] = simd::zero();
-  const int64_t step = g.s * g.b;
-  const float* base = in + ((y * g.s - g.p) * g.wi + (x0 * g.s - g.p)) * g.b + b0;
   for (int32_t j = j0; j < j1; ++j) {
     const V w = simd::set1(val[j]);
     const float* q = base + off[j];
     for (int t = 0; t < TP; ++t)
       for (int n = 0; n < NV; ++n) acc[t][n] = simd::fma(w, simd::load(q + t * step + n * simd::W), acc[t][n]);
   }
-  float* o = out + ((co * g.ho + y) * g.wo + x0) * g.b + b0;
   for (int t = 0; t < TP; ++t)
-    for (int n = 0; n < NV; ++n) simd::store(o + t * g.b + n * simd::W, acc[t][n]);
+    for (int n = 0; n < NV; ++n) simd::store(o + t * ostep + n * simd::W, acc[t][n]);
 }
 
-// offset of every non-zero from the corner (y*s-p, x*s-p) of its window: chan*plane + (u*wi + v)*b
-std::vector<int64_t> offsets(const int32_t* bptr, const int32_t* chan, int64_t groups, const Geom& g, int64_t plane) {
-  std::vector<int64_t> off(bptr[groups * g.k * g.k]);
-  for (int64_t bucket = 0; bucket < groups * g.k * g.k; ++bucket) {
-    const int64_t uv = bucket % (g.k * g.k), u = uv / g.k, v = uv % g.k;
-    for (int32_t j = bptr[bucket]; j < bptr[bucket + 1]; ++j) off[j] = chan[j] * plane + (u * g.wi + v) * g.b;
+// the scalar lanes [b0, B) of one position
+inline void gather_lanes(const float* base, float* o, const int64_t* off, const float* val, int32_t j0, int32_t j1,
+                         int64_t nl) {
+  float acc[simd::W] = {0};
+  for (int32_t j = j0; j < j1; ++j) {
+    const float* q = base + off[j];
+    for (int64_t l = 0; l < nl; ++l) acc[l] = std::fma(val[j], q[l], acc[l]);
+  }
+  for (int64_t l = 0; l < nl; ++l) o[l] = acc[l];
+}
+
+// a row segment of TP-position tiles (then single positions) for one lane chunk; positions pos0 + t, input
+// columns (pos0 + t) * in_step apart in floats, outputs out_step apart
+template <int NV>
+void gather_run(const float* base, float* o, const int64_t* off, const float* val, int32_t j0, int32_t j1,
+                int64_t n, int64_t in_step, int64_t out_step) {
+  constexpr int TP = tp_for(NV);
+  int64_t t = 0;
+  for (; t + TP <= n; t += TP) gather_tile<TP, NV>(base + t * in_step, o + t * out_step, off, val, j0, j1, in_step, out_step);
+  // short rows (the last stages' 4 or 8 positions) still get tiles of several positions
+  if constexpr (TP > 4)
+    for (; t + 4 <= n; t += 4) gather_tile<4, NV>(base + t * in_step, o + t * out_step, off, val, j0, j1, in_step, out_step);
+  if constexpr (TP > 2)
+    for (; t + 2 <= n; t += 2) gather_tile<2, NV>(base + t * in_step, o + t * out_step, off, val, j0, j1, in_step, out_step);
+  for (; t < n; ++t) gather_tile<1, NV>(base + t * in_step, o + t * out_step, off, val, j0, j1, in_step, out_step);
+}
+
+// the lanes [lo, hi) of a run of n positions: full-vector chunks, then the scalar lanes (at the batch's end)
+void run_lanes(int64_t lo, int64_t hi, const float* base, float* o, const int64_t* off, const float* val, int32_t j0,
+               int32_t j1, int64_t n, int64_t in_step, int64_t out_step) {
+  int64_t b0 = lo;
+  for (int nv = NVMAX; nv >= 1; nv /= 2)
+    for (; b0 + nv * simd::W <= hi; b0 += nv * simd::W) switch (nv) {
+#define MLBREG_RUN(N) case N: gather_run<N>(base + b0, o + b0, off, val, j0, j1, n, in_step, out_step); break;
+      MLBREG_RUN(1) MLBREG_RUN(2) MLBREG_RUN(4)
+#if NVMAX_IS_8
+      MLBREG_RUN(8)
+#endif
+#undef MLBREG_RUN
+    }
+  const int64_t bv = lo + vector_lanes(hi - lo);
+  if (bv < hi)
+    for (int64_t t = 0; t < n; ++t) gather_lanes(base + t * in_step + bv, o + t * out_step + bv, off, val, j0, j1, hi - bv);
+}
+
+// Lanes per batch block: the widest of NVMAX, ..., 1 vectors whose input window (channels x kr rows x cols x
+// lanes) fits near 2 MiB (one core's L2 on the CPUs measured), so deep layers (512 channels) work on a slice of the batch at a time.
+int64_t batch_block(int64_t channels, int64_t kr, int64_t cols, int64_t b) {
+  int64_t lanes = NVMAX * simd::W;
+  while (lanes > simd::W && channels * kr * cols * lanes * 4 > (int64_t(2) << 20)) lanes /= 2;
+  return std::max<int64_t>(1, std::min(lanes, b));
+}
+
+// off[j] = chan*cs + (u*wp + v)*B for the kernel-ordered structure (buckets (group, u, v))
+std::vector<int64_t> offsets(const int32_t* bptr, const int32_t* chan, int64_t groups, int64_t k, const Padded& in) {
+  std::vector<int64_t> off(bptr[groups * k * k]);
+  for (int64_t bucket = 0; bucket < groups * k * k; ++bucket) {
+    const int64_t uv = bucket % (k * k), u = uv / k, v = uv % k;
+    for (int32_t j = bptr[bucket]; j < bptr[bucket + 1]; ++j) off[j] = chan[j] * in.cs + (u * in.wp + v) * in.b;
   }
   return off;
 }
 
-// the same for the lanes [b0, b1) of a partial batch tile, one position, scalar
-inline void gather_lanes(const float* in, float* out, const int32_t* bptr, const int32_t* chan, const float* val,
-                         const Geom& g, int64_t co, int64_t y, int64_t x, int64_t u_lo, int64_t u_hi, int64_t v_lo,
-                         int64_t v_hi, int64_t b0, int64_t b1) {
-  float acc[BT] = {0};
-  const int64_t plane = g.in_plane(), nl = b1 - b0;
-  for (int64_t u = u_lo; u < u_hi; ++u) {
-    const float* row = in + (y * g.s - g.p + u) * g.wi * g.b + b0;
-    for (int64_t v = v_lo; v < v_hi; ++v) {
-      const int64_t bucket = (co * g.k + u) * g.k + v;
-      const float* base = row + (x * g.s - g.p + v) * g.b;
-      for (int32_t j = bptr[bucket]; j < bptr[bucket + 1]; ++j) {
-        const float w = val[j];
-        const float* q = base + chan[j] * plane;
-        for (int64_t l = 0; l < nl; ++l) acc[l] = std::fma(w, q[l], acc[l]);
-      }
-    }
-  }
-  float* o = out + ((co * g.ho + y) * g.wo + x) * g.b + b0;
-  for (int64_t l = 0; l < nl; ++l) o[l] = acc[l];
-}
-
-void gather_conv(const float* in, float* out, const int32_t* bptr, const int32_t* chan, const float* val,
-                 const Geom& g) {
-  const int64_t tiles = (g.b + BT - 1) / BT;
-  // x positions where every kernel column lies inside the input (interior): register tiles of NP there
-  int64_t x_in_lo = (g.p + g.s - 1) / g.s;
-  int64_t x_in_hi = (g.wi + g.p - g.k) >= 0 ? (g.wi + g.p - g.k) / g.s + 1 : 0;
-  x_in_lo = std::min(x_in_lo, g.wo);
-  x_in_hi = std::max(x_in_lo, std::min(x_in_hi, g.wo));
-  const std::vector<int64_t> off = offsets(bptr, chan, g.co, g, g.in_plane());
-  // threads take contiguous runs of (batch tile, output row): consecutive rows share input rows in cache
-  at::parallel_for(0, tiles * g.ho, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t tile = it / g.ho, y = it % g.ho;
-      const int64_t b0 = tile * BT, b1 = std::min(g.b, b0 + BT);
-      const bool full = b1 - b0 == BT;
-      const int64_t u_lo = std::max<int64_t>(0, g.p - y * g.s), u_hi = std::min(g.k, g.hi + g.p - y * g.s);
-      for (int64_t co = 0; co < g.co; ++co) {
-        auto one = [&](int64_t x) {
-          const int64_t v_lo = std::max<int64_t>(0, g.p - x * g.s), v_hi = std::min(g.k, g.wi + g.p - x * g.s);
-          if (full)
-            gather_tile<1>(in, out, bptr, chan, val, g, co, y, x, u_lo, u_hi, v_lo, v_hi, b0);
-          else
-            gather_lanes(in, out, bptr, chan, val, g, co, y, x, u_lo, u_hi, v_lo, v_hi, b0, b1);
-        };
-        for (int64_t x = 0; x < x_in_lo; ++x) one(x);
-        int64_t x = x_in_lo;
-        if (full) {
-          const int32_t j0 = bptr[(co * g.k + u_lo) * g.k], j1 = bptr[(co * g.k + std::max(u_lo, u_hi)) * g.k];
-          for (; x + NP <= x_in_hi; x += NP) gather_flat<NP>(in, out, off.data(), val, g, co, y, x, j0, j1, b0);
-          for (; x < x_in_hi; ++x) gather_flat<1>(in, out, off.data(), val, g, co, y, x, j0, j1, b0);
+void gather_conv(const float* in, const Padded& pin, float* out, const int32_t* bptr, const int32_t* chan,
+                 const float* val, int64_t co, int64_t k, int64_t s) {
+  const int64_t ho = (pin.hp - k) / s + 1, wo = (pin.wp - k) / s + 1, b = pin.b;
+  const std::vector<int64_t> off = offsets(bptr, chan, co, k, pin);
+  const int64_t lanes = batch_block(pin.c, k, std::min(pin.wp, 4 * s + k), b), nbb = (b + lanes - 1) / lanes;
+  const int64_t xblock = block_positions(pin.c, k, k, s, lanes, wo, tp_for(std::max<int64_t>(1, lanes / simd::W)));
+  const int64_t ncb = channel_blocks(ho * nbb, co), cob = (co + ncb - 1) / ncb;
+  // threads take contiguous runs of (batch block, output row, channel block); inside a run, column blocks go
+  // outermost so one block's input window stays in cache across the run's rows and output channels
+  at::parallel_for(0, nbb * ho * ncb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t xa = 0; xa < wo; xa += xblock) {
+      const int64_t n = std::min(wo, xa + xblock) - xa;
+      for (int64_t it = begin; it < end; ++it) {
+        const int64_t bb = it / (ho * ncb), y = (it / ncb) % ho, cb = it % ncb;
+        const float* base = in + (y * s * pin.wp + xa * s) * b;
+        for (int64_t c = cb * cob; c < std::min(co, (cb + 1) * cob); ++c) {
+          float* o = out + ((c * ho + y) * wo + xa) * b;
+          run_lanes(bb * lanes, std::min(b, (bb + 1) * lanes), base, o, off.data(), val, bptr[c * k * k],
+                    bptr[(c + 1) * k * k], n, s * b, b);
         }
-        for (; x < g.wo; ++x) one(x);
       }
     }
   });
@@ -209,98 +268,62 @@ void gather_conv(const float* in, float* out, const int32_t* bptr, const int32_t
 // transposed gather (input gradient of a strided conv, stride s > 1):
 //   din[ci][Y][X][b] = sum over (u, v) with Y + p - u = s*y, X + p - v = s*x (y, x inside dout) of
 //                      sum_j val[j] * dout[chan[j]][y][x][b]
-// over the transposed structure (per input channel ci, buckets (u, v) of output channels). Positions of
-// one parity class (X, X + s, ...) read consecutive x: a register tile of TP of them.
-template <int TP>
-inline void tgather_tile(const float* dout, float* din, const int32_t* bptr, const int32_t* chan, const float* val,
-                         const Geom& g, int64_t ci, int64_t Y, int64_t X0, int64_t b0) {
-  V acc[TP][NV];
-  for (int t = 0; t < TP; ++t)
-    for (int n = 0; n < NV; ++n) acc[t][n] = simd::zero();
-  const int64_t plane = g.out_plane();
-  for (int64_t u = 0; u < g.k; ++u) {
-    const int64_t ty = Y + g.p - u;
-    if (ty < 0 || ty % g.s != 0 || ty / g.s >= g.ho) continue;
-    const float* row = dout + (ty / g.s) * g.wo * g.b + b0;
-    for (int64_t v = 0; v < g.k; ++v) {
-      const int64_t tx = X0 + g.p - v;
-      if (tx < 0 || tx % g.s != 0 || tx / g.s + TP > g.wo) continue;   // callers make whole tiles valid
-      const int64_t bucket = (ci * g.k + u) * g.k + v;
-      const float* base = row + (tx / g.s) * g.b;
-      for (int32_t j = bptr[bucket]; j < bptr[bucket + 1]; ++j) {
-        const V w = simd::set1(val[j]);
-        const float* q = base + chan[j] * plane;
-        for (int t = 0; t < TP; ++t)
-          for (int n = 0; n < NV; ++n) acc[t][n] = simd::fma(w, simd::load(q + t * g.b + n * simd::W), acc[t][n]);
-      }
-    }
-  }
-  float* o = din + ((ci * g.hi + Y) * g.wi + X0) * g.b + b0;
-  for (int t = 0; t < TP; ++t)
-    for (int n = 0; n < NV; ++n) simd::store(o + t * g.s * g.b + n * simd::W, acc[t][n]);
-}
-
-// a tile of TP positions X0, X0 + s, ... is valid when every kernel column of X0's parity class maps
-// inside dout for all of them (else its positions go one by one, each checking its own columns)
-inline bool tile_inside(const Geom& g, int64_t X0, int64_t tp) {
-  if (X0 + (tp - 1) * g.s >= g.wi) return false;
-  for (int64_t v = 0; v < g.k; ++v) {
-    const int64_t tx = X0 + g.p - v;
-    if (tx >= 0 && tx % g.s == 0) {
-      if (tx / g.s + tp > g.wo) return false;
-    } else if (tx < 0 && (-tx) % g.s == 0) {
-      return false;                  // the column is of this parity but before dout's start for X0
-    }
-  }
-  return true;
-}
-
-inline void tgather_lanes(const float* dout, float* din, const int32_t* bptr, const int32_t* chan, const float* val,
-                          const Geom& g, int64_t ci, int64_t Y, int64_t X, int64_t b0, int64_t b1) {
-  float acc[BT] = {0};
-  const int64_t plane = g.out_plane(), nl = b1 - b0;
-  for (int64_t u = 0; u < g.k; ++u) {
-    const int64_t ty = Y + g.p - u;
-    if (ty < 0 || ty % g.s != 0 || ty / g.s >= g.ho) continue;
-    for (int64_t v = 0; v < g.k; ++v) {
-      const int64_t tx = X + g.p - v;
-      if (tx < 0 || tx % g.s != 0 || tx / g.s >= g.wo) continue;
-      const int64_t bucket = (ci * g.k + u) * g.k + v;
-      const float* base = dout + ((ty / g.s) * g.wo + tx / g.s) * g.b + b0;
-      for (int32_t j = bptr[bucket]; j < bptr[bucket + 1]; ++j) {
-        const float w = val[j];
-        const float* q = base + chan[j] * plane;
-        for (int64_t l = 0; l < nl; ++l) acc[l] = std::fma(w, q[l], acc[l]);
-      }
-    }
-  }
-  float* o = din + ((ci * g.hi + Y) * g.wi + X) * g.b + b0;
-  for (int64_t l = 0; l < nl; ++l) o[l] = acc[l];
-}
+// over the transposed structure (per input channel ci, buckets (u, v) of output channels). The input positions
+// split into s*s parity classes (Y = ry + s*i, X = rx + s*jx); within one class the kernel rows that contribute
+// are the u with (ry + p - u) divisible by s, each at a fixed dout row offset du = (ry + p - u) / s from i
+// (likewise columns). So a class is a stride-1 gather over dout, padded by P so that every offset stays inside:
+// the same register tiles as the forward, over consecutive jx, stored s columns apart.
+inline bool divides(int64_t a, int64_t s) { return ((a % s) + s) % s == 0; }
 
 void tgather_conv(const float* dout, float* din, const int32_t* bptr, const int32_t* chan, const float* val,
-                  const Geom& g) {
-  const int64_t tiles = (g.b + BT - 1) / BT;
-  at::parallel_for(0, tiles * g.hi, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t tile = it / g.hi, Y = it % g.hi;
-      const int64_t b0 = tile * BT, b1 = std::min(g.b, b0 + BT);
-      const bool full = b1 - b0 == BT;
-      for (int64_t ci = 0; ci < g.ci; ++ci) {
-        for (int64_t r = 0; r < g.s; ++r) {            // parity class of X
-          int64_t X = r;
-          while (X < g.wi) {
-            if (full && tile_inside(g, X, NP)) {
-              tgather_tile<NP>(dout, din, bptr, chan, val, g, ci, Y, X, b0);
-              X += NP * g.s;
-            } else {
-              if (full)
-                tgather_tile<1>(dout, din, bptr, chan, val, g, ci, Y, X, b0);
-              else
-                tgather_lanes(dout, din, bptr, chan, val, g, ci, Y, X, b0, b1);
-              X += g.s;
+                  int64_t co, int64_t ho, int64_t wo, int64_t ci, int64_t hi, int64_t wi, int64_t b, int64_t k,
+                  int64_t s, int64_t p) {
+  // the pad P: every (class position i, offset du) lands in [-P, ho + P)
+  int64_t P = 0;
+  for (int64_t r = 0; r < s; ++r)
+    for (int64_t u = 0; u < k; ++u)
+      if (divides(r + p - u, s)) {
+        const int64_t du = (r + p - u) / s, imax = std::max<int64_t>(0, (std::max(hi, wi) - 1 - r) / s);
+        P = std::max(P, std::max(-du, imax + du - (std::min(ho, wo) - 1)));
+      }
+  const Padded pd{co, ho + 2 * P, wo + 2 * P, b, P ? channel_stride(ho + 2 * P, wo + 2 * P, b) : ho * wo * b};
+  std::vector<float> padded(P ? size_t(co * pd.cs) : 0);
+  if (P) pad_planes(dout, padded.data(), co, ho, wo, b, P, pd.cs);
+  // per (ci, ry, rx): the class's non-zeros, their offsets and values
+  const int64_t ss = s * s;
+  std::vector<int32_t> ptr(ci * ss + 1, 0);
+  std::vector<int64_t> off;
+  std::vector<float> tval;
+  off.reserve(bptr[ci * k * k]);
+  tval.reserve(bptr[ci * k * k]);
+  for (int64_t c = 0; c < ci; ++c)
+    for (int64_t ry = 0; ry < s; ++ry)
+      for (int64_t rx = 0; rx < s; ++rx) {
+        for (int64_t u = 0; u < k; ++u) {
+          if (!divides(ry + p - u, s)) continue;
+          for (int64_t v = 0; v < k; ++v) {
+            if (!divides(rx + p - v, s)) continue;
+            const int64_t du = (ry + p - u) / s, dv = (rx + p - v) / s, bucket = (c * k + u) * k + v;
+            for (int32_t j = bptr[bucket]; j < bptr[bucket + 1]; ++j) {
+              off.push_back(chan[j] * pd.cs + (du * pd.wp + dv) * b);
+              tval.push_back(val[j]);
             }
           }
+        }
+        ptr[(c * s + ry) * s + rx + 1] = int32_t(off.size());
+      }
+  const int64_t ncb = channel_blocks(hi, ci), cib = (ci + ncb - 1) / ncb;
+  const float* pbase = P ? padded.data() : dout;
+  at::parallel_for(0, hi * ncb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t Y = it / ncb, cb = it % ncb, ry = Y % s, i = Y / s;
+      for (int64_t c = cb * cib; c < std::min(ci, (cb + 1) * cib); ++c) {
+        for (int64_t rx = 0; rx < s && rx < wi; ++rx) {
+          const int64_t n = (wi - rx + s - 1) / s;                  // class columns X = rx + s*jx
+          const float* base = pbase + ((i + P) * pd.wp + P) * b;
+          float* o = din + ((c * hi + Y) * wi + rx) * b;
+          const int32_t a = ptr[(c * s + ry) * s + rx], z = ptr[(c * s + ry) * s + rx + 1];
+          run_lanes(0, b, base, o, off.data(), tval.data(), a, z, n, b, s * b);
         }
       }
     }
@@ -308,67 +331,87 @@ void tgather_conv(const float* dout, float* din, const int32_t* bptr, const int3
 }
 
 // ---------------------------------------------------------------------------------------------------
-// sddmm (weight gradient on the support): dval[j] = sum_{y, x valid, b} dout[co][y][x][b] * in[chan[j]][y*s-p+u][x*s-p+v][b]
-// G non-zeros of one bucket share the dout loads.
+// sddmm (weight gradient on the support) over a padded input:
+//   dval[j] = sum_{y, x, b} dout[co][y][x][b] * in[chan[j]][y*s + u][x*s + v][b]
+// Output positions go in cache blocks (rows x columns whose input window for all channels stays in L2). Inside a
+// block, G non-zeros of one output channel share every dout load (one load feeds G FMAs; each non-zero reads its
+// input at its own offset off[j]). Each non-zero keeps one partial-sum vector, added block after block in a fixed
+// order; the final horizontal sum is in double (the same bits at any thread count).
 template <int G>
-inline void sddmm_group(const float* dout, const float* in, const int32_t* chan, float* dval, const Geom& g,
-                        int64_t co, int64_t u, int64_t v, int32_t j0) {
-  constexpr int A = 8 / G;             // accumulators per non-zero: G * A = 8 independent FMA chains
-  const int64_t y_lo = std::max<int64_t>(0, (g.p - u + g.s - 1) / g.s);
-  const int64_t y_hi = std::min(g.ho, (g.hi + g.p - u - 1) >= 0 ? (g.hi + g.p - u - 1) / g.s + 1 : 0);
-  const int64_t x_lo = std::max<int64_t>(0, (g.p - v + g.s - 1) / g.s);
-  const int64_t x_hi = std::min(g.wo, (g.wi + g.p - v - 1) >= 0 ? (g.wi + g.p - v - 1) / g.s + 1 : 0);
-  const int64_t plane = g.in_plane(), bv = g.b / simd::W * simd::W;
+inline void sddmm_block(const float* dout, const float* in, const int64_t* offj, V* part, double* tail, int64_t b,
+                        int64_t l0, int64_t l1, int64_t ho, int64_t wo, int64_t wp, int64_t s, int64_t co, int32_t j0,
+                        int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
+  constexpr int A = G >= 8 ? 1 : 8 / G;     // accumulators per non-zero: G * A >= 8 independent FMA chains
+  const int64_t bv = l0 + vector_lanes(l1 - l0);
   V acc[G][A];
-  double tail[G];
-  for (int i = 0; i < G; ++i) {
-    tail[i] = 0.0;
+  for (int i = 0; i < G; ++i)
     for (int a = 0; a < A; ++a) acc[i][a] = simd::zero();
-  }
   const float* inp[G];
-  for (int i = 0; i < G; ++i) inp[i] = in + chan[j0 + i] * plane;
-  for (int64_t y = y_lo; y < y_hi; ++y) {
-    for (int64_t x = x_lo; x < x_hi; ++x) {
-      const float* d = dout + ((co * g.ho + y) * g.wo + x) * g.b;
-      const int64_t off = ((y * g.s - g.p + u) * g.wi + (x * g.s - g.p + v)) * g.b;
-      int64_t b = 0;
-      for (; b + A * simd::W <= bv; b += A * simd::W) {
+  for (int i = 0; i < G; ++i) inp[i] = in + offj[j0 + i];
+  for (int64_t y = y0; y < y1; ++y) {
+    for (int64_t x = x0; x < x1; ++x) {
+      const float* d = dout + ((co * ho + y) * wo + x) * b;
+      const int64_t off = (y * s * wp + x * s) * b;
+      int64_t l = l0;
+      for (; l + A * simd::W <= bv; l += A * simd::W) {
         V dv[A];
-        for (int a = 0; a < A; ++a) dv[a] = simd::load(d + b + a * simd::W);
+        for (int a = 0; a < A; ++a) dv[a] = simd::load(d + l + a * simd::W);
         for (int i = 0; i < G; ++i)
           for (int a = 0; a < A; ++a)
-            acc[i][a] = simd::fma(dv[a], simd::load(inp[i] + off + b + a * simd::W), acc[i][a]);
+            acc[i][a] = simd::fma(dv[a], simd::load(inp[i] + off + l + a * simd::W), acc[i][a]);
       }
-      for (; b < bv; b += simd::W) {
-        const V dv = simd::load(d + b);
-        for (int i = 0; i < G; ++i) acc[i][0] = simd::fma(dv, simd::load(inp[i] + off + b), acc[i][0]);
+      for (; l < bv; l += simd::W) {
+        const V dv = simd::load(d + l);
+        for (int i = 0; i < G; ++i) acc[i][0] = simd::fma(dv, simd::load(inp[i] + off + l), acc[i][0]);
       }
-      for (b = bv; b < g.b; ++b)
-        for (int i = 0; i < G; ++i) tail[i] += double(d[b]) * double(inp[i][off + b]);
+      for (l = bv; l < l1; ++l)
+        for (int i = 0; i < G; ++i) tail[j0 + i] += double(d[l]) * double(inp[i][off + l]);
     }
   }
   for (int i = 0; i < G; ++i) {
-    double sum = tail[i];
-    for (int a = 0; a < A; ++a) sum += double(simd::hsum(acc[i][a]));
-    dval[j0 + i] = float(sum);
+    V sum = acc[i][0];
+    for (int a = 1; a < A; ++a) sum = simd::add(sum, acc[i][a]);
+    part[j0 + i] = simd::add(part[j0 + i], sum);
   }
 }
 
-void sddmm_conv(const float* dout, const float* in, const int32_t* bptr, const int32_t* chan, float* dval,
-                const Geom& g) {
-  const int64_t kk = g.k * g.k;
-  at::parallel_for(0, g.co, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t co = begin; co < end; ++co) {
-      for (int64_t uv = 0; uv < kk; ++uv) {
-        const int64_t u = uv / g.k, v = uv % g.k;
-        int32_t j = bptr[co * kk + uv];
-        const int32_t j1 = bptr[co * kk + uv + 1];
-        for (; j + 8 <= j1; j += 8) sddmm_group<8>(dout, in, chan, dval, g, co, u, v, j);
-        for (; j + 4 <= j1; j += 4) sddmm_group<4>(dout, in, chan, dval, g, co, u, v, j);
-        for (; j + 2 <= j1; j += 2) sddmm_group<2>(dout, in, chan, dval, g, co, u, v, j);
-        for (; j < j1; ++j) sddmm_group<1>(dout, in, chan, dval, g, co, u, v, j);
+void sddmm_conv(const float* dout, const float* in, const Padded& pin, const int32_t* bptr, const int32_t* chan,
+                float* dval, int64_t co, int64_t k, int64_t s) {
+  const int64_t ho = (pin.hp - k) / s + 1, wo = (pin.wp - k) / s + 1;
+  const int64_t kk = k * k, nnz = bptr[co * kk];
+  const std::vector<int64_t> off = offsets(bptr, chan, co, k, pin);
+  std::vector<V> part(nnz, simd::zero());
+  std::vector<double> tail(nnz, 0.0);
+  // a block: a slice of the batch (as the forward's) x by x bx output positions whose input window
+  // ((by*s + k) x (bx*s + k) pixels x channels x lanes) is near 2 MiB, and at least 8 positions (the partial
+  // sums cost a few adds per block)
+  const int64_t lanes = batch_block(pin.c, k, std::min(pin.wp, 4 * s + k), pin.b);
+  const int64_t window = std::max<int64_t>(1, (int64_t(2) << 20) / std::max<int64_t>(1, pin.c * lanes * 4));
+  int64_t bx = wo, by = 1;
+  while (bx > 1 && bx * by > 8 && (by * s + k) * (bx * s + k) > window) bx = (bx + 1) / 2;
+  while (by * 2 <= ho && (by * 2 * s + k) * (bx * s + k) <= window) by *= 2;
+  at::parallel_for(0, co, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t l0 = 0; l0 < pin.b; l0 += lanes) {
+      const int64_t l1 = std::min(pin.b, l0 + lanes);
+      for (int64_t y0 = 0; y0 < ho; y0 += by) {
+        for (int64_t x0 = 0; x0 < wo; x0 += bx) {
+          const int64_t y1 = std::min(ho, y0 + by), x1 = std::min(wo, x0 + bx);
+          for (int64_t c = begin; c < end; ++c) {
+            int32_t j = bptr[c * kk];
+            const int32_t j1 = bptr[(c + 1) * kk];
+#define MLBREG_SD(G) sddmm_block<G>(dout, in, off.data(), part.data(), tail.data(), pin.b, l0, l1, ho, wo, pin.wp, s, \
+                                    c, j, y0, y1, x0, x1)
+            for (; j + 8 <= j1; j += 8) MLBREG_SD(8);
+            for (; j + 4 <= j1; j += 4) MLBREG_SD(4);
+            for (; j + 2 <= j1; j += 2) MLBREG_SD(2);
+            for (; j < j1; ++j) MLBREG_SD(1);
+#undef MLBREG_SD
+          }
+        }
       }
     }
+    for (int64_t c = begin; c < end; ++c)
+      for (int32_t j = bptr[c * kk]; j < bptr[(c + 1) * kk]; ++j) dval[j] = float(tail[j] + simd::hsum_d(part[j]));
   });
 }
 
@@ -377,10 +420,6 @@ void sddmm_conv(const float* dout, const float* in, const int32_t* bptr, const i
 // (not a view of one).
 at::Tensor alloc_bfirst(int64_t c, int64_t h, int64_t w, int64_t b, const at::TensorOptions& opts) {
   return at::empty_strided({b, c, h, w}, {1, h * w * b, w * b, b}, opts);
-}
-
-Geom geom(const at::Tensor& in, int64_t co, int64_t ho, int64_t wo, int64_t k, int64_t s, int64_t p) {
-  return Geom{in.size(0), in.size(1), in.size(2), co, ho, wo, k, s, p, in.size(3)};
 }
 
 void check_struct(const at::Tensor& bptr, const at::Tensor& chan, const at::Tensor& val, int64_t groups_out,
@@ -404,18 +443,47 @@ void check_struct(const at::Tensor& bptr, const at::Tensor& chan, const at::Tens
 
 // ---------------------------------------------------------------------------------------------------
 // Python entry points
+// pad_chwb: the padded planes of a CHWB tensor as a (C, cs) tensor (see Padded)
+at::Tensor pad_chwb(at::Tensor x, int64_t p) {
+  check_chwb(x, "input");
+  TORCH_CHECK(p >= 0, "padding must be >= 0");
+  const int64_t c = x.size(0), h = x.size(1), w = x.size(2), b = x.size(3);
+  if (p == 0) return x.view({c, h * w * b});     // no border to add (a 1x1 conv): the planes as they are
+  const int64_t cs = channel_stride(h + 2 * p, w + 2 * p, b);
+  auto out = at::empty({c, cs}, x.options());
+  pad_planes(x.data_ptr<float>(), out.data_ptr<float>(), c, h, w, b, p, cs);
+  return out;
+}
+
+Padded padded_geom(const at::Tensor& xp, int64_t hp, int64_t wp, int64_t b) {
+  TORCH_CHECK(xp.dtype() == at::kFloat && xp.device().is_cpu() && xp.is_contiguous() && xp.dim() == 2,
+              "padded input must be a contiguous float32 CPU (C, cs) tensor from pad_chwb");
+  TORCH_CHECK(hp > 0 && wp > 0 && b > 0 && (xp.size(1) == channel_stride(hp, wp, b) || xp.size(1) == hp * wp * b),
+              "padded input does not match the given height, width and batch");
+  return Padded{xp.size(0), hp, wp, b, xp.size(1)};
+}
+
+// sparse conv of a padded input (hp, wp: padded size): output (B, co, ho, wo) with CHWB strides
+at::Tensor conv_gather_padded(at::Tensor xp, int64_t hp, int64_t wp, int64_t b, at::Tensor bptr, at::Tensor chan,
+                              at::Tensor val, int64_t co, int64_t k, int64_t s) {
+  const Padded pin = padded_geom(xp, hp, wp, b);
+  TORCH_CHECK(s >= 1 && k >= 1 && hp >= k && wp >= k, "need stride >= 1 and a kernel inside the padded input");
+  check_struct(bptr, chan, val, co, k, pin.c);
+  const int64_t ho = (hp - k) / s + 1, wo = (wp - k) / s + 1;
+  auto out = alloc_bfirst(co, ho, wo, b, xp.options());
+  gather_conv(xp.data_ptr<float>(), pin, out.data_ptr<float>(), bptr.data_ptr<int32_t>(), chan.data_ptr<int32_t>(),
+              val.data_ptr<float>(), co, k, s);
+  return out;
+}
+
 at::Tensor conv_gather(at::Tensor in, at::Tensor bptr, at::Tensor chan, at::Tensor val, int64_t co,
-                          int64_t k, int64_t s, int64_t p) {
+                       int64_t k, int64_t s, int64_t p) {
   check_chwb(in, "input");
   TORCH_CHECK(s >= 1 && p >= 0 && p < k, "need stride >= 1 and 0 <= padding < kernel");
   check_struct(bptr, chan, val, co, k, in.size(0));
-  const int64_t ho = (in.size(1) + 2 * p - k) / s + 1, wo = (in.size(2) + 2 * p - k) / s + 1;
-  TORCH_CHECK(ho > 0 && wo > 0, "output would be empty");
-  auto out = alloc_bfirst(co, ho, wo, in.size(3), in.options());
-  Geom g = geom(in, co, ho, wo, k, s, p);
-  gather_conv(in.data_ptr<float>(), out.data_ptr<float>(), bptr.data_ptr<int32_t>(), chan.data_ptr<int32_t>(),
-              val.data_ptr<float>(), g);
-  return out;
+  const int64_t hp = in.size(1) + 2 * p, wp = in.size(2) + 2 * p;
+  TORCH_CHECK(hp >= k && wp >= k, "output would be empty");
+  return conv_gather_padded(pad_chwb(in, p), hp, wp, in.size(3), bptr, chan, val, co, k, s);
 }
 
 at::Tensor conv_tgather(at::Tensor dout, at::Tensor bptr, at::Tensor chan, at::Tensor val, int64_t ci,
@@ -426,25 +494,31 @@ at::Tensor conv_tgather(at::Tensor dout, at::Tensor bptr, at::Tensor chan, at::T
   TORCH_CHECK(dout.size(1) == (hi + 2 * p - k) / s + 1 && dout.size(2) == (wi + 2 * p - k) / s + 1,
               "output gradient shape does not match the input size");
   auto din = alloc_bfirst(ci, hi, wi, dout.size(3), dout.options());
-  Geom g{ci, hi, wi, dout.size(0), dout.size(1), dout.size(2), k, s, p, dout.size(3)};
   tgather_conv(dout.data_ptr<float>(), din.data_ptr<float>(), bptr.data_ptr<int32_t>(), chan.data_ptr<int32_t>(),
-               val.data_ptr<float>(), g);
+               val.data_ptr<float>(), dout.size(0), dout.size(1), dout.size(2), ci, hi, wi, dout.size(3), k, s, p);
   return din;
 }
 
+// weight gradient on the support from the padded input of the forward
+at::Tensor conv_sddmm_padded(at::Tensor dout, at::Tensor xp, int64_t hp, int64_t wp, at::Tensor bptr, at::Tensor chan,
+                             int64_t k, int64_t s) {
+  check_chwb(dout, "output gradient");
+  const Padded pin = padded_geom(xp, hp, wp, dout.size(3));
+  TORCH_CHECK(dout.size(1) == (hp - k) / s + 1 && dout.size(2) == (wp - k) / s + 1,
+              "output gradient shape does not match the input");
+  auto dval = at::empty({chan.numel()}, xp.options());
+  check_struct(bptr, chan, dval, dout.size(0), k, pin.c);
+  sddmm_conv(dout.data_ptr<float>(), xp.data_ptr<float>(), pin, bptr.data_ptr<int32_t>(), chan.data_ptr<int32_t>(),
+             dval.data_ptr<float>(), dout.size(0), k, s);
+  return dval;
+}
+
 at::Tensor conv_sddmm(at::Tensor dout, at::Tensor in, at::Tensor bptr, at::Tensor chan, int64_t k,
-                         int64_t s, int64_t p) {
+                      int64_t s, int64_t p) {
   check_chwb(dout, "output gradient");
   check_chwb(in, "input");
   TORCH_CHECK(dout.size(3) == in.size(3), "batch sizes differ");
-  TORCH_CHECK(dout.size(1) == (in.size(1) + 2 * p - k) / s + 1 && dout.size(2) == (in.size(2) + 2 * p - k) / s + 1,
-              "output gradient shape does not match the input");
-  auto dval = at::empty({chan.numel()}, in.options());
-  check_struct(bptr, chan, dval, dout.size(0), k, in.size(0));
-  Geom g = geom(in, dout.size(0), dout.size(1), dout.size(2), k, s, p);
-  sddmm_conv(dout.data_ptr<float>(), in.data_ptr<float>(), bptr.data_ptr<int32_t>(), chan.data_ptr<int32_t>(),
-             dval.data_ptr<float>(), g);
-  return dval;
+  return conv_sddmm_padded(dout, pad_chwb(in, p), in.size(1) + 2 * p, in.size(2) + 2 * p, bptr, chan, k, s);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -599,6 +673,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_gather", &conv_gather, "sparse conv, gather form (forward; stride-1 input gradient)");
   m.def("conv_tgather", &conv_tgather, "sparse conv input gradient, gather over the transposed structure (any stride)");
   m.def("conv_sddmm", &conv_sddmm, "sparse conv weight gradient on the support");
+  m.def("pad_chwb", &pad_chwb, "zero-padded planes of a CHWB tensor, channel stride an odd number of cache lines");
+  m.def("conv_gather_padded", &conv_gather_padded, "sparse conv of a padded input (pad_chwb)");
+  m.def("conv_sddmm_padded", &conv_sddmm_padded, "weight gradient on the support from a padded input");
   m.def("bn_forward", &bn_forward, "BatchNorm (+ residual) (+ ReLU) over CHWB");
   m.def("bn_backward", &bn_backward, "gradients of bn_forward");
   m.def("simd_path", &simd_path);

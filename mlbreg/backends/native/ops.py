@@ -112,32 +112,40 @@ def build_structure(ext, mask: torch.Tensor, stride: int = 1, pad: int = 0) -> S
 
 
 def _input_grad(st: Structure, g: torch.Tensor, val: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    if st.stride == 1:
-        return _timed("conv", st.ext.conv_gather, g, st.t_bptr, st.t_chan, val.index_select(0, st.t_perm),
-                      st.c_in, st.k, 1, st.k - 1 - st.pad)
-    return _timed("conv", st.ext.conv_tgather, g, st.t_bptr, st.t_chan, val.index_select(0, st.t_perm), st.c_in,
-                  h, w, st.k, st.stride, st.pad)
+    t_val = val.index_select(0, st.t_perm)
+    if st.stride == 1:      # a stride-1 conv of the output gradient with the flipped, transposed kernel
+        pad = st.k - 1 - st.pad
+        gp = _timed("layout", st.ext.pad_chwb, g, pad)
+        return _timed("conv", st.ext.conv_gather_padded, gp, g.shape[1] + 2 * pad, g.shape[2] + 2 * pad, g.shape[3],
+                      st.t_bptr, st.t_chan, t_val, st.c_in, st.k, 1)
+    return _timed("conv", st.ext.conv_tgather, g, st.t_bptr, st.t_chan, t_val, st.c_in, h, w, st.k, st.stride, st.pad)
 
 
 class SparseConvFn(torch.autograd.Function):
-    """y = conv2d(x, W) with W given by its values on the structure; x any layout, y CHWB."""
+    """y = conv2d(x, W) with W given by its values on the structure; x any layout, y CHWB.
+
+    The kernels read a zero-padded copy of x (``pad_chwb``: no border cases, and a channel stride that keeps
+    the channels' windows out of each other's cache sets); the weight gradient reuses that copy."""
 
     @staticmethod
     def forward(ctx, x, w_val, st: Structure):
         xc = to_chwb(x)
         val = w_val.detach().contiguous()
-        out = _timed("conv", st.ext.conv_gather, xc, st.bptr, st.chan, val, st.c_out, st.k, st.stride, st.pad)
-        ctx.st, ctx.hw = st, (x.shape[2], x.shape[3])
-        ctx.save_for_backward(xc if w_val.requires_grad else None, val)
+        xp = _timed("layout", st.ext.pad_chwb, xc, st.pad)
+        hp, wp = xc.shape[1] + 2 * st.pad, xc.shape[2] + 2 * st.pad
+        out = _timed("conv", st.ext.conv_gather_padded, xp, hp, wp, xc.shape[3], st.bptr, st.chan, val, st.c_out,
+                     st.k, st.stride)
+        ctx.st, ctx.hw, ctx.padded_hw = st, (x.shape[2], x.shape[3]), (hp, wp)
+        ctx.save_for_backward(xp if w_val.requires_grad else None, val)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        xc, val = ctx.saved_tensors
+        xp, val = ctx.saved_tensors
         st = ctx.st
         g = to_chwb(grad)
         dx = _input_grad(st, g, val, *ctx.hw) if ctx.needs_input_grad[0] else None
-        dval = (_timed("conv", st.ext.conv_sddmm, g, xc, st.bptr, st.chan, st.k, st.stride, st.pad)
+        dval = (_timed("conv", st.ext.conv_sddmm_padded, g, xp, *ctx.padded_hw, st.bptr, st.chan, st.k, st.stride)
                 if ctx.needs_input_grad[1] else None)
         return dx, dval, None
 
