@@ -82,13 +82,14 @@ def _top_rules() -> tuple:
         ("device", choice(DEVICES)), ("scheduler", choice(SCHEDULERS)), ("backend", choice(BACKENDS)),
         ("precision", choice(("fp32", "bf16"))), ("dataset.loader", choice(("tensor", "torchvision"))),
         ("logger", choice(LOGGERS)), ("compile_optimizer", choice(("auto", True, False))),
+        ("channels_last", choice(("auto", True, False))),
         ("lam", at_least(0)), ("m", integer(1, " (m = 1 is LinBreg)")), ("lr", above(0)),
         ("momentum", interval(0, 1, "[)")), ("epochs", integer(1)), ("batch_size", integer(1)),
         ("init.density", interval(0, 1, "(]")), ("init.scale", above(0)), ("sparsity", _sparsity),
         ("checkpoint_every", integer(0, " (0 = only at the end and on signals)")), ("seed", integer(0)),
         ("eval_batch_size", integer(1)), ("stop_check_every", integer(1)),
         ("num_threads", optional(integer(1), " (or null for torch's default)")),
-        *((key, boolean) for key in ("resume", "wait_for_lock", "compile", "progress", "channels_last", "distributed",
+        *((key, boolean) for key in ("resume", "wait_for_lock", "compile", "progress", "distributed",
                                      "sync_batchnorm")),
     )
 
@@ -209,8 +210,15 @@ def _check_sparse_backend(cfg: DictConfig, environment: bool) -> None:
             fail("backend", name, f"{reason}; or use backend=auto / torch")
 
 
+def use_channels_last(cfg) -> bool:
+    """channels_last=auto: on for bf16 (oneDNN's bf16 convolutions are fastest in NHWC), off for fp32."""
+    value = cfg.get("channels_last", False)
+    return cfg.get("precision") == "bf16" if value == "auto" else bool(value)
+
+
 def identity(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config without the non-identifying keys, as plain data."""
+    """The resolved config without the non-identifying keys, as plain data (channels_last=auto as the
+    value it resolves to, so a run keeps its name whether the value was spelled out or not)."""
     # node by node, leaving out `hydra`: its run dir is computed from this very identity
     data = {}
     for key in cfg.keys():
@@ -218,6 +226,8 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
             continue
         node = cfg._get_node(key)
         data[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else cfg[key]
+    if "channels_last" in data:
+        data["channels_last"] = use_channels_last(cfg)
     for key in (*NON_IDENTIFYING, *LATER_KEYS):
         parts = key.split(".")
         node = data

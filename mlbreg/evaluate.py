@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from .config import use_channels_last
 from .export import ExportError, model_from, resolve
 
 
@@ -34,7 +35,7 @@ def evaluate_path(path, device: str | None = None) -> dict:
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))   # as training did: a thread count can change sums
     model = model_from(info, dev)
-    if cfg.get("channels_last"):
+    if use_channels_last(cfg):
         model.to(memory_format=torch.channels_last)
     # the training's data, loader and normalization; build's fresh model and method are dropped
     data, _, _, _, test_loader, _ = build(cfg, dev)

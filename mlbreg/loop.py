@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .backends import make_backend
 from .build import build, evaluate, init_density
+from .config import use_channels_last
 from .env import collect_env
 from .flops import FlopsAccount
 from .loggers import make_logger
@@ -61,12 +62,13 @@ class Trainer:
 
     def _build_parts(self) -> None:
         cfg, device = self.cfg, self.device
+        self.channels_last = use_channels_last(cfg)
         data, self.model, self.method, self.train_loader, self.test_loader, self.scheduler = build(cfg, device)
         self.flops = FlopsAccount(self.model, data.in_shape, device)
         # torch.compile traces torch layers: with compile=true, auto means torch
         self.backend = make_backend("torch" if cfg.compile else cfg.backend, self.model, device, cfg.method.name,
                                     optimizer=self.method.optimizer, batch_size=cfg.batch_size,
-                                    in_shape=data.in_shape)
+                                    in_shape=data.in_shape, precision=cfg.precision, channels_last=self.channels_last)
         # forward_model: what the training step calls (DDP / compiled wrappers)
         self.model, self.forward_model, self.autocast = _wrap(cfg, self.model, self.ctx, device)
 
@@ -183,7 +185,7 @@ class Trainer:
         t_swap = time.perf_counter()
         backend.before_step(kind)
         x_local, y_local, weight = self.ctx.shard(x, y)
-        if self.cfg.channels_last and x_local.dim() == 4:
+        if self.channels_last and x_local.dim() == 4:
             x_local = x_local.contiguous(memory_format=torch.channels_last)
         t0 = time.perf_counter()
         with self.autocast:
@@ -253,7 +255,7 @@ class Trainer:
 def _wrap(cfg, model: nn.Module, ctx, device):
     """(model, the module the training step calls, the autocast context): channels-last,
     DDP (with SyncBatchNorm), torch.compile, bf16 as configured."""
-    if cfg.channels_last:
+    if use_channels_last(cfg):
         model.to(memory_format=torch.channels_last)
     forward_model = model
     if ctx.enabled:

@@ -377,21 +377,30 @@ def test_guards_unsupported_layers_stay_dense():
     assert "fp32 CPU only" in b2.summary()[0]["why"]
 
 
-def test_autocast_runs_dense_and_gradients_reach_the_weights():
-    """A call under autocast (bf16) inside a coarse step runs every layer dense: the same output and
-    weight gradients as the plain model under autocast; the dense weight gets its gradient directly."""
+def test_under_autocast_the_sparse_layers_compute_in_fp32():
+    """A coarse step under bf16 autocast (precision=bf16) still runs the swapped layers: in fp32 on the
+    fp32 master weights, so the swapped model under autocast equals the plain fp32 model (to fp32
+    rounding) and is at least as close to it as the dense model under autocast is; the value gradients
+    reach the dense weights."""
     model, ref = sparse_model(), sparse_model()
-    backend = NativeBackend(model, batch_size=8, in_shape=(2, 16, 16), force=True)
+    backend = NativeBackend(model, batch_size=8, in_shape=(2, 16, 16), force=True, precision="bf16")
     backend.before_step("sparse")
+    assert set(backend.swapped_layers()) == {"conv1", "conv2", "shortcut", "fc"}
     x = torch.randn(8, 2, 16, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, want = model(x), ref(x)
-    assert out.dtype == torch.bfloat16 and torch.equal(out, want)
-    out.float().sum().backward()
-    want.float().sum().backward()
+        out = model(x)
+        dense_bf16 = ref(x).float()
+    want = ref(x)
+    assert out.dtype == torch.float32
+    assert rel(out, want) < 1e-5
+    assert rel(dense_bf16, want) > rel(out, want)
+    out.sum().backward()
+    want.sum().backward()
     backend.after_backward()
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-        assert torch.equal(p.grad, q.grad), name
+        # a swapped weight's gradient lives on its support (the coarse step's S), zero elsewhere
+        on = (p != 0) if name.endswith("weight") and p.dim() > 1 else torch.ones_like(p, dtype=torch.bool)
+        assert rel(p.grad, q.grad * on) < 1e-3 and not p.grad[~on].any(), name   # fp32 noise through BN
     backend.use_dense()
 
 

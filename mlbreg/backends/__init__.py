@@ -76,7 +76,8 @@ def _native_backend(model: nn.Module, **options):
     return NativeBackend(model, **options)
 
 
-def _sparseprop_backend(model: nn.Module, **options):
+def _sparseprop_backend(model: nn.Module, precision: str = "fp32", channels_last: bool = False, **options):
+    # SparseProp layers run fp32 outside autocast only: a bf16 run keeps them dense (see sparseprop.py)
     from .sparseprop import SparsePropBackend
     return SparsePropBackend(model, **options)
 

@@ -47,6 +47,23 @@ def autocast_on() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+def memory_flat(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a dense tensor's elements in memory order (any memory format, e.g. channels_last)."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def memory_index(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Row-major positions `idx` of t's elements as positions in t's memory order (``memory_flat``)."""
+    if t.is_contiguous():
+        return idx
+    strides = torch.tensor(t.stride(), dtype=torch.int64)
+    pos, rest = torch.zeros_like(idx), idx
+    for d in range(t.dim() - 1, -1, -1):
+        pos += (rest % t.shape[d]) * strides[d]
+        rest = rest // t.shape[d]
+    return pos
+
+
 @dataclass
 class SwapLayer:
     """One prunable layer and, while a structure is built, its sparse form."""
@@ -57,6 +74,8 @@ class SwapLayer:
     in_shape: tuple | None = None            # per-sample input shape seen in a forward
     in_grad: bool = True                        # does the layer's input require grad in training?
     idx: torch.Tensor | None = None          # int64 flat positions of the structure in the dense weight
+    mem_idx: torch.Tensor | None = None      # the same positions in the weight's memory order (channels_last)
+    weight_strides: tuple = ()                  # the weight strides mem_idx was computed for
     w_val: torch.Tensor | None = None        # fp32 values on idx, a leaf that gets .grad
     kernel: Any = None                          # the backend's structure for its kernels
     nnz: int = 0
@@ -75,11 +94,17 @@ class SwapLayer:
 
     def clear(self) -> None:
         self.mode, self.idx, self.w_val, self.kernel, self.grad_buf, self.timings = None, None, None, None, None, {}
+        self.mem_idx = None
 
-    def accepts(self, x, any_rank: bool) -> bool:
-        """An fp32 CPU input of the expected shape outside autocast; anything else runs the dense layer."""
-        if not (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.device.type == "cpu"
-                and x.numel() > 0 and not autocast_on()):
+    def accepts(self, x, any_rank: bool, under_autocast: bool = False) -> bool:
+        """An fp32 CPU input of the expected shape outside autocast (or, with `under_autocast`, an fp32 or
+        bf16 one under CPU autocast); anything else runs the dense layer."""
+        if not (isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.numel() > 0):
+            return False
+        if autocast_on():
+            if not (under_autocast and x.dtype in (torch.float32, torch.bfloat16)):
+                return False
+        elif x.dtype != torch.float32:
             return False
         mod = self.module
         if self.kind == "conv":
@@ -100,7 +125,7 @@ class SwapLayer:
             self.grad_buf.view(-1).scatter_(0, self.idx, g)
             w.grad = self.grad_buf
         else:                                 # a dense fallback ran too, or grads were not reset: accumulate
-            w.grad.view(-1).index_add_(0, self.idx, g)
+            memory_flat(w.grad).index_add_(0, memory_index(w.grad, self.idx), g)
 
     def structure_moved(self) -> bool:
         """Does a non-zero of the dense weight lie outside the structure (weights changed since the build)?"""
@@ -173,6 +198,8 @@ class LayerSwapBackend:
         raise NotImplementedError
 
     linear_any_rank = False           # may a swapped linear layer take (..., F) inputs, not only (B, F)?
+    # may the sparse layers run under bf16 autocast (computing in fp32 on fp32 copies of bf16 inputs)?
+    runs_under_autocast = False
 
     def _activate_extra(self) -> None:
         """Install anything beyond the swapped layers (native: BatchNorm, fused blocks)."""
@@ -260,7 +287,8 @@ class LayerSwapBackend:
             layer.clear()
             layer.why = why
             return
-        layer.w_val = layer.weight.detach().reshape(-1).index_select(0, layer.idx).requires_grad_(True)
+        layer.mem_idx, layer.weight_strides = memory_index(layer.weight, layer.idx), layer.weight.stride()
+        layer.w_val = memory_flat(layer.weight.detach()).index_select(0, layer.mem_idx).requires_grad_(True)
         # timed at the training thread count
         layer.mode, layer.why = self.choices.choose(layer, self.batch_size, self._forced_mode, self._time_layer)
         if layer.mode is None:
@@ -272,9 +300,9 @@ class LayerSwapBackend:
         dense_forward = type(mod).forward
 
         def forward(x):
-            if not layer.accepts(x, self.linear_any_rank):
+            if not layer.accepts(x, self.linear_any_rank, self.runs_under_autocast):
                 return dense_forward(mod, x)
-            out = self._sparse_forward(layer, x)
+            out = self._sparse_forward(layer, x.float())
             if mod.bias is None:
                 return out
             return out + (mod.bias.view(1, -1, 1, 1) if layer.kind == "conv" else mod.bias)
@@ -311,4 +339,7 @@ class LayerSwapBackend:
     def _refresh_values(self) -> None:
         for layer in self.layers:
             if layer.swapped:
-                torch.index_select(layer.weight.detach().reshape(-1), 0, layer.idx, out=layer.w_val.data)
+                w = layer.weight.detach()
+                if layer.mem_idx is None or w.stride() != layer.weight_strides:
+                    layer.mem_idx, layer.weight_strides = memory_index(w, layer.idx), w.stride()
+                torch.index_select(memory_flat(w), 0, layer.mem_idx, out=layer.w_val.data)

@@ -16,8 +16,13 @@ step:
 Fine steps and evaluation use the plain dense modules (``use_dense``). Guards: only plain
 ``nn.Conv2d`` (groups 1, dilation 1, square kernel, equal strides, integer symmetric zero padding
 below the kernel size) and ``nn.Linear`` with fp32 CPU weights are swapped; anything else stays dense
-with the reason in ``summary()``; an input that is not fp32 on the CPU, or a call under autocast,
-runs the dense layer for that call.
+with the reason in ``summary()``; an input that is neither fp32 nor bf16 on the CPU runs the dense
+layer for that call.
+
+``precision="bf16"`` (a run under CPU bf16 autocast): the swapped layers and the native BatchNorm
+still compute in fp32 (a bf16 input is widened; fp32 master weights as autocast keeps them), so the
+sparse coarse steps are at least as exact as the dense bf16 ones, and the timed choice compares each
+layer with the dense layer as the run would execute it (bf16 autocast, channels_last when set).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from torch.nn import functional as F
 
 from .. import choice
 from ..choice import timed_rounds
-from ..swap import LayerSwapBackend, autocast_on
+from ..swap import LayerSwapBackend
 from . import build, ops
 
 __all__ = ["NativeBackend", "conv_reason", "linear_reason"]
@@ -64,13 +69,20 @@ class NativeBackend(LayerSwapBackend):
         min_speedup, warmup, repeats, bucket: the timed choice (reused while a layer's nnz stays
             within a factor 1 + bucket of the nnz it was timed at).
         native_bn: run BatchNorm2d (and the fused ResNet blocks) natively.
+        precision, channels_last: how the run's dense layers execute ("fp32" | "bf16" autocast; NHWC
+            inputs), the baseline of the timed choice.
     """
     name = "native"
+    runs_under_autocast = True
 
     def __init__(self, model: nn.Module, batch_size: int | None = None, in_shape=None, *,
                  optimizer: torch.optim.Optimizer | None = None, force: bool = False, min_speedup: float = 1.05,
-                 warmup: int = 1, repeats: int = 3, bucket: float = 0.1, native_bn: bool = True):
+                 warmup: int = 1, repeats: int = 3, bucket: float = 0.1, native_bn: bool = True,
+                 precision: str = "fp32", channels_last: bool = False):
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision={precision!r}: must be fp32 or bf16")
         self.ext = build.load()
+        self.precision, self.channels_last = precision, channels_last
         super().__init__(model, batch_size, in_shape, optimizer=optimizer, force=force, min_speedup=min_speedup,
                          warmup=warmup, repeats=repeats, bucket=bucket)
         self.bns = [m for m in model.modules() if type(m) is nn.BatchNorm2d] if native_bn else []
@@ -97,20 +109,25 @@ class NativeBackend(LayerSwapBackend):
         return "native"
 
     def _time_layer(self, layer) -> tuple[str | None, str, dict]:
-        """Dense (NCHW, as torch layers run) vs native (CHWB in and out), forward + backward,
-        interleaved rounds after a warm-up, medians."""
+        """Dense (as the run's torch layers execute: fp32 or bf16 autocast, NCHW or channels_last) vs
+        native (CHWB in and out), forward + backward, interleaved rounds after a warm-up, medians."""
         mod = layer.module
         shape = (self.batch_size,) + layer.in_shape
-        x = torch.randn(shape, generator=self._generator).requires_grad_(layer.in_grad)
+        x = torch.randn(shape, generator=self._generator)
+        if self.channels_last and layer.kind == "conv":
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(layer.in_grad)
         if layer.kind == "conv":
             xn = ops.from_chwb(ops.to_chwb(x.detach())).requires_grad_(layer.in_grad)
         else:
             xn = x.detach().t().contiguous().t().requires_grad_(layer.in_grad)
-        w_dense = layer.weight.detach().clone().requires_grad_(True)
+        w_dense = layer.weight.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
         w_val = layer.w_val.detach().clone().requires_grad_(True)
+        bf16 = self.precision == "bf16"
 
         def dense():
-            return mod._conv_forward(x, w_dense, None) if layer.kind == "conv" else F.linear(x, w_dense)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return mod._conv_forward(x, w_dense, None) if layer.kind == "conv" else F.linear(x, w_dense)
 
         def native():
             fn = ops.sparse_conv2d if layer.kind == "conv" else ops.sparse_linear
@@ -118,8 +135,9 @@ class NativeBackend(LayerSwapBackend):
 
         with torch.no_grad():
             out = dense()
-        grad = torch.randn(out.shape, generator=self._generator)
-        grad_n = ops.from_chwb(ops.to_chwb(grad)) if layer.kind == "conv" else grad.t().contiguous().t()
+        grad = torch.randn(out.shape, generator=self._generator).to(out.dtype)
+        grad_n = grad.float()
+        grad_n = ops.from_chwb(ops.to_chwb(grad_n)) if layer.kind == "conv" else grad_n.t().contiguous().t()
         candidates = {"dense": lambda: dense().backward(grad), "native": lambda: native().backward(grad_n)}
 
         def reset():
@@ -149,8 +167,9 @@ class NativeBackend(LayerSwapBackend):
         return fn(x, layer.w_val, layer.kernel)
 
     def bn_act(self, bn: nn.Module, x: torch.Tensor, res: torch.Tensor | None = None, relu: bool = False):
-        """``act(bn(x) [+ res])``: native when bn is a plain BatchNorm2d and x an fp32 CPU batch."""
-        if (type(bn) is nn.BatchNorm2d and _fp32_cpu(x) and x.dim() == 4 and x.shape[0] > 0 and not autocast_on()
+        """``act(bn(x) [+ res])``: native when bn is a plain BatchNorm2d and x an fp32 CPU batch (under bf16
+        autocast too: torch's CPU BatchNorm computes in its input's dtype, and the sparse layers hand fp32)."""
+        if (type(bn) is nn.BatchNorm2d and _fp32_cpu(x) and x.dim() == 4 and x.shape[0] > 0
                 and (bn.weight is None or _fp32_cpu(bn.weight))
                 and (res is None or (_fp32_cpu(res) and res.shape == x.shape))
                 and (not bn.training or x.numel() > x.shape[1])):
