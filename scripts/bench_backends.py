@@ -1,18 +1,25 @@
 #!/usr/bin/env python
-"""Per-step and per-epoch training time on this CPU: dense SGD, ML LinBreg on torch layers, on
-SparseProp layers and on the native kernels (ResNet-18, 32x32 inputs), in one run.
+"""Per-step and per-epoch training time on this CPU: the best dense training PyTorch gives (SGD in fp32
+NCHW, fp32 channels_last and bf16 autocast + channels_last) against ML LinBreg on torch layers, on
+SparseProp layers and on the native kernels (fp32, and precision=bf16), ResNet-18 on 32x32 inputs, in
+one interleaved run.
 
     python scripts/bench_backends.py                      # batch 128, densities 0.10/0.05/0.02, uniform+ERK
     python scripts/bench_backends.py --batch-size 64 --steps 2 --densities 0.02 --schemes uniform   # quicker
     python scripts/bench_backends.py --no-sparseprop      # without SparseProp (not installed, or to save time)
 
-For every (layer profile, density) the methods step in interleaved rounds (SGD, ML torch,
-ML SparseProp, ML native, SGD, ...), so a change of machine load hits all of them alike; the reported step
-times are medians (min in the detail lines). Each ML LinBreg run sees: a fine step, then
-1 + `warmup` + `steps` coarse steps, a second fine step and one more coarse step (whose swap cost is
-the rebuild after a fine step with the per-layer decisions cached). The first coarse step is
-never timed: in the SparseProp run it pays the one-time timed per-layer comparison (reported
-separately). Each model first runs one untimed forward/backward (allocator, oneDNN set-up).
+For every (layer profile, density) the runners step in interleaved rounds (SGD fp32, SGD fp32 channels_last,
+SGD bf16, ML torch, ML SparseProp, ML native, ML native bf16, SGD fp32, ...), so a change of machine load
+hits all of them alike; the reported step times are medians (min in the detail lines). Each ML LinBreg run
+sees: a fine step, then 1 + `warmup` + `steps` coarse steps, a second fine step and one more coarse step
+(whose swap cost is the rebuild after a fine step with the per-layer decisions cached). The first coarse
+step is never timed: it pays the one-time timed per-layer comparison (reported separately). Each model
+first runs one untimed forward/backward (allocator, oneDNN set-up).
+
+"Best dense" is the fastest of the three SGD runners' median step (the fastest way to train this model
+densely on this machine; on a CPU with AMX, bf16 + channels_last). The ML LinBreg runners with
+precision=bf16 run their fine steps as the dense bf16 runner does (autocast, channels_last); their coarse
+steps run the sparse layers in fp32 (see mlbreg/backends/native/backend.py).
 
 Per-epoch estimate for ML LinBreg with period m (default 100), from the measured times:
     steps_per_epoch * ((m - 1) * coarse + fine + swap) / m
@@ -20,11 +27,11 @@ and for SGD steps_per_epoch * step (steps_per_epoch = ceil(train_size / batch), 
 Inputs are random (the kernels' cost does not depend on the values).
 
 For the native backend it also prints the split of a coarse step (conv kernels, fused BatchNorm +
-add + ReLU, layout copies into batch-innermost, optimizer, and the rest: ReLUs outside blocks, pooling,
-loss, autograd) and, per layer, the timed dense vs native forward + backward with the useful GFLOP/s
-(2 * nnz * batch * output positions per product, times 3: forward, input gradient, weight gradient).
-Like `mlbreg train` on a CPU, the process keeps freed memory (mlbreg.cpu_alloc), for every runner
-alike; `--default-malloc` measures without it.
+add + ReLU, layout copies into batch-innermost and padded planes, optimizer, and the rest: ReLUs outside
+blocks, pooling, loss, autograd) and, per layer, the timed dense vs native forward + backward with the
+useful GFLOP/s (2 * nnz * batch * output positions per product, times 3: forward, input gradient, weight
+gradient). Like `mlbreg train` on a CPU, the process keeps freed memory (mlbreg.cpu_alloc), for every
+runner alike; `--default-malloc` measures without it.
 """
 from __future__ import annotations
 
@@ -62,7 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--lam", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds of the per-layer comparison")
-    p.add_argument("--no-sgd", action="store_true", help="skip the dense SGD baseline")
+    p.add_argument("--no-sgd", action="store_true", help="skip the dense SGD baselines")
+    p.add_argument("--no-bf16", action="store_true",
+                   help="skip the bf16 runners (dense SGD bf16, ML LinBreg native bf16): on a CPU without bf16 "
+                        "hardware they are emulated and slow")
     p.add_argument("--no-sparseprop", action="store_true", help="skip the SparseProp backend")
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator settings alone")
     p.add_argument("--layers", action="store_true", help="print the per-layer choices")
@@ -73,14 +83,18 @@ def parse_args(argv=None):
 class Runner:
     """One method on one model; `step()` runs a training step the way mlbreg.train does."""
 
-    def __init__(self, label, method_name, density, scheme, args, backend):
+    def __init__(self, label, method_name, density, scheme, args, backend, precision="fp32", channels_last=False):
         self.label = label
+        self.precision, self.channels_last = precision, channels_last
         torch.manual_seed(args.seed)
         self.model = create_model(args.model, 10, (3, 32, 32))
         sparse_init_(self.model, density=density, scheme=scheme, seed=args.seed)
         self.model.train()
-        settings = dict(lr=0.1, momentum=0.9, lam=args.lam, reg="l1", delta=1.0, dampening=0.0,
-                        weight_decay=5e-4 if method_name == "sgd" else 0.0, m=2 + args.warmup + args.steps)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        settings = dict(lr=0.1, momentum=0.9, weight_decay=5e-4 if method_name == "sgd" else 0.0, dampening=0.0)
+        if method_name != "sgd":
+            settings.update(lam=args.lam, reg="l1", delta=1.0, m=2 + args.warmup + args.steps)
         self.method = build_method(method_name, self.model, **settings)
         if backend == "sparseprop":
             from mlbreg.backends.sparseprop import SparsePropBackend
@@ -89,14 +103,23 @@ class Runner:
         elif backend == "native":
             from mlbreg.backends.native.backend import NativeBackend
             self.backend = NativeBackend(self.model, batch_size=args.batch_size, in_shape=(3, 32, 32),
-                                         optimizer=self.method.optimizer, repeats=args.repeats)
+                                         optimizer=self.method.optimizer, repeats=args.repeats, precision=precision,
+                                         channels_last=channels_last)
         else:
             self.backend = TorchBackend(self.model)
         self.log = []
 
+    def _input(self, x):
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
     def warm(self, x, y):
         """One untimed forward/backward without a step (allocator, oneDNN primitives; input shapes)."""
-        nn.functional.cross_entropy(self.model(x), y).backward()
+        with self._autocast():
+            loss = nn.functional.cross_entropy(self.model(self._input(x)).float(), y)
+        loss.backward()
         self.model.zero_grad(set_to_none=True)
 
     def step(self, x, y):
@@ -106,9 +129,11 @@ class Runner:
         native_ops.OpTimes.reset()
         t = [time.perf_counter()]
         self.backend.before_step(kind)
+        x = self._input(x)
         t.append(time.perf_counter())
-        out = self.model(x)
-        loss = nn.functional.cross_entropy(out, y)
+        with self._autocast():
+            out = self.model(x)
+            loss = nn.functional.cross_entropy(out.float(), y)
         t.append(time.perf_counter())
         self.method.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -142,8 +167,34 @@ def split(rows):
     return " ".join(f"{label} {med(rows, k):.2f}" for k, label in TIMERS.items())
 
 
-NATIVE, SPARSEPROP, TORCH, SGD = "ML LinBreg, native", "ML LinBreg, SparseProp", "ML LinBreg, torch layers", \
-    "SGD (torch, dense)"
+SGD32, SGD32CL, SGD16 = "SGD fp32", "SGD fp32 channels_last", "SGD bf16 channels_last"
+TORCH, SPARSEPROP, NATIVE, NATIVE16 = ("ML LinBreg, torch layers", "ML LinBreg, SparseProp", "ML LinBreg, native",
+                                       "ML LinBreg, native bf16")
+SHORT = {SGD32: "SGD fp32", SGD32CL: "SGD fp32 CL", SGD16: "SGD bf16 CL", TORCH: "ML torch", SPARSEPROP: "ML SpProp",
+         NATIVE: "ML native", NATIVE16: "ML nat bf16"}
+DENSE = (SGD32, SGD32CL, SGD16)
+
+
+def runner_specs(args):
+    """(label, method, backend, precision, channels_last) of the runners this invocation compares."""
+    specs = []
+    if not args.no_sgd:
+        specs += [(SGD32, "sgd", "torch", "fp32", False), (SGD32CL, "sgd", "torch", "fp32", True)]
+        if not args.no_bf16:
+            specs.append((SGD16, "sgd", "torch", "bf16", True))
+    specs.append((TORCH, "mllinbreg", "torch", "fp32", False))
+    if not args.no_sparseprop:
+        specs.append((SPARSEPROP, "mllinbreg", "sparseprop", "fp32", False))
+    specs.append((NATIVE, "mllinbreg", "native", "fp32", False))
+    if not args.no_bf16:
+        specs.append((NATIVE16, "mllinbreg", "native", "bf16", True))
+    return specs
+
+
+def best_dense(res, labels=DENSE):
+    """(label, step seconds) of the fastest dense runner among `labels` in this configuration."""
+    steps = [(res[label]["step"], label) for label in labels if label in res]
+    return (min(steps)[1], min(steps)[0]) if steps else (None, float("nan"))
 
 
 def layer_gflops(row, batch):
@@ -178,13 +229,8 @@ def bench_config(scheme, density, args, out):
     gen = torch.Generator().manual_seed(args.seed + 1)
     batches = [(torch.randn(args.batch_size, 3, 32, 32, generator=gen),
                 torch.randint(0, 10, (args.batch_size,), generator=gen)) for _ in range(rounds)]
-    runners = []
-    if not args.no_sgd:
-        runners.append(Runner(SGD, "sgd", 1.0, scheme, args, "torch"))
-    runners.append(Runner(TORCH, "mllinbreg", density, scheme, args, "torch"))
-    if not args.no_sparseprop:
-        runners.append(Runner(SPARSEPROP, "mllinbreg", density, scheme, args, "sparseprop"))
-    runners.append(Runner(NATIVE, "mllinbreg", density, scheme, args, "native"))
+    runners = [Runner(label, method, 1.0 if method == "sgd" else density, scheme, args, backend, precision, cl)
+               for label, method, backend, precision, cl in runner_specs(args)]
     for r in runners:
         r.warm(*batches[0])
     for x, y in batches:
@@ -215,7 +261,7 @@ def bench_config(scheme, density, args, out):
     now = sparsity_summary(native.model)
     print(f"\n=== {args.model}, {scheme}, density {density:.2f} (now {now['nonzeros'] / now['prunable_params']:.3f}), "
           f"batch {args.batch_size}, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f} ===", file=out)
-    for label in (SPARSEPROP, NATIVE):
+    for label in (SPARSEPROP, NATIVE, NATIVE16):
         if label not in by_label:
             continue
         be = by_label[label].backend
@@ -224,16 +270,16 @@ def bench_config(scheme, density, args, out):
         kept = [f"{row['layer']} ({row['why']})" for row in be.summary() if row["choice"] == "dense"]
         if kept:
             print("    kept dense: " + "; ".join(kept), file=out)
-        if args.layers or label == NATIVE:
+        if args.layers or label in (NATIVE, NATIVE16):
             print_layers(label.split(", ")[1], be, args, out)
     for label, v in res.items():
         if "coarse" in v:
-            print(f"  {label:26s} coarse {v['coarse']:6.2f} s (min {v['min']:.2f}; {v['detail']})  fine {v['fine']:6.2f} s"
-                  f"  swap {v['swap']:5.2f} s  -> step(m={m}) {v['step']:6.2f} s  epoch {v['epoch'] / 60:6.1f} min",
+            print(f"  {label:26s} coarse {v['coarse']:6.3f} s (min {v['min']:.3f}; {v['detail']})  fine {v['fine']:6.3f} s"
+                  f"  swap {v['swap']:5.3f} s  -> step(m={m}) {v['step']:6.3f} s  epoch {v['epoch'] / 60:6.2f} min",
                   file=out)
         else:
-            print(f"  {label:26s} step   {v['step']:6.2f} s (min {v['min']:.2f}; {v['detail']})"
-                  f"{'':36s}epoch {v['epoch'] / 60:6.1f} min", file=out)
+            print(f"  {label:26s} step   {v['step']:6.3f} s (min {v['min']:.3f}; {v['detail']})"
+                  f"{'':40s}epoch {v['epoch'] / 60:6.2f} min", file=out)
     # the native coarse step, split by kind of work (medians over the timed steps)
     coarse_native = native.log[timed]
     parts = {k: med(coarse_native, f"op_{k}") if all(f"op_{k}" in r for r in coarse_native) else 0.0
@@ -241,18 +287,28 @@ def bench_config(scheme, density, args, out):
     parts["optimizer"] = med(coarse_native, "optimizer_s")
     parts["rest"] = res[NATIVE]["coarse"] - sum(parts.values())
     print("  native coarse step split: " + ", ".join(
-        f"{name} {v:.3f} s" for name, v in zip(("conv kernels", "BN+add+ReLU", "layout copies", "optimizer",
+        f"{name} {v:.3f} s" for name, v in zip(("conv kernels", "BN+add+ReLU", "layout + padding copies", "optimizer",
                                                 "rest (ReLU/pool/loss/autograd/swap)"), parts.values())), file=out)
+    # against the best dense training on this machine: at matched precision and at the best one
+    best, best_step = best_dense(res)
+    best32, best32_step = best_dense(res, (SGD32, SGD32CL))
+    if best is not None:
+        lines = []
+        for label, ref, ref_step in ((NATIVE, best, best_step), (NATIVE, best32, best32_step),
+                                     (NATIVE16, best, best_step)):
+            if label in res and ref is not None:
+                v = res[label]
+                lines.append(f"{SHORT[label]} vs {SHORT[ref]}: coarse step {ref_step / v['coarse']:.2f}x, "
+                             f"epoch {res[ref]['epoch'] / v['epoch']:.2f}x")
+        print(f"  best dense step: {best} {best_step:.3f} s (best fp32: {best32} {best32_step:.3f} s)", file=out)
+        print("  times faster: " + "; ".join(lines), file=out)
     # paired ratios: the steps of one round ran back to back (under the same machine load)
     logs = {r.label: r.log for r in runners}
     paired = {label: statistics.median(a["total"] / b["total"] for a, b in zip(logs[label][timed], logs[NATIVE][timed]))
               for label in logs if label != NATIVE}
-    nv = res[NATIVE]
-    nv["paired"] = paired
     line = "  ratios (times faster), native vs: "
-    line += ", ".join(f"{label} coarse {res[label].get('coarse', res[label]['step']) / nv['coarse']:.2f}x "
-                      f"(paired {paired[label]:.2f}x) epoch {res[label]['epoch'] / nv['epoch']:.2f}x"
-                      for label in res if label != NATIVE)
+    line += ", ".join(f"{SHORT[label]} {res[label].get('coarse', res[label]['step']) / res[NATIVE]['coarse']:.2f}x "
+                      f"(paired {paired[label]:.2f}x)" for label in res if label != NATIVE)
     print(line, file=out)
     out.flush()
     return dict(scheme=scheme, density=density, **{k: v for k, v in res.items()})
@@ -269,6 +325,8 @@ def main(argv=None):
         sys.exit(f"the native kernels are not available: {err}")
     if not args.no_sparseprop:
         try:
+            import sparseprop  # noqa: F401
+
             import mlbreg.backends.sparseprop  # noqa: F401
         except ImportError as err:
             print(f"SparseProp is not available ({err}); running without it", file=sys.stderr)
@@ -276,26 +334,29 @@ def main(argv=None):
     out = sys.stdout
     print(f"bench_backends: {args.model}, batch {args.batch_size}, {args.warmup}+{args.steps} coarse steps per run, "
           f"m={args.m}, {math.ceil(args.train_size / args.batch_size)} steps/epoch; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs ({native_build.cpu_model()}), native kernels: "
-          f"{ext.simd_path()} path, allocator: {malloc}, load {os.getloadavg()[0]:.1f}", file=out)
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs ({native_build.cpu_model()}; "
+          f"{native_build.cpu_features() or 'features unknown'}), native kernels: {ext.simd_path()} path, "
+          f"allocator: {malloc}, {time.strftime('%Y-%m-%d')}, load {os.getloadavg()[0]:.1f}", file=out)
     t0 = time.perf_counter()
     summary = []
     for scheme in args.schemes:
         for density in args.densities:
             summary.append(bench_config(scheme, density, args, out))
-    print("\nSummary: coarse step (s) and ratios = times faster (same run, interleaved):", file=out)
-    labels = [SGD, TORCH, SPARSEPROP, NATIVE]
-    short = {SGD: "SGD", TORCH: "torch", SPARSEPROP: "SparseProp", NATIVE: "native"}
-    head = f"{'profile':8s} {'density':>7s} " + " ".join(f"{short[lb]:>10s}" for lb in labels) + \
-        "  native/torch coarse  native/torch epoch  native/SparseProp coarse  native/SGD epoch"
+    print("\nSummary: SGD step / ML LinBreg coarse step (s); ratios = times faster than the best dense step "
+          "(same run, interleaved):", file=out)
+    labels = [label for label, *_ in runner_specs(args)]
+    head = f"{'profile':8s} {'density':>7s} " + " ".join(f"{SHORT[lb]:>11s}" for lb in labels) + \
+        "  best dense           native/best  native/best-fp32  native-bf16/best  native/best epoch"
     print(head, file=out)
     for s in summary:
-        cells = " ".join(f"{s[lb].get('coarse', s[lb]['step']):10.2f}" if lb in s else f"{'-':>10s}" for lb in labels)
-        nv, th = s[NATIVE], s[TORCH]
-        sp = f"{s[SPARSEPROP]['coarse'] / nv['coarse']:23.2f}x" if SPARSEPROP in s else f"{'-':>24s}"
-        sg = f"{s[SGD]['epoch'] / nv['epoch']:16.2f}x" if SGD in s else f"{'-':>17s}"
-        print(f"{s['scheme']:8s} {s['density']:7.2f} {cells}  {th['coarse'] / nv['coarse']:18.2f}x "
-              f"{th['epoch'] / nv['epoch']:18.2f}x {sp} {sg}", file=out)
+        cells = " ".join(f"{s[lb].get('coarse', s[lb]['step']):11.3f}" if lb in s else f"{'-':>11s}" for lb in labels)
+        best, best_step = best_dense(s)
+        _, best32_step = best_dense(s, (SGD32, SGD32CL))
+        nv = s[NATIVE]
+        r16 = f"{best_step / s[NATIVE16]['coarse']:16.2f}x" if NATIVE16 in s else f"{'-':>17s}"
+        ep = f"{s[best]['epoch'] / nv['epoch']:17.2f}x" if best else f"{'-':>18s}"
+        print(f"{s['scheme']:8s} {s['density']:7.2f} {cells}  {SHORT.get(best, '-'):12s} {best_step:7.3f}"
+              f" {best_step / nv['coarse']:11.2f}x {best32_step / nv['coarse']:16.2f}x {r16} {ep}", file=out)
     print(f"(total benchmark time {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} CPUs; a load above the CPU count means other processes shared them)", file=out)
 

@@ -40,6 +40,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_features() -> str:
+    """The vector features that decide the speed of dense and sparse training here (AVX2, AVX-512,
+    AVX512_BF16, AMX), as listed in /proc/cpuinfo; "" where it cannot be read."""
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return ""
+    return " ".join(w for w in wanted if w in flags)
+
+
 def _cpu_fingerprint() -> str:
     flags = ""
     try:
