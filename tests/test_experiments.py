@@ -30,7 +30,7 @@ PRESETS = {
     "ablation_lambda": ("cifar10", "resnet18", 200, 36, {"linbreg", "mllinbreg"}),
     "ablation_m": ("cifar10", "resnet18", 200, 18, {"mllinbreg"}),
     "tinyimagenet": ("tinyimagenet", "wrn28_10", 200, 60, {"sgd", "prune_finetune", "linbreg", "mllinbreg"}),
-    "cpu_timing": ("cifar10", "resnet18", 10, 3, {"sgd", "mllinbreg"}),
+    "cpu_timing": ("cifar10", "resnet18", 10, 6, {"sgd", "mllinbreg"}),
 }
 # each preset shrunk: digits, an MLP, 2 epochs, one seed and a two-point grid
 SHRUNK = {
@@ -81,6 +81,17 @@ def test_preset_expands_into_distinct_valid_runs(name):
             assert 0 < cfg.sparsity < 1
         if cfg.method.name == "rigl" and name != "table2_mask_init":
             assert cfg.init.scheme == "erk"      # the paper's RigL mask
+
+
+def test_cpu_timing_compares_with_the_best_dense_path():
+    """Figure 2's rows: SGD in fp32 and in bf16 + channels_last (the fastest dense CPU training), ML LinBreg
+    on torch layers, SparseProp and the native kernels (fp32 and bf16)."""
+    from mlbreg.config import use_channels_last
+    jobs = sweep_jobs([preset_override("cpu_timing")])
+    rows = {(cfg.method.name, cfg.backend, cfg.precision, use_channels_last(cfg)) for _, cfg in jobs}
+    assert rows == {("sgd", "auto", "fp32", False), ("sgd", "auto", "bf16", True),
+                    ("mllinbreg", "torch", "fp32", False), ("mllinbreg", "sparseprop", "fp32", False),
+                    ("mllinbreg", "native", "fp32", False), ("mllinbreg", "native", "bf16", True)}
 
 
 def test_table2_sweeps_every_mask_scheme_for_both_methods():

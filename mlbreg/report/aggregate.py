@@ -11,7 +11,7 @@ from .configs import unused_keys
 
 AGG_METRICS = FINAL_METRICS + list(TIME_COLUMNS.values()) + ["time_other_s"]
 DESCRIBE = ["dataset", "model", "method", "setting", "regularizer", "lam", "m", "init", "density",
-            "target_sparsity", "backend", "lr", "epochs", "device"]
+            "target_sparsity", "backend", "precision", "lr", "epochs", "device"]
 
 
 def _rank(values: pd.Series, order: list[str]) -> pd.Series:

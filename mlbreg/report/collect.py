@@ -22,7 +22,7 @@ from .configs import config_id, mark_duplicates, settings
 CANONICAL = {"dataset": "dataset.name", "model": "model.name", "method": "method.name",
              "regularizer": "regularizer.name", "lam": "lam", "m": "m", "init": "init.scheme",
              "density": "init.density", "target_sparsity": "sparsity", "backend": "backend", "lr": "lr",
-             "epochs": "epochs", "seed": "seed"}
+             "epochs": "epochs", "seed": "seed", "precision": "precision"}
 
 FINAL_METRICS = ["test_acc_pct", "sparsity_pct", "sparsity_all_params_pct", "conv_sparsity_pct",
                  "train_flops_vs_sgd", "inference_flops_vs_dense", "train_loss", "test_loss", "train_acc_pct",

@@ -215,8 +215,10 @@ def plot_cpu_time(agg: pd.DataFrame, out: Path) -> list[Path]:
         block = block[block["time_train_s_mean"].notna()]
         if block.empty:
             continue
-        labels = [f"{lab} [{b}{'' if d in (None, 'auto') or pd.isna(d) else ', ' + str(d)}]"
-                  for lab, b, d in zip(_bar_labels(block), block["backend"], block["device"])]
+        precision = block["precision"] if "precision" in block else pd.Series(["fp32"] * len(block), index=block.index)
+        labels = [f"{lab} [{b}{'' if p in (None, 'fp32') or pd.isna(p) else ', ' + str(p)}"
+                  f"{'' if d in (None, 'auto') or pd.isna(d) else ', ' + str(d)}]"
+                  for lab, b, p, d in zip(_bar_labels(block), block["backend"], precision, block["device"])]
         fig, ax = plt.subplots(figsize=(9, 1.2 + 0.34 * len(block)))
         y = np.arange(len(block))[::-1]
         left = np.zeros(len(block))

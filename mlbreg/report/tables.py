@@ -135,7 +135,8 @@ def cpu_time_table(agg: pd.DataFrame) -> pd.DataFrame | None:
         "Architecture": agg["model"].map(lambda v: MODEL_LABELS.get(v, v)),
         "Method": agg["method"].map(lambda v: METHOD_LABELS.get(v, v)),
         "Setting": agg["setting"].fillna(""),
-        "Backend": agg["backend"], "Device": agg["device"], "Epochs": agg["epochs"], "n": agg["n"],
+        "Backend": agg["backend"], "Precision": agg["precision"] if "precision" in agg else "fp32",
+        "Device": agg["device"], "Epochs": agg["epochs"], "n": agg["n"],
     })
     columns = [("time_train_s", "Train (s)")] + [(c, f"{n.split(' (')[0].capitalize()} (s)") for c, n in TIME_PARTS]
     for col, name in columns:
