@@ -19,10 +19,12 @@ def make_cfg(*overrides: str):
         return compose("train", overrides=["progress=false", *overrides])
 
 
-def backend_step(model, opt, backend, x, y, kind):
-    """One ML LinBreg step the way mlbreg.train drives a backend; returns the loss."""
+def backend_step(model, opt, backend, x, y, kind, precision="fp32"):
+    """One ML LinBreg step the way mlbreg.train drives a backend (under bf16 autocast for
+    precision="bf16"); returns the loss."""
     backend.before_step(kind)
-    loss = torch.nn.functional.cross_entropy(model(x), y)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     backend.after_backward()
@@ -31,7 +33,7 @@ def backend_step(model, opt, backend, x, y, kind):
     return loss.item()
 
 
-def run_mllinbreg(model, make, batches, m=3, lam=0.05, reg="l1", lr=0.05):
+def run_mllinbreg(model, make, batches, m=3, lam=0.05, reg="l1", lr=0.05, precision="fp32"):
     """ML LinBreg over `batches`; `make(model, optimizer)` builds the backend. Returns (optimizer,
     [(step kind, loss)], backend)."""
     from mlbreg.methods import split_param_groups
@@ -41,7 +43,7 @@ def run_mllinbreg(model, make, batches, m=3, lam=0.05, reg="l1", lr=0.05):
     trace = []
     for x, y in batches:
         kind = "full_grad" if opt.next_step_is_fine() else "sparse"
-        trace.append((kind, backend_step(model, opt, backend, x, y, kind)))
+        trace.append((kind, backend_step(model, opt, backend, x, y, kind, precision)))
     backend.use_dense()
     return opt, trace, backend
 
