@@ -268,13 +268,26 @@ class LayerSwapBackend:
             self._deactivate()
         ensure_shapes(self.model, self.layers, self.in_shape)
         for layer in self.layers:
-            self._rebuild_layer(layer)
+            self._rebuild_layer(layer, settle=False)
+        self._settle_choices()
+        for layer in self.layers:
+            self._drop_if_dense(layer)
         self._stale = False
         self.rebuilds += 1
         self._activate(refresh=False)
 
-    def _rebuild_layer(self, layer: SwapLayer) -> None:
-        """The structure of `layer`, then the timed choice between it and the dense layer."""
+    def _settle_choices(self) -> None:
+        """After every layer's timed choice: a backend may revise the choices jointly (native: the
+        conversions between dense and native neighbours)."""
+
+    @staticmethod
+    def _drop_if_dense(layer: SwapLayer) -> None:
+        if layer.mode is None:
+            layer.idx, layer.w_val, layer.kernel = None, None, None
+
+    def _rebuild_layer(self, layer: SwapLayer, settle: bool = True) -> None:
+        """The structure of `layer`, then the timed choice between it and the dense layer (`settle`:
+        drop the structure now if dense; a whole rebuild settles the choices jointly first)."""
         layer.clear()
         if layer.reason is not None:
             layer.nnz, layer.why = int(torch.count_nonzero(layer.weight.detach())), layer.reason
@@ -291,8 +304,8 @@ class LayerSwapBackend:
         layer.w_val = memory_flat(layer.weight.detach()).index_select(0, layer.mem_idx).requires_grad_(True)
         # timed at the training thread count
         layer.mode, layer.why = self.choices.choose(layer, self.batch_size, self._forced_mode, self._time_layer)
-        if layer.mode is None:
-            layer.idx, layer.w_val, layer.kernel = None, None, None
+        if settle:
+            self._drop_if_dense(layer)
 
     # -- swapping -----------------------------------------------------------------------
     def _forward_fn(self, layer: SwapLayer):

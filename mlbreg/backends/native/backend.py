@@ -109,13 +109,13 @@ class NativeBackend(LayerSwapBackend):
         return "native"
 
     def _time_layer(self, layer) -> tuple[str | None, str, dict]:
-        """Dense (as the run's torch layers execute: fp32 or bf16 autocast, NCHW or channels_last) vs
-        native (CHWB in and out), forward + backward, interleaved rounds after a warm-up, medians.
-
-        Under bf16 the dense candidate is timed where it would sit, between native layers: it reads the
-        fp32 CHWB activations they hand on and its bf16 NHWC output is converted back for them (in a
-        ResNet-18 step, timing the bare bf16 layer kept 11 of 21 layers dense and made the coarse step
-        1.4x slower than all native: the conversions at every boundary were not counted)."""
+        """Forward + backward of three candidates, interleaved rounds after a warm-up, medians: the dense
+        layer as the run's torch layers execute it among dense neighbours ("dense": fp32 or bf16
+        autocast, NCHW or channels_last in and out), the dense layer among native neighbours
+        ("dense_ctx": it reads their CHWB activations and its output is converted back to CHWB for
+        them), and the native layer (CHWB in and out). This layer's own choice compares native with
+        "dense"; ``_settle_choices`` then weighs the conversions between neighbours (dense_ctx - dense)
+        over the whole chain of layers."""
         mod = layer.module
         shape = (self.batch_size,) + layer.in_shape
         x = torch.randn(shape, generator=self._generator)
@@ -131,11 +131,13 @@ class NativeBackend(LayerSwapBackend):
         bf16 = self.precision == "bf16"
 
         def dense():
-            if bf16:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    out = mod._conv_forward(xn, w_dense, None) if layer.kind == "conv" else F.linear(xn, w_dense)
-                return ops.from_chwb(ops.to_chwb(out.float())) if layer.kind == "conv" else out.float()
-            return mod._conv_forward(x, w_dense, None) if layer.kind == "conv" else F.linear(x, w_dense)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return mod._conv_forward(x, w_dense, None) if layer.kind == "conv" else F.linear(x, w_dense)
+
+        def dense_ctx():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = mod._conv_forward(xn, w_dense, None) if layer.kind == "conv" else F.linear(xn, w_dense)
+            return ops.from_chwb(ops.to_chwb(out.float())) if layer.kind == "conv" else out.float()
 
         def native():
             fn = ops.sparse_conv2d if layer.kind == "conv" else ops.sparse_linear
@@ -144,9 +146,12 @@ class NativeBackend(LayerSwapBackend):
         with torch.no_grad():
             out = dense()
         grad = torch.randn(out.shape, generator=self._generator)
-        grad_n = ops.from_chwb(ops.to_chwb(grad)) if layer.kind == "conv" else grad.t().contiguous().t()
-        grad_d = grad_n if bf16 else grad
-        candidates = {"dense": lambda: dense().backward(grad_d), "native": lambda: native().backward(grad_n)}
+        if self.channels_last and layer.kind == "conv":
+            grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_d = grad.to(out.dtype)
+        grad_n = ops.from_chwb(ops.to_chwb(grad.float())) if layer.kind == "conv" else grad.float().t().contiguous().t()
+        candidates = {"dense": lambda: dense().backward(grad_d), "dense_ctx": lambda: dense_ctx().backward(grad_n),
+                      "native": lambda: native().backward(grad_n)}
 
         def reset():
             x.grad = xn.grad = w_dense.grad = w_val.grad = None
@@ -157,6 +162,45 @@ class NativeBackend(LayerSwapBackend):
         if speedup >= self.min_speedup:
             return "native", f"{speedup:.2f}x faster than dense", timings
         return None, f"dense is faster (native {speedup:.2f}x)", timings
+
+    def _settle_choices(self) -> None:
+        """Revise the timed choices over the chain of layers (in module order): a dense layer between
+        native ones pays the conversions of its input and output (dense_ctx - dense, timed), so the
+        choices minimize the chain's total ``sum(own time) + conversions at every dense/native
+        boundary`` by dynamic programming, instead of each layer deciding alone. Deterministic given
+        the timings (cached and checkpointed), so a resumed run settles the same way."""
+        if self.choices.force:
+            return
+        chain = [layer for layer in self.layers if layer.reason is None and layer.kernel is not None
+                 and {"dense_ms", "dense_ctx_ms", "native_ms"} <= set(layer.timings)]
+        if len(chain) < 2:
+            return
+        own = [{None: lay.timings["dense_ms"], "native": lay.timings["native_ms"] * self.min_speedup} for lay in chain]
+        half = [max(0.0, lay.timings["dense_ctx_ms"] - lay.timings["dense_ms"]) / 2 for lay in chain]
+
+        def boundary(i, prev, cur):      # layer i-1 in state prev, layer i in state cur
+            if prev == cur:
+                return 0.0
+            return half[i] if cur is None else half[i - 1]   # the dense side pays its half conversion
+        states = (None, "native")
+        cost = [{s: own[0][s] for s in states}]
+        back = [{}]
+        for i in range(1, len(chain)):
+            cost.append({})
+            back.append({})
+            for s in states:
+                prev = min(states, key=lambda p: (cost[i - 1][p] + boundary(i, p, s), p is None))
+                cost[i][s] = cost[i - 1][prev] + boundary(i, prev, s) + own[i][s]
+                back[i][s] = prev
+        s = min(states, key=lambda p: (cost[-1][p], p is None))
+        for i in range(len(chain) - 1, -1, -1):
+            lay = chain[i]
+            if lay.mode != s:
+                ratio = lay.timings["dense_ms"] / lay.timings["native_ms"]
+                lay.why = (f"native {ratio:.2f}x alone; {'native' if s else 'dense'} with its neighbours "
+                           f"(conversions {2 * half[i]:.1f} ms)")
+                lay.mode = s
+            s = back[i].get(s, s)
 
     # -- swapping -----------------------------------------------------------------------
     def _activate_extra(self) -> None:
@@ -175,9 +219,11 @@ class NativeBackend(LayerSwapBackend):
         return fn(x, layer.w_val, layer.kernel)
 
     def bn_act(self, bn: nn.Module, x: torch.Tensor, res: torch.Tensor | None = None, relu: bool = False):
-        """``act(bn(x) [+ res])``: native when bn is a plain BatchNorm2d and x an fp32 CPU batch (under bf16
-        autocast too: torch's CPU BatchNorm computes in its input's dtype, and the sparse layers hand fp32)."""
-        if (type(bn) is nn.BatchNorm2d and _fp32_cpu(x) and x.dim() == 4 and x.shape[0] > 0
+        """``act(bn(x) [+ res])``: native when bn is a plain BatchNorm2d and x an fp32 CPU batch in the CHWB
+        layout, i.e. the output of a native layer (under bf16 autocast too: torch's CPU BatchNorm computes in
+        its input's dtype, and the sparse layers hand fp32). After a dense-kept layer torch's BatchNorm runs
+        on its NCHW output: converting it would only be converted back for the next dense layer."""
+        if (type(bn) is nn.BatchNorm2d and _fp32_cpu(x) and x.dim() == 4 and x.shape[0] > 0 and ops.is_chwb(x)
                 and (bn.weight is None or _fp32_cpu(bn.weight))
                 and (res is None or (_fp32_cpu(res) and res.shape == x.shape))
                 and (not bn.training or x.numel() > x.shape[1])):
