@@ -126,6 +126,32 @@ def test_bf16_autocast_trains_to_accuracy(tmp_path):
     assert _bf16_run(tmp_path, epochs=30).test_acc_pct >= 85.0
 
 
+def test_native_bf16_trains_to_the_fp32_accuracy_band(tmp_path):
+    """backend=native precision=bf16 (fine steps dense bf16 + channels_last, coarse steps on the native
+    kernels) on the conv net: the same accuracy band and sparsity as the fp32 native run, every layer
+    native in the coarse steps (forced: the band must not depend on the timed choice)."""
+    import mlbreg.backends.native.backend as native_backend
+    from mlbreg.backends.native import unavailable_reason
+    if unavailable_reason():
+        pytest.skip(unavailable_reason())
+    original = native_backend.NativeBackend.__init__
+
+    def forced(self, *args, **kwargs):
+        original(self, *args, **{**kwargs, "force": True})
+    native_backend.NativeBackend.__init__ = forced
+    try:
+        common = ("backend=native", "model=convnet", "epochs=15", "m=10", "lam=0.003", "init.density=0.1")
+        _, _, fp32 = run(tmp_path / "fp32", *common)
+        _, outcome, bf16 = run(tmp_path / "bf16", *common, "precision=bf16")
+    finally:
+        native_backend.NativeBackend.__init__ = original
+    a, b = fp32.iloc[-1], bf16.iloc[-1]
+    assert outcome["status"] == "finished"
+    assert a.test_acc_pct >= 90.0 and b.test_acc_pct >= 90.0
+    assert abs(a.test_acc_pct - b.test_acc_pct) <= 3.0
+    assert abs(a.sparsity_pct - b.sparsity_pct) <= 5.0
+
+
 def test_channels_last_gives_the_same_run(tmp_path):
     _, _, a = run(tmp_path / "a", "model=convnet", "epochs=2", "m=5", "backend=torch")
     _, _, b = run(tmp_path / "b", "model=convnet", "epochs=2", "m=5", "backend=torch", "channels_last=true")
