@@ -182,7 +182,7 @@ class LayerSwapBackend:
         raise NotImplementedError
 
     linear_any_rank = False           # may a swapped linear layer take (..., F) inputs, not only (B, F)?
-    # may the sparse layers run under bf16 autocast (computing in fp32 on fp32 copies of bf16 inputs)?
+    # may the sparse layers run under bf16 autocast (bf16 or fp32 inputs; the backend computes in fp32)?
     runs_under_autocast = False
 
     def _activate_extra(self) -> None:
@@ -299,10 +299,11 @@ class LayerSwapBackend:
         def forward(x):
             if not layer.accepts(x, self.linear_any_rank, self.runs_under_autocast):
                 return dense_forward(mod, x)
-            out = self._sparse_forward(layer, x.float())
+            out = self._sparse_forward(layer, x)
             if mod.bias is None:
                 return out
-            return out + (mod.bias.view(1, -1, 1, 1) if layer.kind == "conv" else mod.bias)
+            bias = mod.bias.to(out.dtype)       # a bf16 output stays bf16 (as a conv under autocast)
+            return out + (bias.view(1, -1, 1, 1) if layer.kind == "conv" else bias)
         return forward
 
     def _activate(self, refresh: bool) -> None:

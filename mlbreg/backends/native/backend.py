@@ -56,6 +56,12 @@ def _fp32_cpu(x) -> bool:
     return isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.device.type == "cpu"
 
 
+def _act_cpu(x, dtype: torch.dtype | None) -> bool:
+    """A CPU tensor of `dtype` (None: fp32 or bf16)."""
+    return (isinstance(x, torch.Tensor) and x.device.type == "cpu"
+            and (x.dtype in (torch.float32, torch.bfloat16) if dtype is None else x.dtype == dtype))
+
+
 class NativeBackend(LayerSwapBackend):
     """See the module docstring and backends/swap.py (the swapping shared with SparseProp)
     and backends/choice.py (the timed layer choice).
@@ -122,13 +128,14 @@ class NativeBackend(LayerSwapBackend):
         if self.channels_last and layer.kind == "conv":
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(layer.in_grad)
+        bf16 = self.precision == "bf16"
+        act = self.act_dtype             # what native neighbours hand on and expect (CHWB)
         if layer.kind == "conv":
-            xn = ops.from_chwb(ops.to_chwb(x.detach())).requires_grad_(layer.in_grad)
+            xn = ops.from_chwb(ops.to_chwb(x.detach()).to(act)).requires_grad_(layer.in_grad)
         else:
-            xn = x.detach().t().contiguous().t().requires_grad_(layer.in_grad)
+            xn = x.detach().to(act).t().contiguous().t().requires_grad_(layer.in_grad)
         w_dense = layer.weight.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
         w_val = layer.w_val.detach().clone().requires_grad_(True)
-        bf16 = self.precision == "bf16"
 
         def dense():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -137,11 +144,11 @@ class NativeBackend(LayerSwapBackend):
         def dense_ctx():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 out = mod._conv_forward(xn, w_dense, None) if layer.kind == "conv" else F.linear(xn, w_dense)
-            return ops.from_chwb(ops.to_chwb(out.float())) if layer.kind == "conv" else out.float()
+            return ops.from_chwb(ops.to_chwb(out.to(act))) if layer.kind == "conv" else out.to(act)
 
         def native():
             fn = ops.sparse_conv2d if layer.kind == "conv" else ops.sparse_linear
-            return fn(xn, w_val, layer.kernel)
+            return fn(xn, w_val, layer.kernel, bf16)
 
         with torch.no_grad():
             out = dense()
@@ -149,7 +156,7 @@ class NativeBackend(LayerSwapBackend):
         if self.channels_last and layer.kind == "conv":
             grad = grad.contiguous(memory_format=torch.channels_last)
         grad_d = grad.to(out.dtype)
-        grad_n = ops.from_chwb(ops.to_chwb(grad.float())) if layer.kind == "conv" else grad.float().t().contiguous().t()
+        grad_n = ops.from_chwb(ops.to_chwb(grad.to(act))) if layer.kind == "conv" else grad.to(act).t().contiguous().t()
         candidates = {"dense": lambda: dense().backward(grad_d), "dense_ctx": lambda: dense_ctx().backward(grad_n),
                       "native": lambda: native().backward(grad_n)}
 
@@ -214,18 +221,23 @@ class NativeBackend(LayerSwapBackend):
             if "forward" in mod.__dict__:
                 del mod.forward
 
+    @property
+    def act_dtype(self) -> torch.dtype:
+        """The dtype of the activations (and their gradients) between native layers."""
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
     def _sparse_forward(self, layer, x):
         fn = ops.sparse_conv2d if layer.kind == "conv" else ops.sparse_linear
-        return fn(x, layer.w_val, layer.kernel)
+        return fn(x, layer.w_val, layer.kernel, self.precision == "bf16")
 
     def bn_act(self, bn: nn.Module, x: torch.Tensor, res: torch.Tensor | None = None, relu: bool = False):
-        """``act(bn(x) [+ res])``: native when bn is a plain BatchNorm2d and x an fp32 CPU batch in the CHWB
-        layout, i.e. the output of a native layer (under bf16 autocast too: torch's CPU BatchNorm computes in
-        its input's dtype, and the sparse layers hand fp32). After a dense-kept layer torch's BatchNorm runs
-        on its NCHW output: converting it would only be converted back for the next dense layer."""
-        if (type(bn) is nn.BatchNorm2d and _fp32_cpu(x) and x.dim() == 4 and x.shape[0] > 0 and ops.is_chwb(x)
-                and (bn.weight is None or _fp32_cpu(bn.weight))
-                and (res is None or (_fp32_cpu(res) and res.shape == x.shape))
+        """``act(bn(x) [+ res])``: native when bn is a plain BatchNorm2d and x a CPU batch in the CHWB layout
+        and the activation dtype (fp32; bf16 with precision=bf16), i.e. the output of a native layer; the
+        statistics and arithmetic are fp32 either way. After a dense-kept layer torch's BatchNorm runs on its
+        output: converting it would only be converted back for the next dense layer."""
+        if (type(bn) is nn.BatchNorm2d and _act_cpu(x, self.act_dtype) and x.dim() == 4 and x.shape[0] > 0
+                and ops.is_chwb(x) and (bn.weight is None or _fp32_cpu(bn.weight))
+                and (res is None or (_act_cpu(res, None) and res.shape == x.shape))
                 and (not bn.training or x.numel() > x.shape[1])):
             return ops.batch_norm(bn, ops.from_chwb(ops.to_chwb(x)), self.ext, res=res, relu=relu)
         # the module's own forward (ours may be installed on it: calling bn(x) would come back here)

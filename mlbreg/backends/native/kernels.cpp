@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 #include <cstdlib>
 
@@ -84,6 +85,40 @@ inline double hsum_d(V a) {
   return s;
 }
 }  // namespace simd
+
+// bf16 storage (precision=bf16): activations and their gradients may be stored as bf16; every kernel computes
+// in fp32 (a bf16 value widened exactly; results rounded to nearest even when stored).
+using bf16 = at::BFloat16;
+inline float to_f(float x) { return x; }
+inline float to_f(bf16 x) { return static_cast<float>(x); }
+template <typename T> inline T from_f(float x) { return T(x); }
+template <typename T> inline V loadv(const T* p);
+template <> inline V loadv<float>(const float* p) { return simd::load(p); }
+template <> inline V loadv<bf16>(const bf16* p) {
+#if NVMAX_IS_8
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+#elif defined(__AVX2__) && !defined(MLBREG_FORCE_PLAIN)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+#else
+  alignas(64) float t[simd::W];
+  for (int i = 0; i < simd::W; ++i) t[i] = static_cast<float>(p[i]);
+  return simd::load(t);
+#endif
+}
+template <typename T> inline void storev(T* p, V a);
+template <> inline void storev<float>(float* p, V a) { simd::store(p, a); }
+template <> inline void storev<bf16>(bf16* p, V a) {
+#if NVMAX_IS_8 && defined(__AVX512BF16__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(a));   // round to nearest even
+#else
+  alignas(64) float t[simd::W];
+  simd::store(t, a);
+  for (int i = 0; i < simd::W; ++i) p[i] = bf16(t[i]);                                  // round to nearest even
+#endif
+}
+
 // Register budget: accumulators per tile (32 zmm on AVX-512, 16 ymm on AVX2; the rest hold the broadcast
 // weight and scratch). A lane chunk is NV vectors of the batch (NV in 8, 4, 2, 1); the tile holds TP = ACC / NV
 // output positions of it, so the full batch of 128 on AVX-512 is 3 positions x 8 vectors.
@@ -94,9 +129,10 @@ constexpr int tp_for(int nv) { return ACC / nv > 12 ? 12 : ACC / nv; }
 namespace {
 
 
-void check_chwb(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dtype() == at::kFloat && t.device().is_cpu() && t.is_contiguous() && t.dim() == 4,
-              name, " must be a contiguous float32 CPU (C, H, W, B) tensor");
+void check_chwb(const at::Tensor& t, const char* name, bool bf16_ok = false) {
+  TORCH_CHECK((t.dtype() == at::kFloat || (bf16_ok && t.dtype() == at::kBFloat16)) && t.device().is_cpu() &&
+              t.is_contiguous() && t.dim() == 4, name, " must be a contiguous ", bf16_ok ? "float32 or bfloat16" : "float32",
+              " CPU (C, H, W, B) tensor");
 }
 
 // Lanes go in chunks of NVMAX, 4, 2, 1 full vectors; the lanes past the last full vector (fewer than W) go
@@ -120,17 +156,21 @@ inline int64_t channel_stride(int64_t hp, int64_t wp, int64_t b) {
 }
 
 // x (C, H, W, B) -> (C, cs) holding the padded planes (H + 2p) x (W + 2p) x B, zeros around
-void pad_planes(const float* x, float* out, int64_t c, int64_t h, int64_t w, int64_t b, int64_t p, int64_t cs) {
+template <typename T>
+void pad_planes(const T* x, float* out, int64_t c, int64_t h, int64_t w, int64_t b, int64_t p, int64_t cs) {
   const int64_t hp = h + 2 * p, wp = w + 2 * p;
   at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ch = begin; ch < end; ++ch) {
       float* o = out + ch * cs;
-      const float* xi = x + ch * h * w * b;
+      const T* xi = x + ch * h * w * b;
       std::fill(o, o + p * wp * b, 0.f);
       for (int64_t y = 0; y < h; ++y) {
         float* row = o + (y + p) * wp * b;
         std::fill(row, row + p * b, 0.f);
-        std::copy(xi + y * w * b, xi + (y + 1) * w * b, row + p * b);
+        const T* src = xi + y * w * b;
+        float* dst = row + p * b;
+#pragma omp simd
+        for (int64_t i = 0; i < w * b; ++i) dst[i] = to_f(src[i]);
         std::fill(row + (p + w) * b, row + wp * b, 0.f);
       }
       std::fill(o + (h + p) * wp * b, o + cs, 0.f);
@@ -160,8 +200,8 @@ int64_t block_positions(int64_t channels, int64_t kr, int64_t k, int64_t s, int6
 // gather over a padded input: out[co][y][x][b] = sum_j val[j] * in[chan[j]][y*s + u_j][x*s + v_j][b]
 // (padded coordinates), each non-zero at the precomputed offset off[j] = chan*cs + (u*wp + v)*B from the tile's
 // corner. One register tile: TP output positions x NV vectors of lanes from b0; non-zeros [j0, j1).
-template <int TP, int NV>
-inline void gather_tile(const float* base, float* o, const int64_t* off, const float* val, int32_t j0, int32_t j1,
+template <int TP, int NV, typename OT>
+inline void gather_tile(const float* base, OT* o, const int64_t* off, const float* val, int32_t j0, int32_t j1,
                         int64_t step, int64_t ostep) {
   V acc[TP][NV];
   for (int t = 0; t < TP; ++t)
@@ -173,43 +213,45 @@ inline void gather_tile(const float* base, float* o, const int64_t* off, const f
       for (int n = 0; n < NV; ++n) acc[t][n] = simd::fma(w, simd::load(q + t * step + n * simd::W), acc[t][n]);
   }
   for (int t = 0; t < TP; ++t)
-    for (int n = 0; n < NV; ++n) simd::store(o + t * ostep + n * simd::W, acc[t][n]);
+    for (int n = 0; n < NV; ++n) storev(o + t * ostep + n * simd::W, acc[t][n]);
 }
 
 // the scalar lanes [b0, B) of one position
-inline void gather_lanes(const float* base, float* o, const int64_t* off, const float* val, int32_t j0, int32_t j1,
+template <typename OT>
+inline void gather_lanes(const float* base, OT* o, const int64_t* off, const float* val, int32_t j0, int32_t j1,
                          int64_t nl) {
   float acc[simd::W] = {0};
   for (int32_t j = j0; j < j1; ++j) {
     const float* q = base + off[j];
     for (int64_t l = 0; l < nl; ++l) acc[l] = std::fma(val[j], q[l], acc[l]);
   }
-  for (int64_t l = 0; l < nl; ++l) o[l] = acc[l];
+  for (int64_t l = 0; l < nl; ++l) o[l] = from_f<OT>(acc[l]);
 }
 
 // a row segment of TP-position tiles (then single positions) for one lane chunk; positions pos0 + t, input
 // columns (pos0 + t) * in_step apart in floats, outputs out_step apart
-template <int NV>
-void gather_run(const float* base, float* o, const int64_t* off, const float* val, int32_t j0, int32_t j1,
+template <int NV, typename OT>
+void gather_run(const float* base, OT* o, const int64_t* off, const float* val, int32_t j0, int32_t j1,
                 int64_t n, int64_t in_step, int64_t out_step) {
   constexpr int TP = tp_for(NV);
   int64_t t = 0;
-  for (; t + TP <= n; t += TP) gather_tile<TP, NV>(base + t * in_step, o + t * out_step, off, val, j0, j1, in_step, out_step);
+  for (; t + TP <= n; t += TP) gather_tile<TP, NV, OT>(base + t * in_step, o + t * out_step, off, val, j0, j1, in_step, out_step);
   // short rows (the last stages' 4 or 8 positions) still get tiles of several positions
   if constexpr (TP > 4)
-    for (; t + 4 <= n; t += 4) gather_tile<4, NV>(base + t * in_step, o + t * out_step, off, val, j0, j1, in_step, out_step);
+    for (; t + 4 <= n; t += 4) gather_tile<4, NV, OT>(base + t * in_step, o + t * out_step, off, val, j0, j1, in_step, out_step);
   if constexpr (TP > 2)
-    for (; t + 2 <= n; t += 2) gather_tile<2, NV>(base + t * in_step, o + t * out_step, off, val, j0, j1, in_step, out_step);
-  for (; t < n; ++t) gather_tile<1, NV>(base + t * in_step, o + t * out_step, off, val, j0, j1, in_step, out_step);
+    for (; t + 2 <= n; t += 2) gather_tile<2, NV, OT>(base + t * in_step, o + t * out_step, off, val, j0, j1, in_step, out_step);
+  for (; t < n; ++t) gather_tile<1, NV, OT>(base + t * in_step, o + t * out_step, off, val, j0, j1, in_step, out_step);
 }
 
 // the lanes [lo, hi) of a run of n positions: full-vector chunks, then the scalar lanes (at the batch's end)
-void run_lanes(int64_t lo, int64_t hi, const float* base, float* o, const int64_t* off, const float* val, int32_t j0,
+template <typename OT>
+void run_lanes(int64_t lo, int64_t hi, const float* base, OT* o, const int64_t* off, const float* val, int32_t j0,
                int32_t j1, int64_t n, int64_t in_step, int64_t out_step) {
   int64_t b0 = lo;
   for (int nv = NVMAX; nv >= 1; nv /= 2)
     for (; b0 + nv * simd::W <= hi; b0 += nv * simd::W) switch (nv) {
-#define MLBREG_RUN(N) case N: gather_run<N>(base + b0, o + b0, off, val, j0, j1, n, in_step, out_step); break;
+#define MLBREG_RUN(N) case N: gather_run<N, OT>(base + b0, o + b0, off, val, j0, j1, n, in_step, out_step); break;
       MLBREG_RUN(1) MLBREG_RUN(2) MLBREG_RUN(4)
 #if NVMAX_IS_8
       MLBREG_RUN(8)
@@ -239,7 +281,8 @@ std::vector<int64_t> offsets(const int32_t* bptr, const int32_t* chan, int64_t g
   return off;
 }
 
-void gather_conv(const float* in, const Padded& pin, float* out, const int32_t* bptr, const int32_t* chan,
+template <typename OT>
+void gather_conv(const float* in, const Padded& pin, OT* out, const int32_t* bptr, const int32_t* chan,
                  const float* val, int64_t co, int64_t k, int64_t s) {
   const int64_t ho = (pin.hp - k) / s + 1, wo = (pin.wp - k) / s + 1, b = pin.b;
   const std::vector<int64_t> off = offsets(bptr, chan, co, k, pin);
@@ -255,7 +298,7 @@ void gather_conv(const float* in, const Padded& pin, float* out, const int32_t* 
         const int64_t bb = it / (ho * ncb), y = (it / ncb) % ho, cb = it % ncb;
         const float* base = in + (y * s * pin.wp + xa * s) * b;
         for (int64_t c = cb * cob; c < std::min(co, (cb + 1) * cob); ++c) {
-          float* o = out + ((c * ho + y) * wo + xa) * b;
+          OT* o = out + ((c * ho + y) * wo + xa) * b;
           run_lanes(bb * lanes, std::min(b, (bb + 1) * lanes), base, o, off.data(), val, bptr[c * k * k],
                     bptr[(c + 1) * k * k], n, s * b, b);
         }
@@ -275,7 +318,8 @@ void gather_conv(const float* in, const Padded& pin, float* out, const int32_t* 
 // the same register tiles as the forward, over consecutive jx, stored s columns apart.
 inline bool divides(int64_t a, int64_t s) { return ((a % s) + s) % s == 0; }
 
-void tgather_conv(const float* dout, float* din, const int32_t* bptr, const int32_t* chan, const float* val,
+template <typename DT, typename OT>
+void tgather_conv(const DT* dout, OT* din, const int32_t* bptr, const int32_t* chan, const float* val,
                   int64_t co, int64_t ho, int64_t wo, int64_t ci, int64_t hi, int64_t wi, int64_t b, int64_t k,
                   int64_t s, int64_t p) {
   // the pad P: every (class position i, offset du) lands in [-P, ho + P)
@@ -286,9 +330,11 @@ void tgather_conv(const float* dout, float* din, const int32_t* bptr, const int3
         const int64_t du = (r + p - u) / s, imax = std::max<int64_t>(0, (std::max(hi, wi) - 1 - r) / s);
         P = std::max(P, std::max(-du, imax + du - (std::min(ho, wo) - 1)));
       }
-  const Padded pd{co, ho + 2 * P, wo + 2 * P, b, P ? channel_stride(ho + 2 * P, wo + 2 * P, b) : ho * wo * b};
-  std::vector<float> padded(P ? size_t(co * pd.cs) : 0);
-  if (P) pad_planes(dout, padded.data(), co, ho, wo, b, P, pd.cs);
+  // a copy (padded, widened to fp32) unless dout is fp32 and needs no border
+  const bool copy = P > 0 || !std::is_same<DT, float>::value;
+  const Padded pd{co, ho + 2 * P, wo + 2 * P, b, copy ? channel_stride(ho + 2 * P, wo + 2 * P, b) : ho * wo * b};
+  std::vector<float> padded(copy ? size_t(co * pd.cs) : 0);
+  if (copy) pad_planes(dout, padded.data(), co, ho, wo, b, P, pd.cs);
   // per (ci, ry, rx): the class's non-zeros, their offsets and values
   const int64_t ss = s * s;
   std::vector<int32_t> ptr(ci * ss + 1, 0);
@@ -313,7 +359,9 @@ void tgather_conv(const float* dout, float* din, const int32_t* bptr, const int3
         ptr[(c * s + ry) * s + rx + 1] = int32_t(off.size());
       }
   const int64_t ncb = channel_blocks(hi, ci), cib = (ci + ncb - 1) / ncb;
-  const float* pbase = P ? padded.data() : dout;
+  const float* pbase = padded.data();
+  if constexpr (std::is_same<DT, float>::value)
+    if (!copy) pbase = dout;
   at::parallel_for(0, hi * ncb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t it = begin; it < end; ++it) {
       const int64_t Y = it / ncb, cb = it % ncb, ry = Y % s, i = Y / s;
@@ -321,9 +369,9 @@ void tgather_conv(const float* dout, float* din, const int32_t* bptr, const int3
         for (int64_t rx = 0; rx < s && rx < wi; ++rx) {
           const int64_t n = (wi - rx + s - 1) / s;                  // class columns X = rx + s*jx
           const float* base = pbase + ((i + P) * pd.wp + P) * b;
-          float* o = din + ((c * hi + Y) * wi + rx) * b;
+          OT* o = din + ((c * hi + Y) * wi + rx) * b;
           const int32_t a = ptr[(c * s + ry) * s + rx], z = ptr[(c * s + ry) * s + rx + 1];
-          run_lanes(0, b, base, o, off.data(), tval.data(), a, z, n, b, s * b);
+          run_lanes<OT>(0, b, base, o, off.data(), tval.data(), a, z, n, b, s * b);
         }
       }
     }
@@ -337,8 +385,8 @@ void tgather_conv(const float* dout, float* din, const int32_t* bptr, const int3
 // block, G non-zeros of one output channel share every dout load (one load feeds G FMAs; each non-zero reads its
 // input at its own offset off[j]). Each non-zero keeps one partial-sum vector, added block after block in a fixed
 // order; the final horizontal sum is in double (the same bits at any thread count).
-template <int G>
-inline void sddmm_block(const float* dout, const float* in, const int64_t* offj, V* part, double* tail, int64_t b,
+template <int G, typename DT>
+inline void sddmm_block(const DT* dout, const float* in, const int64_t* offj, V* part, double* tail, int64_t b,
                         int64_t l0, int64_t l1, int64_t ho, int64_t wo, int64_t wp, int64_t s, int64_t co, int32_t j0,
                         int64_t y0, int64_t y1, int64_t x0, int64_t x1) {
   constexpr int A = G >= 8 ? 1 : 8 / G;     // accumulators per non-zero: G * A >= 8 independent FMA chains
@@ -350,22 +398,22 @@ inline void sddmm_block(const float* dout, const float* in, const int64_t* offj,
   for (int i = 0; i < G; ++i) inp[i] = in + offj[j0 + i];
   for (int64_t y = y0; y < y1; ++y) {
     for (int64_t x = x0; x < x1; ++x) {
-      const float* d = dout + ((co * ho + y) * wo + x) * b;
+      const DT* d = dout + ((co * ho + y) * wo + x) * b;
       const int64_t off = (y * s * wp + x * s) * b;
       int64_t l = l0;
       for (; l + A * simd::W <= bv; l += A * simd::W) {
         V dv[A];
-        for (int a = 0; a < A; ++a) dv[a] = simd::load(d + l + a * simd::W);
+        for (int a = 0; a < A; ++a) dv[a] = loadv(d + l + a * simd::W);
         for (int i = 0; i < G; ++i)
           for (int a = 0; a < A; ++a)
             acc[i][a] = simd::fma(dv[a], simd::load(inp[i] + off + l + a * simd::W), acc[i][a]);
       }
       for (; l < bv; l += simd::W) {
-        const V dv = simd::load(d + l);
+        const V dv = loadv(d + l);
         for (int i = 0; i < G; ++i) acc[i][0] = simd::fma(dv, simd::load(inp[i] + off + l), acc[i][0]);
       }
       for (l = bv; l < l1; ++l)
-        for (int i = 0; i < G; ++i) tail[j0 + i] += double(d[l]) * double(inp[i][off + l]);
+        for (int i = 0; i < G; ++i) tail[j0 + i] += double(to_f(d[l])) * double(inp[i][off + l]);
     }
   }
   for (int i = 0; i < G; ++i) {
@@ -375,7 +423,8 @@ inline void sddmm_block(const float* dout, const float* in, const int64_t* offj,
   }
 }
 
-void sddmm_conv(const float* dout, const float* in, const Padded& pin, const int32_t* bptr, const int32_t* chan,
+template <typename DT>
+void sddmm_conv(const DT* dout, const float* in, const Padded& pin, const int32_t* bptr, const int32_t* chan,
                 float* dval, int64_t co, int64_t k, int64_t s) {
   const int64_t ho = (pin.hp - k) / s + 1, wo = (pin.wp - k) / s + 1;
   const int64_t kk = k * k, nnz = bptr[co * kk];
@@ -399,7 +448,7 @@ void sddmm_conv(const float* dout, const float* in, const Padded& pin, const int
           for (int64_t c = begin; c < end; ++c) {
             int32_t j = bptr[c * kk];
             const int32_t j1 = bptr[(c + 1) * kk];
-#define MLBREG_SD(G) sddmm_block<G>(dout, in, off.data(), part.data(), tail.data(), pin.b, l0, l1, ho, wo, pin.wp, s, \
+#define MLBREG_SD(G) sddmm_block<G, DT>(dout, in, off.data(), part.data(), tail.data(), pin.b, l0, l1, ho, wo, pin.wp, s, \
                                     c, j, y0, y1, x0, x1)
             for (; j + 8 <= j1; j += 8) MLBREG_SD(8);
             for (; j + 4 <= j1; j += 4) MLBREG_SD(4);
@@ -442,16 +491,21 @@ void check_struct(const at::Tensor& bptr, const at::Tensor& chan, const at::Tens
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------
-// Python entry points
-// pad_chwb: the padded planes of a CHWB tensor as a (C, cs) tensor (see Padded)
+// Python entry points. Activations (inputs, outputs, gradients) may be float32 or bfloat16; weights, their
+// values and gradients and the padded planes are float32.
+// pad_chwb: the padded fp32 planes of a CHWB tensor as a (C, cs) tensor (see Padded)
 at::Tensor pad_chwb(at::Tensor x, int64_t p) {
-  check_chwb(x, "input");
+  check_chwb(x, "input", true);
   TORCH_CHECK(p >= 0, "padding must be >= 0");
   const int64_t c = x.size(0), h = x.size(1), w = x.size(2), b = x.size(3);
-  if (p == 0) return x.view({c, h * w * b});     // no border to add (a 1x1 conv): the planes as they are
-  const int64_t cs = channel_stride(h + 2 * p, w + 2 * p, b);
-  auto out = at::empty({c, cs}, x.options());
-  pad_planes(x.data_ptr<float>(), out.data_ptr<float>(), c, h, w, b, p, cs);
+  // no border to add (a 1x1 conv) and already fp32: the planes as they are
+  if (p == 0 && x.dtype() == at::kFloat) return x.view({c, h * w * b});
+  const int64_t cs = p ? channel_stride(h + 2 * p, w + 2 * p, b) : h * w * b;
+  auto out = at::empty({c, cs}, x.options().dtype(at::kFloat));
+  if (x.dtype() == at::kBFloat16)
+    pad_planes(x.data_ptr<bf16>(), out.data_ptr<float>(), c, h, w, b, p, cs);
+  else
+    pad_planes(x.data_ptr<float>(), out.data_ptr<float>(), c, h, w, b, p, cs);
   return out;
 }
 
@@ -463,178 +517,169 @@ Padded padded_geom(const at::Tensor& xp, int64_t hp, int64_t wp, int64_t b) {
   return Padded{xp.size(0), hp, wp, b, xp.size(1)};
 }
 
-// sparse conv of a padded input (hp, wp: padded size): output (B, co, ho, wo) with CHWB strides
+// sparse conv of a padded input (hp, wp: padded size): output (B, co, ho, wo) with CHWB strides, bf16 if asked
 at::Tensor conv_gather_padded(at::Tensor xp, int64_t hp, int64_t wp, int64_t b, at::Tensor bptr, at::Tensor chan,
-                              at::Tensor val, int64_t co, int64_t k, int64_t s) {
+                              at::Tensor val, int64_t co, int64_t k, int64_t s, bool out_bf16) {
   const Padded pin = padded_geom(xp, hp, wp, b);
   TORCH_CHECK(s >= 1 && k >= 1 && hp >= k && wp >= k, "need stride >= 1 and a kernel inside the padded input");
   check_struct(bptr, chan, val, co, k, pin.c);
   const int64_t ho = (hp - k) / s + 1, wo = (wp - k) / s + 1;
-  auto out = alloc_bfirst(co, ho, wo, b, xp.options());
-  gather_conv(xp.data_ptr<float>(), pin, out.data_ptr<float>(), bptr.data_ptr<int32_t>(), chan.data_ptr<int32_t>(),
-              val.data_ptr<float>(), co, k, s);
+  auto out = alloc_bfirst(co, ho, wo, b, xp.options().dtype(out_bf16 ? at::kBFloat16 : at::kFloat));
+  if (out_bf16)
+    gather_conv(xp.data_ptr<float>(), pin, out.data_ptr<bf16>(), bptr.data_ptr<int32_t>(), chan.data_ptr<int32_t>(),
+                val.data_ptr<float>(), co, k, s);
+  else
+    gather_conv(xp.data_ptr<float>(), pin, out.data_ptr<float>(), bptr.data_ptr<int32_t>(), chan.data_ptr<int32_t>(),
+                val.data_ptr<float>(), co, k, s);
   return out;
 }
 
+// the sparse conv of a CHWB input, output in the input's dtype
 at::Tensor conv_gather(at::Tensor in, at::Tensor bptr, at::Tensor chan, at::Tensor val, int64_t co,
                        int64_t k, int64_t s, int64_t p) {
-  check_chwb(in, "input");
+  check_chwb(in, "input", true);
   TORCH_CHECK(s >= 1 && p >= 0 && p < k, "need stride >= 1 and 0 <= padding < kernel");
   check_struct(bptr, chan, val, co, k, in.size(0));
   const int64_t hp = in.size(1) + 2 * p, wp = in.size(2) + 2 * p;
   TORCH_CHECK(hp >= k && wp >= k, "output would be empty");
-  return conv_gather_padded(pad_chwb(in, p), hp, wp, in.size(3), bptr, chan, val, co, k, s);
+  return conv_gather_padded(pad_chwb(in, p), hp, wp, in.size(3), bptr, chan, val, co, k, s,
+                            in.dtype() == at::kBFloat16);
 }
 
+// input gradient of a strided conv, in the output gradient's dtype
 at::Tensor conv_tgather(at::Tensor dout, at::Tensor bptr, at::Tensor chan, at::Tensor val, int64_t ci,
                         int64_t hi, int64_t wi, int64_t k, int64_t s, int64_t p) {
-  check_chwb(dout, "output gradient");
+  check_chwb(dout, "output gradient", true);
   TORCH_CHECK(s >= 1 && p >= 0 && p < k, "need stride >= 1 and 0 <= padding < kernel");
   check_struct(bptr, chan, val, ci, k, dout.size(0));
   TORCH_CHECK(dout.size(1) == (hi + 2 * p - k) / s + 1 && dout.size(2) == (wi + 2 * p - k) / s + 1,
               "output gradient shape does not match the input size");
   auto din = alloc_bfirst(ci, hi, wi, dout.size(3), dout.options());
-  tgather_conv(dout.data_ptr<float>(), din.data_ptr<float>(), bptr.data_ptr<int32_t>(), chan.data_ptr<int32_t>(),
-               val.data_ptr<float>(), dout.size(0), dout.size(1), dout.size(2), ci, hi, wi, dout.size(3), k, s, p);
+  if (dout.dtype() == at::kBFloat16)
+    tgather_conv(dout.data_ptr<bf16>(), din.data_ptr<bf16>(), bptr.data_ptr<int32_t>(), chan.data_ptr<int32_t>(),
+                 val.data_ptr<float>(), dout.size(0), dout.size(1), dout.size(2), ci, hi, wi, dout.size(3), k, s, p);
+  else
+    tgather_conv(dout.data_ptr<float>(), din.data_ptr<float>(), bptr.data_ptr<int32_t>(), chan.data_ptr<int32_t>(),
+                 val.data_ptr<float>(), dout.size(0), dout.size(1), dout.size(2), ci, hi, wi, dout.size(3), k, s, p);
   return din;
 }
 
-// weight gradient on the support from the padded input of the forward
+// weight gradient on the support from the padded input of the forward (dout float32 or bfloat16)
 at::Tensor conv_sddmm_padded(at::Tensor dout, at::Tensor xp, int64_t hp, int64_t wp, at::Tensor bptr, at::Tensor chan,
                              int64_t k, int64_t s) {
-  check_chwb(dout, "output gradient");
+  check_chwb(dout, "output gradient", true);
   const Padded pin = padded_geom(xp, hp, wp, dout.size(3));
   TORCH_CHECK(dout.size(1) == (hp - k) / s + 1 && dout.size(2) == (wp - k) / s + 1,
               "output gradient shape does not match the input");
   auto dval = at::empty({chan.numel()}, xp.options());
   check_struct(bptr, chan, dval, dout.size(0), k, pin.c);
-  sddmm_conv(dout.data_ptr<float>(), xp.data_ptr<float>(), pin, bptr.data_ptr<int32_t>(), chan.data_ptr<int32_t>(),
-             dval.data_ptr<float>(), dout.size(0), k, s);
+  if (dout.dtype() == at::kBFloat16)
+    sddmm_conv(dout.data_ptr<bf16>(), xp.data_ptr<float>(), pin, bptr.data_ptr<int32_t>(), chan.data_ptr<int32_t>(),
+               dval.data_ptr<float>(), dout.size(0), k, s);
+  else
+    sddmm_conv(dout.data_ptr<float>(), xp.data_ptr<float>(), pin, bptr.data_ptr<int32_t>(), chan.data_ptr<int32_t>(),
+               dval.data_ptr<float>(), dout.size(0), k, s);
   return dval;
 }
 
 at::Tensor conv_sddmm(at::Tensor dout, at::Tensor in, at::Tensor bptr, at::Tensor chan, int64_t k,
                       int64_t s, int64_t p) {
-  check_chwb(dout, "output gradient");
-  check_chwb(in, "input");
+  check_chwb(dout, "output gradient", true);
+  check_chwb(in, "input", true);
   TORCH_CHECK(dout.size(3) == in.size(3), "batch sizes differ");
   return conv_sddmm_padded(dout, pad_chwb(in, p), in.size(1) + 2 * p, in.size(2) + 2 * p, bptr, chan, k, s);
 }
 
 // ---------------------------------------------------------------------------------------------------
 // BatchNorm over CHWB: channel c is the contiguous block x[c]. y = act(gamma * (x - mean) * invstd + beta [+ res]).
-// Sums are taken in float blocks of 1024 added in double (accurate like torch's cascade sums).
+// Sums are taken in float blocks of 1024 added in double (accurate like torch's cascade sums). The activations
+// (x, res, y and the gradients) are float32 or bfloat16 (T); the arithmetic is fp32.
 namespace {
-inline double block_sum(const float* x, int64_t n) {
+template <typename T>
+inline double block_sum(const T* x, int64_t n) {
   double total = 0.0;
   for (int64_t i0 = 0; i0 < n; i0 += 1024) {
     const int64_t i1 = std::min(n, i0 + 1024);
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = i0; i < i1; ++i) s += x[i];
+    for (int64_t i = i0; i < i1; ++i) s += to_f(x[i]);
     total += s;
   }
   return total;
 }
-inline double block_sq_dev(const float* x, int64_t n, float mean) {
+template <typename T>
+inline double block_sq_dev(const T* x, int64_t n, float mean) {
   double total = 0.0;
   for (int64_t i0 = 0; i0 < n; i0 += 1024) {
     const int64_t i1 = std::min(n, i0 + 1024);
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = i0; i < i1; ++i) { const float d = x[i] - mean; s += d * d; }
+    for (int64_t i = i0; i < i1; ++i) { const float d = to_f(x[i]) - mean; s += d * d; }
     total += s;
   }
   return total;
 }
-}  // namespace
 
-// x, res: physical (C, H, W, B). Returns (y, mean, var), y batch-first with CHWB strides, where mean/var are the batch statistics used (training) or the given ones (eval);
-// var is the biased batch variance in training.
-std::vector<at::Tensor> bn_forward(at::Tensor x, at::Tensor gamma, at::Tensor beta, c10::optional<at::Tensor> res,
-                                      c10::optional<at::Tensor> mean_in, c10::optional<at::Tensor> var_in,
-                                      double eps, bool relu) {
-  check_chwb(x, "input");
-  const int64_t c = x.size(0), n = x.numel() / std::max<int64_t>(c, 1);
-  TORCH_CHECK(gamma.numel() == c && beta.numel() == c, "affine parameters must have one entry per channel");
-  auto g = gamma.contiguous().to(at::kFloat), bt = beta.contiguous().to(at::kFloat);
-  const bool training = !mean_in.has_value();
-  at::Tensor mean = training ? at::empty({c}, x.options().dtype(at::kDouble))
-                                : mean_in->to(at::kDouble).contiguous();
-  at::Tensor var = training ? at::empty({c}, x.options().dtype(at::kDouble))
-                               : var_in->to(at::kDouble).contiguous();
-  const float* rp = nullptr;
-  if (res.has_value()) {
-    check_chwb(*res, "residual");
-    TORCH_CHECK(res->sizes() == x.sizes(), "residual shape differs from the input");
-    rp = res->data_ptr<float>();
-  }
-  auto y = alloc_bfirst(x.size(0), x.size(1), x.size(2), x.size(3), x.options());
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  double* mp = mean.data_ptr<double>();
-  double* vp = var.data_ptr<double>();
-  const float* gp = g.data_ptr<float>();
-  const float* bp = bt.data_ptr<float>();
+template <typename T>
+void bn_forward_impl(const T* xp, const T* rp, T* yp, double* mp, double* vp, const float* gp, const float* bp,
+                     int64_t c, int64_t n, bool training, double eps, bool relu) {
   at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ch = begin; ch < end; ++ch) {
-      const float* xc = xp + ch * n;
+      const T* xc = xp + ch * n;
       if (training) {
         mp[ch] = block_sum(xc, n) / double(n);
         vp[ch] = block_sq_dev(xc, n, float(mp[ch])) / double(n);
       }
       const double invstd = 1.0 / std::sqrt(vp[ch] + eps);
       const float scale = float(gp[ch] * invstd), shift = float(bp[ch] - mp[ch] * gp[ch] * invstd);
-      float* yc = yp + ch * n;
-      const float* rc = rp ? rp + ch * n : nullptr;
+      T* yc = yp + ch * n;
+      const T* rc = rp ? rp + ch * n : nullptr;
       if (rc && relu) {
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) yc[i] = std::max(0.f, std::fma(xc[i], scale, shift) + rc[i]);
+        for (int64_t i = 0; i < n; ++i) yc[i] = from_f<T>(std::max(0.f, std::fma(to_f(xc[i]), scale, shift) + to_f(rc[i])));
       } else if (rc) {
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) yc[i] = std::fma(xc[i], scale, shift) + rc[i];
+        for (int64_t i = 0; i < n; ++i) yc[i] = from_f<T>(std::fma(to_f(xc[i]), scale, shift) + to_f(rc[i]));
       } else if (relu) {
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) yc[i] = std::max(0.f, std::fma(xc[i], scale, shift));
+        for (int64_t i = 0; i < n; ++i) yc[i] = from_f<T>(std::max(0.f, std::fma(to_f(xc[i]), scale, shift)));
       } else {
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) yc[i] = std::fma(xc[i], scale, shift);
+        for (int64_t i = 0; i < n; ++i) yc[i] = from_f<T>(std::fma(to_f(xc[i]), scale, shift));
       }
     }
   });
-  return {y, mean, var};
 }
 
-// gradients of bn_forward: (dx, dgamma, dbeta, dres) with dres = the incoming gradient after the ReLU
-// (undefined when there is no residual). `y` is the forward output (its sign gives the ReLU mask).
-std::vector<at::Tensor> bn_backward(at::Tensor dy, at::Tensor x, at::Tensor y, at::Tensor gamma,
-                                       at::Tensor mean, at::Tensor var, double eps, bool relu, bool training,
-                                       bool has_res) {
-  check_chwb(dy, "output gradient");
-  check_chwb(x, "input");
-  const int64_t c = x.size(0), n = x.numel() / std::max<int64_t>(c, 1);
-  auto g = gamma.contiguous().to(at::kFloat);
-  auto m = mean.to(at::kDouble).contiguous(), v = var.to(at::kDouble).contiguous();
-  auto dx = alloc_bfirst(x.size(0), x.size(1), x.size(2), x.size(3), x.options());
-  at::Tensor dres;
-  if (has_res && relu) dres = alloc_bfirst(x.size(0), x.size(1), x.size(2), x.size(3), x.options());
-  auto dgamma = at::empty({c}, x.options()), dbeta = at::empty({c}, x.options());
-  const float *dyp = dy.data_ptr<float>(), *xp = x.data_ptr<float>(), *ypp = y.data_ptr<float>(), *gp = g.data_ptr<float>();
-  const double *mp = m.data_ptr<double>(), *vp = v.data_ptr<double>();
-  float *dxp = dx.data_ptr<float>(), *dgp = dgamma.data_ptr<float>(), *dbp = dbeta.data_ptr<float>();
-  float* drp = dres.defined() ? dres.data_ptr<float>() : nullptr;
+template <typename T>
+void bn_backward_impl(const T* dyp, const T* xp, const T* ypp, T* dxp, T* drp, float* dgp, float* dbp,
+                      const float* gp, const double* mp, const double* vp, int64_t c, int64_t n, double eps,
+                      bool relu, bool training) {
   at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> buf;
     for (int64_t ch = begin; ch < end; ++ch) {
-      const float* dyc = dyp + ch * n;
-      const float* xc = xp + ch * n;
-      const float* g_eff = dyc;                      // the gradient reaching the normalization
-      if (relu) {
-        float* dst = drp ? drp + ch * n : (buf.resize(n), buf.data());
-        const float* yc = ypp + ch * n;
+      const T* dyc = dyp + ch * n;
+      const T* xc = xp + ch * n;
+      // the gradient reaching the normalization, in fp32 (dy itself when it is fp32 and there is no ReLU)
+      const float* g_eff = nullptr;
+      if (relu || !std::is_same<T, float>::value) {
+        buf.resize(n);
+        const T* yc = ypp + ch * n;
+        if (relu) {
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) dst[i] = yc[i] > 0.f ? dyc[i] : 0.f;
-        g_eff = dst;
+          for (int64_t i = 0; i < n; ++i) buf[i] = to_f(yc[i]) > 0.f ? to_f(dyc[i]) : 0.f;
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) buf[i] = to_f(dyc[i]);
+        }
+        if (drp) {
+          T* dr = drp + ch * n;
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) dr[i] = from_f<T>(buf[i]);
+        }
+        g_eff = buf.data();
+      } else {
+        g_eff = reinterpret_cast<const float*>(dyc);
       }
       const float mu = float(mp[ch]);
       const double invstd = 1.0 / std::sqrt(vp[ch] + eps);
@@ -643,27 +688,89 @@ std::vector<at::Tensor> bn_backward(at::Tensor dy, at::Tensor x, at::Tensor y, a
         const int64_t i1 = std::min(n, i0 + 1024);
         float s = 0.f, sx = 0.f;
 #pragma omp simd reduction(+ : s, sx)
-        for (int64_t i = i0; i < i1; ++i) { s += g_eff[i]; sx += g_eff[i] * (xc[i] - mu); }
+        for (int64_t i = i0; i < i1; ++i) { s += g_eff[i]; sx += g_eff[i] * (to_f(xc[i]) - mu); }
         sum_g += s;
         sum_gx += sx;
       }
       dbp[ch] = float(sum_g);
       dgp[ch] = float(sum_gx * invstd);
-      float* dxc = dxp + ch * n;
+      T* dxc = dxp + ch * n;
+      const float a = float(gp[ch] * invstd);
       if (training) {
         // dx = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat))
-        const float a = float(gp[ch] * invstd);
         const float mg = float(sum_g / double(n));
         const float k = float(sum_gx * invstd * invstd / double(n));
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) dxc[i] = a * (g_eff[i] - mg - (xc[i] - mu) * k);
+        for (int64_t i = 0; i < n; ++i) dxc[i] = from_f<T>(a * (g_eff[i] - mg - (to_f(xc[i]) - mu) * k));
       } else {
-        const float a = float(gp[ch] * invstd);
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) dxc[i] = a * g_eff[i];
+        for (int64_t i = 0; i < n; ++i) dxc[i] = from_f<T>(a * g_eff[i]);
       }
     }
   });
+}
+}  // namespace
+
+// x, res: physical (C, H, W, B), float32 or bfloat16 (res converted to x's dtype). Returns (y, mean, var), y in x's
+// dtype, batch-first with CHWB strides, where mean/var are the batch statistics used (training) or the given ones
+// (eval); var is the biased batch variance in training.
+std::vector<at::Tensor> bn_forward(at::Tensor x, at::Tensor gamma, at::Tensor beta, c10::optional<at::Tensor> res,
+                                   c10::optional<at::Tensor> mean_in, c10::optional<at::Tensor> var_in,
+                                   double eps, bool relu) {
+  check_chwb(x, "input", true);
+  const int64_t c = x.size(0), n = x.numel() / std::max<int64_t>(c, 1);
+  TORCH_CHECK(gamma.numel() == c && beta.numel() == c, "affine parameters must have one entry per channel");
+  auto g = gamma.contiguous().to(at::kFloat), bt = beta.contiguous().to(at::kFloat);
+  const bool training = !mean_in.has_value();
+  at::Tensor mean = training ? at::empty({c}, x.options().dtype(at::kDouble))
+                             : mean_in->to(at::kDouble).contiguous();
+  at::Tensor var = training ? at::empty({c}, x.options().dtype(at::kDouble))
+                            : var_in->to(at::kDouble).contiguous();
+  at::Tensor r;
+  if (res.has_value()) {
+    check_chwb(*res, "residual", true);
+    TORCH_CHECK(res->sizes() == x.sizes(), "residual shape differs from the input");
+    r = res->to(x.dtype());
+  }
+  auto y = alloc_bfirst(x.size(0), x.size(1), x.size(2), x.size(3), x.options());
+  if (x.dtype() == at::kBFloat16)
+    bn_forward_impl(x.data_ptr<bf16>(), r.defined() ? r.data_ptr<bf16>() : nullptr, y.data_ptr<bf16>(),
+                    mean.data_ptr<double>(), var.data_ptr<double>(), g.data_ptr<float>(), bt.data_ptr<float>(), c, n,
+                    training, eps, relu);
+  else
+    bn_forward_impl(x.data_ptr<float>(), r.defined() ? r.data_ptr<float>() : nullptr, y.data_ptr<float>(),
+                    mean.data_ptr<double>(), var.data_ptr<double>(), g.data_ptr<float>(), bt.data_ptr<float>(), c, n,
+                    training, eps, relu);
+  return {y, mean, var};
+}
+
+// gradients of bn_forward: (dx, dgamma, dbeta, dres) with dres = the incoming gradient after the ReLU
+// (undefined when there is no residual). `y` is the forward output (its sign gives the ReLU mask). dy, x, y in one
+// dtype (float32 or bfloat16; dy converted to x's); dx and dres in it too, dgamma and dbeta float32.
+std::vector<at::Tensor> bn_backward(at::Tensor dy, at::Tensor x, at::Tensor y, at::Tensor gamma,
+                                    at::Tensor mean, at::Tensor var, double eps, bool relu, bool training,
+                                    bool has_res) {
+  check_chwb(dy, "output gradient", true);
+  check_chwb(x, "input", true);
+  check_chwb(y, "output", true);
+  TORCH_CHECK(y.dtype() == x.dtype(), "output and input dtypes differ");
+  if (dy.dtype() != x.dtype()) dy = dy.to(x.dtype());
+  const int64_t c = x.size(0), n = x.numel() / std::max<int64_t>(c, 1);
+  auto g = gamma.contiguous().to(at::kFloat);
+  auto m = mean.to(at::kDouble).contiguous(), v = var.to(at::kDouble).contiguous();
+  auto dx = alloc_bfirst(x.size(0), x.size(1), x.size(2), x.size(3), x.options());
+  at::Tensor dres;
+  if (has_res && relu) dres = alloc_bfirst(x.size(0), x.size(1), x.size(2), x.size(3), x.options());
+  auto fopts = x.options().dtype(at::kFloat);
+  auto dgamma = at::empty({c}, fopts), dbeta = at::empty({c}, fopts);
+  if (x.dtype() == at::kBFloat16)
+    bn_backward_impl(dy.data_ptr<bf16>(), x.data_ptr<bf16>(), y.data_ptr<bf16>(), dx.data_ptr<bf16>(),
+                     dres.defined() ? dres.data_ptr<bf16>() : nullptr, dgamma.data_ptr<float>(), dbeta.data_ptr<float>(),
+                     g.data_ptr<float>(), m.data_ptr<double>(), v.data_ptr<double>(), c, n, eps, relu, training);
+  else
+    bn_backward_impl(dy.data_ptr<float>(), x.data_ptr<float>(), y.data_ptr<float>(), dx.data_ptr<float>(),
+                     dres.defined() ? dres.data_ptr<float>() : nullptr, dgamma.data_ptr<float>(), dbeta.data_ptr<float>(),
+                     g.data_ptr<float>(), m.data_ptr<double>(), v.data_ptr<double>(), c, n, eps, relu, training);
   return {dx, dgamma, dbeta, dres};
 }
 

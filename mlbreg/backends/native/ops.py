@@ -111,31 +111,35 @@ def build_structure(ext, mask: torch.Tensor, stride: int = 1, pad: int = 0) -> S
     return st
 
 
-def _input_grad(st: Structure, g: torch.Tensor, val: torch.Tensor, h: int, w: int) -> torch.Tensor:
+def _input_grad(st: Structure, g: torch.Tensor, val: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+    """The input gradient (CHWB) in `dtype` (the forward input's: float32 or bfloat16)."""
     t_val = val.index_select(0, st.t_perm)
     if st.stride == 1:      # a stride-1 conv of the output gradient with the flipped, transposed kernel
         pad = st.k - 1 - st.pad
         gp = _timed("layout", st.ext.pad_chwb, g, pad)
         return _timed("conv", st.ext.conv_gather_padded, gp, g.shape[1] + 2 * pad, g.shape[2] + 2 * pad, g.shape[3],
-                      st.t_bptr, st.t_chan, t_val, st.c_in, st.k, 1)
-    return _timed("conv", st.ext.conv_tgather, g, st.t_bptr, st.t_chan, t_val, st.c_in, h, w, st.k, st.stride, st.pad)
+                      st.t_bptr, st.t_chan, t_val, st.c_in, st.k, 1, dtype == torch.bfloat16)
+    out = _timed("conv", st.ext.conv_tgather, g, st.t_bptr, st.t_chan, t_val, st.c_in, h, w, st.k, st.stride, st.pad)
+    return out if out.dtype == dtype else from_chwb(to_chwb(out).to(dtype))
 
 
 class SparseConvFn(torch.autograd.Function):
-    """y = conv2d(x, W) with W given by its values on the structure; x any layout, y CHWB.
+    """y = conv2d(x, W) with W given by its values on the structure; x any layout, float32 or bfloat16;
+    y CHWB, bfloat16 when `out_bf16` (precision=bf16: activations stored in bf16, computed in fp32).
 
-    The kernels read a zero-padded copy of x (``pad_chwb``: no border cases, and a channel stride that keeps
-    the channels' windows out of each other's cache sets); the weight gradient reuses that copy."""
+    The kernels read a zero-padded fp32 copy of x (``pad_chwb``: no border cases, a channel stride that
+    keeps the channels' windows out of each other's cache sets, bf16 widened once); the weight gradient
+    reuses that copy. The input gradient comes back in x's dtype."""
 
     @staticmethod
-    def forward(ctx, x, w_val, st: Structure):
+    def forward(ctx, x, w_val, st: Structure, out_bf16: bool = False):
         xc = to_chwb(x)
         val = w_val.detach().contiguous()
         xp = _timed("layout", st.ext.pad_chwb, xc, st.pad)
         hp, wp = xc.shape[1] + 2 * st.pad, xc.shape[2] + 2 * st.pad
         out = _timed("conv", st.ext.conv_gather_padded, xp, hp, wp, xc.shape[3], st.bptr, st.chan, val, st.c_out,
-                     st.k, st.stride)
-        ctx.st, ctx.hw, ctx.padded_hw = st, (x.shape[2], x.shape[3]), (hp, wp)
+                     st.k, st.stride, out_bf16)
+        ctx.st, ctx.hw, ctx.padded_hw, ctx.in_dtype = st, (x.shape[2], x.shape[3]), (hp, wp), x.dtype
         ctx.save_for_backward(xp if w_val.requires_grad else None, val)
         return out
 
@@ -144,25 +148,26 @@ class SparseConvFn(torch.autograd.Function):
         xp, val = ctx.saved_tensors
         st = ctx.st
         g = to_chwb(grad)
-        dx = _input_grad(st, g, val, *ctx.hw) if ctx.needs_input_grad[0] else None
+        dx = _input_grad(st, g, val, *ctx.hw, ctx.in_dtype) if ctx.needs_input_grad[0] else None
         dval = (_timed("conv", st.ext.conv_sddmm_padded, g, xp, *ctx.padded_hw, st.bptr, st.chan, st.k, st.stride)
                 if ctx.needs_input_grad[1] else None)
-        return dx, dval, None
+        return dx, dval, None, None
 
 
-def sparse_conv2d(x, w_val, st: Structure):
-    return SparseConvFn.apply(x, w_val, st)
+def sparse_conv2d(x, w_val, st: Structure, out_bf16: bool = False):
+    return SparseConvFn.apply(x, w_val, st, out_bf16)
 
 
-def sparse_linear(x, w_val, st: Structure):
+def sparse_linear(x, w_val, st: Structure, out_bf16: bool = False):
     """A linear layer is a 1x1 conv on a 1x1 image: (B, F) -> (B, F, 1, 1) is a view, and so is the
     way back; a (B, F) input with strides (1, B) (a CHWB pool + flatten) needs no copy."""
-    return SparseConvFn.apply(x[:, :, None, None], w_val, st).flatten(1)
+    return SparseConvFn.apply(x[:, :, None, None], w_val, st, out_bf16).flatten(1)
 
 
 class BatchNormFn(torch.autograd.Function):
-    """act(batch_norm(x) [+ res]) on a CHWB x; statistics exactly as torch's BatchNorm2d
-    (biased batch variance to normalize, unbiased for the running estimate)."""
+    """act(batch_norm(x) [+ res]) on a CHWB x (float32 or bfloat16; the output in x's dtype, the arithmetic
+    fp32); statistics exactly as torch's BatchNorm2d (biased batch variance to normalize, unbiased for
+    the running estimate)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, res, ext, relu: bool, training: bool, running_mean, running_var,
@@ -184,6 +189,7 @@ class BatchNormFn(torch.autograd.Function):
         else:
             y, mean, var = _timed("bn", ext.bn_forward, xc, gamma, beta, rc, running_mean, running_var, eps, relu)
         ctx.ext, ctx.relu, ctx.training, ctx.eps, ctx.has_res = ext, relu, training, eps, res is not None
+        ctx.res_dtype = res.dtype if res is not None else None
         ctx.affine = (weight is not None, bias is not None)
         # y only for the ReLU mask (saving it otherwise would forbid an in-place op after the layer)
         ctx.save_for_backward(xc, y if relu else None, gamma, mean, var)
@@ -197,6 +203,8 @@ class BatchNormFn(torch.autograd.Function):
                                          gamma, mean, var, ctx.eps, ctx.relu, ctx.training, ctx.has_res)
         if ctx.has_res:
             dres = dres if ctx.relu else from_chwb(g)
+            if dres.dtype != ctx.res_dtype:
+                dres = from_chwb(to_chwb(dres).to(ctx.res_dtype))
         else:
             dres = None
         return (dx, dgamma if ctx.affine[0] else None, dbeta if ctx.affine[1] else None, dres,
