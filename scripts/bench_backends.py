@@ -280,15 +280,19 @@ def bench_config(scheme, density, args, out):
         else:
             print(f"  {label:26s} step   {v['step']:6.3f} s (min {v['min']:.3f}; {v['detail']})"
                   f"{'':40s}epoch {v['epoch'] / 60:6.2f} min", file=out)
-    # the native coarse step, split by kind of work (medians over the timed steps)
-    coarse_native = native.log[timed]
-    parts = {k: med(coarse_native, f"op_{k}") if all(f"op_{k}" in r for r in coarse_native) else 0.0
-             for k in ("conv", "bn", "layout")}
-    parts["optimizer"] = med(coarse_native, "optimizer_s")
-    parts["rest"] = res[NATIVE]["coarse"] - sum(parts.values())
-    print("  native coarse step split: " + ", ".join(
-        f"{name} {v:.3f} s" for name, v in zip(("conv kernels", "BN+add+ReLU", "layout + padding copies", "optimizer",
-                                                "rest (ReLU/pool/loss/autograd/swap)"), parts.values())), file=out)
+    # the native coarse steps, split by kind of work (medians over the timed steps)
+    for label in (NATIVE, NATIVE16):
+        if label not in by_label:
+            continue
+        coarse_native = by_label[label].log[timed]
+        parts = {k: med(coarse_native, f"op_{k}") if all(f"op_{k}" in r for r in coarse_native) else 0.0
+                 for k in ("conv", "bn", "layout")}
+        parts["optimizer"] = med(coarse_native, "optimizer_s")
+        parts["rest"] = res[label]["coarse"] - sum(parts.values())
+        print(f"  {label.split(', ')[1]} coarse step split: " + ", ".join(
+            f"{name} {v:.3f} s" for name, v in zip(("conv kernels", "BN+add+ReLU", "layout + padding copies",
+                                                    "optimizer", "rest (dense layers/ReLU/pool/loss/autograd/swap)"),
+                                                   parts.values())), file=out)
     # against the best dense training on this machine: at matched precision and at the best one
     best, best_step = best_dense(res)
     best32, best32_step = best_dense(res, (SGD32, SGD32CL))
