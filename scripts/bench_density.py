@@ -10,7 +10,8 @@ Dense baselines (their cost does not depend on the density; timed once per layer
 rounds): fp32 NCHW, fp32 channels_last and bf16 autocast + channels_last, forward + backward (input and
 weight gradient). The sparse candidate is the native kernels' autograd function on batch-innermost (CHWB)
 activations with a uniform random mask, as the native backend runs it inside a coarse step (its padding
-copies included). Times are medians of `--repeats` interleaved rounds after a warm-up call.
+copies included): fp32 activations, or with `--bf16` bf16 activations (precision=bf16). Times are medians
+of `--repeats` interleaved rounds after a warm-up call.
 
 Printed per layer and density: the native time and its useful GFLOP/s (3 * 2 * nnz * batch * output
 positions), and how many times faster it is than the best dense conv and than the best fp32 dense conv;
@@ -56,6 +57,7 @@ def parse_args(argv=None):
                    help=f"indices into the layer list (default: all {len(LAYERS)})")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 baseline (emulated on CPUs without bf16)")
+    p.add_argument("--bf16", action="store_true", help="the sparse conv with bf16 activations (precision=bf16)")
     p.add_argument("--plot", default=None, help="write the speed-up vs density plot to this file (PNG)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -93,18 +95,19 @@ def dense_candidates(c_in, c_out, k, s, p, h, batch, gen, bf16: bool):
     return out
 
 
-def sparse_candidate(ext, c_in, c_out, k, s, p, h, batch, density, gen):
+def sparse_candidate(ext, c_in, c_out, k, s, p, h, batch, density, gen, bf16=False):
     """(callable running one native forward + backward, nnz, useful GFLOP per call)."""
+    act = torch.bfloat16 if bf16 else torch.float32
     mask = torch.rand(c_out, c_in, k, k, generator=gen) < density
     w = torch.randn(c_out, c_in, k, k, generator=gen) * mask
     st = ops.build_structure(ext, mask, s, p)
     w_val = w.reshape(-1)[st.idx].clone().requires_grad_(True)
-    x = ops.from_chwb(torch.randn(c_in, h, h, batch, generator=gen)).requires_grad_(True)
+    x = ops.from_chwb(torch.randn(c_in, h, h, batch, generator=gen).to(act)).requires_grad_(True)
     ho = (h + 2 * p - k) // s + 1
-    g = ops.from_chwb(torch.randn(c_out, ho, ho, batch, generator=gen))
+    g = ops.from_chwb(torch.randn(c_out, ho, ho, batch, generator=gen).to(act))
 
     def run():
-        ops.sparse_conv2d(x, w_val, st).backward(g)
+        ops.sparse_conv2d(x, w_val, st, bf16).backward(g)
         x.grad = w_val.grad = None
     return run, st.nnz, 3 * 2 * st.nnz * batch * ho * ho / 1e9
 
@@ -169,7 +172,8 @@ def main(argv=None):
         sys.exit(f"the native kernels are not available: {err}")
     head = (f"bench_density: batch {args.batch_size}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"{native_build.cpu_model()} ({native_build.cpu_features() or 'features unknown'}), native kernels: "
-            f"{ext.simd_path()} path, {time.strftime('%Y-%m-%d')}, load {os.getloadavg()[0]:.1f}")
+            f"{ext.simd_path()} path, sparse activations {'bf16' if args.bf16 else 'fp32'}, {time.strftime('%Y-%m-%d')}, "
+            f"load {os.getloadavg()[0]:.1f}")
     print(head)
     gen = torch.Generator().manual_seed(args.seed)
     layers = [LAYERS[i] for i in args.layers] if args.layers else LAYERS
@@ -178,7 +182,7 @@ def main(argv=None):
         cands = dense_candidates(c_in, c_out, k, s, p, h, args.batch_size, gen, not args.no_bf16)
         sparse = {}
         for d in args.densities:
-            run, nnz, gflop = sparse_candidate(ext, c_in, c_out, k, s, p, h, args.batch_size, d, gen)
+            run, nnz, gflop = sparse_candidate(ext, c_in, c_out, k, s, p, h, args.batch_size, d, gen, args.bf16)
             cands[f"sparse {d:g}"] = run
             sparse[d] = (nnz, gflop)
         med = time_rounds(cands, args.repeats)

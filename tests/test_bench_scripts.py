@@ -39,7 +39,8 @@ def test_bench_backends_toy_run_has_every_runner_and_the_best_dense_ratios():
 def test_bench_density_toy_run_prints_break_even_and_writes_the_plot(tmp_path):
     png = tmp_path / "density.png"
     out = run_script("bench_density.py", "--batch-size", "8", "--densities", "0.05", "0.5", "--repeats", "1",
-                     "--layers", "1", "3", "--threads", "1", "--plot", str(png))
+                     "--layers", "1", "3", "--threads", "1", "--plot", str(png), "--bf16")
+    assert "sparse activations bf16" in out
     assert out.count("break-even density:") == 2
     assert "64->64 3x3 32x32" in out and "64->128 1x1 s2 32x32" in out
     assert out.count("vs best dense") >= 4
