@@ -639,9 +639,12 @@ def test_train_convnet_same_as_torch_backend(tmp_path, monkeypatch):
         torch.testing.assert_close(got_model[key], ref_model[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_resume_is_bit_identical(tmp_path, monkeypatch):
-    """A run stopped by SIGTERM inside a coarse cycle and resumed equals the uninterrupted run
-    bit for bit (metrics, layers, weights)."""
+@pytest.mark.parametrize("precision,epochs,kill_at", [("fp32", 3, 33), ("bf16", 2, 28)])
+def test_resume_is_bit_identical(tmp_path, monkeypatch, precision, epochs, kill_at):
+    """A run stopped by SIGTERM inside a coarse cycle (a coarse step of epoch 2; 23 steps per epoch) and
+    resumed equals the uninterrupted run bit for bit (metrics, layers, weights); with precision=bf16 too
+    (fine steps under bf16 autocast and channels_last, coarse steps on the native kernels, bf16
+    activations)."""
     import os
     import signal
 
@@ -651,51 +654,20 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
     import mlbreg.train as train_module
     from mlbreg.train import train
     monkeypatch.setattr(native_backend, "NativeBackend", Forced)
-    overrides = ["model=convnet", "epochs=3", "batch_size=64", "m=5", "backend=native", "device=cpu"]
+    overrides = ["model=convnet", f"epochs={epochs}", "batch_size=64", "m=5", "backend=native", "device=cpu",
+                 f"precision={precision}"]
     ref = train(make_cfg(*overrides), tmp_path / "ref")
     original = train_module.FlopsAccount.add_step
     counter = {"n": 0}
 
     def add_step(self, kind, batch, *structure):
         counter["n"] += 1
-        if counter["n"] == 33:                # a coarse step in epoch 2 (23 steps per epoch)
+        if counter["n"] == kill_at:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, kind, batch, *structure)
     monkeypatch.setattr(train_module.FlopsAccount, "add_step", add_step)
     out = train(make_cfg(*overrides), tmp_path / "run")
-    assert out["status"] == "interrupted" and out["step"] == 33
-    monkeypatch.setattr(train_module.FlopsAccount, "add_step", original)
-    out = train(make_cfg(*overrides), tmp_path / "run")
-    assert out["status"] == "finished" and ref["status"] == "finished"
-    assert_same_results(tmp_path / "ref", tmp_path / "run")
-
-
-def test_resume_with_bf16_is_bit_identical(tmp_path, monkeypatch):
-    """precision=bf16 backend=native (fine steps under bf16 autocast, channels_last; coarse steps on the
-    native kernels): a SIGTERM inside a coarse cycle and a resume equal the uninterrupted run bit for bit."""
-    import os
-    import signal
-
-    from test_resume import assert_same_results
-
-    import mlbreg.backends.native.backend as native_backend
-    import mlbreg.train as train_module
-    from mlbreg.train import train
-    monkeypatch.setattr(native_backend, "NativeBackend", Forced)
-    overrides = ["model=convnet", "epochs=2", "batch_size=64", "m=5", "backend=native", "device=cpu",
-                 "precision=bf16"]
-    ref = train(make_cfg(*overrides), tmp_path / "ref")
-    original = train_module.FlopsAccount.add_step
-    counter = {"n": 0}
-
-    def add_step(self, kind, batch, *structure):
-        counter["n"] += 1
-        if counter["n"] == 28:                # a coarse step in epoch 2 (23 steps per epoch)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, kind, batch, *structure)
-    monkeypatch.setattr(train_module.FlopsAccount, "add_step", add_step)
-    out = train(make_cfg(*overrides), tmp_path / "run")
-    assert out["status"] == "interrupted" and out["step"] == 28
+    assert out["status"] == "interrupted" and out["step"] == kill_at
     monkeypatch.setattr(train_module.FlopsAccount, "add_step", original)
     out = train(make_cfg(*overrides), tmp_path / "run")
     assert out["status"] == "finished" and ref["status"] == "finished"
