@@ -1,11 +1,11 @@
 // mlbreg native CPU kernels: sparse conv / linear over a fixed support, and fused BatchNorm(+add)(+ReLU),
-// all on activations in the batch-innermost layout CHWB (a contiguous (C, H, W, B) float32 tensor; seen
-// from torch as the NCHW view x.permute(3, 0, 1, 2)).
+// all on activations in the batch-innermost layout CHWB (a contiguous (C, H, W, B) tensor, float32 or, with
+// precision=bf16, bfloat16; seen from torch as the NCHW view x.permute(3, 0, 1, 2)). Arithmetic is fp32.
 //
 // Sparse weights ("gather structure"): per output channel co and kernel position (u, v), a bucket of
-// non-zeros [bptr[(co*K+u)*K+v], bptr[...+1]) with their input channels chan[j] and values val[j].
-// Buckets let every output position run over exactly the kernel positions that fall inside the input,
-// with no padding copy and no per-weight bounds check.
+// non-zeros [bptr[(co*K+u)*K+v], bptr[...+1]) with their input channels chan[j] and values val[j]. The conv
+// kernels read zero-padded fp32 planes of their input (pad_chwb), so each non-zero is one precomputed offset
+// from a tile's corner and no output position needs a border case.
 //
 // Vector path: chosen at build time from the compiler's target (-march=native): AVX-512, AVX2+FMA, or a
 // plain C++ fallback (MLBREG_FORCE_PLAIN / MLBREG_FORCE_AVX2 select a narrower one). simd_path() says
@@ -264,7 +264,8 @@ void run_lanes(int64_t lo, int64_t hi, const float* base, OT* o, const int64_t* 
 }
 
 // Lanes per batch block: the widest of NVMAX, ..., 1 vectors whose input window (channels x kr rows x cols x
-// lanes) fits near 2 MiB (one core's L2 on the CPUs measured), so deep layers (512 channels) work on a slice of the batch at a time.
+// lanes) fits near 2 MiB (one core's L2 on the CPUs measured), so deep layers (512 channels) work on a slice
+// of the batch at a time.
 int64_t batch_block(int64_t channels, int64_t kr, int64_t cols, int64_t b) {
   int64_t lanes = NVMAX * simd::W;
   while (lanes > simd::W && channels * kr * cols * lanes * 4 > (int64_t(2) << 20)) lanes /= 2;
