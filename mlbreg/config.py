@@ -217,8 +217,8 @@ def use_channels_last(cfg) -> bool:
 
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config without the non-identifying keys, as plain data (channels_last=auto as the
-    value it resolves to, so a run keeps its name whether the value was spelled out or not)."""
+    """The resolved config without the non-identifying keys, as plain data. channels_last=auto counts as
+    false, the default it replaced: runs started before it keep their names and run directories."""
     # node by node, leaving out `hydra`: its run dir is computed from this very identity
     data = {}
     for key in cfg.keys():
@@ -226,8 +226,8 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
             continue
         node = cfg._get_node(key)
         data[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else cfg[key]
-    if "channels_last" in data:
-        data["channels_last"] = use_channels_last(cfg)
+    if data.get("channels_last") == "auto":
+        data["channels_last"] = False
     for key in (*NON_IDENTIFYING, *LATER_KEYS):
         parts = key.split(".")
         node = data

@@ -87,6 +87,19 @@ def test_run_name_is_determined_by_the_identifying_config():
     assert run_name(a).startswith("digits/mlp/mllinbreg/l1-lam0.1_m100_uniform0.01_seed1_")
 
 
+def test_channels_last_auto_resolves_by_precision_and_keeps_run_names():
+    """channels_last=auto (the default) is on with bf16 and off with fp32, and names a run as
+    channels_last=false (the default it replaced) did; an explicit true is another run."""
+    from mlbreg.config import use_channels_last
+    assert not use_channels_last(make_cfg()) and use_channels_last(make_cfg("precision=bf16"))
+    assert not use_channels_last(make_cfg("precision=bf16", "channels_last=false"))
+    assert use_channels_last(make_cfg("channels_last=true"))
+    for precision in ("fp32", "bf16"):
+        auto = run_name(make_cfg(f"precision={precision}"))
+        assert auto == run_name(make_cfg(f"precision={precision}", "channels_last=false"))
+        assert auto != run_name(make_cfg(f"precision={precision}", "channels_last=true"))
+
+
 def test_a_key_added_later_keeps_old_run_names_at_its_default(monkeypatch):
     import mlbreg.config as config
     before = run_name(make_cfg("lam=0.1"))       # a config tree without the new keys
