@@ -482,15 +482,12 @@ def test_under_autocast_the_activations_are_bf16_and_the_arithmetic_fp32():
     backend.use_dense()
 
 
-@pytest.mark.parametrize("stride,k,pad,batch", [(1, 3, 1, 37), (2, 3, 1, 40), (2, 1, 0, 33), (1, 1, 0, 16)])
-def test_bf16_conv_matches_float64_on_the_rounded_inputs(stride, k, pad, batch):
-    """bf16 activations: forward, input gradient and weight gradient against float64 autograd on the same
-    bf16-rounded input and output gradient; the only error left is the rounding of the bf16 results
-    (relative error of the whole tensor < 5e-3; the weight gradient, fp32, < 1e-5)."""
-    gen = torch.Generator().manual_seed(11)
+def bf16_conv_errors(ext, stride, k, pad, batch, gen):
+    """Relative errors (output, input gradient, weight gradient) of the sparse conv with bf16 activations
+    against float64 autograd on the same bf16-rounded input and output gradient."""
     mask = torch.rand(12, 9, k, k, generator=gen) < 0.4
     w = torch.randn(12, 9, k, k, generator=gen) * mask
-    st = ops.build_structure(EXT, mask, stride, pad)
+    st = ops.build_structure(ext, mask, stride, pad)
     x16 = ops.from_chwb(torch.randn(9, 11, 10, batch, generator=gen).to(torch.bfloat16)).requires_grad_(True)
     w_val = w.reshape(-1)[st.idx].clone().requires_grad_(True)
     out = ops.sparse_conv2d(x16, w_val, st, True)
@@ -502,8 +499,16 @@ def test_bf16_conv_matches_float64_on_the_rounded_inputs(stride, k, pad, batch):
     wr = w.double().requires_grad_(True)
     ref = F.conv2d(xr, wr, stride=stride, padding=pad)
     ref.backward(g16.double())
-    assert rel(out, ref) < 5e-3 and rel(x16.grad, xr.grad) < 5e-3
-    assert rel(w_val.grad, wr.grad.reshape(-1)[st.idx]) < 1e-5
+    return rel(out, ref), rel(x16.grad, xr.grad), rel(w_val.grad, wr.grad.reshape(-1)[st.idx])
+
+
+@pytest.mark.parametrize("stride,k,pad,batch", [(1, 3, 1, 37), (2, 3, 1, 40), (2, 1, 0, 33), (1, 1, 0, 16)])
+def test_bf16_conv_matches_float64_on_the_rounded_inputs(stride, k, pad, batch):
+    """bf16 activations: forward, input gradient and weight gradient against float64 autograd on the same
+    bf16-rounded input and output gradient; the only error left is the rounding of the bf16 results
+    (relative error of the whole tensor < 5e-3; the weight gradient, fp32, < 1e-5)."""
+    out_err, in_err, w_err = bf16_conv_errors(EXT, stride, k, pad, batch, torch.Generator().manual_seed(11))
+    assert out_err < 5e-3 and in_err < 5e-3 and w_err < 1e-5
 
 
 def test_bf16_batchnorm_matches_float64_on_the_rounded_inputs():
@@ -676,7 +681,7 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, precision, epochs, kill_
 
 def test_portable_fallback_paths_are_exact():
     """The plain C++ path (what a CPU without AVX2 gets) and, where the CPU has AVX-512, the AVX2
-    path: built and checked against float64 torch like the default one."""
+    path: built and checked against float64 torch like the default one, with fp32 and bf16 activations."""
     paths = {"plain": native_build._load("plain")}
     if EXT.simd_path() == "avx512":
         paths["avx2"] = native_build._load("avx2")
@@ -687,6 +692,8 @@ def test_portable_fallback_paths_are_exact():
             w = torch.randn(7, 6, k, k, generator=gen) * (torch.rand(7, 6, k, k, generator=gen) < 0.3)
             x = torch.randn(batch, 6, 9, 8, generator=gen, dtype=torch.float64)
             assert ops.max_conv_error(ext, x, w, stride, pad) < TOL, (name, stride, k)
+            out_err, in_err, w_err = bf16_conv_errors(ext, stride, k, pad, batch, gen)   # bf16 activations
+            assert out_err < 5e-3 and in_err < 5e-3 and w_err < 1e-5, (name, "bf16", stride, k)
         assert ops.max_bn_error(ext, gen) < TOL, name
 
 
