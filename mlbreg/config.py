@@ -202,7 +202,7 @@ def _check_sparse_backend(cfg: DictConfig, environment: bool) -> None:
         from .backends import sparseprop_available
         if not sparseprop_available():
             fail("backend", name, "SparseProp is not installed: pip install pybind11 scipy && pip install "
-                 "--no-build-isolation 'sparseprop>=0.1.14' (see README), or use backend=torch")
+                 "--no-build-isolation 'sparseprop>=0.1.14' (see docs/backends.md), or use backend=torch")
     else:
         from .backends.native import unavailable_reason
         reason = unavailable_reason()

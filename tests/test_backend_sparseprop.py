@@ -171,7 +171,7 @@ def _cpu_flags() -> set:
 @pytest.mark.skipif("avx512f" not in _cpu_flags(),
                     reason="SparseProp 0.1.14 built for an AVX2-only CPU (2-core AMD EPYC, Zen 3) corrupts the heap "
                            "in this test (segfault or abort a few calls later, reproduced 5 of 5 times, also before "
-                           "the native backend existed); see README 'CPU sparse backends'")
+                           "the native backend existed); see docs/backends.md")
 @pytest.mark.parametrize("force_mode", [False, True], ids=["voo0", "voo1"])
 def test_guard_non_contiguous_inputs_and_gradients(force_mode):
     """Guards 1 and 3: channels_last and transposed inputs, an expanded incoming gradient

@@ -64,7 +64,7 @@ def test_reference_momentum_is_the_reference_formula_step_for_step(foreach, delt
 
 
 def test_torch_momentum_moves_v_ten_times_further_at_beta_0_9():
-    """The README's warning in numbers: the first step's change of v is τ·g (torch) vs (1 − β)·τ·g."""
+    """docs/method.md's warning in numbers: the first step's change of v is τ·g (torch) vs (1 − β)·τ·g."""
     _, _, theta0, grad_fn = quadratic(seed=1)
     steps = {}
     for style in ("torch", "reference"):

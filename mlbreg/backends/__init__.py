@@ -121,6 +121,6 @@ def _sparseprop(model: nn.Module, device: torch.device, method_name: str, **opti
     _cpu_only("sparseprop", device)
     if not sparseprop_available():
         raise RuntimeError("backend=sparseprop needs the SparseProp package: pip install pybind11 scipy && "
-                           "pip install --no-build-isolation 'sparseprop>=0.1.14' (see README); "
+                           "pip install --no-build-isolation 'sparseprop>=0.1.14' (see docs/backends.md); "
                            "or use backend=torch")
     return _sparseprop_backend(model, **options)

@@ -6,7 +6,7 @@ FLOPs model of algorithms.md §6 and tells a sparse backend whether dense layers
 needed), calls `step()` after backward, and `end_epoch()` after each epoch.
 
 Everything else mlbreg knows about a method is a class attribute or classmethod here, so
-that adding a method is one class (see README "Architecture"):
+that adding a method is one class (see CONTRIBUTING.md, "Architecture"):
 
 - `Settings`: a dataclass of the constructor's settings; an unknown setting raises.
 - `rules`: its config checks, as a table for `mlbreg.checks.check_table`.

@@ -50,7 +50,7 @@ class LinBreg(Optimizer):
         reg: regularizer of the groups that do not set one (default "l1").
         delta: elastic-net parameter δ > 0 (ignored for reg="none", where δ = 1).
         momentum, dampening, weight_decay: as in torch.optim.SGD (b = g on the first
-            step; mlbreg's configs choose dampening, see the README).
+            step; mlbreg's configs choose dampening, see docs/method.md).
         momentum_style: "torch" (the default): b ← β·b + (1 − d)·g with b = g on the
             first step, v ← v − τ·b, as torch.optim.SGD; "reference": the LinBreg
             reference's (BregmanLearning `optimizers.LinBreg`) b ← β·b + (1 − β)·τ·g from
