@@ -214,10 +214,20 @@ class Trainer:
             if self.logger is not None:
                 self.logger.append(row)
             self.layers_log.append([dict(epoch=epoch + 1, **layer) for layer in layers])
+            self._record_layer_choices()
         self.bar.set_postfix(loss=f"{row['train_loss']:.3f}", test_acc=f"{row['test_acc_pct']:.1f}",
                              sparsity=f"{row['sparsity_pct']:.1f}")
         self.method.end_epoch(epoch + 1)
         return row
+
+    def _record_layer_choices(self) -> None:
+        """env.json: which layers ran sparse or dense in this attempt and what decided each (the machine's
+        record of timed choices, a timing in this run, the checkpoint, forced, ineligible)."""
+        record = getattr(self.backend, "choice_record", None)
+        if record is not None:
+            store = self.backend.choices.store
+            self.run_dir.update_env(layer_choices=record(),
+                                    layer_choice_record=str(store.path) if store is not None else "off")
 
     def _epoch_row(self, epoch: int, meter: EpochMeter):
         """The epoch's metrics.csv row (and the per-layer stats); moves the position to the next epoch."""

@@ -160,6 +160,20 @@ class RunDir:
         data = dict(env, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), earlier=earlier)
         atomic_write_bytes(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
 
+    def update_env(self, **fields: Any) -> None:
+        """Set `fields` in this attempt's env.json (written by `write_env` at the start)."""
+        path = self.path / "env.json"
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        if not isinstance(data, dict):
+            data = {}
+        if all(data.get(k) == v for k, v in fields.items()):
+            return
+        data.update(fields)
+        atomic_write_bytes(path, lambda f: f.write(json.dumps(data, indent=1).encode()))
+
     # -- checkpoints -------------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         atomic_write_bytes(self.checkpoint_path, lambda f: torch.save(state, f))

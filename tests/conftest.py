@@ -32,3 +32,17 @@ def _deterministic_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_choice_record(tmp_path_factory):
+    # the timed layer choices of the tests go to a record of their own (inherited by subprocesses),
+    # not to the user's machine record (backends/choice_store.py)
+    import os
+    previous = os.environ.get("MLBREG_CHOICE_CACHE")
+    os.environ["MLBREG_CHOICE_CACHE"] = str(tmp_path_factory.mktemp("layer-choices"))
+    yield
+    if previous is None:
+        del os.environ["MLBREG_CHOICE_CACHE"]
+    else:
+        os.environ["MLBREG_CHOICE_CACHE"] = previous

@@ -562,30 +562,34 @@ def test_bf16_five_steps_close_to_torch_bf16():
 
 def test_timed_choice_and_summary():
     model = sparse_model(density=0.05)
-    backend = NativeBackend(model, batch_size=16, in_shape=(2, 16, 16), repeats=1, warmup=1)
+    backend = NativeBackend(model, batch_size=16, in_shape=(2, 16, 16), repeats=1, warmup=1, choice_store=None)
     backend.before_step("sparse")
     rows = backend.summary()
     assert all("dense_ms" in row and "native_ms" in row for row in rows)
+    assert all(row["decided_by"] == "timed in this run (no machine record)" for row in rows)
     assert all(row["choice"] == "dense" or "faster than dense" in row["why"] for row in rows)
-    assert backend.timing_seconds > 0 and sum(map(len, backend.decisions.values())) == len(rows)
+    assert backend.timing_seconds > 0 and len(backend.decisions) == len(rows)
 
 
 def test_timed_choices_survive_a_checkpoint():
     """state_dict / load_state_dict carry the timed choices: a resumed run chooses the same layers
     without timing again (so it computes what the interrupted run would have)."""
     model = sparse_model(density=0.05)
-    first = NativeBackend(model, batch_size=16, in_shape=(2, 16, 16), repeats=1, warmup=0)
+    first = NativeBackend(model, batch_size=16, in_shape=(2, 16, 16), repeats=1, warmup=0, choice_store=None)
     first.before_step("sparse")
     first.use_dense()
     state = first.state_dict()
-    again = NativeBackend(model, batch_size=16, in_shape=(2, 16, 16), repeats=1, warmup=0)
+    again = NativeBackend(model, batch_size=16, in_shape=(2, 16, 16), repeats=1, warmup=0, choice_store=None)
     again.load_state_dict(state)
     again.before_step("sparse")
     assert again.timing_seconds == 0 and again.swapped_layers() == first.swapped_layers()
     assert [r["why"] for r in again.summary()] == [r["why"] for r in first.summary()]
+    assert {r["decided_by"] for r in again.summary()} == {"restored from the run's checkpoint"}
     again.use_dense()
-    other = NativeBackend(model, batch_size=16, in_shape=(2, 16, 16))
+    other = NativeBackend(model, batch_size=16, in_shape=(2, 16, 16), choice_store=None)
     other.load_state_dict(dict(state, backend="sparseprop"))      # another backend's choices: ignored
+    assert other.decisions == {}
+    other.load_state_dict(dict(state, format=1))                  # the older format (keyed by layer name): ignored
     assert other.decisions == {}
 
 

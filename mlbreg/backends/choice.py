@@ -2,10 +2,10 @@
 (the eligibility reasons), the timed comparison of a layer's candidates, and the per-layer cache of
 timed choices. The swapping itself is in backends/swap.py.
 
-A choice timed at nnz0 holds while the layer's nnz stays within a factor 1 + ``bucket`` of nnz0 (no
-fixed bucket edges: a support that moves by a few weights never triggers a re-timing); choices are
-keyed by layer, input shape, input-requires-grad, batch size and thread count, and checkpointed
-(``state_dict``) so a resumed run makes the same choices as the run it continues.
+Choices are keyed by the backend's context, thread count, batch size, layer shape and a fixed bin of
+support sizes, read from the machine's record of timed choices (choice_store.py) so that two launches
+of one command choose alike, and checkpointed (``state_dict``) so a resumed run makes the same choices
+as the run it continues.
 """
 from __future__ import annotations
 
@@ -92,52 +92,83 @@ def timed_rounds(candidates: dict, warmup: int, repeats: int, reset) -> dict[str
 
 # -- the per-layer choice cache ----------------------------------------------------------
 
-Entry = tuple  # (nnz, mode, why, timings): mode None means dense
+
+def layer_signature(layer) -> str:
+    """What the timing of a layer depends on besides the support size: its shape and its input's."""
+    mod = layer.module
+    if layer.kind == "conv":
+        k, s, p = mod.kernel_size[0], mod.stride[0], mod.padding[0]
+        head = f"conv {mod.in_channels}->{mod.out_channels} {k}x{k} s{s} p{p}"
+    else:
+        head = f"linear {mod.in_features}->{mod.out_features}"
+    return f"{head} in {'x'.join(map(str, layer.in_shape))} grad={int(layer.in_grad)}"
 
 
 class LayerChoice:
-    """The timed choices of one backend: ``decisions`` maps a key to the entries timed under it.
+    """The timed choices of one backend: ``decisions`` maps a key to its entry
+    ``dict(nnz=, mode=, why=, timings=)`` (mode None means dense; nnz: the support size it was timed at).
 
-    ``force``: every eligible layer gets the backend's forced mode, untimed. ``bucket``: a choice is
-    reused while the layer's nnz stays within a factor 1 + bucket of the nnz it was timed at.
-    ``timing_seconds`` accumulates the time spent in timed comparisons."""
+    A key names the backend's context (which kernels, precision, memory format), the thread count, the
+    batch size, the layer's shape and its bin of support sizes: bins are a fixed log-scale grid of width
+    ``1 + bucket``, so a support that moves by a few weights keeps its choice and the bin of a support
+    size never depends on the run's history. Lookup order: this run's decisions (made earlier or
+    restored from its checkpoint), then the machine's record (``store``, see choice_store.py), then a
+    timed comparison now (written to the record). ``force``: every eligible layer gets the backend's
+    forced mode, untimed. ``timing_seconds`` accumulates the time spent timing."""
 
-    def __init__(self, force: bool = False, bucket: float = 0.1):
+    def __init__(self, force: bool = False, bucket: float = 0.1, store=None, context: str = ""):
         self.force = force
         self.bucket = bucket
-        self.decisions: dict[tuple, list[Entry]] = {}   # key -> [(nnz, mode, why, timings)]
+        self.store = store
+        self.context = context
+        self.decisions: dict[str, dict] = {}
+        self.source: dict[str, str] = {}           # key -> what decided it (reported in env.json)
         self.timing_seconds = 0.0
+
+    def key(self, layer, batch_size: int) -> str:
+        nnz_bin = math.floor(math.log(max(layer.nnz, 1)) / math.log1p(self.bucket))
+        return (f"{self.context} | threads {torch.get_num_threads()} | batch {batch_size} | "
+                f"{layer_signature(layer)} | nnz bin {nnz_bin}")
 
     def choose(self, layer, batch_size: int | None, forced_mode: Callable[[Any], Any],
                time_layer: Callable[[Any], tuple[Any, str, dict]]) -> tuple[Any, str]:
-        """(mode, why) for a built `layer` (a swap.SwapLayer; its ``timings`` are set): forced, cached,
-        or timed now by ``time_layer(layer)`` -> (mode, why, timings)."""
+        """(mode, why) for a built `layer` (a swap_layer.SwapLayer; sets its ``timings`` and ``decided_by``):
+        forced, from this run, from the machine's record, or timed now by ``time_layer(layer)`` ->
+        (mode, why, timings)."""
         if self.force:
+            layer.decided_by = "forced"
             return forced_mode(layer), "forced"
         if layer.in_shape is None or not batch_size:
+            layer.decided_by = "no timing possible"
             return None, "input shape unknown (no dense step seen, no in_shape)"
-        key = (layer.name, layer.in_shape, layer.in_grad, batch_size, torch.get_num_threads())
-        _, mode, why, timings = self._entry(key, layer.nnz, lambda: time_layer(layer))
-        layer.timings = timings
-        return mode, why
+        key = self.key(layer, batch_size)
+        if key not in self.decisions:
+            self.decisions[key], self.source[key] = self._lookup(key, layer, time_layer)
+        entry = self.decisions[key]
+        layer.timings, layer.choice_key, layer.decided_by = dict(entry["timings"]), key, self.source[key]
+        return entry["mode"], entry["why"]
 
-    def _entry(self, key: tuple, nnz: int, time_now: Callable[[], tuple]) -> Entry:
-        """The cached entry nearest to `nnz` (log scale) within the bucket, else a newly timed one."""
-        entries = self.decisions.setdefault(key, [])
-        width = math.log1p(self.bucket)
-        near = [e for e in entries if abs(math.log(nnz / e[0])) <= width]
-        if near:
-            return min(near, key=lambda e: abs(math.log(nnz / e[0])))
-        t0 = time.perf_counter()
-        entry = (nnz, *time_now())
-        self.timing_seconds += time.perf_counter() - t0
-        entries.append(entry)
-        return entry
+    def _lookup(self, key: str, layer, time_layer) -> tuple[dict, str]:
+        def time_now() -> dict:
+            t0 = time.perf_counter()
+            mode, why, timings = time_layer(layer)
+            self.timing_seconds += time.perf_counter() - t0
+            return dict(nnz=layer.nnz, mode=mode, why=why, timings=timings)
+        if self.store is None:
+            return time_now(), "timed in this run (no machine record)"
+        entry, timed = self.store.get_or_time(key, time_now)
+        return entry, (f"timed in this run, recorded in {self.store.path}" if timed
+                       else f"the machine's record {self.store.path}")
 
     # -- checkpoints: the format of LayerSwapBackend.state_dict ------------------------
+    FORMAT = 2
+
     def state_dict(self, backend: str) -> dict:
-        return dict(backend=backend, decisions={k: list(v) for k, v in self.decisions.items()})
+        return dict(backend=backend, format=self.FORMAT, decisions={k: dict(v) for k, v in self.decisions.items()})
 
     def load_state_dict(self, state: dict, backend: str) -> None:
-        if state.get("backend") == backend:     # another backend's choices mean nothing here
-            self.decisions = {tuple(k): list(v) for k, v in state["decisions"].items()}
+        """Restore a run's decisions; another backend's (they mean nothing here) and an older format's
+        (keyed by layer name; timed again) are ignored."""
+        if state.get("backend") == backend and state.get("format") == self.FORMAT:
+            self.decisions = {k: dict(v) for k, v in state["decisions"].items()}
+            self.source = {k: "restored from the run's checkpoint" for k in self.decisions}

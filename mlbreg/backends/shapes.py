@@ -7,7 +7,7 @@ from torch import nn
 
 
 def shape_hook(layer):
-    """A forward pre-hook recording `layer.in_shape` / `layer.in_grad` (a swap.SwapLayer) in training forwards."""
+    """A forward pre-hook recording `layer.in_shape` / `layer.in_grad` (a swap_layer.SwapLayer) in training forwards."""
     def hook(mod, args):
         if args and isinstance(args[0], torch.Tensor) and torch.is_grad_enabled() and mod.training:
             layer.in_shape = tuple(args[0].shape[1:])

@@ -37,9 +37,10 @@ Which layers
 A layer that passes the guards is swapped when a timed comparison (interleaved rounds after a
 warm-up, median, dense vs. both ``vectorizing_over_on`` modes, forward + backward at this
 layer's input shape and the training batch size) finds a sparse mode at least ``min_speedup``
-times faster. Decisions are cached per layer and number of structure entries: a decision timed at
-nnz0 is reused while nnz stays within a factor (1 + ``bucket``) of nnz0, so a fine step only
-re-times layers whose support grew or shrank by more than that. ``force=True`` swaps
+times faster. Decisions are keyed by the layer's shape and a fixed bin of support sizes (width
+1 + ``bucket``), read from and written to the machine's record (backends/choice.py,
+choice_store.py), so a fine step only re-times a layer whose support moves to a bin not timed yet
+and two launches of one command choose alike. ``force=True`` swaps
 every eligible layer without timing (``force_mode`` picks the ``vectorizing_over_on`` mode;
 default: the over-``on`` mode for stride-1 convs). Input shapes come from a forward pre-hook
 during dense steps, or from one dummy forward (eval mode, no grad) with ``in_shape``.
@@ -244,10 +245,18 @@ class SparsePropBackend(LayerSwapBackend):
     def __init__(self, model: nn.Module, batch_size: int | None = None, in_shape=None, *,
                  optimizer: torch.optim.Optimizer | None = None, force: bool = False,
                  force_mode: bool | None = None, min_speedup: float = 1.05, warmup: int = 1, repeats: int = 3,
-                 bucket: float = 0.1):
+                 bucket: float = 0.1, choice_store="machine"):
         self.force_mode = force_mode
         super().__init__(model, batch_size, in_shape, optimizer=optimizer, force=force, min_speedup=min_speedup,
-                         warmup=warmup, repeats=repeats, bucket=bucket)
+                         warmup=warmup, repeats=repeats, bucket=bucket, choice_store=choice_store)
+
+    def _choice_context(self) -> str:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            release = version("sparseprop")
+        except PackageNotFoundError:
+            release = "unknown"
+        return f"sparseprop {release} min_speedup={self.min_speedup:g}"
 
     def _reason(self, mod: nn.Module, kind: str) -> str | None:
         return conv_eligible(mod) if kind == "conv" else linear_eligible(mod)

@@ -3,8 +3,8 @@ coarse steps, around the training loop's hooks, with the dense ``weight`` as the
 
 * ``before_step("sparse")``: after a fine step, rebuild every layer's structure from the support S
   (the optimizer's ``state[w]["support"]`` when the optimizer is known, else ``w != 0``), choose which
-  layers to swap (a timed comparison, cached per layer while its nnz stays within a factor
-  1 + ``bucket`` of the nnz it was timed at: see backends/choice.py) and install their forwards; after
+  layers to swap (a timed comparison per layer shape and bin of support sizes, timed once per machine:
+  see backends/choice.py and choice_store.py) and install their forwards; after
   ``use_dense()`` with no fine step in between, re-enable the same layers without rebuilding.
 * ``before_step("full_grad" | "dense")``: dense layers.
 * ``after_backward()``: the value gradients of the swapped layers are scattered into a per-cycle
@@ -17,8 +17,6 @@ Subclasses provide the eligibility reasons, the structure, the timed comparison 
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,102 +24,10 @@ from torch import nn
 
 from ..models import prunable_modules
 from .choice import LayerChoice
+from .choice_store import default_store
 from .memory_order import memory_flat, memory_index
 from .shapes import ensure_shapes, shape_hook
-
-
-@contextmanager
-def single_thread():
-    """Many small index ops: no OpenMP fork/join per op."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def autocast_on() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # older torch
-        return torch.is_autocast_cpu_enabled()
-
-
-@dataclass
-class SwapLayer:
-    """One prunable layer and, while a structure is built, its sparse form."""
-    name: str
-    module: nn.Module
-    kind: str                                   # "conv" | "linear"
-    reason: str | None                       # static guard failure (None: eligible)
-    in_shape: tuple | None = None            # per-sample input shape seen in a forward
-    in_grad: bool = True                        # does the layer's input require grad in training?
-    idx: torch.Tensor | None = None          # int64 flat positions of the structure in the dense weight
-    mem_idx: torch.Tensor | None = None      # the same positions in the weight's memory order (channels_last)
-    weight_strides: tuple = ()                  # the weight strides mem_idx was computed for
-    w_val: torch.Tensor | None = None        # fp32 values on idx, a leaf that gets .grad
-    kernel: Any = None                          # the backend's structure for its kernels
-    nnz: int = 0
-    grad_buf: torch.Tensor | None = None     # dense weight gradient buffer of this coarse phase
-    mode: Any = None                            # None: dense; else the backend's sparse mode
-    why: str = ""                               # why this choice (for reports)
-    timings: dict = field(default_factory=dict)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.module.weight
-
-    @property
-    def swapped(self) -> bool:
-        return self.mode is not None
-
-    def clear(self) -> None:
-        self.mode, self.idx, self.w_val, self.kernel, self.grad_buf, self.timings = None, None, None, None, None, {}
-        self.mem_idx = None
-
-    def accepts(self, x, any_rank: bool, under_autocast: bool = False) -> bool:
-        """An fp32 CPU input of the expected shape outside autocast (or, with `under_autocast`, an fp32 or
-        bf16 one under CPU autocast); anything else runs the dense layer."""
-        if not (isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.numel() > 0):
-            return False
-        if autocast_on():
-            if not (under_autocast and x.dtype in (torch.float32, torch.bfloat16)):
-                return False
-        elif x.dtype != torch.float32:
-            return False
-        mod = self.module
-        if self.kind == "conv":
-            return x.dim() == 4 and x.shape[1] == mod.in_channels
-        return (x.dim() >= 1 if any_rank else x.dim() == 2) and x.shape[-1] == mod.in_features
-
-    def take_grad(self) -> None:
-        """The value gradient (if this step used the layer) into the dense ``weight.grad``."""
-        if not self.swapped or self.w_val.grad is None:
-            return                            # dense, or not used in this step
-        g = self.w_val.grad
-        self.w_val.grad = None
-        w = self.weight
-        if w.grad is None:                    # the usual case: the dense weight took no part
-            if self.grad_buf is None:
-                with single_thread():
-                    self.grad_buf = torch.zeros(w.shape, dtype=w.dtype)
-            self.grad_buf.view(-1).scatter_(0, self.idx, g)
-            w.grad = self.grad_buf
-        else:                                 # a dense fallback ran too, or grads were not reset: accumulate
-            memory_flat(w.grad).index_add_(0, memory_index(w.grad, self.idx), g)
-
-    def structure_moved(self) -> bool:
-        """Does a non-zero of the dense weight lie outside the structure (weights changed since the build)?"""
-        w = self.weight.detach().reshape(-1)
-        with single_thread():
-            return int(torch.count_nonzero(w)) != int(torch.count_nonzero(w.index_select(0, self.idx)))
-
-    def summary_row(self, choice: str) -> dict[str, Any]:
-        numel = self.weight.numel()
-        return dict(layer=self.name, kind=self.kind, in_shape=self.in_shape, nnz=self.nnz,
-                    density=self.nnz / numel if numel else 0.0, choice=choice,
-                    why=self.reason or self.why, **self.timings)
+from .swap_layer import SwapLayer, single_thread
 
 
 class LayerSwapBackend:
@@ -131,7 +37,7 @@ class LayerSwapBackend:
 
     def __init__(self, model: nn.Module, batch_size: int | None = None, in_shape=None, *,
                  optimizer: torch.optim.Optimizer | None = None, force: bool = False, min_speedup: float = 1.05,
-                 warmup: int = 1, repeats: int = 3, bucket: float = 0.1):
+                 warmup: int = 1, repeats: int = 3, bucket: float = 0.1, choice_store: Any = "machine"):
         self.model = model
         self.batch_size = batch_size
         self.in_shape = tuple(in_shape) if in_shape is not None else None
@@ -139,7 +45,10 @@ class LayerSwapBackend:
         self.min_speedup = min_speedup
         self.warmup = warmup
         self.repeats = max(1, repeats)
-        self.choices = LayerChoice(force=force, bucket=bucket)
+        if choice_store == "machine":
+            choice_store = None if force else default_store()
+        self.choices = LayerChoice(force=force, bucket=bucket, store=choice_store, context=self._choice_context())
+        self._record: dict[tuple[str, str], dict[str, Any]] = {}    # (layer, key) -> the choice made
         self.rebuilds = 0
         self.layers: list[SwapLayer] = []
         for name, mod in prunable_modules(model):
@@ -153,8 +62,8 @@ class LayerSwapBackend:
         self._generator = torch.Generator().manual_seed(0)    # timing inputs: leave the global RNG alone
 
     @property
-    def decisions(self) -> dict[tuple, list[tuple[int, Any, str, dict]]]:
-        """key -> [(nnz, mode, why, timings)]: the timed layer choices (backends/choice.py)."""
+    def decisions(self) -> dict[str, dict]:
+        """key -> dict(nnz, mode, why, timings): this run's layer choices (backends/choice.py)."""
         return self.choices.decisions
 
     @property
@@ -163,6 +72,10 @@ class LayerSwapBackend:
         return self.choices.timing_seconds
 
     # -- subclass hooks --------------------------------------------------------------------
+    def _choice_context(self) -> str:
+        """What besides the layer decides its timing (kernels, precision, ...): part of the choice keys."""
+        return f"{self.name} min_speedup={self.min_speedup:g}"
+
     def _reason(self, mod: nn.Module, kind: str) -> str | None:
         raise NotImplementedError
 
@@ -235,6 +148,19 @@ class LayerSwapBackend:
         """One row per prunable layer: the current choice and why."""
         return [layer.summary_row(self._choice_label(layer)) for layer in self.layers]
 
+    def choice_record(self) -> list[dict[str, Any]]:
+        """Every choice this run made, once per (layer, choice key), in order: the layer, its support size,
+        sparse or dense, why and what decided it (written to the run's env.json)."""
+        return list(self._record.values())
+
+    def _record_choices(self) -> None:
+        for layer in self.layers:
+            key = (layer.name, layer.choice_key or layer.decided_by or "ineligible")
+            if key not in self._record:
+                self._record[key] = dict(layer=layer.name, nnz=layer.nnz, choice=self._choice_label(layer),
+                                         why=layer.reason or layer.why,
+                                         decided_by=layer.decided_by or "ineligible", key=layer.choice_key)
+
     def swapped_layers(self) -> list[str]:
         return [layer.name for layer in self.layers if layer.swapped]
 
@@ -254,6 +180,7 @@ class LayerSwapBackend:
         for layer in self.layers:
             self._rebuild_layer(layer, settle=False)
         self._settle_choices()
+        self._record_choices()
         for layer in self.layers:
             self._drop_if_dense(layer)
         self._stale = False

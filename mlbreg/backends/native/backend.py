@@ -72,8 +72,10 @@ class NativeBackend(LayerSwapBackend):
             seen in dense steps or found by one dummy forward with ``in_shape``.
         optimizer: ML LinBreg's optimizer; ``state[w]["support"]`` gives the exact S.
         force: swap every eligible layer without timing (tests, benchmarks of the kernels).
-        min_speedup, warmup, repeats, bucket: the timed choice (reused while a layer's nnz stays
-            within a factor 1 + bucket of the nnz it was timed at).
+        min_speedup, warmup, repeats, bucket: the timed choice (one per bin of support sizes of width
+            1 + bucket; see backends/choice.py).
+        choice_store: the machine's record of timed choices ("machine": the default file, see
+            backends/choice_store.py; None: time in this run only).
         native_bn: run BatchNorm2d (and the fused ResNet blocks) natively.
         precision, channels_last: how the run's dense layers execute ("fp32" | "bf16" autocast; NHWC
             inputs), the baseline of the timed choice.
@@ -84,19 +86,23 @@ class NativeBackend(LayerSwapBackend):
     def __init__(self, model: nn.Module, batch_size: int | None = None, in_shape=None, *,
                  optimizer: torch.optim.Optimizer | None = None, force: bool = False, min_speedup: float = 1.05,
                  warmup: int = 1, repeats: int = 3, bucket: float = 0.1, native_bn: bool = True,
-                 precision: str = "fp32", channels_last: bool = False):
+                 precision: str = "fp32", channels_last: bool = False, choice_store="machine"):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision={precision!r}: must be fp32 or bf16")
         self.ext = build.load()
         self.precision, self.channels_last = precision, channels_last
         super().__init__(model, batch_size, in_shape, optimizer=optimizer, force=force, min_speedup=min_speedup,
-                         warmup=warmup, repeats=repeats, bucket=bucket)
+                         warmup=warmup, repeats=repeats, bucket=bucket, choice_store=choice_store)
         self.bns = [m for m in model.modules() if type(m) is nn.BatchNorm2d] if native_bn else []
         self.blocks = _fusable_blocks(model) if native_bn else []
 
     @property
     def simd_path(self) -> str:
         return self.ext.simd_path()
+
+    def _choice_context(self) -> str:
+        return (f"native {self.ext.__name__} {self.simd_path} {self.precision} channels_last={int(self.channels_last)} "
+                f"min_speedup={self.min_speedup:g}")
 
     def _reason(self, mod: nn.Module, kind: str) -> str | None:
         return conv_reason(mod) if kind == "conv" else linear_reason(mod)

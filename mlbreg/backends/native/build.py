@@ -52,7 +52,7 @@ def cpu_features() -> str:
     return " ".join(w for w in wanted if w in flags)
 
 
-def _cpu_fingerprint() -> str:
+def cpu_fingerprint() -> str:
     flags = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -83,7 +83,10 @@ def _load(isa: str):
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)   # "no CUDA runtime": not needed here
     from torch.utils import cpp_extension
     src_hash = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]
-    tag = f"{isa}_{src_hash}_{_cpu_fingerprint()}_t{torch.__version__.replace('+', '_').replace('.', '_')}"
+    # the checkout's path too: ninja rebuilds when the source path in its build file changes, so two
+    # checkouts sharing one cache would otherwise rebuild each other's extension on every load
+    where = hashlib.sha1(str(SOURCE.resolve()).encode()).hexdigest()[:6]
+    tag = f"{isa}_{src_hash}_{where}_{cpu_fingerprint()}_t{torch.__version__.replace('+', '_').replace('.', '_')}"
     build_dir = cache_dir() / "native" / tag
     build_dir.mkdir(parents=True, exist_ok=True)
     cflags = ["-O3", "-fopenmp"]
