@@ -34,7 +34,7 @@ from .env import collect_env
 from .flops import FlopsAccount
 from .loggers import make_logger
 from .metrics import layer_stats, model_bytes, sparsity_summary
-from .rundir import CsvLog, RunDir, atomic_write_bytes
+from .rundir import CheckpointError, CsvLog, RunDir, atomic_write_bytes
 from .runstate import EpochMeter, RngState, StopGuard
 
 __all__ = ["LAYER_COLUMNS", "METRIC_COLUMNS", "Trainer", "write_summary"]
@@ -103,7 +103,10 @@ class Trainer:
 
     def _restore(self, ckpt) -> None:
         self.model.load_state_dict(ckpt["model"])
-        self.method.load_state_dict(ckpt["method"])
+        try:
+            self.method.load_state_dict(ckpt["method"])
+        except ValueError as err:    # a state the method refuses to continue (an older adaptive criterion)
+            raise CheckpointError(f"checkpoint {self.run_dir.checkpoint_path}: {err}") from err
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.flops.load_state_dict(ckpt["flops"])
         RngState.restore(ckpt["rng"])

@@ -560,14 +560,25 @@ def test_bf16_five_steps_close_to_torch_bf16():
     assert losses["native bf16"] == pytest.approx(losses["torch bf16"], rel=2e-2)
 
 
-def test_timed_choice_and_summary():
+@pytest.mark.parametrize("min_speedup, native", [(0.0, True), (1e9, False)], ids=["native-wins", "dense-wins"])
+def test_timed_choice_and_summary(min_speedup, native):
+    """Without `force`, every layer is timed and chosen by `min_speedup` (0: the native layer always
+    wins, 1e9: dense always wins, so the outcome does not depend on the machine's timings), its
+    neighbours' conversions included; the summary says which and why."""
     model = sparse_model(density=0.05)
-    backend = NativeBackend(model, batch_size=16, in_shape=(2, 16, 16), repeats=1, warmup=1, choice_store=None)
+    backend = NativeBackend(model, batch_size=16, in_shape=(2, 16, 16), repeats=1, warmup=1, min_speedup=min_speedup,
+                            choice_store=None)
     backend.before_step("sparse")
     rows = backend.summary()
+    choices = [(row["layer"], row["choice"], row["why"]) for row in rows]
     assert all("dense_ms" in row and "native_ms" in row for row in rows)
+    if native:
+        assert all(row["choice"] == "native" and "faster than dense" in row["why"] for row in rows), choices
+        assert backend.swapped_layers() == [row["layer"] for row in rows]
+    else:
+        assert all(row["choice"] == "dense" and row["why"].startswith("dense is faster") for row in rows), choices
+        assert backend.swapped_layers() == []
     assert all(row["decided_by"] == "timed in this run (no machine record)" for row in rows)
-    assert all(row["choice"] == "dense" or "faster than dense" in row["why"] for row in rows)
     assert backend.timing_seconds > 0 and len(backend.decisions) == len(rows)
 
 

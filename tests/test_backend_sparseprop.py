@@ -240,15 +240,25 @@ def test_guard_int16_overflow_stays_dense():
     assert backend.swapped_layers() == ["0", "1"]
 
 
-def test_timed_choice_and_cache():
-    """Without `force`, a timed comparison picks each layer; the choice is reused within its bin of support
-    sizes (3 weights fewer in fc: no new timing) and timed again in a new bin (conv2's support doubles)."""
+@pytest.mark.parametrize("min_speedup, sparse", [(0.0, True), (1e9, False)], ids=["sparse-wins", "dense-wins"])
+def test_timed_choice_and_cache(min_speedup, sparse):
+    """Without `force`, a timed comparison picks each layer by `min_speedup` (0: any sparse mode wins,
+    1e9: dense always wins, so the outcome does not depend on the machine's timings); the choice is
+    reused within its bin of support sizes (3 weights fewer in fc: no new timing) and timed
+    again in a new bin (conv2's support doubles)."""
     model = sparse_model(density=0.05)
-    backend = SparsePropBackend(model, batch_size=16, in_shape=(2, 16, 16), repeats=1, warmup=1, choice_store=None)
+    backend = SparsePropBackend(model, batch_size=16, in_shape=(2, 16, 16), repeats=1, warmup=1,
+                                min_speedup=min_speedup, choice_store=None)
     backend.before_step("sparse")
     rows = backend.summary()
+    choices = [(row["layer"], row["choice"], row["why"]) for row in rows]
     assert all("dense_ms" in row and ("voo0_ms" in row) for row in rows)
-    assert all(row["choice"] == "dense" or "faster than dense" in row["why"] for row in rows)
+    if sparse:
+        assert all(row["choice"].startswith("sparse(") and "faster than dense" in row["why"] for row in rows), choices
+        assert backend.swapped_layers() == [row["layer"] for row in rows]
+    else:
+        assert all(row["choice"] == "dense" and row["why"].startswith("dense is faster") for row in rows), choices
+        assert backend.swapped_layers() == []
     assert backend.timing_seconds > 0
     n_decisions = len(backend.decisions)
     assert n_decisions == len(rows)
