@@ -22,8 +22,9 @@ commands:
                              (mlbreg report --help for the options)
   export  RUN_DIR [--out FILE]   the trained model as a compact sparse safetensors file
   eval    RUN_DIR_OR_FILE        test accuracy of the exported (or saved) model
-  bench   RUN_DIR [--batch-sizes 1,128]
+  bench   RUN_DIR [--batch-sizes 1,128] [--max-rounds 15]
                              inference latency: dense torch vs the sparse CPU backends
+                             (interleaved rounds until the spread is small; median, IQR)
   a paper preset: mlbreg train -m +experiment=table1_resnet18
 """
 

@@ -28,7 +28,7 @@ LAYERS = {
     # one run
     "train": 5, "build": 5, "loop": 5, "runstate": 5,
     # what uses runs
-    "export": 6, "evaluate": 6, "bench": 6, "hydra_glue": 6,
+    "export": 6, "evaluate": 6, "bench": 6, "bench_rounds": 6, "hydra_glue": 6,
     "report": 7, "tune": 7,
     "cli": 8, "__main__": 9,
 }
