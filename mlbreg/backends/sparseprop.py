@@ -55,6 +55,7 @@ from torch.nn import functional as F
 
 from .choice import conv_reason, linear_reason, timed_rounds
 from .swap import LayerSwapBackend
+from .swap_layer import single_thread
 
 try:
     from sparseprop import backend as _spb  # (sparseprop's __init__ imports the top-level extension module `backend`)
@@ -169,8 +170,11 @@ class _SparseConvFn(torch.autograd.Function):
             go = grad_out.permute(1, 2, 3, 0).contiguous()      # (OC, OH, OW, B)
             fn = (_spb.sparse_conv2d_vectorized_backward_stride_1 if stride == 1
                   else _spb.sparse_conv2d_vectorized_backward_stride_2)
-        fn(_np(saved, torch.float32), *idx, _np(w_val, torch.float32), _np(go, torch.float32),
-           _np(grad_in, torch.float32), _np(grad_val, torch.float32), k, pad)
+        # one thread: SparseProp sums the weight gradient with OpenMP reductions and atomics whose order
+        # varies from call to call; on one thread the sums, and so every run, are reproducible
+        with single_thread():
+            fn(_np(saved, torch.float32), *idx, _np(w_val, torch.float32), _np(go, torch.float32),
+               _np(grad_in, torch.float32), _np(grad_val, torch.float32), k, pad)
         if not voo:
             grad_in = grad_in.permute(3, 0, 1, 2).contiguous()
         return (grad_in if ctx.needs_input_grad[0] else None), grad_val, None, None, None, None, None, None
