@@ -5,7 +5,7 @@ Files (all under the run directory):
 - `metrics.csv`   one row per epoch, appended and flushed as it is produced
 - `layers.csv`    one row per prunable layer per epoch
 - `summary.csv`   one row at the end: identifying config + final metrics
-- `checkpoint.pt` everything to continue bit-for-bit (written atomically)
+- `checkpoint.pt` everything to continue bit-for-bit (written atomically; read tensors-only)
 - `model.pt`      the final model's state_dict
 - `config.yaml`   the resolved config of the run
 - `env.json`      provenance: code commit, library versions, CPU, threads, device (`mlbreg.env`)
