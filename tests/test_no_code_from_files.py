@@ -8,6 +8,7 @@ import logging
 import pathlib
 import pickle
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -226,17 +227,20 @@ def test_crafted_cifar_batches_are_not_unpickled(tmp_path, marker):
 
 
 def test_load_tensors_names_the_file_in_one_line(tmp_path, marker):
-    """The one reader: tensors and plain values load; a crafted file, a garbled one and an empty
-    one each give one line naming the file."""
+    """The one reader: tensors and plain values load; a crafted file (torch's format or a bare
+    pickle), a garbled one and an empty one each give one line naming the file, and no warning."""
     plain = {"w": torch.ones(2), "rng": (3, (1, 2), None), "choices": {"k": dict(nnz=3, mode=None, why="x")}}
     torch.save(plain, tmp_path / "ok.pt")
     assert load_tensors(tmp_path / "ok.pt")["choices"] == plain["choices"]
     plant(tmp_path / "crafted.pt", marker)
+    plant(tmp_path / "pickled.pt", marker, "pickle")
     (tmp_path / "garbled.pt").write_bytes(b"not a checkpoint")
     (tmp_path / "empty.pt").write_bytes(b"")
-    for name in ("crafted.pt", "garbled.pt", "empty.pt"):
-        with pytest.raises(TensorFileError) as err:
+    for name in ("crafted.pt", "pickled.pt", "garbled.pt", "empty.pt"):
+        with pytest.raises(TensorFileError) as err, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             load_tensors(tmp_path / name, "model file")
+        assert not caught, [str(w.message) for w in caught]     # torch's warnings would add lines
         assert not marker.exists(), "code from the file ran"
         assert str(err.value).startswith(f"cannot read model file {tmp_path / name}: ")
         assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
