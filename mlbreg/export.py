@@ -82,6 +82,21 @@ def finished_run(run_dir: str | os.PathLike, action: str = "export") -> Path:
     return path
 
 
+def model_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The run's model.pt, loaded tensors-only (`mlbreg.safe_load`): a file holding any other
+    Python object, or no state_dict, is an ExportError, never unpickled."""
+    from .safe_load import TensorFileError, load_tensors, state_dict_in
+    file = run_dir / "model.pt"
+    try:
+        state = state_dict_in(load_tensors(file, "model file"))
+    except TensorFileError as err:
+        raise ExportError(f"{err}; train the run again (resume=false) to rewrite it") from err
+    if state is None:
+        raise ExportError(f"{file} holds no state_dict (a dict of tensors); train the run again (resume=false) "
+                          "to rewrite it")
+    return state
+
+
 def run_config(run_dir: Path):
     from omegaconf import OmegaConf
     return OmegaConf.load(run_dir / "config.yaml")
@@ -163,7 +178,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     run = finished_run(run_dir)
     out = Path(out) if out is not None else run / EXPORT_NAME
     cfg = run_config(run)
-    state = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    state = model_state(run)
     model, shapes = _model_with(cfg, state)
     try:
         tensors, layout = pack_state(state, prunable_names(model))
@@ -249,7 +264,7 @@ def resolve(path: str | os.PathLike) -> dict[str, Any]:
             raise ExportError(f"{exported} was exported from an earlier model.pt of this run; "
                               f"export it again: mlbreg export {run}")
         return dict(info, run_dir=run, final=final_metrics(run) or info["final"])
-    state = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    state = model_state(run)
     return dict(kind="model.pt", file=run / "model.pt", run_dir=run, cfg=run_config(run), shapes=None,
                 state=state, final=final_metrics(run), metadata={},
                 device=json.loads((run / "status.json").read_text()).get("device"))

@@ -5,7 +5,7 @@ Files (all under the run directory):
 - `metrics.csv`   one row per epoch, appended and flushed as it is produced
 - `layers.csv`    one row per prunable layer per epoch
 - `summary.csv`   one row at the end: identifying config + final metrics
-- `checkpoint.pt` everything to continue bit-for-bit (written atomically)
+- `checkpoint.pt` everything to continue bit-for-bit (written atomically; read tensors-only)
 - `model.pt`      the final model's state_dict
 - `config.yaml`   the resolved config of the run
 - `env.json`      provenance: code commit, library versions, CPU, threads, device (`mlbreg.env`)
@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .safe_load import TensorFileError, load_tensors
 
 STATUSES = ("running", "finished", "interrupted", "diverged", "failed")
 
@@ -179,11 +181,15 @@ class RunDir:
         atomic_write_bytes(self.checkpoint_path, lambda f: torch.save(state, f))
 
     def load_checkpoint(self, run_key: str) -> dict[str, Any]:
+        """The checkpoint, loaded tensors-only (`mlbreg.safe_load`): a file holding any other
+        Python object is refused, never unpickled."""
         try:
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem to the user
+            state = load_tensors(self.checkpoint_path, "checkpoint")
+        except TensorFileError as err:
+            older = (" (an mlbreg before 2026-12-06 stored numpy's RNG state so)"
+                     if (err.refused or "").startswith("numpy") else "")
             raise CheckpointError(
-                f"cannot read checkpoint {self.checkpoint_path}: {err}. Start this run fresh with resume=false "
+                f"{err}{older}. Start this run fresh with resume=false "
                 f"(its rows and checkpoint are replaced), or move the file away.") from err
         if not isinstance(state, dict) or state.get("run_key") != run_key:
             raise CheckpointError(

@@ -128,11 +128,16 @@ def hand_on(signum) -> None:
 
 
 class RngState:
-    """Capture and restore every generator a run draws from (format: the checkpoint's `rng`)."""
+    """Capture and restore every generator a run draws from (format: the checkpoint's `rng`).
+
+    Only tensors and plain values, so that a checkpoint loads tensors-only: python's state is
+    a tuple of ints; numpy's legacy tuple holds its key as a list of ints instead of an array."""
 
     @staticmethod
     def capture() -> dict[str, Any]:
-        state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+        name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+        numpy_state = (str(name), key.tolist(), int(pos), int(has_gauss), float(gauss))
+        state = dict(python=random.getstate(), numpy=numpy_state, torch=torch.get_rng_state())
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
@@ -140,7 +145,8 @@ class RngState:
     @staticmethod
     def restore(state: dict[str, Any]) -> None:
         random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        name, key, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,8 +1,9 @@
 """Decoding image files once and caching the decoded tensors next to them (TinyImageNet).
 
 The cache is a ``torch.save`` dict holding a fingerprint of the file list (names,
-sizes, mtimes); a cache whose fingerprint differs, or that cannot be read, is
-ignored and rebuilt.  Writes are atomic, and a read-only data folder only costs
+sizes, mtimes), read tensors-only (`mlbreg.safe_load`); a cache whose fingerprint
+differs, or that cannot be read or holds any other Python object, is ignored and
+rebuilt.  Writes are atomic, and a read-only data folder only costs
 the cache, not the run.
 """
 
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..safe_load import TensorFileError, load_tensors
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +51,11 @@ def _read_cache(path: Path, fingerprint: str):
     if not path.exists():
         return None
     try:
-        blob = torch.load(path, weights_only=True)
-    except Exception as e:  # a truncated or foreign file: rebuild it
-        log.warning("ignoring unreadable cache %s (%s)", path, e)
+        blob = load_tensors(path, "cache")    # tensors-only: a crafted file runs no code, it is rebuilt
+    except TensorFileError as e:  # a truncated or foreign file: rebuild it
+        log.warning("ignoring %s; rebuilding it", e)
         return None
-    return blob if blob.get("fingerprint") == fingerprint else None
+    return blob if isinstance(blob, dict) and blob.get("fingerprint") == fingerprint else None
 
 
 def _write_cache(path: Path, blob: dict) -> None:

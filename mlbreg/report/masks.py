@@ -68,9 +68,12 @@ def mask_images(model_file: Path, max_side: int = 256) -> list[LayerMask]:
     """Every prunable weight of a run's model.pt, in the model's order.
 
     model.pt is the trainer's dense state_dict; the prunable layers (Conv2d, Linear) are
-    exactly its 4-d and 2-d `.weight` tensors (BN weights are 1-d)."""
-    import torch
-    state = torch.load(model_file, map_location="cpu", weights_only=True)
+    exactly its 4-d and 2-d `.weight` tensors (BN weights are 1-d). Loaded tensors-only: a file
+    holding any other Python object is a TensorFileError, never unpickled."""
+    from ..safe_load import load_tensors, state_dict_in
+    state = state_dict_in(load_tensors(model_file, "model file"))
+    if state is None:
+        raise ValueError(f"{model_file} holds no state_dict (a dict of tensors)")
     return [mask_image(key[:-len(".weight")], t, max_side) for key, t in state.items()
             if key.endswith(".weight") and getattr(t, "dim", lambda: 0)() in (2, 4)]
 

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import torch
 
+from ..checks import ConfigError
+from ..safe_load import TensorFileError, load_tensors, state_dict_in
+
 __all__ = ["global_magnitude_masks", "finetune_split", "load_dense_weights"]
 
 
@@ -68,15 +71,25 @@ def checkpoint_file(path: str | Path) -> Path:
 
 @torch.no_grad()
 def load_dense_weights(model: torch.nn.Module, path: str | Path) -> Path:
-    """Load a saved model into `model` in place: a model.pt state_dict, a run's
-    checkpoint.pt (its "model" entry) or a run directory. Returns the file used."""
+    """Load a saved model into `model` in place: a state_dict file (model.pt), a dict holding
+    one under "model" (a run's checkpoint.pt) or "state_dict" (as many model zoos save them), or
+    a run directory. The file is loaded tensors-only: one holding any other Python object is
+    refused (ConfigError), never unpickled. Returns the file used."""
     file = checkpoint_file(path)
-    state = torch.load(file, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]   # a training checkpoint
+    try:
+        saved = load_tensors(file, "method.from_checkpoint file")
+    except TensorFileError as err:
+        raise ConfigError(f"{err}; give a state_dict file (a run's model.pt or directory, or a file of "
+                          f"torch.save(model.state_dict(), FILE))") from err
+    state = state_dict_in(saved, ("model", "state_dict"))
+    if state is None:
+        raise ConfigError(f"method.from_checkpoint: {file} holds no state_dict (a dict of tensors, or one under "
+                          f"'model' or 'state_dict'); give a run's model.pt or directory, or a file of "
+                          f"torch.save(model.state_dict(), FILE)")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise RuntimeError(f"from_checkpoint: {file} does not fit this model (same model= and dataset= as the "
-                           f"dense run are needed): {err}") from err
+        detail = " ".join(str(err).split())
+        raise ConfigError(f"method.from_checkpoint: {file} does not fit this model (same model= and dataset= as the "
+                          f"dense run are needed): {detail}") from err
     return file
