@@ -33,6 +33,8 @@ commands:
 
 # commands besides train and report: the module that holds each one's `main(argv)`
 COMMANDS = {"tune": ".tune", "export": ".export", "eval": ".evaluate", "bench": ".bench"}
+# how each command that writes is told to write elsewhere (the way out of a full or read-only disk)
+WRITES_TO = {"train": "output_root=DIR", "tune": "output_root=DIR", "report": "--out PATH", "export": "--out PATH"}
 
 
 def _train(argv: list[str]) -> int:
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except Exception as err:       # a full disk, a read-only folder: one line naming the path and the cause
-        message = describe(err, elsewhere="--out PATH") if command in ("report", "export") else describe(err)
+        message = describe(err, WRITES_TO.get(command))
         if message is None:
             raise
         print(f"mlbreg {command}: {message}", file=sys.stderr)

@@ -40,9 +40,10 @@ def os_cause(err: BaseException | None) -> OSError | None:
     return None
 
 
-def describe(err: BaseException, elsewhere: str = _ELSEWHERE) -> str | None:
+def describe(err: BaseException, elsewhere: str | None = None) -> str | None:
     """`PATH: cause [ERRNO]; the way out`, or None when no OSError of the storage is behind `err`.
     `elsewhere`: how the command writes somewhere else (`output_root=DIR`, `--out PATH`)."""
+    elsewhere = elsewhere or _ELSEWHERE
     cause = os_cause(err)
     if cause is None:
         return None

@@ -148,16 +148,14 @@ def split_flags(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def user_error(err: BaseException) -> str | None:
     """The message of a bad-input error (bad config value, missing data, bad checkpoint, a
-    run file mlbreg did not write) anywhere in the exception chain, or of an I/O error of the
-    machine (a full disk, a read-only folder: `mlbreg.failures.describe`), or None for a real crash."""
+    run file mlbreg did not write) anywhere in the exception chain, or None for a real crash
+    (and for an I/O error of the machine, which `mlbreg.cli` turns into one line)."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
     from .data import DataNotFoundError
-    from .failures import describe
     from .rundir import CheckpointError, RunFileError
     user_errors = (ConfigError, DataNotFoundError, CheckpointError, RunFileError, ConfigCompositionException,
                    OverrideParseException)
-    first = err
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -165,7 +163,7 @@ def user_error(err: BaseException) -> str | None:
             # Hydra appends its config search path to an unknown option: not the user's concern
             return _unknown_key(str(err)) or str(err).split("\nConfig search path")[0].strip()
         err = err.__cause__ or err.__context__
-    return describe(first, elsewhere="output_root=DIR")
+    return None
 
 
 def _unknown_key(message: str) -> str | None:

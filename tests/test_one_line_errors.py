@@ -195,7 +195,7 @@ def test_an_output_place_that_cannot_be_written_is_one_line(command, kind, finis
     err = capsys.readouterr().err
     line = one_line(err)
     assert code == 2, err
-    assert line.startswith("mlbreg") and f": {cause}; " in line, line
+    assert line.startswith(f"mlbreg {command.split()[0]}: ") and f": {cause}; " in line, line
     assert str(out) in line and ("--out PATH" if "--out" in command else "output_root=DIR") in line, line
     assert digest(finished) == before
     assert not out.exists() or not any(out.rglob("*"))
@@ -217,7 +217,7 @@ def test_a_finished_run_on_a_read_only_archive_is_skipped(finished, tmp_path, re
     assert captured.out.startswith(f"mlbreg: finished, skipped: {run}: test acc "), captured
     assert "Traceback" not in captured.err and not (run / ".hydra").exists()
     assert main(["train", *RUN, "lam=0.05", f"hydra.run.dir={run}"]) == 2      # not this run: it would train
-    assert one_line(capsys.readouterr().err).startswith(f"mlbreg: {run}/.hydra: Read-only file system [EROFS]; ")
+    assert one_line(capsys.readouterr().err).startswith(f"mlbreg train: {run}/.hydra: Read-only file system [EROFS]; ")
     assert digest(run) == before
 
 
@@ -244,7 +244,7 @@ def test_a_real_read_only_mount(finished, tmp_path):
     assert "rc=0\n" in done.stdout and "rc=2\n" in done.stdout, (done.stdout, done.stderr)
     assert f"mlbreg: finished, skipped: {run}: test acc " in done.stdout
     line = one_line(done.stderr)
-    assert line.startswith(f"mlbreg: {archive}/digits") and ": Read-only file system [EROFS]; " in line
+    assert line.startswith(f"mlbreg train: {archive}/digits") and ": Read-only file system [EROFS]; " in line
     assert digest(run) == before
 
 
@@ -272,7 +272,7 @@ def test_a_full_disk_mid_run_is_one_line_and_resumes_identically(finished, tmp_p
     monkeypatch.setattr(torch, "save", full_disk)
     assert main(["train", *RUN, f"hydra.run.dir={run}"]) == 2
     line = one_line(capsys.readouterr().err)
-    assert line.startswith(f"mlbreg: {run / 'checkpoint.pt'}: No space left on device [ENOSPC]; free some space"), line
+    assert line.startswith(f"mlbreg train: {run / 'checkpoint.pt'}: No space left on device [ENOSPC]; free some space"), line
     status = RunDir(run).read_status()
     assert status["status"] == "failed" and "No space left on device" in status["message"]
     assert "enforce fail" not in status["message"]
