@@ -8,6 +8,7 @@ a read-only mount), a real one is used where `unshare` can mount one, and a path
 regular file (ENOTDIR) fails for root too. The chmod case runs for other users only.
 """
 import builtins
+import contextlib
 import errno
 import hashlib
 import io
@@ -82,16 +83,33 @@ def finished(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def interrupted(tmp_path_factory) -> Path:
-    """The same run stopped by SIGTERM in its second epoch (a checkpoint at step 18, one row)."""
+def stopped_in_the_loop(tmp_path_factory) -> tuple[Path, int, str]:
+    """The same run stopped by SIGTERM in its second epoch (a checkpoint at step 18, one row):
+    the run directory, the exit code, stderr."""
     run = tmp_path_factory.mktemp("interrupted") / "run"
-    with pytest.MonkeyPatch.context() as mp:
+    err = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(err):
         stop_at_step(mp, 18)
         with pytest.raises(SystemExit) as stop:
             main(["train", *RUN, f"hydra.run.dir={run}"])
-    assert stop.value.code == 128 + signal.SIGTERM
+    return run, stop.value.code, err.getvalue()
+
+
+@pytest.fixture
+def interrupted(stopped_in_the_loop) -> Path:
+    return stopped_in_the_loop[0]
+
+
+def test_sigterm_in_the_training_loop_still_checkpoints(stopped_in_the_loop):
+    """SIGTERM inside the training loop, with the command's own startup handler around it: the
+    loop's StopGuard checkpoints and the command exits 143 saying the run was interrupted (the
+    startup handler neither steals the signal nor gets it handed on)."""
+    run, code, err = stopped_in_the_loop
+    assert code == 128 + signal.SIGTERM
+    assert one_line(err).startswith("mlbreg: run interrupted: stopped by signal 15 at step 18; rerun to resume")
+    assert "before training started" not in err
     assert RunDir(run).read_status()["status"] == "interrupted"
-    return run
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["position"] == {"epoch": 1, "batch": 6, "step": 18}
 
 
 def copy(run: Path, tmp_path: Path) -> Path:
