@@ -52,8 +52,10 @@ def describe(err: BaseException, elsewhere: str | None = None) -> str | None:
     text = f"{where}{cause.strerror or os.strerror(code)} [{errno.errorcode.get(code, code)}]"
     if code in SPACE:
         hint = "free some space and run the same command again (a run resumes from its last checkpoint)"
+    elif code == errno.EROFS:
+        hint = f"a read-only disk: write elsewhere ({elsewhere})"
     elif code in NOT_WRITABLE:
-        hint = f"this place cannot be written: make it writable, or write elsewhere ({elsewhere})"
+        hint = f"no permission here: change the permissions, or write elsewhere ({elsewhere})"
     elif code == errno.ENOTDIR:
         hint = f"a part of this path is a file, not a folder: write elsewhere ({elsewhere})"
     elif code == errno.EISDIR:
