@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import sys
 
+from .failures import Stopped, describe, stop_signals_raise
+
 USAGE = """usage: mlbreg <command> [args]
 
 commands:
@@ -31,6 +33,8 @@ commands:
 
 # commands besides train and report: the module that holds each one's `main(argv)`
 COMMANDS = {"tune": ".tune", "export": ".export", "eval": ".evaluate", "bench": ".bench"}
+# how each command that writes is told to write elsewhere (the way out of a full or read-only disk)
+WRITES_TO = {"train": "output_root=DIR", "tune": "output_root=DIR", "report": "--out PATH", "export": "--out PATH"}
 
 
 def _train(argv: list[str]) -> int:
@@ -76,21 +80,39 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     try:
-        if command == "train":
-            return _train(rest)
-        if command == "report":
-            from .report import main as report_main
-            return report_main(rest)
-        if command in COMMANDS:
-            # each command's module has `main(argv) -> exit code`; imported late: `--help` stays fast
-            import importlib
-            return importlib.import_module(COMMANDS[command], __package__).main(rest)
+        # SIGTERM / SIGUSR2 before the training loop (or between a tune's probes) end the
+        # command with one line; inside the loop, its StopGuard checkpoints first
+        with stop_signals_raise():
+            return _command(command, rest)
     except KeyboardInterrupt:      # Ctrl-C before training started (training itself checkpoints)
         print("mlbreg: interrupted", file=sys.stderr)
         return 130
+    except Stopped as stop:
+        what = " before training started; nothing was lost (run the same command again to start or resume)" \
+            if command in ("train", "tune") else ""
+        print(f"mlbreg {command}: stopped by {stop.name}{what}", file=sys.stderr)
+        return 128 + stop.signum
     except BrokenPipeError:        # `mlbreg report ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except Exception as err:       # a full disk, a read-only folder: one line naming the path and the cause
+        message = describe(err, WRITES_TO.get(command))
+        if message is None:
+            raise
+        print(f"mlbreg {command}: {message}", file=sys.stderr)
+        return 2
+
+
+def _command(command: str, rest: list[str]) -> int:
+    if command == "train":
+        return _train(rest)
+    if command == "report":
+        from .report import main as report_main
+        return report_main(rest)
+    if command in COMMANDS:
+        # each command's module has `main(argv) -> exit code`; imported late: `--help` stays fast
+        import importlib
+        return importlib.import_module(COMMANDS[command], __package__).main(rest)
     valid = ", ".join(["train", "report", *COMMANDS])
     print(f"mlbreg: unknown command {command!r}; valid: {valid}\n\n{USAGE}", file=sys.stderr)
     return 2

@@ -44,7 +44,7 @@ from .optim.regularizers import REGULARIZERS
 from .paths import config_dir
 from .sparsity import SCHEMES
 
-__all__ = ["ConfigError", "validate", "check_data", "run_name", "identity", "digest", "known_keys",
+__all__ = ["ConfigError", "validate", "check_data", "check_device", "run_name", "identity", "digest", "known_keys",
            "unknown_key_message", "unused_notes", "GROUPS", "NON_IDENTIFYING", "LATER_KEYS"]
 
 GROUPS = ("dataset", "model", "method", "regularizer", "init")
@@ -161,10 +161,22 @@ def validate(cfg: DictConfig, environment: bool = True) -> None:
     if cfg.logger == "tensorboard" and environment and tensorboard_missing():
         fail("logger", "tensorboard", tensorboard_missing())
     if cfg.device == "cuda" and environment:
+        check_device("cuda")
+    _VALIDATED.add(memo)
+
+
+def check_device(device: str, key: str = "device", way_out: str = "use device=cpu or device=auto") -> None:
+    """`device` is one of DEVICES (or cuda:N) and there on this machine: `mlbreg train`'s
+    `device=` and `mlbreg eval`'s `--device` (a ConfigError naming `key` and `way_out`)."""
+    kind, _, index = str(device).partition(":")
+    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+        fail(key, device, f"valid: {', '.join(DEVICES)} (or cuda:N)")
+    if kind == "cuda":
         import torch
         if not torch.cuda.is_available():
-            fail("device", "cuda", "CUDA is not available on this machine; use device=cpu or device=auto")
-    _VALIDATED.add(memo)
+            fail(key, device, f"CUDA is not available on this machine; {way_out}")
+        if index and int(index) >= torch.cuda.device_count():
+            fail(key, device, f"this machine has {torch.cuda.device_count()} CUDA device(s); {way_out}")
 
 
 def _content(cfg: DictConfig) -> dict[str, Any]:

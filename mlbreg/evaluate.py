@@ -14,14 +14,15 @@ import sys
 
 import torch
 
-from .config import use_channels_last
+from .config import ConfigError, check_device, use_channels_last
 from .export import ExportError, model_from, resolve
 
 
 def _device(requested: str | None, trained_on: str | None) -> torch.device:
-    if requested:
+    if requested and requested != "auto":
+        check_device(requested, "--device", "use --device cpu")   # as `mlbreg train` checks device=
         return torch.device(requested)
-    if trained_on == "cuda" and torch.cuda.is_available():
+    if (trained_on == "cuda" or requested == "auto") and torch.cuda.is_available():
         return torch.device("cuda")
     return torch.device("cpu")
 
@@ -48,11 +49,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("path", metavar="RUN_DIR_OR_FILE",
                    help="a finished run directory (its model.safetensors if exported, else model.pt) "
                         "or a file written by `mlbreg export`")
-    p.add_argument("--device", help="default: the device the run trained on when it is here, else cpu")
+    p.add_argument("--device", help="cpu, cuda (cuda:N) or auto (default: the device the run trained on when it "
+                                    "is here, else cpu)")
     args = p.parse_args(argv)
     try:
         out = evaluate_path(args.path, args.device)
-    except ExportError as err:
+    except (ExportError, ConfigError) as err:
         print(f"mlbreg eval: {err}", file=sys.stderr)
         return 2
     info, acc, loss = out["info"], out["test_acc_pct"], out["test_loss"]

@@ -33,8 +33,19 @@ def register_resolvers() -> None:
         check_data(_root_)
         return run_name(_root_)
 
+    def _hydra_notes(*, _root_):
+        # hydra.output_subdir: Hydra writes its notes (.hydra/) into a job's directory before
+        # the job starts; a finished run that the job will skip gets none, so that it is kept
+        # as it is (and a finished run on a read-only disk is skipped, not an error)
+        from .train import finished_status
+        run_dir = _root_.hydra.runtime.output_dir
+        finished = os.path.exists(os.path.join(run_dir, "status.json")) and finished_status(_root_, run_dir)
+        return None if finished else ".hydra"
+
     if not OmegaConf.has_resolver("mlbreg_run_name"):
         OmegaConf.register_new_resolver("mlbreg_run_name", _run_name)
+    if not OmegaConf.has_resolver("mlbreg_hydra_notes"):
+        OmegaConf.register_new_resolver("mlbreg_hydra_notes", _hydra_notes)
 
 
 def run_hydra(argv: list[str], job, extra_overrides: tuple[str, ...] = ()) -> int:
@@ -136,13 +147,14 @@ def split_flags(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def user_error(err: BaseException) -> str | None:
-    """The message of a bad-input error (bad config value, missing data, bad checkpoint)
-    anywhere in the exception chain, or None for a real crash."""
+    """The message of a bad-input error (bad config value, missing data, bad checkpoint, a
+    run file mlbreg did not write) anywhere in the exception chain, or None for a real crash
+    (and for an I/O error of the machine, which `mlbreg.cli` turns into one line)."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
     from .data import DataNotFoundError
-    from .rundir import CheckpointError
-    user_errors = (ConfigError, DataNotFoundError, CheckpointError, ConfigCompositionException,
+    from .rundir import CheckpointError, RunFileError
+    user_errors = (ConfigError, DataNotFoundError, CheckpointError, RunFileError, ConfigCompositionException,
                    OverrideParseException)
     seen = set()
     while err is not None and id(err) not in seen:

@@ -31,6 +31,7 @@ from .backends import make_backend
 from .build import build, evaluate, init_density
 from .config import use_channels_last
 from .env import collect_env
+from .failures import describe
 from .flops import FlopsAccount
 from .loggers import make_logger
 from .metrics import layer_stats, model_bytes, sparsity_summary
@@ -89,9 +90,13 @@ class Trainer:
         self.layers_log = CsvLog(run.file("layers.csv"), LAYER_COLUMNS, key=("epoch", "layer"))
         if self.ctx.is_main:
             run.path.mkdir(parents=True, exist_ok=True)
-            self.metrics_log.keep_epochs_up_to(self.pos["epoch"])
-            self.layers_log.keep_epochs_up_to(self.pos["epoch"])
-            OmegaConf.save(self.cfg, run.file("config.yaml"), resolve=True)
+            for log in (self.metrics_log, self.layers_log):
+                dropped = log.keep_epochs_up_to(self.pos["epoch"])
+                if dropped:
+                    print(f"mlbreg: note: {log.path}: dropped line {', '.join(map(str, dropped))}, which "
+                          f"{'is not a row' if len(dropped) == 1 else 'are not rows'} of the file", file=sys.stderr)
+            text = OmegaConf.to_yaml(self.cfg, resolve=True)
+            atomic_write_bytes(run.file("config.yaml"), lambda f: f.write(text.encode()))
             run.write_env(collect_env(self.device))
             self._write_status("running", epoch=self.pos["epoch"], step=self.pos["step"])
         self.logger = make_logger(self.cfg.logger, run.path, self.resumed_from) if self.ctx.is_main else None
@@ -131,8 +136,11 @@ class Trainer:
                 outcome = self._epochs()
         except Exception as err:
             if self.ctx.is_main:
-                self._write_status("failed", epoch=self.pos["epoch"], step=self.pos["step"],
-                                   message=f"{type(err).__name__}: {err}")
+                try:     # the cause, not what it caused: "No space left on device", not torch's RuntimeError
+                    self._write_status("failed", epoch=self.pos["epoch"], step=self.pos["step"],
+                                       message=describe(err, "output_root=DIR") or f"{type(err).__name__}: {err}")
+                except OSError:  # the full disk may refuse the status too: the error raised below says why
+                    pass
             raise
         finally:
             self.bar.close()

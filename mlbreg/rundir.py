@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .failures import naming
 from .safe_load import TensorFileError, load_tensors
 
 STATUSES = ("running", "finished", "interrupted", "diverged", "failed")
@@ -36,19 +37,27 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not belong to this run."""
 
 
+class RunFileError(RuntimeError):
+    """A file of a run directory that mlbreg did not write (not a status record, say): the message says what to do."""
+
+
 def atomic_write_bytes(path: Path, write) -> None:
     """`write(f)` into a temporary file of its own (PID + random suffix, same directory),
     fsync'd, then renamed over `path` and the directory fsync'd: readers and a kill at any
     moment see the old or the new file, and two writers never share a temporary file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with naming(path):       # a full disk names `path`, not the temporary file
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:          # a read-only folder refuses the unlink too: keep the first error
+            pass
         raise
     try:
         fd = os.open(path.parent, os.O_RDONLY)
@@ -73,7 +82,7 @@ class CsvLog:
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
         new = not self.path.exists() or self.path.stat().st_size == 0
-        with open(self.path, "a", newline="") as f:
+        with naming(self.path), open(self.path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="raise")
             if new:
                 writer.writeheader()
@@ -82,21 +91,29 @@ class CsvLog:
             f.flush()
             os.fsync(f.fileno())
 
-    def keep_epochs_up_to(self, epoch: int) -> None:
+    def keep_epochs_up_to(self, epoch: int) -> list[int]:
         """Drop rows of epochs after `epoch` (written after the checkpoint a run resumes
         from) and repeated rows of one key (the last one stays: what a rerun of the epoch
         wrote), and a last line cut short by a kill, so a resumed run has neither duplicate
-        nor missing rows."""
+        nor missing rows. Lines that are not rows (a wrong number of fields, no integer
+        epoch: garbage appended to the file) are dropped too: returns their line numbers."""
         if not self.path.exists():
-            return
-        text = self.path.read_text()
+            return []
+        text = self.path.read_text(errors="replace")
         if text and not text.endswith("\n"):
             text = text[: text.rfind("\n") + 1]     # a row cut short by a kill mid-write
         reader = csv.DictReader(io.StringIO(text, newline=""))
         header = reader.fieldnames or self.columns
+        if "epoch" not in header:
+            raise RunFileError(f"{self.path}: its first line is not a header of mlbreg's (no epoch column): "
+                               "move the file away, or start the run fresh with resume=false")
         rows: dict[tuple, dict] = {}
+        dropped: list[int] = []
         for row in reader:
-            if row.get("epoch") and int(row["epoch"]) <= epoch:
+            if None in row or None in row.values() or not row["epoch"].strip().isdigit():
+                dropped.append(reader.line_num)
+                continue
+            if int(row["epoch"]) <= epoch:
                 key = tuple(row.get(k) for k in self.key)
                 rows.pop(key, None)                 # re-insert: the last occurrence, in its place
                 rows[key] = row
@@ -106,6 +123,7 @@ class CsvLog:
             text = _rows_to_text(header, kept)
             fb.write(text.encode())
         atomic_write_bytes(self.path, write)
+        return dropped
 
 
 def _rows_to_text(header, rows) -> str:
@@ -129,14 +147,27 @@ class RunDir:
         return self.path / name
 
     # -- status ------------------------------------------------------------------------
-    def read_status(self) -> dict[str, Any] | None:
+    def read_status(self, strict: bool = False) -> dict[str, Any] | None:
+        """status.json's record; None when there is none, or (unless `strict`: a RunFileError
+        that says what to do) when the file is not a status record: not JSON, or JSON but
+        not an object."""
         path = self.path / "status.json"
         if not path.exists():
             return None
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError:
-            return None
+            status = json.loads(path.read_text())
+            kind = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+            what = f"valid JSON, but {kind.get(type(status), 'null')}, not an object"
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            status, what = None, f"not JSON: {err}"
+        if isinstance(status, dict):
+            return status
+        if strict:
+            raise RunFileError(
+                f"{path} is not a run status ({what}), so mlbreg cannot tell whether this run finished. "
+                "Restore the file; if the run had not finished, delete it to resume from checkpoint.pt; "
+                "resume=false trains the run again from the start")
+        return None
 
     def write_status(self, status: str, **info: Any) -> None:
         assert status in STATUSES, status

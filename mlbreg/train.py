@@ -30,7 +30,7 @@ from .rundir import RunDir
 from .runlock import RunLock, describe
 from .runstate import STOP_SIGNALS, hand_on
 
-__all__ = ["train", "build", "evaluate", "resolve_device", "seed_everything", "Trainer", "FlopsAccount",
+__all__ = ["train", "finished_status", "build", "evaluate", "resolve_device", "seed_everything", "Trainer", "FlopsAccount",
            "METRIC_COLUMNS", "LAYER_COLUMNS", "STOP_SIGNALS"]
 
 
@@ -44,7 +44,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run = RunDir(run_dir)
     # rank 0 of a DDP job holds the lock for all ranks (they share the run directory)
     lock = RunLock(run.path) if int(os.environ.get("RANK", "0")) == 0 else None
-    holder = lock.acquire(wait=bool(cfg.get("wait_for_lock"))) if lock else None
+    try:
+        holder = lock.acquire(wait=bool(cfg.get("wait_for_lock"))) if lock else None
+    except OSError:
+        kept = finished_status(cfg, run.path)
+        if kept is None:
+            raise
+        return dict(kept, skipped=True)   # finished, on a read-only disk: nothing to lock, nothing to write
     if holder is not None:
         message = f"already running on {describe(holder)}; skipped"
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -60,11 +66,22 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
             lock.release()
 
 
+def finished_status(cfg: DictConfig, run_dir: str | Path, previous: dict[str, Any] | None = None) -> dict | None:
+    """The status of the finished run in `run_dir` that a launch of `cfg` keeps instead of
+    training it again (resume=true, same run key: name and mlbreg version), else None.
+    `previous`: the status already read (else status.json is read; an unreadable one: None)."""
+    previous = RunDir(run_dir).read_status() if previous is None else previous
+    if previous and cfg.resume and previous.get("status") == "finished" \
+            and previous.get("run_key") == f"{__version__}:{run_name(cfg)}":
+        return previous
+    return None
+
+
 def _train_locked(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     name = run_name(cfg)
     run_key = f"{__version__}:{name}"
-    previous = run.read_status()
-    if previous and cfg.resume and previous.get("status") == "finished" and previous.get("run_key") == run_key:
+    previous = run.read_status(strict=True)
+    if finished_status(cfg, run.path, previous):
         return dict(previous, skipped=True)  # a finished run is kept, not recomputed
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))

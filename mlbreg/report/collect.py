@@ -163,8 +163,10 @@ def _read_status(path: Path, row: dict[str, Any]) -> dict[str, Any]:
     if status_file.exists():
         try:
             status = json.loads(status_file.read_text())
-        except (json.JSONDecodeError, OSError):
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
             status = {"status": "unreadable"}
+        if not isinstance(status, dict):      # valid JSON, but not a status record (`[1]`, `"x"`)
+            status = {"status": "unreadable", "message": "status.json is not a JSON object"}
     row["status"] = status.get("status", "no status.json")
     row["message"] = status.get("message", "")
     if row["status"] == "running" and holder_alive(path) is False:
