@@ -189,8 +189,8 @@ def test_the_report_names_a_finished_run_with_a_gap(tmp_path, capsys):
     assert report_main([str(tmp_path), "--out", str(tmp_path / "report"), "--no-plots"]) == 0
     printed = capsys.readouterr().out
     name = "/".join(gap.parts[-4:])
-    line = next(line for line in printed.splitlines() if name in line)
-    assert "[finished]" in line and "metrics.csv has 8 of 12 epochs (lacks 5-8)" in line and "resume=false" in line
+    (line,) = [line for line in printed.splitlines() if name in line and "[finished]" in line]   # excluded
+    assert "metrics.csv has 8 of 12 epochs (lacks 5-8)" in line and "resume=false" in line
     runs = pd.read_csv(tmp_path / "report" / "runs.csv").set_index("seed")
     assert runs.at[1, "missing_epochs"] == "5-8" and not runs.at[1, "included"] and runs.at[2, "included"]
 
