@@ -15,7 +15,7 @@ USAGE = """usage: mlbreg <command> [args]
 commands:
   train   [hydra overrides]  train one run (or a sweep with -m), e.g.
           mlbreg train dataset=cifar10 model=resnet18 lam=1.0 m=100
-          mlbreg train -m lam=0.5,1,2 seed=0,1,2
+          mlbreg train -m lam=0.01,0.03,0.1 seed=0,1,2
   tune    --target-sparsity S [hydra overrides]
                              find the λ whose run ends at sparsity S (±0.5 pp), e.g.
           mlbreg tune --target-sparsity 0.95 model=mlp epochs=20
@@ -70,7 +70,9 @@ def _final_line(outcome: dict) -> str:
              f"training FLOPs {final['train_flops_vs_sgd']:.3g}x SGD" if "train_flops_vs_sgd" in final else None,
              f"{outcome.get('epoch')} epochs",
              f"resumed at step {outcome['resumed_from']}" if outcome.get("resumed_from") is not None else None]
-    return ", ".join(p for p in parts if p)
+    line = ", ".join(p for p in parts if p)
+    # a finished run's message is a note about its result (every weight zero)
+    return f"{line}; note: {outcome['message']}" if outcome.get("message") else line
 
 
 def main(argv: list[str] | None = None) -> int:

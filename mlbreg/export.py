@@ -64,7 +64,9 @@ def finished_run(run_dir: str | os.PathLike, action: str = "export") -> Path:
                           "(pass the directory `mlbreg train` wrote, with config.yaml and model.pt)")
     state = status.get("status")
     if state != "finished":
-        where = f" at epoch {status['epoch']}" if status.get("epoch") is not None else ""
+        # epoch, step: the last checkpoint's position (status.json follows the checkpoints)
+        epoch, step = status.get("epoch"), status.get("step")
+        where = (f" after epoch {epoch} (step {step})" if epoch else f" at step {step}" if step else "")
         advice = {
             "running": "it is still training (or was killed without a signal): wait for it, or rerun the "
                        "same `mlbreg train` command to resume it",

@@ -1,10 +1,13 @@
-"""Names and colours on the report's tables and plots (a leaf module: imports nothing of mlbreg).
+"""Names and colours on the report's tables and plots, and the notes about a run's result that
+training and the report print (a leaf module: imports nothing of mlbreg, nor torch).
 
 Keys are the names the configs and run directories use (`method.name`, `model.name`,
 `dataset.name`, dotted config keys, the report's time columns); values what a reader sees.
 The order of a table is the order of its entries here (methods, models, datasets, inits).
 """
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 METHOD_ORDER = ["sgd", "prune_finetune", "rigl", "linbreg", "mllinbreg"]
 METHOD_LABELS = {"sgd": "SGD", "prune_finetune": "Prune+Fine-Tuning", "rigl": "RigL", "linbreg": "LinBreg",
@@ -24,3 +27,28 @@ KEY_LABELS = {"lam": "λ", "m": "m", "init.scheme": "init", "init.density": "ini
 # the parts of the training time (the report's per-run time columns) in the order they are stacked
 TIME_PARTS = [("time_forward_s", "forward"), ("time_backward_s", "backward"), ("time_optimizer_s", "optimizer step"),
               ("time_swap_s", "layer swaps"), ("time_other_s", "other (data, bookkeeping)")]
+
+
+def epoch_ranges(epochs: Iterable[int]) -> str:
+    """[3, 4, 5, 9] -> "3-5, 9"."""
+    spans: list[list[int]] = []
+    for e in sorted(epochs):
+        if spans and e == spans[-1][1] + 1:
+            spans[-1][1] = e
+        else:
+            spans.append([e, e])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def all_zero_note(final: dict | None, lam: float | None = None) -> str | None:
+    """The note for a final metrics row whose prunable weights are all zero (the model then
+    predicts one class whatever the input), else None. `lam`: the run's λ when its method has
+    one (the note then names it and advises a smaller one)."""
+    final = final or {}
+    nonzeros, prunable = final.get("nonzeros"), final.get("prunable_params")
+    if nonzeros is None or prunable is None or not (nonzeros == 0 and prunable > 0):
+        return None
+    advice = (f"lam={lam:g} is too strong for this model and data: train with a smaller lam "
+              "(`mlbreg tune --target-sparsity S` finds one)" if lam is not None
+              else "check lr and the method's settings")
+    return f"every prunable weight is zero, so the model predicts one class for every input; {advice}"

@@ -33,8 +33,10 @@ from .config import use_channels_last
 from .env import collect_env
 from .failures import describe
 from .flops import FlopsAccount
+from .labels import all_zero_note, epoch_ranges
 from .loggers import make_logger
 from .metrics import layer_stats, model_bytes, sparsity_summary
+from .models import prunable_modules
 from .rundir import CheckpointError, CsvLog, RunDir, atomic_write_bytes
 from .runstate import EpochMeter, RngState, StopGuard
 
@@ -77,6 +79,7 @@ class Trainer:
         cfg, run = self.cfg, self.run_dir
         if cfg.resume and run.checkpoint_path.exists():
             self._restore(run.load_checkpoint(self.run_key))
+            self._check_rows()
             self.resumed_from = self.pos["step"]
             if self.ctx.is_main:
                 print(f"mlbreg: resuming {run.path} at epoch {self.pos['epoch'] + 1}, step {self.pos['step']}",
@@ -84,10 +87,26 @@ class Trainer:
         elif cfg.resume and previous and previous.get("status") in ("running", "interrupted") and self.ctx.is_main:
             run.clear()  # died before its first checkpoint: nothing to keep
 
+    def _logs(self) -> tuple[CsvLog, CsvLog]:
+        run = self.run_dir
+        return (CsvLog(run.file("metrics.csv"), METRIC_COLUMNS),
+                CsvLog(run.file("layers.csv"), LAYER_COLUMNS, key=("epoch", "layer")))
+
+    def _check_rows(self) -> None:
+        """Refuse to resume over rows lost before the checkpoint (a file cut short, rows deleted): the
+        checkpoint cannot recompute them, and the finished run would silently lack those epochs."""
+        epoch, layers = self.pos["epoch"], [name for name, _ in prunable_modules(self.model)]
+        for log in self._logs():
+            missing = log.missing_epochs(epoch, layers if "layer" in log.key else ())
+            if missing:
+                raise CheckpointError(
+                    f"{log.path} lacks the rows of epoch(s) {epoch_ranges(missing)} of the {epoch} before the "
+                    f"checkpoint (cut short or edited?), and the checkpoint cannot recompute them: retrain the run "
+                    f"from scratch with resume=false (replaces its files), or put the complete file back and rerun")
+
     def _open_files(self) -> None:
         run = self.run_dir
-        self.metrics_log = CsvLog(run.file("metrics.csv"), METRIC_COLUMNS)
-        self.layers_log = CsvLog(run.file("layers.csv"), LAYER_COLUMNS, key=("epoch", "layer"))
+        self.metrics_log, self.layers_log = self._logs()
         if self.ctx.is_main:
             run.path.mkdir(parents=True, exist_ok=True)
             for log in (self.metrics_log, self.layers_log):
@@ -126,6 +145,8 @@ class Trainer:
                 run_key=self.run_key, model=self.model.state_dict(), method=self.method.state_dict(),
                 scheduler=self.scheduler.state_dict(), flops=self.flops.state_dict(), rng=RngState.capture(),
                 backend=self.backend.state_dict(), position=dict(self.pos), partial_epoch=partial_epoch))
+            # status.json follows the checkpoints: a killed run's says where a rerun resumes
+            self._write_status("running", epoch=self.pos["epoch"], step=self.pos["step"])
         self.ctx.barrier()
 
     def run(self) -> dict[str, Any]:
@@ -264,6 +285,9 @@ class Trainer:
             # the CLI exits with 128 + signal, ending a sweep; a DDP rank may stop for another's signal
             outcome["signal"] = self.stop.signal or signal.SIGTERM
         if outcome["status"] == "finished":
+            note = all_zero_note(outcome.get("final"), self.cfg.lam if "lam" in self.method.main_keys else None)
+            if note:
+                outcome["message"] = note
             if self.ctx.is_main:
                 self.run_dir.save_model(self.model.state_dict())
                 write_summary(self.cfg, self.run_dir, outcome, self.name)

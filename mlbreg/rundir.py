@@ -125,6 +125,22 @@ class CsvLog:
         atomic_write_bytes(self.path, write)
         return dropped
 
+    def missing_epochs(self, epoch: int, per_epoch: Iterable[str] = ()) -> list[int]:
+        """The epochs 1..`epoch` (a checkpoint's) without a complete row in the file, reading
+        complete lines only. `per_epoch`: the values of the key's second column every epoch
+        must have (layers.csv: the model's layer names)."""
+        text = self.path.read_text() if epoch > 0 and self.path.exists() else ""
+        found: dict[int, set] = {}
+        for row in csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1], newline="")):
+            try:
+                number = int(row.get("epoch") or "")
+            except ValueError:
+                continue                            # not a row of this file: it holds no epoch
+            if None not in row.values():            # every column there (None: a line cut short)
+                found.setdefault(number, set()).add(tuple(row.get(k) for k in self.key[1:]))
+        needed = {(value,) for value in per_epoch} or {()}
+        return [e for e in range(1, epoch + 1) if not needed <= found.get(e, set())]
+
 
 def _rows_to_text(header, rows) -> str:
     buf = io.StringIO()

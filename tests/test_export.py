@@ -134,7 +134,7 @@ def test_a_run_that_did_not_finish_is_refused(mlp_run, tmp_path, capsys):
     (run / "status.json").write_text(json.dumps(status))
     assert main(["export", str(run)]) == 2
     err = capsys.readouterr().err
-    assert "is interrupted at epoch 2" in err and "rerun the same `mlbreg train` command" in err
+    assert "is interrupted after epoch 2" in err and "rerun the same `mlbreg train` command" in err
     assert not (run / EXPORT_NAME).exists()
     for command in ("eval", "bench"):
         assert main([command, str(run)]) == 2

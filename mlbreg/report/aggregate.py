@@ -18,6 +18,23 @@ def _rank(values: pd.Series, order: list[str]) -> pd.Series:
     return values.map(lambda v: order.index(v) if v in order else len(order))
 
 
+def _setting_key(setting) -> list[tuple]:
+    """A "Setting" cell as a sort key with its numbers as numbers: epochs=5 < 20 < 200, target=90% < 95%."""
+    key = []
+    for part in str(setting if isinstance(setting, str) else "").split(", "):
+        name, _, value = part.partition("=")
+        try:
+            key.append((name, 0, float(value.rstrip("%")), ""))
+        except ValueError:
+            key.append((name, 1, 0.0, value))
+    return key
+
+
+def _setting_rank(settings: pd.Series) -> pd.Series:
+    order = {s: i for i, s in enumerate(sorted(set(settings.fillna("")), key=_setting_key))}
+    return settings.fillna("").map(order)
+
+
 def _aggregate_config(config_id: str, group: pd.DataFrame) -> dict:
     """One configuration's runs -> its row: description (unused keys blanked), n, seeds, statistics."""
     first = group.iloc[0]
@@ -49,8 +66,9 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
              "init": list(INIT_LABELS)}
     for col, values in order.items():
         agg[f"_{col}_rank"] = _rank(agg[col], values)
+    agg["_setting_rank"] = _setting_rank(agg["setting"])
     sort = ["_dataset_rank", "dataset", "_model_rank", "model", "_method_rank", "lam", "target_sparsity", "m",
-            "_init_rank", "setting"]
+            "_init_rank", "_setting_rank"]
     agg = agg.sort_values(sort, kind="stable", na_position="first").reset_index(drop=True)
     return agg.drop(columns=[c for c in agg if c.startswith("_")])
 

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..labels import all_zero_note, epoch_ranges
 from ..runlock import holder_alive
-from .configs import config_id, mark_duplicates, settings
+from .configs import config_id, mark_duplicates, settings, unused_keys
 
 # short columns of the runs frame and tables -> dotted config keys
 CANONICAL = {"dataset": "dataset.name", "model": "model.name", "method": "method.name",
@@ -171,7 +172,8 @@ def _read_status(path: Path, row: dict[str, Any]) -> dict[str, Any]:
     row["message"] = status.get("message", "")
     if row["status"] == "running" and holder_alive(path) is False:
         # status.json says running, but no process holds the run's lock: it was killed
-        row["message"] = "no process holds its lock (killed?); rerun the same command to resume it"
+        at = f" from its checkpoint after epoch {status['epoch']}" if status.get("epoch") else ""
+        row["message"] = f"no process holds its lock (killed?); rerun the same command to resume it{at}"
     # what actually ran (device=auto, backend=auto resolved), for runs that recorded it
     for key in ("device", "backend"):
         if status.get(key):
@@ -212,8 +214,11 @@ def _inclusion(row: dict[str, Any], final: dict[str, Any], has_metrics: bool) ->
         return dict(included=False, reason=reason)
     if not final:
         return dict(included=False, reason="finished, but no metrics.csv or summary.csv")
-    if has_metrics and epochs is not None and row["epochs_done"] < int(epochs):
-        return dict(included=False, reason=f"finished, but metrics.csv has {row['epochs_done']} of {epochs} epochs")
+    if has_metrics and row["missing_epochs"]:
+        total = int(epochs) if epochs is not None else row["epochs_done"]
+        return dict(included=False, reason=f"finished, but metrics.csv has {total - len(row['missing_epochs'])} of "
+                                           f"{total} epochs "
+                                           f"(lacks {epoch_ranges(row['missing_epochs'])}); resume=false retrains it")
     if pd.isna(row["test_acc_pct"]):
         return dict(included=False, reason="finished, but its last metrics row has no test accuracy")
     return dict(included=True, reason="")
@@ -226,8 +231,21 @@ def read_run(path: Path) -> tuple[dict[str, Any], pd.DataFrame | None]:
         return row, None
     status = _read_status(path, row)
     final, metrics = _read_final(path, row, status)
+    row["missing_epochs"] = _missing_epochs(metrics, row)
     row.update(_inclusion(row, final, metrics is not None))
+    # a finished run's result that deserves a look (every weight zero)
+    lam = row.get("lam") if "lam" not in unused_keys(str(row.get("method"))) else None
+    row["note"] = (all_zero_note(final, lam) if row["status"] == "finished" else None) or ""
+    row["missing_epochs"] = epoch_ranges(row["missing_epochs"])
     return row, metrics
+
+
+def _missing_epochs(metrics: pd.DataFrame | None, row: dict[str, Any]) -> list[int]:
+    """The epochs metrics.csv lacks: of 1..epochs for a finished run, before its last row for another."""
+    if metrics is None:
+        return []
+    last = int(row["epochs"]) if row["status"] == "finished" and row.get("epochs") is not None else row["epochs_done"]
+    return sorted(set(range(1, last + 1)) - set(metrics["epoch"].astype(int)))
 
 
 # -- the collection --------------------------------------------------------------------------

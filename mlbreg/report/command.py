@@ -19,6 +19,13 @@ def excluded_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return runs.loc[~runs["included"].astype(bool), ["run", "status", "reason"]].reset_index(drop=True)
 
 
+def noted_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Finished runs whose result deserves a look (every prunable weight zero), with the note."""
+    if "note" not in runs:
+        return pd.DataFrame(columns=["run", "note"])
+    return runs.loc[runs["note"].fillna("").astype(bool), ["run", "note"]].reset_index(drop=True)
+
+
 def write_report(collection: Collection, out: Path, plots: bool = True, dpi: int = 150,
                  masks: int = 4) -> dict[str, list[Path]]:
     """All tables and plots of `collection` into `out`; returns the written files by kind.
@@ -63,6 +70,9 @@ def write_report(collection: Collection, out: Path, plots: bool = True, dpi: int
             sections.append(f"## Per-layer density (final epoch)\n\n{to_markdown(layer_table)}")
     if len(excluded):
         sections.append(f"## Excluded runs ({len(excluded)})\n\n{to_markdown(excluded)}")
+    noted = noted_runs(runs)
+    if len(noted):
+        sections.append(f"## Notes ({len(noted)})\n\n{to_markdown(noted)}")
     if plots:
         from .plots import make_plots  # matplotlib only when plotting
         drawn, notes = mask_runs(collection, agg, masks)
@@ -112,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in excluded.itertuples(index=False):
             detail = row.reason if row.reason and row.reason != row.status else ""
             print(f"  {row.run}  [{row.status}]  {detail}".rstrip())
+    for row in noted_runs(runs).itertuples(index=False):
+        print(f"note: {row.run}: {row.note}")
     for line in environment_notes(collection):
         print(line)
     results = out / "results.md"
