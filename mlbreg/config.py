@@ -63,7 +63,7 @@ NON_IDENTIFYING = ("resume", "wait_for_lock", "device", "progress", "logger", "c
 LATER_KEYS: dict[str, Any] = {
     "dataset.augment": False,
     "method.momentum_style": "torch",
-    # RigL's reference defaults (issue 14) changed the behaviour: runs at the new defaults get
+    # RigL's reference defaults changed the behaviour: runs at the new defaults get
     # new names; a config asking for the old behaviour keeps the old name
     "method.reinit_when_same": True, "method.count": "round", "method.drop_noise_std": 0,
 }

@@ -86,7 +86,7 @@ STEP_KINDS = tuple(_STEP_KINDS)
 
 
 class FlopsAccount:
-    """Training FLOPs of the steps actually taken (algorithms.md §6), kept on the device.
+    """Training FLOPs of the steps actually taken (docs/algorithms.md §6), kept on the device.
 
     Per step and sample: dense 3·f_D, full_grad 2·f_S + f_D, sparse 3·f_S, where
     f_S = Σ_l density_l·f_D,l with the densities of the structure the step computes on: the

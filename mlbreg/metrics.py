@@ -1,4 +1,4 @@
-"""Sparsity metrics of a model (algorithms.md §6).
+"""Sparsity metrics of a model (docs/algorithms.md §6).
 
 `layer_stats` counts the non-zeros of the epoch rows and the per-layer CSV (the FLOPs
 account keeps its own per-step counts on the device, see `mlbreg.flops`).

@@ -3,7 +3,7 @@
 against the best dense conv on this CPU, one layer of each ResNet-18 (CIFAR) shape; where sparse pays.
 
     python scripts/bench_density.py                                   # batch 128, densities 0.01 .. 0.3
-    python scripts/bench_density.py --plot docs/bench/density.png     # and the plot
+    python scripts/bench_density.py --plot density.png                # and the plot
     python scripts/bench_density.py --batch-size 32 --densities 0.02 0.1 --repeats 3   # quicker
 
 Dense baselines (their cost does not depend on the density; timed once per layer, in the same interleaved

@@ -1,4 +1,4 @@
-"""The native backend (issue 11): every kernel against torch in float64, the layout and guards, and ML
+"""The native backend: every kernel against torch in float64, the layout and guards, and ML
 LinBreg trajectories / whole runs that equal backend=torch.
 
 Relative error = ||got - ref|| / ||ref|| over the whole tensor, against a float64 reference.

@@ -1,6 +1,6 @@
 """Where mlbreg follows a reference exactly: LinBreg's momentum convention of the reference code
 (BregmanLearning `optimizers.LinBreg`), against a small independent implementation of its formula,
-and the FLOPs of coarse steps counted from the frozen support (algorithms.md §6)."""
+and the FLOPs of coarse steps counted from the frozen support (docs/algorithms.md §6)."""
 import math
 
 import pytest

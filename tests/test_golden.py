@@ -29,7 +29,7 @@ NAMES = {
     ("method=linbreg", "lam=0.1", "regularizer=l1"): "digits/mlp/linbreg/l1-lam0.1_uniform0.01_seed0_b5142f01",
     ("method=sgd",): "digits/mlp/sgd/seed0_f57fe735",
     ("method=sgd", "lam=2", "sparsity=0.9"): "digits/mlp/sgd/seed0_007c2299",
-    # RigL's defaults became the reference's (issue 14): new names at the new defaults, the old
+    # RigL's defaults became the reference's: new names at the new defaults, the old
     # names for the old behaviour (LATER_KEYS)
     ("method=rigl", "sparsity=0.9"): "digits/mlp/rigl/sp0.9_uniform_seed0_fcc487d0",
     ("method=rigl", "sparsity=0.9", "method.reinit_when_same=true", "method.count=round", "method.drop_noise_std=0"):
@@ -61,7 +61,7 @@ SUMMARY = ["dataset", "model", "method", "regularizer", "lam", "m", "init", "ini
            "init_scale", "lr", "momentum", "epochs", "batch_size", "seed", "step", *METRICS[3:], "run_name", "status"]
 STATUS = ["backend", "device", "epoch", "final", "run_key", "status", "step", "updated"]
 FILES = {"checkpoint.pt", "config.yaml", "env.json", "layers.csv", "metrics.csv", "model.pt", "status.json",
-         "summary.csv", ".lock"}   # .lock: the run directory's lock (issue 15), empty once released
+         "summary.csv", ".lock"}   # .lock: the run directory's lock, empty once released
 
 
 @pytest.mark.parametrize("overrides", list(NAMES), ids=lambda o: " ".join(o))

@@ -1,5 +1,5 @@
 """The ML LinBreg design space beyond the defaults: the group regularizer (kernel-wise
-support, algorithms.md §1/§3) and the adaptive coarse-cycle criterion (paper eq. 10),
+support, docs/algorithms.md §1/§3) and the adaptive coarse-cycle criterion (paper eq. 10),
 both through the real config and loop."""
 import pandas as pd
 import pytest

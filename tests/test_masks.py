@@ -1,4 +1,4 @@
-"""Layer densities (uniform / ER / ERK, algorithms.md §4), exact counts and sparse init."""
+"""Layer densities (uniform / ER / ERK, docs/algorithms.md §4), exact counts and sparse init."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""Invariants and hand-worked cases of LinBreg / ML LinBreg (algorithms.md §1-§3)."""
+"""Invariants and hand-worked cases of LinBreg / ML LinBreg (docs/algorithms.md §1-§3)."""
 import copy
 import math
 

@@ -1,4 +1,4 @@
-"""prune_finetune (algorithms.md §5): dense SGD, one-shot global magnitude pruning, fine-tuning."""
+"""prune_finetune (docs/algorithms.md §5): dense SGD, one-shot global magnitude pruning, fine-tuning."""
 import pandas as pd
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Runs that survive: kills, signals, sweeps started again, divergence (issue 4)."""
+"""Runs that survive: kills, signals, sweeps started again, divergence."""
 import os
 import signal
 import subprocess

@@ -1,4 +1,4 @@
-"""RigL (algorithms.md §5): fixed density, cosine drop schedule, grow by gradient, checkpoints."""
+"""RigL (docs/algorithms.md §5): fixed density, cosine drop schedule, grow by gradient, checkpoints."""
 import copy
 import io
 import math

@@ -1,4 +1,4 @@
-"""Two launchers on one run directory (issue 15): one trains, the other says so and exits 0;
+"""Two launchers on one run directory: one trains, the other says so and exits 0;
 stale locks are taken over; writes never share a temporary file; rows are never doubled."""
 import csv
 import errno

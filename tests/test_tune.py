@@ -1,4 +1,4 @@
-"""mlbreg tune: λ for a target sparsity (issue 12)."""
+"""mlbreg tune: λ for a target sparsity."""
 import json
 import math
 import os

@@ -1,4 +1,4 @@
-"""The research workflow around a run (issue 12): returned metrics, env.json, the
+"""The research workflow around a run: returned metrics, env.json, the
 prune_finetune default, and submitit's timeout signal."""
 import json
 import os

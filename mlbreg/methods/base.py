@@ -2,7 +2,7 @@
 
 The loop asks `step_kind()` before a step ("dense": a dense SGD step, "full_grad": a full
 weight gradient with sparse forward, "sparse": everything on the support; this picks the
-FLOPs model of algorithms.md §6 and tells a sparse backend whether dense layers are
+FLOPs model of docs/algorithms.md §6 and tells a sparse backend whether dense layers are
 needed), calls `step()` after backward, and `end_epoch()` after each epoch.
 
 Everything else mlbreg knows about a method is a class attribute or classmethod here, so
@@ -72,7 +72,7 @@ class Method:
     name: ClassVar[str] = "base"
     Settings: ClassVar[type]
     rules: ClassVar[tuple[tuple[str, Rule], ...]] = ()
-    sparse_init: ClassVar[bool] = True             # start from a sparse initialization (algorithms.md §4)
+    sparse_init: ClassVar[bool] = True             # start from a sparse initialization (docs/algorithms.md §4)
     uses_target_sparsity: ClassVar[bool] = False   # init density = 1 - cfg.sparsity (fixed-density methods)
     needs_sparsity: ClassVar[bool] = False         # cfg.sparsity is this method's target (it must be set)
     has_coarse_steps: ClassVar[bool] = False       # sparse CPU backends (native, sparseprop) serve its steps

@@ -1,4 +1,4 @@
-"""LinBreg and ML LinBreg (algorithms.md §1-§3): sparse weights from a sparse start via
+"""LinBreg and ML LinBreg (docs/algorithms.md §1-§3): sparse weights from a sparse start via
 linearized Bregman iterations; ML LinBreg adds coarse steps on the support."""
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ class MLLinBregMethod(_BregmanMethod):
             self._support_nnz = None  # a fine step sets a new support
 
     def structure_nnz(self, kind: str):
-        """A coarse step computes on the frozen support S (algorithms.md §6), not on θ ≠ 0."""
+        """A coarse step computes on the frozen support S (docs/algorithms.md §6), not on θ ≠ 0."""
         if kind != "sparse":
             return None
         if self._support_nnz is None:

@@ -1,4 +1,4 @@
-"""Prune + fine-tune (algorithms.md §5): dense SGD, one-shot global magnitude pruning, fine-tuning."""
+"""Prune + fine-tune (docs/algorithms.md §5): dense SGD, one-shot global magnitude pruning, fine-tuning."""
 from __future__ import annotations
 
 from dataclasses import dataclass

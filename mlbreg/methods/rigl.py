@@ -1,4 +1,4 @@
-"""RigL (algorithms.md §5): masked SGD at a fixed density, drop/grow every ΔT steps.
+"""RigL (docs/algorithms.md §5): masked SGD at a fixed density, drop/grow every ΔT steps.
 
 The drop/grow follows the reference implementation (google-research/rigl) by default:
 k = ⌊f·n⌋ (`count`), drop scores |θ| plus N(0, 1e-5²) noise that breaks ties

@@ -1,4 +1,4 @@
-r"""LinBreg and ML LinBreg optimizers (algorithms.md §2 and §3).
+r"""LinBreg and ML LinBreg optimizers (docs/algorithms.md §2 and §3).
 
 LinBreg (linearized Bregman iterations, Bungert et al. 2022) is mirror descent with the
 elastic net J_δ(θ) = J(θ) + ‖θ‖²/(2δ). Per tensor it keeps the dual variable v:

@@ -1,4 +1,4 @@
-"""Regularizers J, their proximal maps and subgradients (algorithms.md §1).
+"""Regularizers J, their proximal maps and subgradients (docs/algorithms.md §1).
 
 Everything here is a pure function of tensors and plain numbers, so optimizers can keep
 only strings ("l1", "group", "l1_group", "none") in their param groups and their

@@ -1,5 +1,5 @@
 """The functional core of LinBreg and ML LinBreg: one step on the tensors of a param group
-(algorithms.md §2-§3), as a per-tensor loop or a multi-tensor `torch._foreach_*` path behind
+(docs/algorithms.md §2-§3), as a per-tensor loop or a multi-tensor `torch._foreach_*` path behind
 one signature; `mlbreg.optim.linbreg` holds the optimizers around it.
 """
 from __future__ import annotations

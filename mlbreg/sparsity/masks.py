@@ -1,4 +1,4 @@
-"""Layer densities (uniform / ER / ERK) and sparse initialization (algorithms.md §4).
+"""Layer densities (uniform / ER / ERK) and sparse initialization (docs/algorithms.md §4).
 
 `layer_densities` works on plain shapes, so it can be used on its own (and tested on
 ResNet-18 / WRN-28-10 shapes without building anything); `sparse_init_` applies it to a

@@ -1,4 +1,4 @@
-"""One-shot global magnitude pruning (the prune + fine-tune baseline, algorithms.md §5).
+"""One-shot global magnitude pruning (the prune + fine-tune baseline, docs/algorithms.md §5).
 
 `global_magnitude_masks` keeps the largest-|θ| weights across all given tensors so that
 exactly round(sparsity·N) of the N weights are pruned; ties in |θ| are broken by position

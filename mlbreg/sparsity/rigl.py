@@ -1,6 +1,6 @@
 """RigL (Evci et al. 2020, "Rigging the Lottery"): sparse training at a fixed density.
 
-The mask schedule of algorithms.md §5, independent of the optimizer that takes the SGD
+The mask schedule of docs/algorithms.md §5, independent of the optimizer that takes the SGD
 steps (`mlbreg.methods.RigLMethod` pairs it with torch.optim.SGD). By default it follows
 the reference implementation (google-research/rigl, `SparseRigLOptimizer` and
 `_get_update_op` in rigl/sparse_optimizers.py):
