@@ -5,12 +5,22 @@
 #   3. scripts/bench_optim.py and scripts/bench_epoch.py (compiled and eager update).
 # Results go to $OUT (default gpu_results/); each part has its own time limit, so one
 # slow part cannot eat the others. Usage:  OUT=gpu_results bash scripts/gpu_check.sh
+# Run it from the repository root (part 1 runs tests/). PYTHON: the interpreter with mlbreg (default python3);
+# RUNS: where the trainings of part 2 go (default /tmp/mlbreg_gpu_runs; each pass trains them afresh).
+# Without a CUDA GPU that torch can use, it stops at once (exit 1): every part measures the GPU.
 set -u
 OUT=${OUT:-gpu_results}
-mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 runs=${RUNS:-/tmp/mlbreg_gpu_runs}   # run directories (checkpoints) stay off $OUT
+
+# every part measures the GPU: without one that torch can use, stop before anything runs or is written
+if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else
+             f'gpu_check.sh: torch {torch.__version__} (CUDA build: {torch.version.cuda}) sees no CUDA GPU')"; then
+    echo "gpu_check.sh: needs a CUDA GPU that $PY's torch can use; nothing ran" >&2
+    exit 1
+fi
+mkdir -p "$OUT"
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/device.txt"
@@ -25,7 +35,9 @@ fi
 
 echo "== 2. every method on CUDA"
 train() {
-    timeout 90 $PY -m mlbreg train device=cuda progress=false output_root="$runs" "$@" > "$OUT/last_run.log" 2>&1
+    # resume=false: a run left by an earlier pass is trained again, not skipped as finished
+    timeout 90 $PY -m mlbreg train device=cuda progress=false resume=false output_root="$runs" "$@" \
+        > "$OUT/last_run.log" 2>&1
     echo "rc=$? $*" | tee -a "$OUT/methods_cuda.txt"
 }
 train method=mllinbreg epochs=20
