@@ -24,9 +24,12 @@ INIT_LABELS = {"uniform": "Uniform", "er": "ER", "erk": "ERK"}
 KEY_LABELS = {"lam": "λ", "m": "m", "init.scheme": "init", "init.density": "init density", "init.scale": "init scale",
               "sparsity": "target", "regularizer.name": "reg", "backend": "backend", "lr": "lr", "epochs": "epochs",
               "method.finetune_epochs": "fine-tune epochs", "method.criterion": "criterion"}
-# the parts of the training time (the report's per-run time columns) in the order they are stacked
-TIME_PARTS = [("time_forward_s", "forward"), ("time_backward_s", "backward"), ("time_optimizer_s", "optimizer step"),
-              ("time_swap_s", "layer swaps"), ("time_other_s", "other (data, bookkeeping)")]
+# the timed parts of a training step: metrics.csv column (seconds per epoch) and display name, in the
+# order they are stacked; the one list behind the step timers, metrics.csv, the report's time columns
+STEP_TIMERS = (("forward_s", "forward"), ("backward_s", "backward"), ("optimizer_s", "optimizer step"),
+               ("swap_s", "layer swaps"))
+# the report's per-run time columns of those parts, and the rest of the epoch
+TIME_PARTS = [(f"time_{col}", name) for col, name in STEP_TIMERS] + [("time_other_s", "other (data, bookkeeping)")]
 
 
 def epoch_ranges(epochs: Iterable[int]) -> str:

@@ -38,7 +38,7 @@ from .loggers import make_logger
 from .metrics import layer_stats, model_bytes, sparsity_summary
 from .models import prunable_modules
 from .rundir import CheckpointError, CsvLog, RunDir, atomic_write_bytes
-from .runstate import EpochMeter, RngState, StopGuard
+from .runstate import TIMERS, EpochMeter, RngState, StopGuard
 
 __all__ = ["LAYER_COLUMNS", "METRIC_COLUMNS", "Trainer", "write_summary"]
 
@@ -46,7 +46,7 @@ METRIC_COLUMNS = [
     "epoch", "step", "lr", "train_loss", "train_acc_pct", "test_loss", "test_acc_pct",
     "sparsity_pct", "sparsity_all_params_pct", "conv_sparsity_pct", "nonzeros", "prunable_params",
     "fine_steps", "coarse_steps", "train_gflops", "train_flops_vs_sgd", "inference_flops_vs_dense",
-    "epoch_s", "forward_s", "backward_s", "optimizer_s", "swap_s", "eval_s", "model_bytes_dense", "model_bytes_sparse",
+    "epoch_s", *TIMERS, "eval_s", "model_bytes_dense", "model_bytes_sparse",
 ]
 LAYER_COLUMNS = ["epoch", "layer", "kind", "shape", "numel", "nonzeros", "density", "kernels", "zero_kernels"]
 

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from .failures import is_ours
+from .labels import STEP_TIMERS
 
 __all__ = ["EpochMeter", "RngState", "STOP_SIGNALS", "StopGuard", "TIMERS", "hand_on"]
 
-TIMERS = ("forward_s", "backward_s", "optimizer_s", "swap_s")
+TIMERS = tuple(col for col, _ in STEP_TIMERS)
 # the `partial_epoch` keys of checkpoints written before the timers had their column names
 _OLD_KEYS = dict(fwd="forward_s", bwd="backward_s", opt="optimizer_s", swap="swap_s", wall="epoch_s")
 

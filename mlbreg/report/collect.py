@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..labels import all_zero_note, epoch_ranges
+from ..labels import STEP_TIMERS, all_zero_note, epoch_ranges
 from ..runlock import holder_alive
 from .configs import config_id, mark_duplicates, settings, unused_keys
 
@@ -32,9 +32,8 @@ FINAL_METRICS = ["test_acc_pct", "sparsity_pct", "sparsity_all_params_pct", "con
 # per-epoch seconds of metrics.csv -> summed over the run (Figure 2). The report's per-run columns
 # (`time_train_s`, `time_forward_s`, ...) are what users read: they are the sums of metrics.csv's
 # `epoch_s`, `forward_s`, ... columns; `time_other_s` is train minus the four measured parts.
-TIME_COLUMNS = {"epoch_s": "time_train_s", "forward_s": "time_forward_s", "backward_s": "time_backward_s",
-                "optimizer_s": "time_optimizer_s", "swap_s": "time_swap_s", "eval_s": "time_eval_s"}
-TIMED_PARTS = ("time_forward_s", "time_backward_s", "time_optimizer_s", "time_swap_s")
+TIME_COLUMNS = {"epoch_s": "time_train_s", **{col: f"time_{col}" for col, _ in STEP_TIMERS}, "eval_s": "time_eval_s"}
+TIMED_PARTS = tuple(f"time_{col}" for col, _ in STEP_TIMERS)
 LAYER_NUMBERS = ["epoch", "numel", "nonzeros", "density", "kernels", "zero_kernels"]
 
 
