@@ -36,7 +36,7 @@ from .checks import (
     number,
     optional,
 )
-from .data import DATASETS, DataNotFoundError, missing_data
+from .data import DATASETS, LOADERS, DataNotFoundError, missing_data
 from .loggers import LOGGERS, tensorboard_missing
 from .methods import METHODS, method_class
 from .models import list_models
@@ -80,7 +80,7 @@ def _top_rules() -> tuple:
         ("dataset.name", choice(DATASETS)), ("model.name", choice(list_models())), ("method.name", choice(METHODS)),
         ("regularizer.name", choice(r for r in REGULARIZERS if r != "none")), ("init.scheme", choice(SCHEMES)),
         ("device", choice(DEVICES)), ("scheduler", choice(SCHEDULERS)), ("backend", choice(BACKENDS)),
-        ("precision", choice(("fp32", "bf16"))), ("dataset.loader", choice(("tensor", "torchvision"))),
+        ("precision", choice(("fp32", "bf16"))), ("dataset.loader", choice(LOADERS.names())),
         ("logger", choice(LOGGERS)), ("compile_optimizer", choice(("auto", True, False))),
         ("channels_last", choice(("auto", True, False))),
         ("lam", at_least(0)), ("m", integer(1, " (m = 1 is LinBreg)")), ("lr", above(0)),

@@ -37,7 +37,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-TUNABLE = ("linbreg", "mllinbreg")   # the methods whose sparsity follows λ
+from .methods import METHODS, method_class
+
 TUNE_COLUMNS = ["probe", "lam", "sparsity_pct", "test_acc_pct", "status", "reused", "seconds", "run_dir"]
 
 
@@ -291,12 +292,13 @@ def _register_name_resolver(target: float) -> None:
 
     def _name(*, _root_):
         validate(_root_)
-        if _root_.method.name not in TUNABLE:
+        method = method_class(_root_.method.name)
+        if not method.lam_sets_sparsity:
             from .config import ConfigError
-            hint = " (its sparsity is set directly: mlbreg train sparsity=...)" \
-                if _root_.method.name in ("rigl", "prune_finetune") else ""
+            hint = " (its sparsity is set directly: mlbreg train sparsity=...)" if method.needs_sparsity else ""
+            tunable = [name for name in METHODS if method_class(name).lam_sets_sparsity]
             raise ConfigError(f"invalid method={_root_.method.name} for mlbreg tune{hint}: it tunes λ of "
-                              f"{' and '.join(TUNABLE)}")
+                              f"{' and '.join(tunable)}")
         return tune_name(_root_, target)
 
     # replaced on each call: the name holds this call's target

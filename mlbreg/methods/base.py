@@ -14,6 +14,7 @@ that adding a method is one class (see CONTRIBUTING.md, "Architecture"):
 - `unused_keys`: config keys it does not read (noted at launch, blanked by the report).
 - `main_keys`: the hyperparameter its report rows are about.
 - `has_coarse_steps`: the sparse CPU backends serve its coarse steps.
+- `lam_sets_sparsity`: its sparsity follows λ (`mlbreg tune` searches λ for a target sparsity).
 - `name_parts(cfg)`: its part of the run directory's name.
 """
 from __future__ import annotations
@@ -76,6 +77,7 @@ class Method:
     uses_target_sparsity: ClassVar[bool] = False   # init density = 1 - cfg.sparsity (fixed-density methods)
     needs_sparsity: ClassVar[bool] = False         # cfg.sparsity is this method's target (it must be set)
     has_coarse_steps: ClassVar[bool] = False       # sparse CPU backends (native, sparseprop) serve its steps
+    lam_sets_sparsity: ClassVar[bool] = False      # its sparsity follows λ (what `mlbreg tune` searches)
     unused_keys: ClassVar[tuple[str, ...]] = ()
     main_keys: ClassVar[tuple[str, ...]] = ()
 

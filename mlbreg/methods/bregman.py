@@ -44,6 +44,7 @@ def _optimizer_args(model, s: LinBregSettings) -> dict:
 class _BregmanMethod(Method):
     """What LinBreg and ML LinBreg share: the momentum convention's check."""
     rules = LINBREG_RULES
+    lam_sets_sparsity = True
 
     @classmethod
     def check(cls, cfg) -> None:
