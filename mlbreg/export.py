@@ -26,18 +26,6 @@ from .sparse_format import FORMAT_TAG, SparseFormatError, pack_state, prunable_n
 FORMATS = ("safetensors",)
 EXPORT_NAME = "model.safetensors"
 
-# (num_classes, in_shape) of the data sets whose shapes do not depend on the config, so that
-# loading a run's model.pt does not read (or need) the data. A table entry that does not fit
-# the saved weights (e.g. a TinyImageNet subset) falls back to reading the data set.
-DATASET_SHAPES = {
-    "digits": (10, (1, 8, 8)),
-    "mnist": (10, (1, 28, 28)),
-    "fashion_mnist": (10, (1, 28, 28)),
-    "cifar10": (10, (3, 32, 32)),
-    "tinyimagenet": (200, (3, 64, 64)),
-}
-
-
 class ExportError(Exception):
     """Bad input to export / load / eval: the message says what to do."""
 
@@ -126,13 +114,17 @@ def dataset_shapes(cfg, from_data: bool = False) -> tuple[int, tuple[int, ...]]:
     """(num_classes, in_shape) of the run's data set: from the config (synthetic), the table,
     or (unknown name, or `from_data`) by loading the data set as `mlbreg.build.build` does."""
     from omegaconf import OmegaConf
+
+    from .data import DATASETS, load_dataset
     ds = cfg.dataset
     if not from_data:
         if ds.name == "synthetic":
             return int(ds.get("num_classes", 10)), tuple(int(s) for s in ds.get("shape", (3, 32, 32)))
-        if ds.name in DATASET_SHAPES:
-            return DATASET_SHAPES[ds.name]
-    from .data import load_dataset
+        # the shapes a data set has whatever the config (so loading a run's model.pt needs no data);
+        # one that does not fit the saved weights (a TinyImageNet subset) falls back to reading the data
+        source = DATASETS.get(ds.name) if ds.name in DATASETS else None
+        if source is not None and source.num_classes is not None:
+            return source.num_classes, source.in_shape
     options = {k: v for k, v in OmegaConf.to_container(ds, resolve=True).items()
                if k not in ("name", "root", "download", "loader", "num_workers")}
     data = load_dataset(ds.name, root=ds.root, download=False, **options)

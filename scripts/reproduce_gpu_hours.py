@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf, open_dict
 
+from mlbreg.data import DATASETS
 from mlbreg.hydra_glue import preset_override, sweep_jobs
 from mlbreg.paths import config_dir
 from mlbreg.report import to_markdown
@@ -33,16 +34,14 @@ from mlbreg.report import to_markdown
 PRESETS = ["table1_resnet18", "table1_vgg16", "table1_wrn28_10", "table2_mask_init", "ablation_lambda",
            "ablation_m", "tinyimagenet", "cpu_timing"]
 TEST_IMAGES = 1024   # synthetic test images per timed evaluation
-# the real datasets' shapes and sizes (train, test)
-DATASETS = {"cifar10": ([3, 32, 32], 10, 50_000, 10_000), "tinyimagenet": ([3, 64, 64], 200, 100_000, 10_000),
-            "mnist": ([1, 28, 28], 10, 60_000, 10_000), "fashion_mnist": ([1, 28, 28], 10, 60_000, 10_000)}
 
 
 def time_config(cfg, train_size: int, device: str) -> dict[str, float]:
     """Seconds per training image and per test image of `cfg`, on synthetic data of its shape."""
     from mlbreg.train import train
 
-    shape, classes, _, _ = DATASETS[cfg.dataset.name]
+    source = DATASETS.get(cfg.dataset.name)
+    shape, classes = list(source.in_shape), source.num_classes
     cfg = cfg.copy()
     with open_dict(cfg):
         # the synthetic group option (so the config check knows every key), shaped like the real set
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             if new:
                 timings[key] = time_config(cfg, args.train_size, args.device)
             t = timings[key]
-            _, _, n_train, n_test = DATASETS[cfg.dataset.name]
+            n_train, n_test = DATASETS.get(cfg.dataset.name).sizes
             run_h = cfg.epochs * (n_train * t["train_s_per_image"] + n_test * t["eval_s_per_image"]) / 3600
             hours += run_h
             if new:

@@ -349,3 +349,14 @@ def test_download_without_network_says_what_to_put_where(tmp_path, monkeypatch):
     message = str(info.value)
     assert "downloading cifar10 failed" in message and "no route to host" in message
     assert f"{tmp_path}/cifar-10-batches-py" in message and "cifar-10-python.tar.gz" in message
+
+
+def test_dataset_records_state_what_the_loader_gives():
+    """A data set's record (classes, input shape, split sizes) is what its loader returns, so the code
+    that relies on it without loading the data (export, the GPU-hours estimate) gets the truth."""
+    from mlbreg.data import DATASETS, load_dataset
+    data = load_dataset("digits")
+    source = DATASETS.get("digits")
+    assert (source.num_classes, source.in_shape, source.sizes) == \
+        (data.num_classes, tuple(data.in_shape), (len(data.train), len(data.test)))
+    assert all(DATASETS.get(n).missing is not None for n in ("cifar10", "tinyimagenet", "mnist", "fashion_mnist"))

@@ -11,6 +11,7 @@ import inspect
 import logging
 import os
 import urllib.error
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ MNIST_URLS = {
     "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
 }
 
-# name -> fn(root, download, **options) -> Dataset; iterating it gives the names
+# name -> DatasetSource; iterating it gives the names
 DATASETS = Registry("dataset")
 
 
@@ -58,6 +59,25 @@ class Dataset:
     augment: bool  # random crop (pad 4) + horizontal flip on train batches
 
 
+@dataclass(frozen=True)
+class DatasetSource:
+    """One data set: its loader ``load(root, download, **options) -> Dataset`` and what is known
+    without loading it (so that checking a config or reading a run's model needs no data)."""
+    load: Callable[..., Dataset]
+    missing: Callable[[str], str | None] | None = None   # root -> what to put where (None: bundled or generated)
+    num_classes: int | None = None                         # None: set by the config (synthetic)
+    in_shape: tuple[int, int, int] | None = None
+    sizes: tuple[int, int] | None = None                   # (train, test) images at the default options
+
+
+def dataset(name: str, **facts):
+    """Register the decorated loader as data set `name`, with the facts of `DatasetSource`."""
+    def add(load):
+        DATASETS.register(name, DatasetSource(load, **facts))
+        return load
+    return add
+
+
 def load_dataset(name: str, root: str = "data", download: bool = False, **options) -> Dataset:
     """Load dataset ``name`` (one of :data:`DATASETS`) whole into memory.
 
@@ -68,7 +88,7 @@ def load_dataset(name: str, root: str = "data", download: bool = False, **option
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS.names()}")
-    loader = DATASETS.get(name)
+    loader = DATASETS.get(name).load
     # Say which options are valid instead of Python's bare "unexpected keyword".
     valid = [p for p in inspect.signature(loader).parameters if p not in ("root", "download")]
     unknown = sorted(set(options) - set(valid))
@@ -86,9 +106,10 @@ def missing_data(name: str, root: str, download: bool = False) -> str | None:
     """What to put where, if dataset `name`'s files are not under `root`; None when they
     are there (or will be downloaded, or the data set is generated or bundled). Cheap: it
     only looks for files, so the config check runs it before a run directory exists."""
-    if download or name not in _EXPECTED:
+    source = DATASETS.get(name) if name in DATASETS else None
+    if download or source is None or source.missing is None:
         return None
-    return _EXPECTED[name](os.fspath(root))
+    return source.missing(os.fspath(root))
 
 
 # --------------------------------------------------------------------------- expected files
@@ -134,18 +155,10 @@ def _tinyimagenet_message(root: str) -> str | None:
             f"Download {TINYIMAGENET_URL} and unzip it into {_abs(root)}, {_DOWNLOAD_HINT}")
 
 
-_EXPECTED = {
-    "cifar10": _cifar10_message,
-    "mnist": lambda root: _mnist_like_message("mnist", root),
-    "fashion_mnist": lambda root: _mnist_like_message("fashion_mnist", root),
-    "tinyimagenet": _tinyimagenet_message,
-}
-
-
 # --------------------------------------------------------------------------- loaders
 
 
-@DATASETS.register("digits")
+@dataset("digits", num_classes=10, in_shape=(1, 8, 8), sizes=(1437, 360))
 def _load_digits(root: str, download: bool, test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
     """sklearn's 8x8 digits (bundled with sklearn, so root/download are unused)."""
     from sklearn.datasets import load_digits
@@ -164,7 +177,7 @@ def _load_digits(root: str, download: bool, test_fraction: float = 0.2, split_se
     return Dataset("digits", train, test, 10, (1, 8, 8), mean, std, augment=False)
 
 
-@DATASETS.register("cifar10")
+@dataset("cifar10", missing=_cifar10_message, num_classes=10, in_shape=(3, 32, 32), sizes=(50_000, 10_000))
 def _load_cifar10(root: str, download: bool) -> Dataset:
     from torchvision.datasets import CIFAR10
 
@@ -184,7 +197,8 @@ def _load_cifar10(root: str, download: bool) -> Dataset:
     )
 
 
-@DATASETS.register("tinyimagenet")
+@dataset("tinyimagenet", missing=_tinyimagenet_message, num_classes=200, in_shape=(3, 64, 64),
+         sizes=(100_000, 10_000))
 def _load_tinyimagenet(root: str, download: bool, cache: bool = True) -> Dataset:
     """TinyImageNet-200 from its standard folder layout; the labelled val split is the test split.
 
@@ -265,17 +279,19 @@ def _load_mnist_like(name: str, root: str, download: bool) -> Dataset:
     return Dataset(name, *splits, num_classes=10, in_shape=(1, 28, 28), mean=mean, std=std, augment=False)
 
 
-@DATASETS.register("mnist")
+@dataset("mnist", missing=lambda root: _mnist_like_message("mnist", root), num_classes=10, in_shape=(1, 28, 28),
+         sizes=(60_000, 10_000))
 def _load_mnist(root: str, download: bool) -> Dataset:
     return _load_mnist_like("mnist", root, download)
 
 
-@DATASETS.register("fashion_mnist")
+@dataset("fashion_mnist", missing=lambda root: _mnist_like_message("fashion_mnist", root), num_classes=10,
+         in_shape=(1, 28, 28), sizes=(60_000, 10_000))
 def _load_fashion_mnist(root: str, download: bool) -> Dataset:
     return _load_mnist_like("fashion_mnist", root, download)
 
 
-@DATASETS.register("synthetic")
+@dataset("synthetic")
 def _load_synthetic(
     root: str, download: bool, shape=(3, 32, 32), num_classes: int = 10,
     train_size: int = 1024, test_size: int = 256, seed: int = 0, augment: bool = False,
