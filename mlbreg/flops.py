@@ -109,8 +109,6 @@ class FlopsAccount:
                             for kind in ("full_grad", "sparse")}
         self.samples = {kind: 0 for kind in STEP_KINDS}   # Σ batch per kind
         self.counts = {kind: 0 for kind in STEP_KINDS}
-        self.restored_total = 0.0       # FLOPs and SGD FLOPs before a resume
-        self.restored_sgd_total = 0.0
 
     def nnz(self) -> torch.Tensor:
         # ‖sign(w)‖₁ counts the non-zeros with two multi-tensor kernels (exact in fp32 below
@@ -134,32 +132,25 @@ class FlopsAccount:
     def total(self) -> float:
         """FLOPs of all steps so far (reads the device once)."""
         sparse_flops = {kind: float((v * self.flops_per_weight).sum()) for kind, v in self.nnz_samples.items()}
-        return (self.restored_total + 3 * self.f_dense * self.samples["dense"]
+        return (3 * self.f_dense * self.samples["dense"]
                 + 2 * sparse_flops["full_grad"] + self.f_dense * self.samples["full_grad"]
                 + 3 * sparse_flops["sparse"])
 
     def sgd_total(self) -> float:
         """FLOPs dense SGD would have spent on the same samples: 3·f_D per sample."""
-        return self.restored_sgd_total + 3 * self.f_dense * sum(self.samples.values())
+        return 3 * self.f_dense * sum(self.samples.values())
 
     def state_dict(self):
         # the accumulators themselves (exact integers), so a resumed run folds them exactly
         # as an uninterrupted one would
         return dict(nnz_samples={k: v.tolist() for k, v in self.nnz_samples.items()}, samples=dict(self.samples),
-                    counts=dict(self.counts), restored_total=self.restored_total,
-                    restored_sgd_total=self.restored_sgd_total)
+                    counts=dict(self.counts))
 
     def load_state_dict(self, state):
         self.counts = dict(state["counts"])
-        if "nnz_samples" not in state:   # an older checkpoint: folded totals only
-            self.restored_total, self.restored_sgd_total = state["total"], state["sgd_total"]
-            return
         for kind, v in self.nnz_samples.items():
             v.copy_(torch.tensor(state["nnz_samples"][kind], dtype=torch.float64))
         self.samples = dict(state["samples"])
-        # FLOPs carried over from an older checkpoint's folded totals, if the run had one
-        self.restored_total = state.get("restored_total", 0.0)
-        self.restored_sgd_total = state.get("restored_sgd_total", 0.0)
 
 
 __all__ = ["FlopsAccount", "STEP_KINDS", "dense_layer_flops", "sparse_forward_flops", "step_flops"]

@@ -134,8 +134,7 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.flops.load_state_dict(ckpt["flops"])
         RngState.restore(ckpt["rng"])
-        if ckpt.get("backend"):                # the sparse backend's timed layer choices (older checkpoints: none)
-            self.backend.load_state_dict(ckpt["backend"])
+        self.backend.load_state_dict(ckpt["backend"])   # the sparse backend's timed layer choices
         self.pos, self.partial = ckpt["position"], ckpt.get("partial_epoch")
 
     def checkpoint(self, partial_epoch=None) -> None:

@@ -30,6 +30,8 @@ import torch
 from .failures import naming
 from .safe_load import TensorFileError, load_tensors
 
+# the layout of checkpoint.pt: raised when it changes, with a step in `upgrade_checkpoint`
+CHECKPOINT_FORMAT = 2
 STATUSES = ("running", "finished", "interrupted", "diverged", "failed")
 
 
@@ -225,6 +227,7 @@ class RunDir:
 
     # -- checkpoints -------------------------------------------------------------------
     def save_checkpoint(self, state: dict[str, Any]) -> None:
+        state = dict(state, format=CHECKPOINT_FORMAT)
         atomic_write_bytes(self.checkpoint_path, lambda f: torch.save(state, f))
 
     def load_checkpoint(self, run_key: str) -> dict[str, Any]:
@@ -243,7 +246,7 @@ class RunDir:
                 f"checkpoint {self.checkpoint_path} belongs to a different config or mlbreg version "
                 f"(run key {state.get('run_key') if isinstance(state, dict) else None!r}, expected {run_key!r}). "
                 f"Start fresh with resume=false.")
-        return state
+        return upgrade_checkpoint(state, self.checkpoint_path)
 
     def save_model(self, model_state: dict[str, Any]) -> None:
         atomic_write_bytes(self.path / "model.pt", lambda f: torch.save(model_state, f))
@@ -253,3 +256,20 @@ class RunDir:
         for name in ("metrics.csv", "layers.csv", "summary.csv", "checkpoint.pt", "model.pt", "status.json",
                      "env.json"):
             (self.path / name).unlink(missing_ok=True)
+
+
+def upgrade_checkpoint(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The one place that knows older checkpoint layouts: map `state` to `CHECKPOINT_FORMAT`, or refuse.
+
+    Format 2 (2026-12-06): tensors and plain values only, a `format` entry, the layer choices keyed
+    by shape and bin of support sizes. Format 1 (no `format` entry: mlbreg before 2026-12-06) held
+    numpy's RNG state as a numpy array, so a tensors-only load refuses it before it gets here; what
+    does get here without a format (a file edited by hand) cannot be mapped either."""
+    found = state.get("format")
+    if found == CHECKPOINT_FORMAT:
+        return state
+    raise CheckpointError(
+        f"checkpoint {path} has format {found if found is not None else 1}, written by "
+        f"{'an older' if found is None or found < CHECKPOINT_FORMAT else 'a newer'} mlbreg; this one reads "
+        f"format {CHECKPOINT_FORMAT} only. Start this run fresh with resume=false, or resume it with the "
+        f"mlbreg that wrote it.")

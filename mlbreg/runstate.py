@@ -25,15 +25,13 @@ from .labels import STEP_TIMERS
 __all__ = ["EpochMeter", "RngState", "STOP_SIGNALS", "StopGuard", "TIMERS", "hand_on"]
 
 TIMERS = tuple(col for col, _ in STEP_TIMERS)
-# the `partial_epoch` keys of checkpoints written before the timers had their column names
-_OLD_KEYS = dict(fwd="forward_s", bwd="backward_s", opt="optimizer_s", swap="swap_s", wall="epoch_s")
 
 
 class EpochMeter:
     """One epoch's sums and timers, started fresh or from a checkpoint's `partial_epoch`."""
 
     def __init__(self, device: torch.device, partial: dict[str, Any] | None = None, keep_sums: bool = True):
-        p = {_OLD_KEYS.get(k, k): v for k, v in (partial or {}).items()}
+        p = dict(partial or {})
         if not keep_sums:        # global sums: rank 0 carries them on resume, the others restart at 0
             p.update(loss=0.0, correct=0)
         self.loss_sum = torch.tensor(p.get("loss", 0.0), dtype=torch.float64, device=device)

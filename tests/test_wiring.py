@@ -19,7 +19,7 @@ import mlbreg.loop as loop
 import mlbreg.train as train_module
 from mlbreg.cli import main
 from mlbreg.data import load_dataset
-from mlbreg.rundir import CheckpointError, RunDir
+from mlbreg.rundir import CHECKPOINT_FORMAT, CheckpointError, RunDir
 from mlbreg.train import train
 
 from helpers import make_cfg
@@ -196,10 +196,11 @@ def test_a_checkpoint_of_another_config_is_refused_and_left_alone(tmp_path, caps
     assert files(run) == before
 
 
-def test_an_old_adaptive_checkpoint_is_refused_and_left_alone(tmp_path, monkeypatch, capsys):
-    """An interrupted ML LinBreg run with method.criterion=adaptive whose checkpoint has the older
-    format (its cycle state without `criterion_at`: eq. 10 tested after the fine step) is refused on
-    resume with the reason and `resume=false`: exit code 2, one line, no traceback; no file of the run changes."""
+@pytest.mark.parametrize("written", [None, 1, 3], ids=["no-format", "older", "newer"])
+def test_a_checkpoint_of_another_format_is_refused_and_left_alone(tmp_path, monkeypatch, capsys, written):
+    """An interrupted run whose checkpoint carries another layout's format number (or none: an older
+    mlbreg's, or a hand-edited file) is refused on resume by the one upgrade function, naming the file, the
+    format and `resume=false`: exit code 2, one line, no traceback; no file of the run changes."""
     run = tmp_path / "run"
     common = ["epochs=2", "m=5", "method.criterion=adaptive", "backend=torch", f"hydra.run.dir={run}",
               "progress=false"]
@@ -209,18 +210,21 @@ def test_an_old_adaptive_checkpoint_is_refused_and_left_alone(tmp_path, monkeypa
     assert stop.value.code == 128 + signal.SIGTERM
     monkeypatch.undo()
     assert RunDir(run).read_status()["status"] == "interrupted"
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
-    cycle = ckpt["method"]["optimizer"]["ml_linbreg"]
-    assert cycle["criterion"] == "adaptive"
-    del cycle["criterion_at"]                                # what an older mlbreg wrote
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["format"] == CHECKPOINT_FORMAT == 2
+    if written is None:
+        del ckpt["format"]
+    else:
+        ckpt["format"] = written
     torch.save(ckpt, run / "checkpoint.pt")
     before = files(run)
     capsys.readouterr()
     assert main(["train", *common]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.splitlines()[-1] == (f"mlbreg: checkpoint {run / 'checkpoint.pt'}: this checkpoint's adaptive "
-                                    "criterion (ML LinBreg) follows the rule of an older mlbreg (tested after the "
-                                    "fine step); start the run fresh (resume=false)")
+    age = "a newer" if written == 3 else "an older"
+    assert err.splitlines()[-1] == (f"mlbreg: checkpoint {run / 'checkpoint.pt'} has format {written or 1}, written by "
+                                    f"{age} mlbreg; this one reads format 2 only. Start this run fresh with "
+                                    "resume=false, or resume it with the mlbreg that wrote it.")
     assert files(run) == before
     assert RunDir(run).read_status()["status"] == "interrupted"

@@ -325,7 +325,7 @@ class MLLinBreg(LinBreg):
         sd = super().state_dict()
         sd["ml_linbreg"] = {"steps_taken": self.steps_taken, "coarse_cycle": self.coarse_cycle,
                             "cycle_start": self.cycle_start, "coarse_cycles_started": self.coarse_cycles_started,
-                            "m": self.m, "criterion": self.criterion, "criterion_at": "step_start"}
+                            "m": self.m, "criterion": self.criterion}
         return sd
 
     def load_state_dict(self, state_dict):
@@ -333,17 +333,7 @@ class MLLinBreg(LinBreg):
         ml = state_dict.pop("ml_linbreg", None)
         super().load_state_dict(state_dict)
         if ml is not None:
-            if self.criterion == "adaptive" and ml.get("criterion") == "adaptive" and "criterion_at" not in ml:
-                # before mlbreg tested eq. 10 at θ_k, it tested after the fine step and skipped
-                # m − 1 tests after a failure: resuming would mix the two in one run
-                raise ValueError("this checkpoint's adaptive criterion (ML LinBreg) follows the rule of an older "
-                                 "mlbreg (tested after the fine step); start the run fresh (resume=false)")
             self.steps_taken = ml["steps_taken"]
-            self.cycle_start = ml.get("cycle_start", 0)
+            self.cycle_start = ml["cycle_start"]
             self.coarse_cycle = ml["coarse_cycle"]
-            self.coarse_cycles_started = ml.get("coarse_cycles_started", 0)
-            older = ml.get("theta_last")   # older checkpoints: one list over all parameters
-            params = [p for group in self.param_groups for p in group["params"]]
-            if older is not None and len(older) == len(params):
-                for p, q in zip(params, older):
-                    self.state[p]["theta_last"] = q.to(device=p.device, dtype=p.dtype)
+            self.coarse_cycles_started = ml["coarse_cycles_started"]
