@@ -7,8 +7,7 @@ Data flows one way: config -> (data, model, method) -> loop -> rows -> files.
 - mlbreg.runstate: the epoch meter, the stop guard and the RNG state it carries.
 
 This module decides whether a run runs at all (a finished run is kept), sets up the
-device and DDP, and hands a stop signal on once the run has checkpointed. The names
-callers import from here (`build`, `evaluate`, `METRIC_COLUMNS`, ...) stay importable.
+device and DDP, and hands a stop signal on once the run has checkpointed.
 """
 from __future__ import annotations
 
@@ -21,17 +20,15 @@ import torch
 from omegaconf import DictConfig
 
 from . import __version__, distributed
-from .build import build, evaluate, resolve_device, seed_everything
+from .build import resolve_device
 from .config import run_name, unused_notes, validate
 from .cpu_alloc import keep_freed_memory
-from .flops import FlopsAccount
-from .loop import LAYER_COLUMNS, METRIC_COLUMNS, Trainer
+from .loop import Trainer
 from .rundir import RunDir
 from .runlock import RunLock, describe
-from .runstate import STOP_SIGNALS, hand_on
+from .runstate import hand_on
 
-__all__ = ["train", "finished_status", "build", "evaluate", "resolve_device", "seed_everything", "Trainer", "FlopsAccount",
-           "METRIC_COLUMNS", "LAYER_COLUMNS", "STOP_SIGNALS"]
+__all__ = ["finished_status", "train"]
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:

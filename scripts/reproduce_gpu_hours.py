@@ -29,7 +29,7 @@ from omegaconf import OmegaConf, open_dict
 from mlbreg.data import DATASETS
 from mlbreg.hydra_glue import preset_override, sweep_jobs
 from mlbreg.paths import config_dir
-from mlbreg.report import to_markdown
+from mlbreg.report.tables import to_markdown
 
 PRESETS = ["table1_resnet18", "table1_vgg16", "table1_wrn28_10", "table2_mask_init", "ablation_lambda",
            "ablation_m", "tinyimagenet", "cpu_timing"]

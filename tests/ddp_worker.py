@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 
 from mlbreg.flops import FlopsAccount
-from mlbreg.train import Trainer, train
+from mlbreg.loop import Trainer
+from mlbreg.train import train
 
 from helpers import make_cfg
 

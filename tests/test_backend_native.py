@@ -671,13 +671,13 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, precision, epochs, kill_
     from test_resume import assert_same_results
 
     import mlbreg.backends.native.backend as native_backend
-    import mlbreg.train as train_module
+    from mlbreg.flops import FlopsAccount
     from mlbreg.train import train
     monkeypatch.setattr(native_backend, "NativeBackend", Forced)
     overrides = ["model=convnet", f"epochs={epochs}", "batch_size=64", "m=5", "backend=native", "device=cpu",
                  f"precision={precision}"]
     ref = train(make_cfg(*overrides), tmp_path / "ref")
-    original = train_module.FlopsAccount.add_step
+    original = FlopsAccount.add_step
     counter = {"n": 0}
 
     def add_step(self, kind, batch, *structure):
@@ -685,10 +685,10 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, precision, epochs, kill_
         if counter["n"] == kill_at:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, kind, batch, *structure)
-    monkeypatch.setattr(train_module.FlopsAccount, "add_step", add_step)
+    monkeypatch.setattr(FlopsAccount, "add_step", add_step)
     out = train(make_cfg(*overrides), tmp_path / "run")
     assert out["status"] == "interrupted" and out["step"] == kill_at
-    monkeypatch.setattr(train_module.FlopsAccount, "add_step", original)
+    monkeypatch.setattr(FlopsAccount, "add_step", original)
     out = train(make_cfg(*overrides), tmp_path / "run")
     assert out["status"] == "finished" and ref["status"] == "finished"
     assert_same_results(tmp_path / "ref", tmp_path / "run")

@@ -171,13 +171,13 @@ def test_killed_and_resumed_native_run_with_timed_choices_is_identical(tmp_path,
     """A native run with timed (not forced) layer choices, stopped by SIGTERM inside a coarse cycle and
     resumed, equals the uninterrupted run bit for bit. The resume runs on a machine record planted with the
     opposite choices: only the choices restored from the checkpoint give the same numbers."""
-    import mlbreg.train as train_module
+    from mlbreg.flops import FlopsAccount
     from mlbreg.train import train
     record = tmp_path / "record"
     monkeypatch.setenv("MLBREG_CHOICE_CACHE", str(record))
     overrides = [*RUN, "epochs=3", "backend=native"]
     ref = train(make_cfg(*overrides), tmp_path / "ref")
-    original = train_module.FlopsAccount.add_step
+    original = FlopsAccount.add_step
     counter = {"n": 0}
 
     def add_step(self, kind, batch, *structure):
@@ -185,9 +185,9 @@ def test_killed_and_resumed_native_run_with_timed_choices_is_identical(tmp_path,
         if counter["n"] == 33:                     # a coarse step of epoch 2 (23 steps per epoch)
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, kind, batch, *structure)
-    monkeypatch.setattr(train_module.FlopsAccount, "add_step", add_step)
+    monkeypatch.setattr(FlopsAccount, "add_step", add_step)
     assert train(make_cfg(*overrides), tmp_path / "run")["status"] == "interrupted"
-    monkeypatch.setattr(train_module.FlopsAccount, "add_step", original)
+    monkeypatch.setattr(FlopsAccount, "add_step", original)
     planted = tmp_path / "planted"
     shutil.copytree(record, planted)
     (path,) = planted.glob("*.json")

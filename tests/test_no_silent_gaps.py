@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 import mlbreg.loop as loop_module
 from mlbreg.cli import main
 from mlbreg.config import run_name
-from mlbreg.report import collect
-from mlbreg.report import main as report_main
+from mlbreg.report.collect import collect
+from mlbreg.report.command import main as report_main
 from mlbreg.rundir import CheckpointError, RunDir
 from mlbreg.train import train
 

@@ -24,8 +24,8 @@ import pandas as pd
 import pytest
 import torch
 
-import mlbreg.train as train_module
 from mlbreg.cli import main
+from mlbreg.flops import FlopsAccount
 from mlbreg.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def assert_same_results(a: Path, b: Path):
 
 def stop_at_step(monkeypatch, step: int):
     """SIGTERM to this process while step `step` runs: the run checkpoints and stops ("interrupted")."""
-    original = train_module.FlopsAccount.add_step
+    original = FlopsAccount.add_step
     counter = {"n": 0}
 
     def add_step(self, *args):
@@ -71,7 +71,7 @@ def stop_at_step(monkeypatch, step: int):
         if counter["n"] == step:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, *args)
-    monkeypatch.setattr(train_module.FlopsAccount, "add_step", add_step)
+    monkeypatch.setattr(FlopsAccount, "add_step", add_step)
 
 
 @pytest.fixture(scope="module")

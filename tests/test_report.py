@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mlbreg.config import run_name
-from mlbreg.report import collect, main
+from mlbreg.report.collect import collect
+from mlbreg.report.command import main
 from mlbreg.train import train
 
 from helpers import make_cfg

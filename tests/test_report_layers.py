@@ -13,7 +13,11 @@ import pytest
 import torch
 
 from mlbreg.config import run_name
-from mlbreg.report import aggregate, collect, human_bytes, main, mask_image, mask_runs
+from mlbreg.report.aggregate import aggregate
+from mlbreg.report.collect import collect
+from mlbreg.report.command import main
+from mlbreg.report.masks import mask_image, mask_runs
+from mlbreg.report.tables import human_bytes
 from mlbreg.train import train
 
 from helpers import make_cfg

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-import mlbreg.train as train_module
+from mlbreg.flops import FlopsAccount
 from mlbreg.rundir import RunDir
 from mlbreg.train import train
 
@@ -89,7 +89,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, method):
 
 def _signal_at_step(monkeypatch, step: int, signum=signal.SIGTERM):
     """Fault injection: deliver a signal to this process while step `step` runs."""
-    original = train_module.FlopsAccount.add_step
+    original = FlopsAccount.add_step
     counter = {"n": 0}
 
     def add_step(self, kind, batch, *structure):
@@ -98,7 +98,7 @@ def _signal_at_step(monkeypatch, step: int, signum=signal.SIGTERM):
             os.kill(os.getpid(), signum)
         return original(self, kind, batch, *structure)
 
-    monkeypatch.setattr(train_module.FlopsAccount, "add_step", add_step)
+    monkeypatch.setattr(FlopsAccount, "add_step", add_step)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

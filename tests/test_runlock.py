@@ -14,7 +14,7 @@ import pandas as pd
 
 import mlbreg.runlock as runlock
 from mlbreg.config import run_name
-from mlbreg.report import main as report_main
+from mlbreg.report.command import main as report_main
 from mlbreg.rundir import CsvLog, atomic_write_bytes
 from mlbreg.runlock import RunLock
 from mlbreg.train import train

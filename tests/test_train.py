@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mlbreg.config import run_name
-from mlbreg.train import LAYER_COLUMNS, METRIC_COLUMNS, train
+from mlbreg.loop import LAYER_COLUMNS, METRIC_COLUMNS
+from mlbreg.train import train
 
 from helpers import make_cfg
 

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 import mlbreg.loop as loop
-import mlbreg.train as train_module
 from mlbreg.cli import main
 from mlbreg.data import load_dataset
+from mlbreg.flops import FlopsAccount
 from mlbreg.rundir import CHECKPOINT_FORMAT, CheckpointError, RunDir
 from mlbreg.train import train
 
@@ -161,7 +161,7 @@ def files(run):
 
 def interrupt_at_step(monkeypatch, step):
     """SIGTERM to this process while step `step` runs: the run checkpoints and stops ("interrupted")."""
-    original = train_module.FlopsAccount.add_step
+    original = FlopsAccount.add_step
     counter = {"n": 0}
 
     def add_step(self, *args):
@@ -169,7 +169,7 @@ def interrupt_at_step(monkeypatch, step):
         if counter["n"] == step:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, *args)
-    monkeypatch.setattr(train_module.FlopsAccount, "add_step", add_step)
+    monkeypatch.setattr(FlopsAccount, "add_step", add_step)
 
 
 def test_a_checkpoint_of_another_config_is_refused_and_left_alone(tmp_path, capsys):

@@ -9,9 +9,9 @@ import pytest
 import torch
 from hydra.experimental.callback import Callback
 
-import mlbreg.train as train_module
 from mlbreg.cli import main
 from mlbreg.env import COMPARED_FIELDS
+from mlbreg.flops import FlopsAccount
 from mlbreg.rundir import RunDir
 from mlbreg.train import train
 
@@ -71,7 +71,7 @@ def _stop_at_step(mp, step, signum=signal.SIGTERM):
     """Fault injection: deliver `signum` to this process while step `step` runs."""
     if step is None:
         return
-    original = train_module.FlopsAccount.add_step
+    original = FlopsAccount.add_step
     count = {"n": 0}
 
     def add_step(self, kind, batch, *structure):
@@ -79,7 +79,7 @@ def _stop_at_step(mp, step, signum=signal.SIGTERM):
         if count["n"] == step:
             os.kill(os.getpid(), signum)
         return original(self, kind, batch, *structure)
-    mp.setattr(train_module.FlopsAccount, "add_step", add_step)
+    mp.setattr(FlopsAccount, "add_step", add_step)
 
 
 def test_prune_finetune_default_is_a_fraction_so_short_runs_work(tmp_path):
@@ -140,7 +140,7 @@ def _tensorboard_scalars(log_dir):
 def test_tensorboard_logger_writes_the_csv_rows_and_a_resume_purges_the_rest(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     cfg = make_cfg("epochs=4", "checkpoint_every=2", "logger=tensorboard")   # digits: 12 steps per epoch
-    original = train_module.FlopsAccount.add_step
+    original = FlopsAccount.add_step
     count = {"n": 0}
 
     def crash_at_step_40(self, kind, batch, *structure):
@@ -149,7 +149,7 @@ def test_tensorboard_logger_writes_the_csv_rows_and_a_resume_purges_the_rest(tmp
             raise RuntimeError("node lost")
         return original(self, kind, batch, *structure)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module.FlopsAccount, "add_step", crash_at_step_40)
+        mp.setattr(FlopsAccount, "add_step", crash_at_step_40)
         with pytest.raises(RuntimeError, match="node lost"):
             train(cfg, tmp_path)
     assert [s for s, _ in _tensorboard_scalars(tmp_path / "tensorboard")["metrics/train_loss"]] == [12, 24, 36]

@@ -37,54 +37,6 @@ not as another seed.
 """
 from __future__ import annotations
 
-from ..labels import (
-                      DATASET_LABELS,
-                      INIT_LABELS,
-                      KEY_LABELS,
-                      METHOD_COLORS,
-                      METHOD_LABELS,
-                      METHOD_ORDER,
-                      MODEL_LABELS,
-                      TIME_PARTS,
-)
-from .aggregate import AGG_METRICS, aggregate, aggregate_layers, final_layers, representatives
-from .collect import (
-                      CANONICAL,
-                      FINAL_METRICS,
-                      LAYER_NUMBERS,
-                      TIME_COLUMNS,
-                      Collection,
-                      ReportError,
-                      collect,
-                      expand_sweep,
-                      find_run_dirs,
-                      read_env,
-                      read_layers,
-                      read_run,
-)
-from .command import excluded_runs, main, write_report
-from .envs import environment_notes
-from .masks import LayerMask, MaskRun, mask_image, mask_images, mask_runs
-from .tables import (
-                      cpu_time_table,
-                      human_bytes,
-                      layers_table,
-                      mask_init_table,
-                      results_table,
-                      to_latex,
-                      to_markdown,
-                      write_table,
-)
+from .command import main
 
-__all__ = [
-    "DATASET_LABELS", "INIT_LABELS", "KEY_LABELS", "METHOD_COLORS", "METHOD_LABELS", "METHOD_ORDER", "MODEL_LABELS",
-    "TIME_PARTS",
-    "AGG_METRICS", "aggregate", "aggregate_layers", "final_layers", "representatives",
-    "CANONICAL", "FINAL_METRICS", "LAYER_NUMBERS", "TIME_COLUMNS", "Collection", "ReportError", "collect",
-    "expand_sweep", "find_run_dirs", "read_env", "read_layers", "read_run",
-    "excluded_runs", "main", "write_report",
-    "environment_notes",
-    "LayerMask", "MaskRun", "mask_image", "mask_images", "mask_runs",
-    "cpu_time_table", "human_bytes", "layers_table", "mask_init_table", "results_table", "to_latex", "to_markdown",
-    "write_table",
-]
+__all__ = ["main"]
