@@ -9,6 +9,7 @@ import os
 import sys
 
 from .failures import Stopped, describe, stop_signals_raise
+from .status import Status
 
 USAGE = """usage: mlbreg <command> [args]
 
@@ -51,11 +52,11 @@ def _train_job(cfg, run_dir: str) -> dict:
         print(f"mlbreg: {run_dir} {outcome['message']}")
     elif outcome.get("skipped"):
         print(f"mlbreg: finished, skipped: {run_dir}: {_final_line(outcome)} (resume=false trains it again)")
-    elif status == "finished":
+    elif status == Status.FINISHED:
         print(f"mlbreg: finished {run_dir}: {_final_line(outcome)}")
     else:
         print(f"mlbreg: run {status}: {outcome.get('message', '')}", file=sys.stderr)
-    if status == "interrupted" and outcome.get("signal"):
+    if status == Status.INTERRUPTED and outcome.get("signal"):
         # the run is checkpointed; a signal also ends the sweep it belongs to (SystemExit
         # passes through Hydra's per-job error handling, an Exception would not)
         raise SystemExit(128 + int(outcome["signal"]))

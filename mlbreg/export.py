@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .sparse_format import FORMAT_TAG, SparseFormatError, pack_state, prunable_names, unpack_state
+from .status import Status
 
 FORMATS = ("safetensors",)
 EXPORT_NAME = "model.safetensors"
@@ -51,17 +52,17 @@ def finished_run(run_dir: str | os.PathLike, action: str = "export") -> Path:
         raise ExportError(f"{path} is not a run directory: no readable status.json "
                           "(pass the directory `mlbreg train` wrote, with config.yaml and model.pt)")
     state = status.get("status")
-    if state != "finished":
+    if state != Status.FINISHED:
         # epoch, step: the last checkpoint's position (status.json follows the checkpoints)
         epoch, step = status.get("epoch"), status.get("step")
         where = (f" after epoch {epoch} (step {step})" if epoch else f" at step {step}" if step else "")
         advice = {
-            "running": "it is still training (or was killed without a signal): wait for it, or rerun the "
+            Status.RUNNING: "it is still training (or was killed without a signal): wait for it, or rerun the "
                        "same `mlbreg train` command to resume it",
-            "interrupted": "rerun the same `mlbreg train` command to resume it to the end",
-            "diverged": "its training loss became non-finite; train it again with other settings "
+            Status.INTERRUPTED: "rerun the same `mlbreg train` command to resume it to the end",
+            Status.DIVERGED: "its training loss became non-finite; train it again with other settings "
                         "(e.g. a smaller lr)",
-            "failed": "fix the error and rerun the same `mlbreg train` command",
+            Status.FAILED: "fix the error and rerun the same `mlbreg train` command",
         }.get(state, "train it to the end first")
         message = f" ({status['message']})" if status.get("message") else ""
         raise ExportError(f"run {path} is {state}{where}{message}: only a finished run can be used for {action}; "

@@ -17,6 +17,7 @@ from omegaconf import open_dict
 
 from .config import ConfigError, check_data, run_name, validate
 from .paths import config_dir
+from .status import Status
 
 
 class SweepError(ValueError):
@@ -84,7 +85,7 @@ def run_hydra(argv: list[str], job, extra_overrides: tuple[str, ...] = ()) -> in
         return 2
     # a run that did not finish (diverged) makes the exit code non-zero, in a sweep too
     # a run skipped because another launcher runs it is not a failure of this command
-    return 0 if all(s in ("finished", "busy") for s in statuses) else 2
+    return 0 if all(s in (Status.FINISHED, "busy") for s in statuses) else 2
 
 
 def _check_whole_sweeps() -> None:

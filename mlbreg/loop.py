@@ -39,6 +39,7 @@ from .metrics import layer_stats, model_bytes, sparsity_summary
 from .models import prunable_modules
 from .rundir import CheckpointError, CsvLog, RunDir, atomic_write_bytes
 from .runstate import TIMERS, EpochMeter, RngState, StopGuard
+from .status import Status
 
 __all__ = ["LAYER_COLUMNS", "METRIC_COLUMNS", "Trainer", "write_summary"]
 
@@ -84,7 +85,7 @@ class Trainer:
             if self.ctx.is_main:
                 print(f"mlbreg: resuming {run.path} at epoch {self.pos['epoch'] + 1}, step {self.pos['step']}",
                       file=sys.stderr)
-        elif cfg.resume and previous and previous.get("status") in ("running", "interrupted") and self.ctx.is_main:
+        elif cfg.resume and previous and previous.get("status") in (Status.RUNNING, Status.INTERRUPTED) and self.ctx.is_main:
             run.clear()  # died before its first checkpoint: nothing to keep
 
     def _logs(self) -> tuple[CsvLog, CsvLog]:
@@ -117,7 +118,7 @@ class Trainer:
             text = OmegaConf.to_yaml(self.cfg, resolve=True)
             atomic_write_bytes(run.file("config.yaml"), lambda f: f.write(text.encode()))
             run.write_env(collect_env(self.device))
-            self._write_status("running", epoch=self.pos["epoch"], step=self.pos["step"])
+            self._write_status(Status.RUNNING, epoch=self.pos["epoch"], step=self.pos["step"])
         self.logger = make_logger(self.cfg.logger, run.path, self.resumed_from) if self.ctx.is_main else None
 
     def _write_status(self, status: str, **info) -> None:
@@ -145,7 +146,7 @@ class Trainer:
                 scheduler=self.scheduler.state_dict(), flops=self.flops.state_dict(), rng=RngState.capture(),
                 backend=self.backend.state_dict(), position=dict(self.pos), partial_epoch=partial_epoch))
             # status.json follows the checkpoints: a killed run's says where a rerun resumes
-            self._write_status("running", epoch=self.pos["epoch"], step=self.pos["step"])
+            self._write_status(Status.RUNNING, epoch=self.pos["epoch"], step=self.pos["step"])
         self.ctx.barrier()
 
     def run(self) -> dict[str, Any]:
@@ -157,7 +158,7 @@ class Trainer:
         except Exception as err:
             if self.ctx.is_main:
                 try:     # the cause, not what it caused: "No space left on device", not torch's RuntimeError
-                    self._write_status("failed", epoch=self.pos["epoch"], step=self.pos["step"],
+                    self._write_status(Status.FAILED, epoch=self.pos["epoch"], step=self.pos["step"],
                                        message=describe(err, "output_root=DIR") or f"{type(err).__name__}: {err}")
                 except OSError:  # the full disk may refuse the status too: the error raised below says why
                     pass
@@ -177,11 +178,11 @@ class Trainer:
             meter = EpochMeter(self.device, self.partial, keep_sums=self.ctx.is_main)
             self.partial = None
             if not self._train_epoch(epoch, meter):
-                return dict(status="interrupted", epoch=epoch, step=pos["step"],
+                return dict(status=Status.INTERRUPTED, epoch=epoch, step=pos["step"],
                             message=f"stopped by signal {self.stop.signal} at step {pos['step']}; rerun to resume")
             row = self._end_epoch(epoch, meter)
             if int(meter.bad_step) >= 0:
-                return dict(status="diverged", epoch=epoch + 1, step=pos["step"],
+                return dict(status=Status.DIVERGED, epoch=epoch + 1, step=pos["step"],
                             message=f"non-finite training loss first at step {int(meter.bad_step)} "
                                     f"(epoch {epoch + 1})")
             if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0 and more:
@@ -189,9 +190,9 @@ class Trainer:
             # a signal after the last epoch's rows changes nothing: the run finishes
             if more and self.stop.any_rank():
                 self.checkpoint()
-                return dict(status="interrupted", epoch=epoch + 1, step=pos["step"],
+                return dict(status=Status.INTERRUPTED, epoch=epoch + 1, step=pos["step"],
                             message=f"stopped by signal {self.stop.signal} after epoch {epoch + 1}; rerun to resume")
-        return dict(status="finished", epoch=pos["epoch"], step=pos["step"], final=row)
+        return dict(status=Status.FINISHED, epoch=pos["epoch"], step=pos["step"], final=row)
 
     def _train_epoch(self, epoch: int, meter: EpochMeter) -> bool:
         """Train one epoch (or its rest, when resumed inside it); False: stopped by a signal, checkpointed."""
@@ -280,10 +281,10 @@ class Trainer:
         outcome.update(run_key=self.run_key, device=self.device.type, backend=self.backend.name)
         if self.resumed_from is not None:
             outcome["resumed_from"] = self.resumed_from
-        if outcome["status"] == "interrupted":
+        if outcome["status"] == Status.INTERRUPTED:
             # the CLI exits with 128 + signal, ending a sweep; a DDP rank may stop for another's signal
             outcome["signal"] = self.stop.signal or signal.SIGTERM
-        if outcome["status"] == "finished":
+        if outcome["status"] == Status.FINISHED:
             note = all_zero_note(outcome.get("final"), self.cfg.lam if "lam" in self.method.main_keys else None)
             if note:
                 outcome["message"] = note
@@ -329,7 +330,7 @@ def write_summary(cfg: DictConfig, run: RunDir, outcome: dict[str, Any], name: s
                init_density=init_density(cfg), target_sparsity=cfg.sparsity, init_scale=cfg.init.scale, lr=cfg.lr,
                momentum=cfg.momentum, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed)
     row.update({k: v for k, v in final.items() if k not in ("epoch", "lr")})  # lr: the configured one
-    row.update(run_name=name, status="finished")
+    row.update(run_name=name, status=Status.FINISHED)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(row))
     writer.writeheader()

@@ -29,10 +29,11 @@ import torch
 
 from .failures import naming
 from .safe_load import TensorFileError, load_tensors
+from .status import Status
 
 # the layout of checkpoint.pt: raised when it changes, with a step in `upgrade_checkpoint`
 CHECKPOINT_FORMAT = 2
-STATUSES = ("running", "finished", "interrupted", "diverged", "failed")
+STATUSES = Status.ALL
 
 
 class CheckpointError(RuntimeError):

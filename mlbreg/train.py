@@ -27,6 +27,7 @@ from .loop import Trainer
 from .rundir import RunDir
 from .runlock import RunLock, describe
 from .runstate import hand_on
+from .status import Status
 
 __all__ = ["finished_status", "train"]
 
@@ -68,7 +69,7 @@ def finished_status(cfg: DictConfig, run_dir: str | Path, previous: dict[str, An
     training it again (resume=true, same run key: name and mlbreg version), else None.
     `previous`: the status already read (else status.json is read; an unreadable one: None)."""
     previous = RunDir(run_dir).read_status() if previous is None else previous
-    if previous and cfg.resume and previous.get("status") == "finished" \
+    if previous and cfg.resume and previous.get("status") == Status.FINISHED \
             and previous.get("run_key") == f"{__version__}:{run_name(cfg)}":
         return previous
     return None
@@ -90,6 +91,6 @@ def _train_locked(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         run.clear()
     ctx.barrier()
     outcome = Trainer(cfg, run, run_key, device, ctx, previous, name).run()
-    if outcome["status"] == "interrupted":
+    if outcome["status"] == Status.INTERRUPTED:
         hand_on(outcome.get("signal"))
     return outcome

@@ -38,6 +38,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .methods import METHODS, method_class
+from .status import Status
 
 TUNE_COLUMNS = ["probe", "lam", "sparsity_pct", "test_acc_pct", "status", "reused", "seconds", "run_dir"]
 
@@ -203,9 +204,9 @@ def tune(cfg: DictConfig, target: float, tune_dir: str | Path, tolerance: float 
         t0 = time.perf_counter()
         outcome = train(probe_cfg, run_dir)
         seconds = time.perf_counter() - t0
-        if outcome["status"] == "interrupted":
+        if outcome["status"] == Status.INTERRUPTED:
             raise _Interrupted(outcome)
-        if outcome["status"] != "finished":
+        if outcome["status"] != Status.FINISHED:
             raise _ProbeFailed(outcome, run_dir)
         final = outcome.get("final") or {}
         outcomes[lam] = dict(final, run_dir=str(run_dir))
@@ -224,14 +225,14 @@ def tune(cfg: DictConfig, target: float, tune_dir: str | Path, tolerance: float 
     try:
         found = search(probe, float(cfg.lam), target, tolerance, max_probes, factor)
     except _Interrupted as stop:
-        result = dict(base, status="interrupted", probes=len(rows), signal=stop.outcome.get("signal"),
+        result = dict(base, status=Status.INTERRUPTED, probes=len(rows), signal=stop.outcome.get("signal"),
                       message=f"interrupted in probe {len(rows) + 1}; run the same command again to resume")
     except _ProbeFailed as err:
         result = dict(base, status=err.outcome["status"], probes=len(rows), run_dir=str(err.run_dir),
                       message=f"probe {len(rows) + 1} {err.outcome['status']}: {err.outcome.get('message', '')}")
     else:
         best = outcomes[found["lam"]]
-        result = dict(base, status="finished" if found["reached"] else "unreachable", probes=len(found["probes"]),
+        result = dict(base, status=Status.FINISHED if found["reached"] else "unreachable", probes=len(found["probes"]),
                       lam=found["lam"], sparsity_pct=best["sparsity_pct"], test_acc_pct=best["test_acc_pct"],
                       run_dir=best["run_dir"], message=found["reason"])
     (tune_dir / "result.json").write_text(json.dumps(result, indent=1))
@@ -268,7 +269,7 @@ def main(argv: list[str]) -> int:
 
     def job(cfg: DictConfig, tune_dir: str) -> dict[str, Any]:
         result = tune(cfg, options.target_sparsity, tune_dir, options.tolerance, options.max_probes, options.factor)
-        if result["status"] == "finished":
+        if result["status"] == Status.FINISHED:
             print(f"mlbreg tune: λ={result['lam']:g} gives sparsity {result['sparsity_pct']:.2f}% (target "
                   f"{100 * options.target_sparsity:g} ± {100 * options.tolerance:g}) after {result['probes']} probes, "
                   f"test acc {result['test_acc_pct']:.2f}%: {result['run_dir']}")
@@ -279,7 +280,7 @@ def main(argv: list[str]) -> int:
                   f"(lam=...) or a looser --tolerance may reach it.", file=sys.stderr)
         else:
             print(f"mlbreg tune: {result['message']}", file=sys.stderr)
-        if result["status"] == "interrupted" and result.get("signal"):
+        if result["status"] == Status.INTERRUPTED and result.get("signal"):
             raise SystemExit(128 + int(result["signal"]))   # ends a sweep, as mlbreg train does
         return result
 

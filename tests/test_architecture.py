@@ -18,7 +18,7 @@ PACKAGE = Path(mlbreg.__file__).resolve().parent
 # (mlbreg.backends.native.ops -> "backends"). A new module must be placed here.
 LAYERS = {
     # leaves: import nothing of mlbreg
-    "paths": 0, "registry": 0, "checks": 0, "labels": 0, "env": 0, "cpu_alloc": 0, "safe_load": 0, "failures": 0,
+    "paths": 0, "registry": 0, "checks": 0, "labels": 0, "env": 0, "cpu_alloc": 0, "safe_load": 0, "failures": 0, "status": 0,
     # building blocks
     "models": 1, "optim": 1, "distributed": 1,
     "sparsity": 2, "data": 2, "flops": 2, "metrics": 2, "rundir": 2, "loggers": 2, "sparse_format": 2,

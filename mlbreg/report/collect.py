@@ -17,6 +17,7 @@ import pandas as pd
 
 from ..labels import STEP_TIMERS, all_zero_note, epoch_ranges
 from ..runlock import holder_alive
+from ..status import Status
 from .configs import config_id, mark_duplicates, settings, unused_keys
 
 # short columns of the runs frame and tables -> dotted config keys
@@ -169,7 +170,7 @@ def _read_status(path: Path, row: dict[str, Any]) -> dict[str, Any]:
             status = {"status": "unreadable", "message": "status.json is not a JSON object"}
     row["status"] = status.get("status", "no status.json")
     row["message"] = status.get("message", "")
-    if row["status"] == "running" and holder_alive(path) is False:
+    if row["status"] == Status.RUNNING and holder_alive(path) is False:
         # status.json says running, but no process holds the run's lock: it was killed
         at = f" from its checkpoint after epoch {status['epoch']}" if status.get("epoch") else ""
         row["message"] = f"no process holds its lock (killed?); rerun the same command to resume it{at}"
@@ -208,7 +209,7 @@ def _read_final(path: Path, row: dict[str, Any], status: dict[str, Any]) -> tupl
 def _inclusion(row: dict[str, Any], final: dict[str, Any], has_metrics: bool) -> dict[str, Any]:
     """Whether the run counts (finished, every epoch in metrics.csv), and if not, why."""
     epochs = row.get("epochs")
-    if row["status"] != "finished":
+    if row["status"] != Status.FINISHED:
         reason = row["status"] if not row["message"] else f"{row['status']}: {row['message']}"
         return dict(included=False, reason=reason)
     if not final:
@@ -234,7 +235,7 @@ def read_run(path: Path) -> tuple[dict[str, Any], pd.DataFrame | None]:
     row.update(_inclusion(row, final, metrics is not None))
     # a finished run's result that deserves a look (every weight zero)
     lam = row.get("lam") if "lam" not in unused_keys(str(row.get("method"))) else None
-    row["note"] = (all_zero_note(final, lam) if row["status"] == "finished" else None) or ""
+    row["note"] = (all_zero_note(final, lam) if row["status"] == Status.FINISHED else None) or ""
     row["missing_epochs"] = epoch_ranges(row["missing_epochs"])
     return row, metrics
 
@@ -243,7 +244,7 @@ def _missing_epochs(metrics: pd.DataFrame | None, row: dict[str, Any]) -> list[i
     """The epochs metrics.csv lacks: of 1..epochs for a finished run, before its last row for another."""
     if metrics is None:
         return []
-    last = int(row["epochs"]) if row["status"] == "finished" and row.get("epochs") is not None else row["epochs_done"]
+    last = int(row["epochs"]) if row["status"] == Status.FINISHED and row.get("epochs") is not None else row["epochs_done"]
     return sorted(set(range(1, last + 1)) - set(metrics["epoch"].astype(int)))
 
 
