@@ -6,6 +6,7 @@ Deterministic in cfg.seed: the same config builds the same initial weights and b
 from __future__ import annotations
 
 import random
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -36,8 +37,18 @@ def init_density(cfg: DictConfig) -> float:
     return method_class(cfg.method.name).init_density(cfg)
 
 
-def build(cfg: DictConfig, device: torch.device):
-    """config -> (data, model, method, loaders, scheduler). Deterministic in cfg.seed."""
+class Parts(NamedTuple):
+    """What a config builds: everything a run trains and evaluates."""
+    data: Any                 # mlbreg.data.Dataset
+    model: nn.Module
+    method: Any               # a mlbreg.methods.Method
+    train_loader: Any
+    test_loader: Any
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+def build(cfg: DictConfig, device: torch.device) -> Parts:
+    """config -> the run's `Parts`. Deterministic in cfg.seed."""
     seed_everything(cfg.seed)
     options = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
                if k not in ("name", "root", "download", "loader", "num_workers")}
@@ -62,7 +73,7 @@ def build(cfg: DictConfig, device: torch.device):
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(method.optimizer, T_max=total_steps)
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(method.optimizer, lambda step: 1.0)
-    return data, model, method, train_loader, test_loader, scheduler
+    return Parts(data, model, method, train_loader, test_loader, scheduler)
 
 
 @torch.no_grad()

@@ -39,7 +39,8 @@ def evaluate_path(path, device: str | None = None) -> dict:
     if use_channels_last(cfg):
         model.to(memory_format=torch.channels_last)
     # the training's data, loader and normalization; build's fresh model and method are dropped
-    data, _, _, _, test_loader, _ = build(cfg, dev)
+    parts = build(cfg, dev)
+    data, test_loader = parts.data, parts.test_loader
     loss, acc = evaluate(model, test_loader)
     return dict(info=info, device=dev, test_loss=loss, test_acc_pct=acc, test_size=len(data.test))
 

@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -52,13 +53,21 @@ METRIC_COLUMNS = [
 LAYER_COLUMNS = ["epoch", "layer", "kind", "shape", "numel", "nonzeros", "density", "kernels", "zero_kernels"]
 
 
+@dataclass
+class Position:
+    """Where a run is: epochs done, batches done in the current epoch, steps done."""
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+
 class Trainer:
     """One run: the built parts, the position in the run, and the files it writes."""
 
-    def __init__(self, cfg, run: RunDir, run_key: str, device, ctx, previous, name: str):
+    def __init__(self, cfg, run: RunDir, *, run_key: str, device, ctx, previous, name: str):
         self.cfg, self.run_dir, self.run_key, self.device, self.ctx, self.name = cfg, run, run_key, device, ctx, name
         self._build_parts()
-        self.pos = dict(epoch=0, batch=0, step=0)
+        self.pos = Position()
         self.partial, self.resumed_from = None, None   # the checkpoint's `partial_epoch`, its step
         self._resume(previous)
         self.stop = StopGuard(ctx, device, cfg.stop_check_every)
@@ -67,7 +76,9 @@ class Trainer:
     def _build_parts(self) -> None:
         cfg, device = self.cfg, self.device
         self.channels_last = use_channels_last(cfg)
-        data, self.model, self.method, self.train_loader, self.test_loader, self.scheduler = build(cfg, device)
+        parts = build(cfg, device)
+        data, self.model, self.method, self.scheduler = parts.data, parts.model, parts.method, parts.scheduler
+        self.train_loader, self.test_loader = parts.train_loader, parts.test_loader
         self.flops = FlopsAccount(self.model, data.in_shape, device)
         # torch.compile traces torch layers: with compile=true, auto means torch
         self.backend = make_backend("torch" if cfg.compile else cfg.backend, self.model, device, cfg.method.name,
@@ -81,9 +92,9 @@ class Trainer:
         if cfg.resume and run.checkpoint_path.exists():
             self._restore(run.load_checkpoint(self.run_key))
             self._check_rows()
-            self.resumed_from = self.pos["step"]
+            self.resumed_from = self.pos.step
             if self.ctx.is_main:
-                print(f"mlbreg: resuming {run.path} at epoch {self.pos['epoch'] + 1}, step {self.pos['step']}",
+                print(f"mlbreg: resuming {run.path} at epoch {self.pos.epoch + 1}, step {self.pos.step}",
                       file=sys.stderr)
         elif cfg.resume and previous and previous.get("status") in (Status.RUNNING, Status.INTERRUPTED) and self.ctx.is_main:
             run.clear()  # died before its first checkpoint: nothing to keep
@@ -96,7 +107,7 @@ class Trainer:
     def _check_rows(self) -> None:
         """Refuse to resume over rows lost before the checkpoint (a file cut short, rows deleted): the
         checkpoint cannot recompute them, and the finished run would silently lack those epochs."""
-        epoch, layers = self.pos["epoch"], [name for name, _ in prunable_modules(self.model)]
+        epoch, layers = self.pos.epoch, [name for name, _ in prunable_modules(self.model)]
         for log in self._logs():
             missing = log.missing_epochs(epoch, layers if "layer" in log.key else ())
             if missing:
@@ -111,14 +122,14 @@ class Trainer:
         if self.ctx.is_main:
             run.path.mkdir(parents=True, exist_ok=True)
             for log in (self.metrics_log, self.layers_log):
-                dropped = log.keep_epochs_up_to(self.pos["epoch"])
+                dropped = log.keep_epochs_up_to(self.pos.epoch)
                 if dropped:
                     print(f"mlbreg: note: {log.path}: dropped line {', '.join(map(str, dropped))}, which "
                           f"{'is not a row' if len(dropped) == 1 else 'are not rows'} of the file", file=sys.stderr)
             text = OmegaConf.to_yaml(self.cfg, resolve=True)
             atomic_write_bytes(run.file("config.yaml"), lambda f: f.write(text.encode()))
             run.write_env(collect_env(self.device))
-            self._write_status(Status.RUNNING, epoch=self.pos["epoch"], step=self.pos["step"])
+            self._write_status(Status.RUNNING, epoch=self.pos.epoch, step=self.pos.step)
         self.logger = make_logger(self.cfg.logger, run.path, self.resumed_from) if self.ctx.is_main else None
 
     def _write_status(self, status: str, **info) -> None:
@@ -136,7 +147,7 @@ class Trainer:
         self.flops.load_state_dict(ckpt["flops"])
         RngState.restore(ckpt["rng"])
         self.backend.load_state_dict(ckpt["backend"])   # the sparse backend's timed layer choices
-        self.pos, self.partial = ckpt["position"], ckpt.get("partial_epoch")
+        self.pos, self.partial = Position(**ckpt["position"]), ckpt.get("partial_epoch")
 
     def checkpoint(self, partial_epoch=None) -> None:
         if self.ctx.is_main:
@@ -144,13 +155,13 @@ class Trainer:
             self.run_dir.save_checkpoint(dict(
                 run_key=self.run_key, model=self.model.state_dict(), method=self.method.state_dict(),
                 scheduler=self.scheduler.state_dict(), flops=self.flops.state_dict(), rng=RngState.capture(),
-                backend=self.backend.state_dict(), position=dict(self.pos), partial_epoch=partial_epoch))
+                backend=self.backend.state_dict(), position=asdict(self.pos), partial_epoch=partial_epoch))
             # status.json follows the checkpoints: a killed run's says where a rerun resumes
-            self._write_status(Status.RUNNING, epoch=self.pos["epoch"], step=self.pos["step"])
+            self._write_status(Status.RUNNING, epoch=self.pos.epoch, step=self.pos.step)
         self.ctx.barrier()
 
     def run(self) -> dict[str, Any]:
-        self.bar = tqdm(total=self.cfg.epochs * len(self.train_loader), initial=self.pos["step"], dynamic_ncols=True,
+        self.bar = tqdm(total=self.cfg.epochs * len(self.train_loader), initial=self.pos.step, dynamic_ncols=True,
                         disable=not (self.cfg.progress and self.ctx.is_main), desc=self.name.rsplit("/", 1)[0])
         try:
             with self.stop.catching():
@@ -158,7 +169,7 @@ class Trainer:
         except Exception as err:
             if self.ctx.is_main:
                 try:     # the cause, not what it caused: "No space left on device", not torch's RuntimeError
-                    self._write_status(Status.FAILED, epoch=self.pos["epoch"], step=self.pos["step"],
+                    self._write_status(Status.FAILED, epoch=self.pos.epoch, step=self.pos.step,
                                        message=describe(err, "output_root=DIR") or f"{type(err).__name__}: {err}")
                 except OSError:  # the full disk may refuse the status too: the error raised below says why
                     pass
@@ -173,16 +184,16 @@ class Trainer:
         cfg, pos = self.cfg, self.pos
         self.model.train()
         row = None
-        while pos["epoch"] < cfg.epochs:
-            epoch, more = pos["epoch"], pos["epoch"] + 1 < cfg.epochs
+        while pos.epoch < cfg.epochs:
+            epoch, more = pos.epoch, pos.epoch + 1 < cfg.epochs
             meter = EpochMeter(self.device, self.partial, keep_sums=self.ctx.is_main)
             self.partial = None
             if not self._train_epoch(epoch, meter):
-                return dict(status=Status.INTERRUPTED, epoch=epoch, step=pos["step"],
-                            message=f"stopped by signal {self.stop.signal} at step {pos['step']}; rerun to resume")
+                return dict(status=Status.INTERRUPTED, epoch=epoch, step=pos.step,
+                            message=f"stopped by signal {self.stop.signal} at step {pos.step}; rerun to resume")
             row = self._end_epoch(epoch, meter)
             if int(meter.bad_step) >= 0:
-                return dict(status=Status.DIVERGED, epoch=epoch + 1, step=pos["step"],
+                return dict(status=Status.DIVERGED, epoch=epoch + 1, step=pos.step,
                             message=f"non-finite training loss first at step {int(meter.bad_step)} "
                                     f"(epoch {epoch + 1})")
             if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0 and more:
@@ -190,22 +201,22 @@ class Trainer:
             # a signal after the last epoch's rows changes nothing: the run finishes
             if more and self.stop.any_rank():
                 self.checkpoint()
-                return dict(status=Status.INTERRUPTED, epoch=epoch + 1, step=pos["step"],
+                return dict(status=Status.INTERRUPTED, epoch=epoch + 1, step=pos.step,
                             message=f"stopped by signal {self.stop.signal} after epoch {epoch + 1}; rerun to resume")
-        return dict(status=Status.FINISHED, epoch=pos["epoch"], step=pos["step"], final=row)
+        return dict(status=Status.FINISHED, epoch=pos.epoch, step=pos.step, final=row)
 
     def _train_epoch(self, epoch: int, meter: EpochMeter) -> bool:
         """Train one epoch (or its rest, when resumed inside it); False: stopped by a signal, checkpointed."""
         pos = self.pos
         self.train_loader.set_epoch(epoch)
         for b, (x, y) in enumerate(self.train_loader):
-            if b < pos["batch"]:
+            if b < pos.batch:
                 continue  # resumed inside this epoch: these batches were already trained on
             self._step(x, y, meter)
-            pos["step"] += 1
-            pos["batch"] = b + 1
+            pos.step += 1
+            pos.batch = b + 1
             self.bar.update(1)
-            if self.stop.after_step(pos["step"]):
+            if self.stop.after_step(pos.step):
                 self.checkpoint(meter.partial_epoch(self.ctx))
                 return False
         meter.finish(self.ctx)
@@ -236,7 +247,7 @@ class Trainer:
         backend.after_step(kind)
         t4 = time.perf_counter()
         meter.time(forward_s=t1 - t0, backward_s=t2 - t1, optimizer_s=t3 - t2, swap_s=(t0 - t_swap) + (t4 - t3))
-        meter.account(loss, out, y_local, y.numel(), self.pos["step"])
+        meter.account(loss, out, y_local, y.numel(), self.pos.step)
 
     def _end_epoch(self, epoch: int, meter: EpochMeter) -> dict[str, Any]:
         """Evaluate, write the epoch's rows, run the method's epoch hook."""
@@ -268,8 +279,8 @@ class Trainer:
         test_loss, test_acc = evaluate(self.model, self.test_loader)
         layers = layer_stats(self.model)
         sparsity = sparsity_summary(self.model, layers)
-        self.pos["epoch"], self.pos["batch"] = epoch + 1, 0
-        row = dict(epoch=epoch + 1, step=self.pos["step"], lr=self.scheduler.get_last_lr()[0],
+        self.pos.epoch, self.pos.batch = epoch + 1, 0
+        row = dict(epoch=epoch + 1, step=self.pos.step, lr=self.scheduler.get_last_lr()[0],
                    train_loss=meter.train_loss(), train_acc_pct=meter.train_acc_pct(),
                    test_loss=test_loss, test_acc_pct=test_acc, **sparsity, **_flops_columns(self.flops),
                    epoch_s=meter.epoch_s, **meter.times,

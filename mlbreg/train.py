@@ -90,7 +90,7 @@ def _train_locked(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     if not cfg.resume and ctx.is_main:
         run.clear()
     ctx.barrier()
-    outcome = Trainer(cfg, run, run_key, device, ctx, previous, name).run()
+    outcome = Trainer(cfg, run, run_key=run_key, device=device, ctx=ctx, previous=previous, name=name).run()
     if outcome["status"] == Status.INTERRUPTED:
         hand_on(outcome.get("signal"))
     return outcome

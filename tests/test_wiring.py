@@ -38,7 +38,7 @@ def train_watching(tmp_path, monkeypatch, watch, *overrides):
 
     def build(cfg, device):
         parts = real_build(cfg, device)
-        watch(parts[1], parts[2])
+        watch(parts.model, parts.method)
         return parts
     monkeypatch.setattr(loop, "build", build)
     outcome = train(make_cfg(*overrides), tmp_path)
