@@ -293,8 +293,9 @@ def _register_name_resolver(target: float) -> None:
         validate(_root_)
         if _root_.method.name not in TUNABLE:
             from .config import ConfigError
+            from .methods import method_class
             hint = " (its sparsity is set directly: mlbreg train sparsity=...)" \
-                if _root_.method.name in ("rigl", "prune_finetune") else ""
+                if method_class(_root_.method.name).needs_sparsity else ""
             raise ConfigError(f"invalid method={_root_.method.name} for mlbreg tune{hint}: it tunes λ of "
                               f"{' and '.join(TUNABLE)}")
         return tune_name(_root_, target)
