@@ -31,7 +31,9 @@ sweep "$EXP=ablation_m" "${small[@]}" lam=0.03 m=1,5,10,25,50,100,200 "$@"
 # Table 2: mask initialization, RigL at 95% and ML LinBreg at λ = 0.03
 sweep "$EXP=table2_mask_init" "${small[@]}" lam=0.03 "$@"
 
-report digits_methods "${baselines[@]/%/ ${small[*]} $*}" "$EXP=ablation_lambda ${small[*]} $lams $*"
+# seven sparse methods: a mask picture of each (the report draws 4 configurations by default)
+REPORT_ARGS="--masks 7 ${REPORT_ARGS:-}" \
+    report digits_methods "${baselines[@]/%/ ${small[*]} $*}" "$EXP=ablation_lambda ${small[*]} $lams $*"
 report digits_lambda "$EXP=ablation_lambda ${small[*]} $lams $*"
 report digits_m "$EXP=ablation_m ${small[*]} lam=0.03 m=1,5,10,25,50,100,200 $*"
 report digits_mask_init "$EXP=table2_mask_init ${small[*]} lam=0.03 $*"
