@@ -262,11 +262,15 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_same_masks(method, tmp_path, mon
      r"invalid method.scope='global': .* use method.scope=layer"),
 ])
 def test_bad_settings_name_the_key_and_the_valid_range(overrides, message):
+    """Each bad value of SET's, static's and GMP's settings fails the config check with the key,
+    the value and the valid range (or the way out), before anything runs."""
     with pytest.raises(ConfigError, match=message):
         validate(make_cfg(*overrides))
 
 
 def test_a_schedule_window_without_steps_is_refused():
+    """begin and end that round to the same step of a short run leave nothing to prune over:
+    GMP refuses them with both values and the way out, instead of never pruning."""
     with pytest.raises(ValueError, match=r"begin=0.5 and end=0.55 of 10 steps leave no step to prune over"):
         GMP([torch.ones(3)], target=0.5, total_steps=10, begin=0.5, end=0.55)
     assert GMP([torch.ones(3)], target=0.5, total_steps=10, begin=0.5, end=0.6).prune_steps() == [6]
