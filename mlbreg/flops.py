@@ -68,10 +68,12 @@ def sparse_forward_flops(layer_flops: dict, densities: dict) -> float:
 # forward + backward (grad w.r.t. activations + grad w.r.t. weights) = 3 passes;
 # "full_grad" needs the dense weight gradient but a sparse forward and sparse
 # activation-gradient pass: 2 f_S + f_D.
+# Per method and its source: docs/method.md, "Training FLOPs of each method".
 _STEP_KINDS = {
-    "dense": lambda fd, fs: 3.0 * fd,       # SGD; prune_finetune dense phase
+    "dense": lambda fd, fs: 3.0 * fd,       # SGD; prune_finetune dense phase; GMP before its first pruning
     "full_grad": lambda fd, fs: 2.0 * fs + fd,  # LinBreg; ML LinBreg fine step; RigL mask update
-    "sparse": lambda fd, fs: 3.0 * fs,      # ML LinBreg coarse step; RigL normal step; fine-tuning
+    "sparse": lambda fd, fs: 3.0 * fs,      # ML LinBreg coarse step; RigL normal step; every SET and static
+                                            # step; GMP after its first pruning; fine-tuning
 }
 
 
@@ -91,7 +93,8 @@ class FlopsAccount:
     Per step and sample: dense 3·f_D, full_grad 2·f_S + f_D, sparse 3·f_S, where
     f_S = Σ_l density_l·f_D,l with the densities of the structure the step computes on: the
     method's fixed one where it has one (ML LinBreg's frozen support S in a coarse step, the
-    masks of RigL and of fine-tuning), else the non-zeros of θ in that step.
+    masks of RigL, SET, static sparse training, GMP and fine-tuning), else the non-zeros of θ
+    in that step.
 
     FLOPs are linear in the per-layer non-zero counts, so a step only adds batch·nnz_l to
     a per-kind vector (three multi-tensor kernels, no host sync); `total()` folds the

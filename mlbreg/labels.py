@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-METHOD_ORDER = ["sgd", "prune_finetune", "rigl", "linbreg", "mllinbreg"]
-METHOD_LABELS = {"sgd": "SGD", "prune_finetune": "Prune+Fine-Tuning", "rigl": "RigL", "linbreg": "LinBreg",
-                 "mllinbreg": "ML LinBreg"}
-METHOD_COLORS = {"sgd": "0.25", "prune_finetune": "tab:orange", "rigl": "tab:green", "linbreg": "tab:blue",
-                 "mllinbreg": "tab:red"}
+METHOD_ORDER = ["sgd", "prune_finetune", "gmp", "static", "set", "rigl", "linbreg", "mllinbreg"]
+METHOD_LABELS = {"sgd": "SGD", "prune_finetune": "Prune+Fine-Tuning", "gmp": "GMP", "static": "Static",
+                 "set": "SET", "rigl": "RigL", "linbreg": "LinBreg", "mllinbreg": "ML LinBreg"}
+METHOD_COLORS = {"sgd": "0.25", "prune_finetune": "tab:orange", "gmp": "tab:brown", "static": "tab:olive",
+                 "set": "tab:purple", "rigl": "tab:green", "linbreg": "tab:blue", "mllinbreg": "tab:red"}
 MODEL_LABELS = {"resnet18": "ResNet18", "vgg16": "VGG16", "wrn28_10": "WideResNet28-10", "mlp": "MLP",
                 "convnet": "ConvNet"}
 DATASET_LABELS = {"cifar10": "CIFAR-10", "tinyimagenet": "TinyImageNet", "digits": "digits (8x8)", "mnist": "MNIST",
@@ -23,7 +23,8 @@ INIT_LABELS = {"uniform": "Uniform", "er": "ER", "erk": "ERK"}
 # config keys (dotted) as they appear in a table's "Setting" column
 KEY_LABELS = {"lam": "λ", "m": "m", "init.scheme": "init", "init.density": "init density", "init.scale": "init scale",
               "sparsity": "target", "regularizer.name": "reg", "backend": "backend", "lr": "lr", "epochs": "epochs",
-              "method.finetune_epochs": "fine-tune epochs", "method.criterion": "criterion"}
+              "method.finetune_epochs": "fine-tune epochs", "method.criterion": "criterion",
+              "method.scope": "scope"}
 # the timed parts of a training step: metrics.csv column (seconds per epoch) and display name, in the
 # order they are stacked; the one list behind the step timers, metrics.csv, the report's time columns
 STEP_TIMERS = (("forward_s", "forward"), ("backward_s", "backward"), ("optimizer_s", "optimizer step"),

@@ -2,7 +2,7 @@
 # Figure 6: accuracy over the whole range of sparsity, per architecture (CIFAR-10): the Table 1 runs,
 # the λ sweep of LinBreg and ML LinBreg, and SGD pruned to 50-98% and fine-tuned.
 #
-#   bash scripts/figure6_sparsity_range.sh [OVERRIDES...]  # 183 runs (many shared with table1.sh, figure4), ~74 GPU-h (H200)
+#   bash scripts/figure6_sparsity_range.sh [OVERRIDES...]  # 210 runs (many shared with table1.sh, figure4), ~85 GPU-h (H200)
 #   ARCHS=resnet18 bash scripts/figure6_sparsity_range.sh  # one architecture
 #
 # -> $REPORTS/figure6/accuracy_vs_sparsity_cifar10_<arch>.png (Figure 6), results.md

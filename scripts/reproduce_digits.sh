@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The paper's comparison at laptop scale: scikit-learn's 8x8 digits (bundled, offline), the MLP
 # 64-256-128-10, 200 epochs, lr 0.1 cosine, m = 100, 3 seeds; every method (SGD, Prune+Fine-Tuning,
-# RigL, LinBreg, ML LinBreg), the λ and m ablations and the mask initializations, through the same
-# presets and launcher as the paper's runs. 81 runs; about 6 minutes on 2 CPU cores.
+# GMP, Static, SET, RigL, LinBreg, ML LinBreg), the λ and m ablations and the mask initializations,
+# through the same presets and launcher as the paper's runs. 108 runs.
 #
 #   bash scripts/reproduce_digits.sh [OVERRIDES...]        # JOBS=4 for 4 parallel runs
 #
@@ -16,9 +16,13 @@ small=(dataset=digits model=mlp progress=false num_threads=1 checkpoint_every=0
 seeds=seed=0,1,2
 lams=lam=0.003,0.01,0.03,0.1,0.3       # digits' λ: the CIFAR-10 grid (0.1 ... 4) prunes an 8x8 MLP to nothing
 
-# Table 1 / Figure 1: the baselines at three sparsities, and LinBreg / ML LinBreg over λ (= Figure 4a)
+# Table 1 / Figure 1: the baselines at three sparsities, and LinBreg / ML LinBreg over λ (= Figure 4a);
+# the fixed-mask and dynamic-mask baselines (static, SET, RigL) on ERK masks, GMP layer-wise uniform
 baselines=("method=sgd $seeds"
            "method=prune_finetune sparsity=0.9,0.95,0.98 method.finetune_epochs=0.1 $seeds"
+           "method=gmp sparsity=0.9,0.95,0.98 $seeds"
+           "method=static init=erk sparsity=0.9,0.95,0.98 $seeds"
+           "method=set init=erk sparsity=0.9,0.95,0.98 $seeds"
            "method=rigl init=erk sparsity=0.9,0.95,0.98 $seeds")
 for b in "${baselines[@]}"; do sweep ${small[@]} $b "$@"; done
 sweep "$EXP=ablation_lambda" "${small[@]}" "$lams" "$@"
@@ -27,7 +31,9 @@ sweep "$EXP=ablation_m" "${small[@]}" lam=0.03 m=1,5,10,25,50,100,200 "$@"
 # Table 2: mask initialization, RigL at 95% and ML LinBreg at λ = 0.03
 sweep "$EXP=table2_mask_init" "${small[@]}" lam=0.03 "$@"
 
-report digits_methods "${baselines[@]/%/ ${small[*]} $*}" "$EXP=ablation_lambda ${small[*]} $lams $*"
+# seven sparse methods: a mask picture of each (the report draws 4 configurations by default)
+REPORT_ARGS="--masks 7 ${REPORT_ARGS:-}" \
+    report digits_methods "${baselines[@]/%/ ${small[*]} $*}" "$EXP=ablation_lambda ${small[*]} $lams $*"
 report digits_lambda "$EXP=ablation_lambda ${small[*]} $lams $*"
 report digits_m "$EXP=ablation_m ${small[*]} lam=0.03 m=1,5,10,25,50,100,200 $*"
 report digits_mask_init "$EXP=table2_mask_init ${small[*]} lam=0.03 $*"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every table and figure of the paper, one script after the other (303 runs, ~475 GPU-hours on one H200, most
+# Every table and figure of the paper, one script after the other (330 runs, ~486 GPU-hours on one H200, most
 # of it TinyImageNet; README "Reproducing the paper"). Arguments go to every sweep, e.g. a Slurm launcher:
 #   bash scripts/reproduce_paper.sh hydra/launcher=slurm hydra.launcher.partition=gpu
 # Runs already finished are kept, so the script can be stopped and started again.

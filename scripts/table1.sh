@@ -2,8 +2,8 @@
 # Table 1 and Figure 1: CIFAR-10, ResNet18 / VGG16 / WideResNet28-10, 200 epochs, 3 seeds; the same
 # runs give the ResNet18 training curves (Figure 5) and the training FLOPs relative to SGD (Appendix C).
 #
-#   bash scripts/table1.sh [OVERRIDES...]          # 51 runs, ~19 GPU-hours (H200, README "Reproducing the paper")
-#   ARCHS=resnet18 bash scripts/table1.sh          # one architecture (21 runs)
+#   bash scripts/table1.sh [OVERRIDES...]          # 78 runs, ~30 GPU-hours (H200, README "Reproducing the paper")
+#   ARCHS=resnet18 bash scripts/table1.sh          # one architecture (30 runs)
 #
 # -> $REPORTS/table1/: results.{md,csv,tex} (Table 1), accuracy_vs_sparsity_cifar10_<arch>.png (Figure 1),
 #    training_curves_cifar10_resnet18.png (Figure 5), train_flops_cifar10_<arch>.png (Appendix C)

@@ -11,7 +11,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-CASES = [["method=mllinbreg", "m=5", "lam=0.03"], ["method=rigl", "sparsity=0.9", "method.delta_t=5"]]
+CASES = [["method=mllinbreg", "m=5", "lam=0.03"], ["method=rigl", "sparsity=0.9", "method.delta_t=5"],
+         ["method=set", "sparsity=0.9", "method.delta_t=5"]]   # SET: the same random regrowth on every rank
 
 
 def worker(out: Path, *args, nproc: int = 1, **env_vars):
@@ -42,7 +43,7 @@ def test_ddp_two_ranks_match_one_process(tmp_path, case):
                 assert torch.equal(states[1][idx][key], states[2][idx][key])
                 compared.add(key)
     assert compared >= ({"v", "support", "momentum_buffer"} if "mllinbreg" in case[0] else {"momentum_buffer"})
-    if "rigl" in one["method"]:
+    if "rigl" in one["method"]:   # RigL and SET
         # masks changed by the same mask updates on both ranks, as in one process
         assert one["method"]["rigl"]["updates_done"] == ranks[0]["method"]["rigl"]["updates_done"] >= 3
         for a, b, c in zip(one["method"]["rigl"]["masks"], *(r["method"]["rigl"]["masks"] for r in ranks)):

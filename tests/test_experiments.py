@@ -21,11 +21,13 @@ from mlbreg.paths import config_dir
 register_resolvers()
 CONF = Path(config_dir())
 
+# the fixed-sparsity baselines of Table 1's presets
+BASELINES = ("prune_finetune", "gmp", "static", "set", "rigl")
 # preset -> (dataset, model, epochs, number of runs of the full sweep, methods it trains)
 PRESETS = {
-    "table1_resnet18": ("cifar10", "resnet18", 200, 21, {"sgd", "prune_finetune", "rigl", "linbreg", "mllinbreg"}),
-    "table1_vgg16": ("cifar10", "vgg16", 200, 15, {"sgd", "prune_finetune", "rigl", "linbreg", "mllinbreg"}),
-    "table1_wrn28_10": ("cifar10", "wrn28_10", 200, 15, {"sgd", "prune_finetune", "rigl", "linbreg", "mllinbreg"}),
+    "table1_resnet18": ("cifar10", "resnet18", 200, 30, {"sgd", *BASELINES, "linbreg", "mllinbreg"}),
+    "table1_vgg16": ("cifar10", "vgg16", 200, 24, {"sgd", *BASELINES, "linbreg", "mllinbreg"}),
+    "table1_wrn28_10": ("cifar10", "wrn28_10", 200, 24, {"sgd", *BASELINES, "linbreg", "mllinbreg"}),
     "table2_mask_init": ("cifar10", "resnet18", 200, 18, {"rigl", "mllinbreg"}),
     "ablation_lambda": ("cifar10", "resnet18", 200, 36, {"linbreg", "mllinbreg"}),
     "ablation_m": ("cifar10", "resnet18", 200, 18, {"mllinbreg"}),
@@ -77,10 +79,13 @@ def test_preset_expands_into_distinct_valid_runs(name):
     assert {cfg.method.name for _, cfg in jobs} == methods
     for _, cfg in jobs:
         validate(cfg, environment=False)   # values only: this machine need not have CUDA
-        if cfg.method.name in ("rigl", "prune_finetune"):
+        if cfg.method.name in BASELINES:
             assert 0 < cfg.sparsity < 1
-        if cfg.method.name == "rigl" and name != "table2_mask_init":
-            assert cfg.init.scheme == "erk"      # the paper's RigL mask
+        if cfg.method.name in ("rigl", "set", "static") and name != "table2_mask_init":
+            assert cfg.init.scheme == "erk" and cfg.sparsity == 0.95     # the paper's RigL mask and target
+    if name.startswith("table1"):   # GMP at the target of the architecture's Prune+Fine-Tuning row
+        targets = {cfg.method.name: cfg.sparsity for _, cfg in jobs if "pru" in cfg.method.name or cfg.method.name == "gmp"}
+        assert targets["gmp"] == targets["prune_finetune"] == (0.92 if name == "table1_vgg16" else 0.95)
 
 
 def test_cpu_timing_compares_with_the_best_dense_path():

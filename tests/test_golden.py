@@ -38,6 +38,14 @@ NAMES = {
     ("method=prune_finetune", "sparsity=0.9"): "digits/mlp/prune_finetune/sp0.9_seed0_17259b18",
     ("method=prune_finetune", "sparsity=0.98", "method.finetune_epochs=20", "epochs=200"):
         "digits/mlp/prune_finetune/sp0.98_seed0_f6c89cfa",
+    # the baselines SET, static sparse and gradual magnitude pruning, pinned when they were added
+    ("method=set", "sparsity=0.9"): "digits/mlp/set/sp0.9_uniform_seed0_7e6de165",
+    ("method=set", "sparsity=0.95", "init=erk", "seed=1"): "digits/mlp/set/sp0.95_erk_seed1_5d1fe378",
+    ("method=static", "sparsity=0.9"): "digits/mlp/static/sp0.9_uniform_seed0_a1435d8e",
+    ("method=static", "sparsity=0.95", "init=erk"): "digits/mlp/static/sp0.95_erk_seed0_c6ceadeb",
+    ("method=gmp", "sparsity=0.9"): "digits/mlp/gmp/sp0.9_uniform_seed0_7dce99e2",
+    ("method=gmp", "sparsity=0.95", "method.scope=global"): "digits/mlp/gmp/sp0.95_global_seed0_7cf6fc64",
+    ("method=gmp", "sparsity=0.98", "init=erk", "method.frequency=10"): "digits/mlp/gmp/sp0.98_erk_seed0_d25d143f",
     ("dataset=cifar10", "model=resnet18", "lam=1.0", "m=100"):
         "cifar10/resnet18/mllinbreg/l1-lam1_m100_uniform0.01_seed0_6e1f38dc",
     ("dataset=tinyimagenet", "model=resnet18", "method=rigl", "sparsity=0.9", "init=erk"):
@@ -80,9 +88,9 @@ def _header(path):
         return next(csv.reader(f))
 
 
-@pytest.mark.parametrize("method", ["sgd", "linbreg", "mllinbreg", "rigl", "prune_finetune"])
+@pytest.mark.parametrize("method", ["sgd", "linbreg", "mllinbreg", "rigl", "prune_finetune", "set", "static", "gmp"])
 def test_run_directory_files_and_columns_never_change(method, tmp_path):
-    extra = ["sparsity=0.9"] if method in ("rigl", "prune_finetune") else []
+    extra = ["sparsity=0.9"] if method not in ("sgd", "linbreg", "mllinbreg") else []
     cfg = make_cfg("dataset=digits", "model=mlp", "model.hidden=[16]", "epochs=2", "backend=torch",
                    f"method={method}", *extra)
     run = tmp_path / run_name(cfg)

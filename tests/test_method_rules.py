@@ -49,10 +49,13 @@ def test_registries_name_the_valid_choices():
 
 def test_method_facts_come_from_the_class():
     assert [n for n in METHODS if method_class(n).has_coarse_steps] == ["mllinbreg"]
-    assert [n for n in METHODS if method_class(n).needs_sparsity] == ["rigl", "prune_finetune"]
+    assert [n for n in METHODS if method_class(n).needs_sparsity] == ["rigl", "prune_finetune", "set", "static", "gmp"]
     cfg = make_cfg("method=rigl", "sparsity=0.8", "init.density=0.3")
     assert method_class("rigl").init_density(cfg) == pytest.approx(0.2)      # 1 - target, not init.density
+    for name in ("set", "static"):                                            # RigL's init policy
+        assert method_class(name).init_density(make_cfg(f"method={name}", "sparsity=0.8")) == pytest.approx(0.2)
     assert method_class("sgd").init_density(make_cfg("method=sgd")) == 1.0
+    assert method_class("gmp").init_density(make_cfg("method=gmp", "sparsity=0.8")) == 1.0   # a dense start
     assert method_class("rigl").name_parts(cfg) == ["sp0.8", "uniform"]
     with pytest.raises(ConfigError, match=r"invalid method.alpha=2: must be in \[0, 1\] \(the initial drop"):
         config.validate(make_cfg("method=rigl", "sparsity=0.8", "method.alpha=2"))

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # SparseProp layers by timing, which agrees only to fp32 tolerance)
 KILL_ARGS = ["model=convnet", "epochs=8", "batch_size=32", "backend=torch"]
 METHODS = [["method=mllinbreg", "m=10"]] + ([["method=rigl", "sparsity=0.9", "init=erk"]]
-                                            if (ROOT / "conf/method/rigl.yaml").exists() else [])
+                                            if (ROOT / "conf/method/rigl.yaml").exists() else []) \
+    + [["method=set", "sparsity=0.9", "init=erk"]]   # random regrowth at steps 100 (before the kill) and 200
 
 
 def mlbreg(*args, cwd, check=True, **kw):
@@ -85,6 +86,9 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, method):
     assert ref.relative_to(tmp_path / "ref") == resumed.relative_to(tmp_path / "killed")
     assert RunDir(resumed).read_status()["status"] == "finished"
     assert_same_results(ref, resumed)
+    masks = [torch.load(d / "checkpoint.pt", weights_only=False)["method"].get("rigl", {}).get("masks") for d in (ref, resumed)]
+    if masks[0] is not None:     # RigL's and SET's masks: the same updates after the resume
+        assert all(torch.equal(a, b) for a, b in zip(*masks))
 
 
 def _signal_at_step(monkeypatch, step: int, signum=signal.SIGTERM):

@@ -1,4 +1,5 @@
-"""Training methods: ML LinBreg, LinBreg, and the baselines SGD, RigL, prune + fine-tune.
+"""Training methods: ML LinBreg, LinBreg, and the baselines SGD, RigL, SET, static sparse,
+gradual magnitude pruning (GMP), prune + fine-tune.
 
 One class per method (mlbreg/methods/<family>.py), registered in `METHODS`; each owns its
 settings, rules and run-name parts (see `base.Method`). The rest of mlbreg asks the class:
@@ -11,12 +12,15 @@ from torch import nn
 from ..registry import Registry
 from .base import Method, prunable_weights, split_param_groups
 from .bregman import LinBregMethod, MLLinBregMethod
+from .gmp import GMPMethod
 from .prune import PruneFinetuneMethod
-from .rigl import RigLMethod
+from .rigl import RigLMethod, SETMethod
 from .sgd import SGDMethod
+from .static import StaticMethod
 
 METHODS: Registry[type[Method]] = Registry("method")
-for _cls in (MLLinBregMethod, LinBregMethod, SGDMethod, RigLMethod, PruneFinetuneMethod):
+for _cls in (MLLinBregMethod, LinBregMethod, SGDMethod, RigLMethod, PruneFinetuneMethod, SETMethod, StaticMethod,
+             GMPMethod):
     METHODS.register(_cls.name, _cls)
 
 
@@ -39,4 +43,4 @@ def method_from_config(cfg, model: nn.Module, steps_per_epoch: int) -> Method:
 
 __all__ = ["METHODS", "Method", "method_class", "build_method", "method_from_config", "prunable_weights",
            "split_param_groups", "SGDMethod", "LinBregMethod", "MLLinBregMethod", "RigLMethod",
-           "PruneFinetuneMethod"]
+           "PruneFinetuneMethod", "SETMethod", "StaticMethod", "GMPMethod"]

@@ -64,7 +64,8 @@ def config_values(cfg, steps_per_epoch: int) -> dict[str, Any]:
     values = dict(lr=cfg.lr, momentum=cfg.momentum, lam=cfg.lam, m=cfg.m, reg=cfg.regularizer.name,
                   sparsity=cfg.sparsity, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, seed=cfg.seed,
                   total_steps=cfg.epochs * steps_per_epoch,
-                  compiled={"auto": None, True: True, False: False}[cfg.compile_optimizer])
+                  compiled={"auto": None, True: True, False: False}[cfg.compile_optimizer],
+                  init_scheme=cfg.init.scheme, dense_first=cfg.init.dense_first, dense_last=cfg.init.dense_last)
     values.update({k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"})
     return values
 
@@ -128,8 +129,8 @@ class Method:
         """Notes on set keys this method does not read (allowed, so that one sweep can
         cover several methods, e.g. `method=sgd,rigl sparsity=0.9`)."""
         if cfg.sparsity is not None and "sparsity" in cls.unused_keys:
-            return [f"sparsity={cfg.sparsity} is not used by method={cls.name} (rigl and prune_finetune "
-                    "use a target sparsity; ML LinBreg's and LinBreg's follows from lam)"]
+            return [f"sparsity={cfg.sparsity} is not used by method={cls.name} (rigl, set, static, gmp and "
+                    "prune_finetune use a target sparsity; ML LinBreg's and LinBreg's follows from lam)"]
         return []
 
     # -- the loop's interface ----------------------------------------------------------

@@ -1,4 +1,5 @@
-"""RigL (docs/algorithms.md §5): masked SGD at a fixed density, drop/grow every ΔT steps.
+"""RigL (docs/algorithms.md §5): masked SGD at a fixed density, drop/grow every ΔT steps; and SET,
+the same with random growth.
 
 The drop/grow follows the reference implementation (google-research/rigl) by default:
 k = ⌊f·n⌋ (`count`), drop scores |θ| plus N(0, 1e-5²) noise that breaks ties
@@ -55,6 +56,7 @@ class RigLMethod(Method):
     needs_sparsity = True
     unused_keys = ("lam", "m", "regularizer.name", "init.density")
     main_keys = ("sparsity",)
+    grow = "gradient"      # how the mask machinery grows (mlbreg.sparsity.rigl.GROWS)
 
     def __init__(self, model, settings: RigLSettings):
         s = settings
@@ -62,7 +64,7 @@ class RigLMethod(Method):
         self.weights = prunable_weights(model)
         self.rigl = RigL(self.weights, total_steps=s.total_steps, delta_t=s.delta_t, alpha=s.alpha,
                          end_fraction=s.end_fraction, reinit_when_same=s.reinit_when_same, count=s.count,
-                         drop_noise_std=s.drop_noise_std, seed=s.seed)
+                         drop_noise_std=s.drop_noise_std, seed=s.seed, grow=self.grow)
         self._mask_nnz = None
 
     @classmethod
@@ -94,3 +96,25 @@ class RigLMethod(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.rigl.load_state_dict(state["rigl"])
+
+
+class SETMethod(RigLMethod):
+    """SET (Mocanu et al. 2018, Sparse Evolutionary Training): RigL's schedule, counts, drop
+    and settings (ΔT, cosine drop fraction, T_end, `count`, `drop_noise_std`,
+    `reinit_when_same`), with the k weights grown uniformly at random among those not
+    active after the drop, seeded from (seed, step, layer) (`mlbreg.sparsity.rigl`). As in
+    the reference (google-research/rigl, `SparseSETOptimizer`), an update step takes the
+    SGD step first and then updates the masks, so no step needs a dense gradient: every
+    step is "sparse" (3·f_S)."""
+    name = "set"
+    grow = "random"
+
+    def step_kind(self) -> str:
+        return "sparse"
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.rigl.apply_masks(self.optimizer)
+        if self.rigl.is_update_step():
+            self.rigl.update_masks(self.optimizer)
+        self.rigl.advance()

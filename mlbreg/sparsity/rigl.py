@@ -30,6 +30,16 @@ then moved to the weight's device: it is the same on every device and after a re
 with no state beyond the step count. `reinit_when_same=True, count="round",
 drop_noise_std=0` is mlbreg's RigL before these options existed.
 
+SET (Mocanu et al. 2018; `grow="random"`, the reference's `SparseSETOptimizer`) uses the
+same schedule, counts, drop and noise; it grows k weights drawn uniformly at random among
+those not active after the drop (a just-dropped weight may be drawn again), with no
+gradient. The draw is a `torch.randperm` on the CPU from a generator seeded from (seed,
+t, layer index) and a stream of its own, over the candidates in index order: a uniformly
+random k-subset, the same on every device, rank and after a resume. The reference draws
+uniform scores and takes the k largest: the same distribution. Unlike RigL, SET's update
+steps also take the SGD step, before the drop (the reference applies the optimizer's
+update, then the mask update); its caller (`mlbreg.methods.SETMethod`) does that.
+
 Everything is one topk per layer and a few whole-tensor ops; no per-element Python.
 """
 from __future__ import annotations
@@ -41,7 +51,8 @@ import torch
 
 from .masks import apply_masks_, momentum_buffers
 
-__all__ = ["COUNTS", "RigL", "drop_and_grow", "drop_fraction", "drop_noise"]
+__all__ = ["COUNTS", "GROWS", "RigL", "drop_and_grow", "drop_and_grow_random", "drop_fraction", "drop_noise",
+           "grow_generator"]
 
 
 def drop_fraction(t: int, alpha: float, t_end: int) -> float:
@@ -52,13 +63,19 @@ def drop_fraction(t: int, alpha: float, t_end: int) -> float:
 
 
 COUNTS = ("truncate", "round")
+GROWS = ("gradient", "random")      # RigL: the largest |g|; SET: uniformly at random
+_GROW_STREAM = 0x5E7_5EED_0000_0001  # keeps SET's grow draws apart from the drop noise of the same (seed, t, layer)
+
+
+def _layer_seed(seed: int, t: int, layer: int) -> int:
+    return (int(seed) * 1_000_003 + int(t) * 1009 + int(layer)) % 2**63
 
 
 def drop_noise(shape: torch.Size, std: float, seed: int, t: int, layer: int) -> torch.Tensor:
     """N(0, std²) noise for the drop scores of layer `layer` at step t: float32 on the CPU
     from a generator seeded from (seed, t, layer), so it is the same on every device and
     after a resume."""
-    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(t) * 1009 + int(layer)) % 2**63)
+    g = torch.Generator().manual_seed(_layer_seed(seed, t, layer))
     return torch.randn(shape, generator=g, dtype=torch.float32).mul_(std)
 
 
@@ -73,6 +90,17 @@ def _extreme(score: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     return beyond | (tied & (tied.cumsum(0) <= k - beyond.sum()))
 
 
+def _drop(weight: torch.Tensor, mask: torch.Tensor, k: int, noise: torch.Tensor | None) -> torch.Tensor:
+    """The flat mask after dropping the k active weights of smallest |θ| (+ `noise`)."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)   # noise of 1e-5 must not vanish in half precision
+    score = weight.reshape(-1).abs().to(dtype)
+    if noise is not None:
+        score = score + noise.reshape(-1).to(device=weight.device, dtype=dtype)
+    flat_mask = mask.reshape(-1)
+    drop_score = torch.where(flat_mask, score, torch.tensor(float("inf"), dtype=dtype, device=weight.device))
+    return flat_mask & ~_extreme(drop_score, k, largest=False)   # inactive weights are never "dropped"
+
+
 @torch.no_grad()
 def drop_and_grow(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, k: int,
                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,19 +111,35 @@ def drop_and_grow(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, 
     Returns (new_mask, kept): `kept` is the mask after the drop, so θ ⊙ kept zeroes the
     dropped weights (and, with reinit_when_same, the regrown ones too). Exact ties go to
     the lower index, in the drop and in the grow."""
-    flat_mask = mask.reshape(-1)
     if k <= 0:
         return mask.clone(), mask.clone()
-    dtype = torch.promote_types(weight.dtype, torch.float32)   # noise of 1e-5 must not vanish in half precision
+    kept = _drop(weight, mask, k, noise)
+    dtype = torch.promote_types(weight.dtype, torch.float32)
     inf = torch.tensor(float("inf"), dtype=dtype, device=weight.device)
-    score = weight.reshape(-1).abs().to(dtype)
-    if noise is not None:
-        score = score + noise.reshape(-1).to(device=weight.device, dtype=dtype)
-    drop_score = torch.where(flat_mask, score, inf)            # inactive weights are never "dropped"
-    kept = flat_mask & ~_extreme(drop_score, k, largest=False)
     grow_score = torch.where(kept, -inf, grad.reshape(-1).abs().to(dtype))
     new_mask = kept | _extreme(grow_score, k, largest=True)
     return new_mask.view_as(mask), kept.view_as(mask)
+
+
+@torch.no_grad()
+def drop_and_grow_random(weight: torch.Tensor, mask: torch.Tensor, k: int, generator: torch.Generator,
+                         noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SET's update: drop as `drop_and_grow`, then grow k weights drawn uniformly at random
+    (a `randperm` of the CPU `generator`) among those not active after the drop, taken in
+    index order, so the draw does not depend on the device. Returns (new_mask, kept)."""
+    if k <= 0:
+        return mask.clone(), mask.clone()
+    kept = _drop(weight, mask, k, noise)
+    candidates = torch.nonzero(~kept).flatten()
+    chosen = torch.randperm(candidates.numel(), generator=generator)[:k].to(candidates.device)
+    new_mask = kept.clone()
+    new_mask[candidates[chosen]] = True
+    return new_mask.view_as(mask), kept.view_as(mask)
+
+
+def grow_generator(seed: int, t: int, layer: int) -> torch.Generator:
+    """The CPU generator of SET's grow draw in layer `layer` at step t (its own stream)."""
+    return torch.Generator().manual_seed((_layer_seed(seed, t, layer) + _GROW_STREAM) % 2**63)
 
 
 class RigL:
@@ -115,6 +159,8 @@ class RigL:
         drop_noise_std: stddev of the Gaussian noise added to the active weights' drop
             scores |θ| (default 1e-5, the reference's `noise_std`; 0: ties to the lower index).
         seed: seeds the noise, with the step and the layer index (the run's seed).
+        grow: "gradient" (RigL: the largest |g|) or "random" (SET: uniformly at random,
+            seeded from the seed, the step and the layer; no gradient needed).
 
     `reinit_when_same=True, count="round", drop_noise_std=0` is mlbreg's earlier RigL.
     These options are constructor arguments, not checkpoint state.
@@ -123,7 +169,7 @@ class RigL:
     def __init__(self, weights: list[torch.Tensor], *, total_steps: int, delta_t: int = 100, alpha: float = 0.3,
                  end_fraction: float = 0.75, masks: list[torch.Tensor] | None = None,
                  reinit_when_same: bool = False, count: str = "truncate", drop_noise_std: float = 1e-5,
-                 seed: int = 0):
+                 seed: int = 0, grow: str = "gradient"):
         if int(delta_t) != delta_t or delta_t < 1:
             raise ValueError(f"invalid delta_t={delta_t}; must be an integer >= 1")
         if not 0 <= alpha <= 1:
@@ -136,6 +182,8 @@ class RigL:
             raise ValueError(f"invalid count={count!r}; valid: {', '.join(COUNTS)}")
         if not (math.isfinite(drop_noise_std) and drop_noise_std >= 0):
             raise ValueError(f"invalid drop_noise_std={drop_noise_std}; must be >= 0")
+        if grow not in GROWS:
+            raise ValueError(f"invalid grow={grow!r}; valid: {', '.join(GROWS)}")
         self.weights = list(weights)
         with torch.no_grad():
             self.masks = [m.to(torch.bool).clone() for m in masks] if masks is not None else \
@@ -148,6 +196,7 @@ class RigL:
         self.count = count
         self.drop_noise_std = float(drop_noise_std)
         self.seed = int(seed)
+        self.grow = grow
         self.steps_taken = 0
         self.updates_done = 0
 
@@ -171,18 +220,21 @@ class RigL:
 
     @torch.no_grad()
     def update_masks(self, optimizer: torch.optim.Optimizer | None = None) -> list[int]:
-        """Drop and grow in every sparse layer (uses each weight's .grad). New connections
-        and dropped weights, with their momentum, become 0; a dropped and regrown weight
-        keeps its value and momentum unless `reinit_when_same`. Returns k per layer."""
+        """Drop and grow in every sparse layer (grow="gradient" uses each weight's .grad). New
+        connections and dropped weights, with their momentum, become 0; a dropped and regrown
+        weight keeps its value and momentum unless `reinit_when_same`. Returns k per layer."""
         counts = self.drop_counts()
         buffers = momentum_buffers(optimizer, self.weights) if optimizer is not None else [None] * len(self.weights)
         for i, (w, k) in enumerate(zip(self.weights, counts)):
-            if k == 0 or w.grad is None:
+            if k == 0 or (self.grow == "gradient" and w.grad is None):
                 continue
             old = self.masks[i]
             noise = drop_noise(w.shape, self.drop_noise_std, self.seed, self.steps_taken, i) \
                 if self.drop_noise_std > 0 else None
-            new_mask, kept = drop_and_grow(w, w.grad, old, k, noise)
+            if self.grow == "gradient":
+                new_mask, kept = drop_and_grow(w, w.grad, old, k, noise)
+            else:
+                new_mask, kept = drop_and_grow_random(w, old, k, grow_generator(self.seed, self.steps_taken, i), noise)
             keep = kept if self.reinit_when_same else new_mask & old   # what keeps its value and momentum
             w.mul_(keep)
             if buffers[i] is not None:
