@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-import mlbreg.train as train_module
 from mlbreg.checks import ConfigError
 from mlbreg.config import validate
+from mlbreg.flops import FlopsAccount
 from mlbreg.methods import build_method
 from mlbreg.models import create_model, prunable_modules
 from mlbreg.sparsity import GMP, RigL, drop_and_grow_random, gmp_sparsity, layer_magnitude_masks, sparse_init_
@@ -223,14 +223,14 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_same_masks(method, tmp_path, mon
     momentum equal the uninterrupted run's."""
     overrides = [*method, "epochs=4", "model.hidden=[32]", "backend=torch"]
     assert train(make_cfg(*overrides), tmp_path / "ref")["status"] == "finished"
-    original, count = train_module.FlopsAccount.add_step, {"n": 0}
+    original, count = FlopsAccount.add_step, {"n": 0}
 
     def add_step(self, *args):
         count["n"] += 1
         if count["n"] == 21:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, *args)
-    monkeypatch.setattr(train_module.FlopsAccount, "add_step", add_step)
+    monkeypatch.setattr(FlopsAccount, "add_step", add_step)
     assert train(make_cfg(*overrides), tmp_path / "run")["status"] == "interrupted"
     monkeypatch.undo()
     assert train(make_cfg(*overrides), tmp_path / "run")["status"] == "finished"
