@@ -57,7 +57,7 @@ def build(cfg: DictConfig, device: torch.device) -> Parts:
     model = create_model(cfg.model.name, data.num_classes, data.in_shape, **model_kwargs)
     # dense methods start from dense Kaiming weights (scale 1), fixed-density methods (RigL)
     # at their target density, the others at init.density
-    sparse = method_class(cfg.method.name).sparse_init
+    sparse = method_class(cfg.method.name).start != "dense"
     sparse_init_(model, density=init_density(cfg), scheme=cfg.init.scheme, scale=cfg.init.scale if sparse else 1.0,
                  dense_first=cfg.init.dense_first, dense_last=cfg.init.dense_last,
                  by_group=cfg.regularizer.name == "group", seed=cfg.seed)

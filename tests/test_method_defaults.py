@@ -25,3 +25,17 @@ def test_yaml_defaults_equal_the_settings_defaults(name):
         if default is not dataclasses.MISSING and default != value:
             differ[key] = (value, default)
     assert not differ, f"{name}: YAML value vs Settings default: {differ}"
+
+
+def test_every_method_states_its_start():
+    """A method starts dense, at its target density or at init.density; a method that starts at its target
+    needs one; the starting density follows the policy."""
+    cfg = make_cfg("sparsity=0.9", "init.density=0.05")
+    starts = {}
+    for name in METHODS:
+        cls = method_class(name)
+        assert cls.start in ("dense", "target", "init_density"), name
+        assert cls.start != "target" or cls.needs_sparsity, name
+        starts[name] = cls.init_density(cfg)
+    assert starts["sgd"] == starts["prune_finetune"] == 1.0
+    assert starts["rigl"] == pytest.approx(0.1) and starts["mllinbreg"] == 0.05

@@ -10,7 +10,8 @@ that adding a method is one class (see CONTRIBUTING.md, "Architecture"):
 
 - `Settings`: a dataclass of the constructor's settings; an unknown setting raises.
 - `rules`: its config checks, as a table for `mlbreg.checks.check_table`.
-- `sparse_init`, `uses_target_sparsity`, `needs_sparsity`: the init policy and the target.
+- `start`: the init policy (dense; at the target density 1 - `sparsity`; at `init.density`), and
+  `needs_sparsity`: whether `sparsity` is the method's target.
 - `unused_keys`: config keys it does not read (noted at launch, blanked by the report).
 - `main_keys`: the hyperparameter its report rows are about.
 - `has_coarse_steps`: the sparse CPU backends serve its coarse steps.
@@ -74,8 +75,9 @@ class Method:
     name: ClassVar[str] = "base"
     Settings: ClassVar[type]
     rules: ClassVar[tuple[tuple[str, Rule], ...]] = ()
-    sparse_init: ClassVar[bool] = True             # start from a sparse initialization (docs/algorithms.md §4)
-    uses_target_sparsity: ClassVar[bool] = False   # init density = 1 - cfg.sparsity (fixed-density methods)
+    # where training starts (docs/algorithms.md §4): "dense" (Kaiming, scale 1), "target" (a sparse init at
+    # the target density 1 - sparsity: fixed-density methods) or "init_density" (a sparse init at init.density)
+    start: ClassVar[str] = "init_density"
     needs_sparsity: ClassVar[bool] = False         # cfg.sparsity is this method's target (it must be set)
     has_coarse_steps: ClassVar[bool] = False       # sparse CPU backends (native, sparseprop) serve its steps
     lam_sets_sparsity: ClassVar[bool] = False      # its sparsity follows λ (what `mlbreg tune` searches)
@@ -106,15 +108,13 @@ class Method:
     @classmethod
     def init_density(cls, cfg) -> float:
         """The overall density the run starts from."""
-        if not cls.sparse_init:
-            return 1.0
-        return 1.0 - cfg.sparsity if cls.uses_target_sparsity else cfg.init.density
+        return {"dense": 1.0, "target": 1.0 - (cfg.sparsity or 0.0), "init_density": cfg.init.density}[cls.start]
 
     @classmethod
     def check(cls, cfg) -> None:
         """Raise ConfigError for a bad value of a key this method reads."""
         from ..checks import check_table
-        if cls.needs_sparsity and cfg.sparsity is None:
+        if (cls.needs_sparsity or cls.start == "target") and cfg.sparsity is None:
             raise ConfigError(f"invalid sparsity=null: method={cls.name} needs a target sparsity in (0, 1), "
                               "e.g. sparsity=0.9")
         check_table(cfg, cls.rules)

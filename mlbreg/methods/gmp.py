@@ -44,7 +44,7 @@ class GMPMethod(Method):
         ("method.end", interval(0, 1, "(]", " (t_end = end·T: the target is reached; a fraction of all steps)")),
         ("method.frequency", integer(1, " (Δt: steps between prunings)")),
         ("method.scope", choice(SCOPES)))
-    sparse_init = False
+    start = "dense"
     needs_sparsity = True
     unused_keys = ("lam", "m", "regularizer.name", "init.density", "init.scale")
     main_keys = ("sparsity",)

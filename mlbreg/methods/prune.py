@@ -38,7 +38,7 @@ class PruneFinetuneMethod(Method):
     name = "prune_finetune"
     Settings = PruneFinetuneSettings
     rules = SGD_RULES
-    sparse_init = False
+    start = "dense"
     needs_sparsity = True
     unused_keys = ("lam", "m", "regularizer.name", *INIT_KEYS)
     main_keys = ("sparsity",)

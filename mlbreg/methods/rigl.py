@@ -52,7 +52,7 @@ class RigLMethod(Method):
         ("method.reinit_when_same", boolean),
         ("method.count", choice(COUNTS)),
         ("method.drop_noise_std", at_least(0, " (stddev of the noise on the drop scores; 0: none)")))
-    uses_target_sparsity = True
+    start = "target"
     needs_sparsity = True
     unused_keys = ("lam", "m", "regularizer.name", "init.density")
     main_keys = ("sparsity",)

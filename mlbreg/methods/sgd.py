@@ -23,7 +23,7 @@ class SGDMethod(Method):
     name = "sgd"
     Settings = SGDSettings
     rules = SGD_RULES
-    sparse_init = False
+    start = "dense"
     unused_keys = ("lam", "m", "regularizer.name", "sparsity", *INIT_KEYS)
 
     def __init__(self, model, settings: SGDSettings):

@@ -28,7 +28,7 @@ class StaticMethod(Method):
     name = "static"
     Settings = StaticSettings
     rules = SGD_RULES
-    uses_target_sparsity = True
+    start = "target"
     needs_sparsity = True
     unused_keys = ("lam", "m", "regularizer.name", "init.density")
     main_keys = ("sparsity",)
