@@ -108,8 +108,18 @@ def known_keys(group: str | None = None, option: str | None = None) -> tuple[str
             files = sorted((conf / group).glob("*.yaml"))
     keys = set(extra)
     for f in files:
-        keys |= {k for k in OmegaConf.to_container(OmegaConf.load(f)) or {} if k != "defaults"}
+        keys |= _file_keys(f)
     return tuple(sorted(keys))
+
+
+def _file_keys(path: Path) -> set[str]:
+    """The keys of a config file and of the options of its own group it extends (`defaults: [linbreg]`)."""
+    data = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    keys = {k for k in data if k != "defaults"}
+    for base in data.get("defaults", []):
+        if isinstance(base, str) and base != "_self_" and (path.parent / f"{base}.yaml").exists():
+            keys |= _file_keys(path.parent / f"{base}.yaml")
+    return keys
 
 
 def unknown_key_message(key: str, valid: tuple[str, ...]) -> str:
