@@ -23,7 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import bench_rounds
+from . import bench_rounds, export
+from .backends import make_backend
+from .env import cpu_model
+from .metrics import sparsity_summary
 
 SPARSE_BACKENDS = ("native", "sparseprop")
 
@@ -42,7 +45,6 @@ def sparse_copy(model: nn.Module, name: str, in_shape) -> tuple[nn.Module, Any]:
     loop: without an optimizer the structure is `w != 0`, the swapped forwards run under no_grad
     (no graph, no saved tensors kept) and BatchNorm in eval mode uses the running statistics, so
     nothing else is needed; `use_dense()` would undo it."""
-    from .backends import make_backend
     sparse = copy.deepcopy(model).eval()
     try:
         backend = make_backend(name, sparse, torch.device("cpu"), "mllinbreg", in_shape=in_shape, force=True)
@@ -118,9 +120,6 @@ def _round_options(args) -> bench_rounds.RoundOptions | str:
 
 
 def main(argv: list[str]) -> int:
-    from . import export
-    from .env import cpu_model
-    from .metrics import sparsity_summary
     args = _parser().parse_args(argv)
     wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in wanted if b not in SPARSE_BACKENDS]

@@ -5,6 +5,7 @@ Nothing else happens here: `train` goes through Hydra (`mlbreg.hydra_glue.run_hy
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -114,7 +115,6 @@ def _command(command: str, rest: list[str]) -> int:
         return report_main(rest)
     if command in COMMANDS:
         # each command's module has `main(argv) -> exit code`; imported late: `--help` stays fast
-        import importlib
         return importlib.import_module(COMMANDS[command], __package__).main(rest)
     valid = ", ".join(["train", "report", *COMMANDS])
     print(f"mlbreg: unknown command {command!r}; valid: {valid}\n\n{USAGE}", file=sys.stderr)

@@ -22,7 +22,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from .backends import BACKENDS
+from .backends import BACKENDS, sparseprop_available
+from .backends.native import unavailable_reason
 from .checks import (
     ConfigError,
     above,
@@ -221,12 +222,10 @@ def _check_sparse_backend(cfg: DictConfig, environment: bool) -> None:
     if not environment:
         return
     if name == "sparseprop":
-        from .backends import sparseprop_available
         if not sparseprop_available():
             fail("backend", name, "SparseProp is not installed: pip install pybind11 scipy && pip install "
                  "--no-build-isolation 'sparseprop>=0.1.14' (see docs/backends.md), or use backend=torch")
     else:
-        from .backends.native import unavailable_reason
         reason = unavailable_reason()
         if reason:
             fail("backend", name, f"{reason}; or use backend=auto / torch")

@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from .build import build, evaluate
 from .config import ConfigError, check_device, use_channels_last
 from .export import ExportError, model_from, resolve
 
@@ -29,7 +30,6 @@ def _device(requested: str | None, trained_on: str | None) -> torch.device:
 
 def evaluate_path(path, device: str | None = None) -> dict:
     """Test loss and accuracy of the model at `path` on its run's test split, and the run's own."""
-    from .build import build, evaluate
     info = resolve(path)
     cfg = info["cfg"]
     dev = _device(device, info.get("device"))

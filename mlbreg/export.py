@@ -19,8 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from . import __version__
+from .data import DATASETS, load_dataset
+from .models import create_model
+from .rundir import RunDir
+from .safe_load import TensorFileError, load_tensors, state_dict_in
 from .sparse_format import FORMAT_TAG, SparseFormatError, pack_state, prunable_names, unpack_state
 from .status import Status
 
@@ -43,7 +49,6 @@ def _sha256(path: Path) -> str:
 def finished_run(run_dir: str | os.PathLike, action: str = "export") -> Path:
     """The run directory, if it holds a finished run's model.pt; else an ExportError that
     names the run's status and what to do."""
-    from .rundir import RunDir
     path = Path(run_dir)
     if not path.is_dir():
         raise ExportError(f"{path} is not a directory (expected a run directory of `mlbreg train`)")
@@ -76,7 +81,6 @@ def finished_run(run_dir: str | os.PathLike, action: str = "export") -> Path:
 def model_state(run_dir: Path) -> dict[str, torch.Tensor]:
     """The run's model.pt, loaded tensors-only (`mlbreg.safe_load`): a file holding any other
     Python object, or no state_dict, is an ExportError, never unpickled."""
-    from .safe_load import TensorFileError, load_tensors, state_dict_in
     file = run_dir / "model.pt"
     try:
         state = state_dict_in(load_tensors(file, "model file"))
@@ -89,7 +93,6 @@ def model_state(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def run_config(run_dir: Path):
-    from omegaconf import OmegaConf
     return OmegaConf.load(run_dir / "config.yaml")
 
 
@@ -114,9 +117,7 @@ def final_metrics(run_dir: Path) -> dict[str, Any] | None:
 def dataset_shapes(cfg, from_data: bool = False) -> tuple[int, tuple[int, ...]]:
     """(num_classes, in_shape) of the run's data set: from the config (synthetic), the table,
     or (unknown name, or `from_data`) by loading the data set as `mlbreg.build.build` does."""
-    from omegaconf import OmegaConf
 
-    from .data import DATASETS, load_dataset
     ds = cfg.dataset
     if not from_data:
         if ds.name == "synthetic":
@@ -134,9 +135,7 @@ def dataset_shapes(cfg, from_data: bool = False) -> tuple[int, tuple[int, ...]]:
 
 def build_model(cfg, num_classes: int, in_shape) -> nn.Module:
     """The run's architecture, as `mlbreg.build.build` creates it (weights to be loaded)."""
-    from omegaconf import OmegaConf
 
-    from .models import create_model
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     return create_model(cfg.model.name, num_classes, in_shape, **kwargs)
 
@@ -167,7 +166,6 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     """Write the finished run's model as a sparse file; returns a summary (path, sizes, encodings)."""
     from safetensors.torch import save
 
-    from . import __version__
     if format not in FORMATS:
         raise ExportError(f"unknown format {format!r}; valid: {', '.join(FORMATS)}")
     run = finished_run(run_dir)
@@ -239,7 +237,6 @@ def resolve(path: str | os.PathLike) -> dict[str, Any]:
     "model.pt"), ``file``, ``run_dir`` (None for a lone file), ``cfg``, ``shapes`` (None: to be
     found), ``state`` (the exact state_dict), ``final`` (the run's last metrics row, or None),
     ``device`` (where the run trained, or None) and ``metadata`` (of an export, else empty)."""
-    from omegaconf import OmegaConf
     path = Path(path)
     if not path.exists():
         raise ExportError(f"{path} does not exist (expected a run directory or an exported .safetensors file)")

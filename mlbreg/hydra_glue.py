@@ -10,14 +10,18 @@ this file only.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any
 
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
-from .config import ConfigError, check_data, run_name, validate
+from .config import GROUPS, ConfigError, check_data, known_keys, run_name, unknown_key_message, validate
+from .data import DataNotFoundError
 from .paths import config_dir
+from .rundir import CheckpointError, RunFileError
 from .status import Status
+from .train import finished_status
 
 
 class SweepError(ValueError):
@@ -25,7 +29,6 @@ class SweepError(ValueError):
 
 
 def register_resolvers() -> None:
-    from omegaconf import OmegaConf
 
     def _run_name(*, _root_):
         # Hydra resolves the run dir before it creates it: checking the config (and that
@@ -38,7 +41,6 @@ def register_resolvers() -> None:
         # hydra.output_subdir: Hydra writes its notes (.hydra/) into a job's directory before
         # the job starts; a finished run that the job will skip gets none, so that it is kept
         # as it is (and a finished run on a read-only disk is skipped, not an error)
-        from .train import finished_status
         run_dir = _root_.hydra.runtime.output_dir
         finished = os.path.exists(os.path.join(run_dir, "status.json")) and finished_status(_root_, run_dir)
         return None if finished else ".hydra"
@@ -94,9 +96,7 @@ def _check_whole_sweeps() -> None:
     Extend that check with mlbreg's config and data checks, so that a bad value in the
     seventh job stops the sweep before the first one starts, naming every bad job."""
     from hydra.plugins.sweeper import Sweeper
-    from omegaconf import OmegaConf
 
-    from .data import DataNotFoundError
     if getattr(Sweeper.validate_batch_is_legal, "_mlbreg", False):
         return
     composes = Sweeper.validate_batch_is_legal
@@ -153,8 +153,6 @@ def user_error(err: BaseException) -> str | None:
     (and for an I/O error of the machine, which `mlbreg.cli` turns into one line)."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
-    from .data import DataNotFoundError
-    from .rundir import CheckpointError, RunFileError
     user_errors = (ConfigError, DataNotFoundError, CheckpointError, RunFileError, ConfigCompositionException,
                    OverrideParseException)
     seen = set()
@@ -170,9 +168,7 @@ def user_error(err: BaseException) -> str | None:
 def _unknown_key(message: str) -> str | None:
     """Hydra's answer to a mistyped key (`lamda=0.1`) advises `+lamda=0.1`, which would
     train with the default λ: name the key and the likely intended one instead."""
-    import re
 
-    from .config import GROUPS, known_keys, unknown_key_message
     match = re.match(r"Could not override '([\w.]+)'", message)
     if not match:
         return None
@@ -205,7 +201,6 @@ def sweep_jobs(overrides: list[str]) -> list[tuple[list[str], Any]]:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.types import RunMode
-    from omegaconf import OmegaConf
 
     register_resolvers()
     # launcher settings do not change which runs a sweep makes (and their plugins need not be importable)

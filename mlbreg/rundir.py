@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .env import COMPARED_FIELDS
 from .failures import naming
 from .safe_load import TensorFileError, load_tensors
 from .status import Status
@@ -198,7 +199,6 @@ class RunDir:
     def write_env(self, env: dict[str, Any]) -> None:
         """env.json of this attempt; the environments of earlier attempts (a run resumed on
         another node or after an upgrade) are kept in its `earlier` list when they differ."""
-        from .env import COMPARED_FIELDS
         path = self.path / "env.json"
         earlier: list[dict[str, Any]] = []
         if path.exists():

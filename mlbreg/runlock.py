@@ -22,6 +22,7 @@ hosts, clocks in step) is taken over with a note. A leaf module: nothing of mlbr
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import socket
@@ -109,7 +110,6 @@ class RunLock:
             self._heartbeat = None
             self.lease.unlink(missing_ok=True)
         if self._fd is not None:
-            import fcntl
             os.ftruncate(self._fd, 0)          # an empty .lock: released cleanly
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
@@ -123,7 +123,6 @@ class RunLock:
 
     # -- flock -------------------------------------------------------------------------
     def _acquire_flock(self) -> dict[str, Any] | None:
-        import fcntl
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
+import io
 import json
 import math
 import sys
@@ -37,8 +39,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from .config import ConfigError, digest, identity, run_name, validate
+from .hydra_glue import run_hydra
 from .methods import METHODS, method_class
+from .rundir import atomic_write_bytes
 from .status import Status
+from .train import train
 
 TUNE_COLUMNS = ["probe", "lam", "sparsity_pct", "test_acc_pct", "status", "reused", "seconds", "run_dir"]
 
@@ -152,13 +158,11 @@ def probe_config(cfg: DictConfig, lam: float) -> DictConfig:
 
 def probe_dir(cfg: DictConfig) -> Path:
     """The run dir `mlbreg train` gives this config (conf/train.yaml: hydra.run.dir)."""
-    from .config import run_name
     return Path(cfg.output_root) / run_name(cfg)
 
 
 def tune_name(cfg: DictConfig, target: float) -> str:
     """`<dataset>/<model>/<method>/target<S>_seed<N>_<hash>`: the run's identity without λ, plus the target."""
-    from .config import digest, identity
     ident = identity(cfg)
     ident.pop("lam", None)
     return (f"{cfg.dataset.name}/{cfg.model.name}/{cfg.method.name}/"
@@ -166,10 +170,7 @@ def tune_name(cfg: DictConfig, target: float) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    import csv
-    import io
 
-    from .rundir import atomic_write_bytes
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=TUNE_COLUMNS)
     writer.writeheader()
@@ -192,7 +193,6 @@ def tune(cfg: DictConfig, target: float, tune_dir: str | Path, tolerance: float 
     """Run the search for `cfg` (its λ is the start); returns the result dict (also in
     tune_dir/result.json) with status "finished" (target reached), "unreachable",
     "interrupted" or the failed probe's status."""
-    from .train import train
     tune_dir = Path(tune_dir)
     tune_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -263,7 +263,6 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str]) -> int:
-    from .hydra_glue import run_hydra
     options, rest = _parse(argv)
     _register_name_resolver(options.target_sparsity)
 
@@ -289,13 +288,11 @@ def main(argv: list[str]) -> int:
 
 
 def _register_name_resolver(target: float) -> None:
-    from .config import validate
 
     def _name(*, _root_):
         validate(_root_)
         method = method_class(_root_.method.name)
         if not method.lam_sets_sparsity:
-            from .config import ConfigError
             hint = " (its sparsity is set directly: mlbreg train sparsity=...)" if method.needs_sparsity else ""
             tunable = [name for name in METHODS if method_class(name).lam_sets_sparsity]
             raise ConfigError(f"invalid method={_root_.method.name} for mlbreg tune{hint}: it tunes λ of "

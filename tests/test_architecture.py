@@ -143,3 +143,43 @@ def test_modules_and_functions_stay_small(path):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
     assert not long, long
+
+
+# Imports inside functions: heavy or optional third-party packages, and the few mlbreg modules a
+# module must not load when it is imported (each with its reason). Everything else is imported at the top.
+LAZY_PACKAGES = {"torch", "torchvision", "matplotlib", "sklearn", "PIL", "safetensors", "hydra", "tensorboard",
+                 "sparseprop"}
+LAZY_INTERNAL = {
+    "mlbreg/__init__.py": {".export"},                                   # `import mlbreg` stays light
+    "mlbreg/cli.py": {".hydra_glue", ".train", ".report"},               # `mlbreg --help` starts at once
+    "mlbreg/backends/__init__.py": {".native", ".native.backend", ".sparseprop"},   # only the chosen backend
+    "mlbreg/report/collect.py": {"..config", "..hydra_glue"},           # the report runs without torch
+    "mlbreg/report/configs.py": {"..methods", "..config"},
+    "mlbreg/report/masks.py": {"..safe_load"},
+    "mlbreg/report/command.py": {".plots"},                              # matplotlib only when plotting
+    "mlbreg/env.py": {"."},                                              # a leaf: the version at call time
+}
+
+
+def _function_imports(path: Path):
+    seen = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for sub in ast.walk(node):
+                if isinstance(sub, (ast.Import, ast.ImportFrom)) and id(sub) not in seen:
+                    seen.add(id(sub))
+                    if isinstance(sub, ast.ImportFrom):
+                        yield "." * sub.level + (sub.module or "")
+                    else:
+                        yield from (alias.name for alias in sub.names)
+
+
+def test_imports_at_the_top_except_the_allowed_lazy_ones():
+    """A function-level import is of a heavy or optional package, or on the per-module list above."""
+    stray = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = f"mlbreg/{path.relative_to(PACKAGE).as_posix()}"
+        for name in _function_imports(path):
+            if name.split(".")[0] not in LAZY_PACKAGES and name not in LAZY_INTERNAL.get(rel, set()):
+                stray.append(f"{rel}: {name}")
+    assert not stray, f"move these imports to the top of their module (or list them with a reason): {stray}"

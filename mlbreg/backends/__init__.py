@@ -29,6 +29,7 @@ import sys
 import torch
 from torch import nn
 
+from ..methods import METHODS, method_class
 from ..registry import Registry
 from .dense import TorchBackend
 
@@ -52,7 +53,6 @@ def _distributed() -> bool:
 
 def _has_coarse_steps(method_name: str) -> bool:
     """Does the method have coarse steps the sparse CPU backends serve (ML LinBreg)? Unknown: no."""
-    from ..methods import METHODS, method_class  # a sibling layer, imported when needed
     return method_name in METHODS and method_class(method_name).has_coarse_steps
 
 

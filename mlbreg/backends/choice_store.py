@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .native.build import cache_dir, cpu_fingerprint
+
 __all__ = ["ChoiceStore", "default_store"]
 
 
@@ -82,7 +84,6 @@ class ChoiceStore:
 
 def default_store() -> ChoiceStore | None:
     """This machine's store (None with ``MLBREG_CHOICE_CACHE=off``)."""
-    from .native.build import cache_dir, cpu_fingerprint
     folder = os.environ.get("MLBREG_CHOICE_CACHE") or str(cache_dir() / "layer-choices")
     if folder.lower() == "off":
         return None

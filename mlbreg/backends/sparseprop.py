@@ -48,6 +48,8 @@ Time spent in the timed comparisons accumulates in ``timing_seconds``.
 """
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
+
 import numpy as np
 import torch
 from torch import nn
@@ -255,7 +257,6 @@ class SparsePropBackend(LayerSwapBackend):
                          warmup=warmup, repeats=repeats, bucket=bucket, choice_store=choice_store)
 
     def _choice_context(self) -> str:
-        from importlib.metadata import PackageNotFoundError, version
         try:
             release = version("sparseprop")
         except PackageNotFoundError:

@@ -24,9 +24,10 @@ import dataclasses
 from typing import Any, ClassVar
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
-from ..checks import ConfigError, Rule
+from ..checks import ConfigError, Rule, check_table
 from ..models import prunable_modules
 
 INIT_KEYS = ("init.scheme", "init.density", "init.scale", "init.dense_first", "init.dense_last")
@@ -61,7 +62,6 @@ def mask_counts(masks: list[torch.Tensor]) -> torch.Tensor:
 def config_values(cfg, steps_per_epoch: int) -> dict[str, Any]:
     """Every value a method may take from a config: top-level keys, derived counts, and the
     method group's own keys (`cfg.method.*`, which are exactly its Settings fields)."""
-    from omegaconf import OmegaConf
     values = dict(lr=cfg.lr, momentum=cfg.momentum, lam=cfg.lam, m=cfg.m, reg=cfg.regularizer.name,
                   sparsity=cfg.sparsity, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, seed=cfg.seed,
                   total_steps=cfg.epochs * steps_per_epoch,
@@ -113,7 +113,6 @@ class Method:
     @classmethod
     def check(cls, cfg) -> None:
         """Raise ConfigError for a bad value of a key this method reads."""
-        from ..checks import check_table
         if (cls.needs_sparsity or cls.start == "target") and cfg.sparsity is None:
             raise ConfigError(f"invalid sparsity=null: method={cls.name} needs a target sparsity in (0, 1), "
                               "e.g. sparsity=0.9")

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 from ..labels import STEP_TIMERS, all_zero_note, epoch_ranges
 from ..runlock import holder_alive
@@ -139,7 +140,6 @@ def _run_label(path: Path, flat: dict[str, Any]) -> str:
 
 def _read_config(path: Path, row: dict[str, Any]) -> bool:
     """config.yaml -> the row's name, config columns and identity; False when it is unreadable."""
-    from omegaconf import OmegaConf
 
     from ..config import identity
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..env import COMPARED_FIELDS, differing
 from .collect import Collection
 
 
@@ -31,7 +32,6 @@ def environment_notes(collection: Collection) -> list[str]:
     """One line per compared env.json field (`mlbreg.env.COMPARED_FIELDS`) whose value is not
     the same in every included run, the values by how many runs have them; a line for included
     runs without env.json and one per run resumed under another environment. [] when all agree."""
-    from ..env import COMPARED_FIELDS, differing
 
     runs = collection.runs
     ok = runs[runs["included"].astype(bool)]

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ...models.resnet import BasicBlock, ResNet
 from .. import choice
 from ..choice import timed_rounds
 from ..swap import LayerSwapBackend
@@ -266,7 +267,6 @@ def _fusable_blocks(model: nn.Module):
     """(module, forward(module, backend, x)) pairs: the CIFAR ResNet's blocks and stem, and every
     nn.Sequential holding a BatchNorm2d directly followed by an nn.ReLU (VGG, the conv net): the same
     computation as their own forward, with BatchNorm + add + ReLU fused."""
-    from ...models.resnet import BasicBlock, ResNet
     pairs = []
     for mod in model.modules():
         if type(mod) is BasicBlock:

@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
+import logging
 import os
 import platform
 import sys
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import torch
+
+from . import ops
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
 ISAS = ("auto", "avx2", "plain")
@@ -79,7 +84,6 @@ def _isa() -> str:
 def _load(isa: str):
     if platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
         raise NativeUnavailable(f"untested CPU architecture {platform.machine()}")
-    import logging
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)   # "no CUDA runtime": not needed here
     from torch.utils import cpp_extension
     src_hash = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]
@@ -100,8 +104,6 @@ def _load(isa: str):
         print(f"mlbreg: building the native CPU kernels ({isa} path; once, ~30 s; cached in {build_dir})",
               file=sys.stderr)
     try:
-        import io
-        from contextlib import redirect_stdout
         with redirect_stdout(io.StringIO()):       # ninja's progress lines are not the user's business
             mod = cpp_extension.load(name=name, sources=[str(SOURCE)],
                                      extra_cflags=cflags, extra_ldflags=["-fopenmp"],
@@ -143,7 +145,6 @@ def unavailable_reason() -> str | None:
 def _self_check(mod) -> None:
     """Every kernel against torch on small cases with borders, stride 2, full and partial batch tiles, and
     rows wide enough for the widest register tile (AVX-512: 6 interior positions)."""
-    from . import ops
     gen = torch.Generator().manual_seed(1234)
     for stride, k, pad, batch in ((1, 3, 1, 37), (2, 3, 1, 40), (2, 1, 0, 33)):
         w = torch.randn(5, 4, k, k, generator=gen) * (torch.rand(5, 4, k, k, generator=gen) < 0.5)
