@@ -35,6 +35,52 @@ def register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("mlbreg_run_name"):
         OmegaConf.register_new_resolver("mlbreg_run_name", _run_name)
+    _register_model_source()
+
+
+_MODEL_SOURCE: list = []
+
+
+def _register_model_source() -> None:
+    """``model=torchvision.<name>`` / ``model=timm.<name>``: a Hydra config source (scheme ``mlbreg-models``, in
+    conf/train.yaml's ``hydra.searchpath``) that answers ``model/<that name>`` with ``{name: <that name>}``, so
+    such models need no file in conf/model/ and sweep like the others (``model=resnet18,torchvision.resnet18``).
+    Whether the name exists is checked by `validate` (mlbreg.models.check_model_name)."""
+    if _MODEL_SOURCE:
+        return
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.config_source import ConfigResult, ConfigSource
+    from omegaconf import OmegaConf
+
+    from .models import is_external
+
+    def model_name(config_path: str) -> str | None:
+        group, _, option = config_path.removesuffix(".yaml").partition("/")
+        return option if group == "model" and is_external(option) else None
+
+    class ExternalModelSource(ConfigSource):
+        @staticmethod
+        def scheme() -> str:
+            return "mlbreg-models"
+
+        def load_config(self, config_path: str) -> ConfigResult:
+            return ConfigResult(provider=self.provider, path=self.full_path(), header={"package": None},
+                                config=OmegaConf.create({"name": model_name(config_path)}))
+
+        def is_group(self, config_path: str) -> bool:
+            return False
+
+        def is_config(self, config_path: str) -> bool:
+            return model_name(config_path) is not None
+
+        def available(self) -> bool:
+            return True
+
+        def list(self, config_path: str, results_filter) -> list[str]:
+            return []
+
+    Plugins.instance().register(ExternalModelSource)
+    _MODEL_SOURCE.append(ExternalModelSource)
 
 
 def run_hydra(argv: list[str], job, extra_overrides: tuple[str, ...] = ()) -> int:
@@ -149,7 +195,11 @@ def user_error(err: BaseException) -> str | None:
         seen.add(id(err))
         if isinstance(err, user_errors):
             # Hydra appends its config search path to an unknown option: not the user's concern
-            return _unknown_key(str(err)) or str(err).split("\nConfig search path")[0].strip()
+            message = _unknown_key(str(err)) or str(err).split("\nConfig search path")[0].strip()
+            if "Could not find 'model/" in message:
+                from .models import HOW_TO_LIST
+                message += f"\nor an architecture by name: {HOW_TO_LIST}"
+            return message
         err = err.__cause__ or err.__context__
     return None
 

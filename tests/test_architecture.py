@@ -26,7 +26,7 @@ LAYERS = {
     "methods": 3, "backends": 3,
     "config": 4,
     # one run
-    "train": 5, "build": 5, "loop": 5, "runstate": 5,
+    "train": 5, "build": 5, "loop": 5, "runstate": 5, "loop_hooks": 5,
     # what uses runs
     "export": 6, "evaluate": 6, "bench": 6, "bench_rounds": 6, "hydra_glue": 6,
     "report": 7, "tune": 7,
