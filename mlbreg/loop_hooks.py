@@ -21,7 +21,10 @@ It drives a layer backend (mlbreg.backends) from hooks, the way ``mlbreg train``
   loaded before the next coarse step.
 
 The dense ``weight`` parameters stay the single source of truth: the optimizer, ``state_dict()`` and any
-metric only see them, and the module tree never changes (swapped layers get an instance ``forward``).
+metric only see them, and the module tree never changes (swapped layers get an instance ``forward``; a module
+the fused graph replaces keeps one while the handle lives, which runs the module's own forward outside coarse
+steps and in eval mode). ``copy.deepcopy(model)`` and ``torch.save(model)`` work at any time: the copy is a
+plain model (its hooks do nothing, its forwards are its classes').
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import torch
 from torch import nn
 
 from .backends import make_backend
+from .backends.swap_layer import Installed
 
 __all__ = ["SparseSteps", "sparse_steps"]
 
@@ -75,13 +79,18 @@ class SparseSteps:
         self.backend = make_backend(backend, model, device, "mllinbreg" if coarse else "sgd", optimizer=optimizer,
                                     **options)
         self._kind = "dense"
-        hooks = [model.register_forward_pre_hook(self._before_forward),
-                 optimizer.register_step_pre_hook(self._before_step),
-                 optimizer.register_step_post_hook(self._after_step),
-                 model.register_load_state_dict_post_hook(self._loaded)]
+        # Installed: a copy or pickle of the model or optimizer carries no-op hooks instead of these
+        hooks = [model.register_forward_pre_hook(Installed(self._before_forward)),
+                 optimizer.register_step_pre_hook(Installed(self._before_step)),
+                 optimizer.register_step_post_hook(Installed(self._after_step)),
+                 model.register_load_state_dict_post_hook(Installed(self._loaded))]
         if hasattr(optimizer, "register_load_state_dict_post_hook"):
-            hooks.append(optimizer.register_load_state_dict_post_hook(self._loaded))
+            hooks.append(optimizer.register_load_state_dict_post_hook(Installed(self._loaded)))
         self._hooks = hooks
+        if hasattr(self.backend, "pin_graph_roots"):
+            # the model's forward is looked up before its pre-hook switches phases: a fused graph installed
+            # on the model itself must be there already and decide when called
+            self.backend.pin_graph_roots(True)
 
     # -- the hooks -------------------------------------------------------------------------
     def _next_kind(self) -> str:
@@ -148,6 +157,8 @@ class SparseSteps:
     def remove(self) -> None:
         """Dense layers and no hooks: the model and optimizer as they were."""
         self.backend.use_dense()
+        if hasattr(self.backend, "pin_graph_roots"):
+            self.backend.pin_graph_roots(False)
         for handle in self._hooks:
             handle.remove()
         self._hooks = []

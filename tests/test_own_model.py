@@ -2,6 +2,7 @@
 model (torchvision's ResNet, a user's residual blocks), the fallback for untraceable models, and
 `model=torchvision.<name>` from the command line. Small inputs and batches of 8, one thread (conftest)."""
 import copy
+import io
 import re
 import sys
 import types
@@ -191,8 +192,8 @@ def test_untraceable_model_falls_back_to_its_blocks_with_the_reason():
 
 def test_gradients_ready_after_backward_eval_dense_and_remove():
     """In a coarse step the swapped layers' dense weight.grad is set when backward() returns (gradient clipping
-    before step() sees it); an eval-mode forward runs the plain modules; a hooked BatchNorm is called as a module
-    (its hook runs); remove() leaves no hook and no instance forward."""
+    before step() sees it); an eval-mode forward runs the plain modules (only the model's pinned forward stays);
+    a hooked BatchNorm is called as a module (its hook runs); remove() leaves no hook and no instance forward."""
     torch.manual_seed(0)
     model = sparse(Net())
     opt = optimizer(model, m=3)
@@ -202,6 +203,7 @@ def test_gradients_ready_after_backward_eval_dense_and_remove():
     seen = []
     model.bn.register_forward_hook(lambda m, a, o: seen.append(ops.is_chwb(o)))
     x, y = batches[1]
+    opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
     assert seen == [True]
     assert all(mod.weight.grad is not None for mod in model.modules() if isinstance(mod, (nn.Conv2d, nn.Linear)))
@@ -210,13 +212,45 @@ def test_gradients_ready_after_backward_eval_dense_and_remove():
     assert float(norm) > 0 and steps.backend.swapped_layers()
     model.eval()
     model(x)
-    assert not [n for n, m in model.named_modules() if "forward" in m.__dict__]
+    assert [n for n, m in model.named_modules() if "forward" in m.__dict__] == [""]   # the fused graph's, pinned
     model.train()
     model(x)
-    assert [n for n, m in model.named_modules() if "forward" in m.__dict__]
+    assert len([n for n, m in model.named_modules() if "forward" in m.__dict__]) > 1
     steps.remove()
     assert not [n for n, m in model.named_modules() if "forward" in m.__dict__]
     assert not model._forward_pre_hooks and not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+def test_copies_and_pickles_are_plain_models():
+    """Inside a coarse cycle (sparse layers installed), copy.deepcopy(model) and torch.save(model) work and give
+    a plain model: its forward equals a fresh model's with the same weights (dense, in train and eval mode), and
+    training the copy leaves the original and its handle untouched."""
+    torch.manual_seed(0)
+    model = sparse(Net())
+    opt = optimizer(model, m=4)
+    steps = mlbreg.sparse_steps(model, opt, backend="native", force=True)
+    loop(model, opt, make_batches([8] * 2, shape=(3, 12, 12)))
+    opt.zero_grad()
+    assert steps.backend._active
+    x = torch.randn(8, 3, 12, 12)
+    plain = Net()
+    plain.load_state_dict(model.state_dict())
+    clone = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for other in (clone, loaded):
+        for mode in (True, False):
+            plain.load_state_dict(other.state_dict())
+            torch.testing.assert_close(other.train(mode)(x), plain.train(mode)(x), rtol=0, atol=0)
+            assert type(other.forward).__name__ == "Plain"
+    clone.train()
+    F.cross_entropy(clone(x), torch.zeros(8, dtype=torch.long)).backward()
+    for (name, t), u in zip(model.state_dict().items(), before.values()):
+        assert torch.equal(t, u), name
+    assert steps.backend._active and all(m.weight.grad is None for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
 def test_state_dict_round_trip_and_exact_resume():
@@ -260,7 +294,8 @@ class TokenMLP(nn.Module):
 
 def test_token_linears_run_native_and_equal_torch():
     """Linear layers on (batch, tokens, features) inputs run the native kernels (as rows of one matrix): five
-    steps equal backend=torch to 1e-5 and every Linear is native."""
+    steps equal backend=torch to 1e-5, every Linear is native, and the last (coarse) step's weight gradients lie
+    on the support only (a dense fallback would have written the whole gradient)."""
     torch.manual_seed(0)
     ref = sparse(TokenMLP(), 0.3)
     model = copy.deepcopy(ref)
@@ -273,6 +308,9 @@ def test_token_linears_run_native_and_equal_torch():
     assert {row["layer"]: row["choice"] for row in steps.summary()} == dict.fromkeys(
         ("mlp.0", "mlp.2", "head"), "native")
     assert {row["layer"]: row["in_shape"] for row in steps.summary()}["mlp.0"] == (4, 12)
+    for mod in (model.mlp[0], model.mlp[2], model.head):      # the last step was coarse: gradients on S only
+        support = opt.state[mod.weight]["support"].bool()
+        assert mod.weight.grad[support].any() and not mod.weight.grad[~support].any()
 
 
 def test_sparse_steps_refuses_an_optimizer_without_coarse_steps():

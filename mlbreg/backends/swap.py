@@ -14,7 +14,8 @@ coarse steps, around the training loop's hooks, with the dense ``weight`` as the
 * ``after_step("sparse")``: the updated dense values are gathered into the layers' ``w_val``.
 
 A swapped layer gets an instance attribute ``module.forward`` (``nn.Module.__call__`` calls it, so
-hooks still run); deleting it makes the layer dense again. The module tree never changes.
+hooks still run); deleting it makes the layer dense again. The module tree never changes, and a copy or
+pickle of the model gets plain forwards and no-op hooks instead (``swap_layer.Installed``).
 Subclasses provide the eligibility reasons, the structure, the timed comparison and the forwards.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .choice import LayerChoice
 from .choice_store import default_store
 from .memory_order import memory_flat, memory_index
 from .shapes import ensure_shapes, shape_hook
-from .swap_layer import SwapLayer, single_thread
+from .swap_layer import Installed, SwapLayer, single_thread
 
 
 class LayerSwapBackend:
@@ -60,7 +61,7 @@ class LayerSwapBackend:
         self._active = False          # are the swapped layers' forwards installed?
         for layer in self.layers:
             if layer.reason is None:
-                layer.module.register_forward_pre_hook(shape_hook(layer))
+                layer.module.register_forward_pre_hook(Installed(shape_hook(layer)))
         self._generator = torch.Generator().manual_seed(0)    # timing inputs: leave the global RNG alone
 
     @property
@@ -250,7 +251,7 @@ class LayerSwapBackend:
             self._refresh_values()
         for layer in self.layers:
             if layer.swapped:
-                layer.module.forward = self._forward_fn(layer)
+                layer.module.forward = Installed(self._forward_fn(layer), layer.module)
         self._activate_extra()
         self._active = True
 

@@ -30,6 +30,31 @@ def autocast_on() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+class Installed:
+    """A hook or instance ``forward`` that a backend installs on a module (``fn``). A copy or pickle of the module
+    (``copy.deepcopy``, ``torch.save(model)``) gets a plain stand-in instead (``Plain``: a hook that does nothing,
+    the class's own forward): a copied model never runs on, or writes into, the original's sparse layers."""
+
+    def __init__(self, fn, module=None):
+        self.fn, self.module = fn, module
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self):
+        return (Plain, (self.module,))
+
+
+class Plain:
+    """What a copy gets for an ``Installed``: its module's class forward (``module`` set), else a no-op hook."""
+
+    def __init__(self, module=None):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return None if self.module is None else type(self.module).forward(self.module, *args, **kwargs)
+
+
 @dataclass
 class SwapLayer:
     """One prunable layer and, while a structure is built, its sparse form."""

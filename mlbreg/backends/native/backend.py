@@ -38,8 +38,9 @@ from torch.nn import functional as F
 from .. import choice
 from ..choice import timed_rounds
 from ..swap import LayerSwapBackend
+from ..swap_layer import Installed
 from . import build, ops
-from .fusion import GraphPlan, plan_fusions, summary_rows
+from .fusion import POOLS, GraphPlan, plan_fusions, pool_forward, pool_reason, summary_rows
 
 __all__ = ["NativeBackend", "conv_reason", "linear_reason"]
 
@@ -100,9 +101,10 @@ class NativeBackend(LayerSwapBackend):
                          warmup=warmup, repeats=repeats, bucket=bucket, choice_store=choice_store)
         self.native_bn = native_bn
         self.bns = [m for m in model.modules() if type(m) is nn.BatchNorm2d] if native_bn else []
-        self.pools = [m for m in model.modules() if type(m) in _POOLS and not _pool_reason(m)] if native_bn else []
+        self.pools = [m for m in model.modules() if type(m) in POOLS and not pool_reason(m)] if native_bn else []
         # conv -> BatchNorm -> [add] -> ReLU chains found in the model's fx graph (fusion.py)
         self.graph = plan_fusions(model, _bn_act_caller(self)) if native_bn else GraphPlan()
+        self._pinned = False
 
     @property
     def fusions(self) -> list:
@@ -112,7 +114,7 @@ class NativeBackend(LayerSwapBackend):
     def fusion_summary(self) -> list[dict]:
         """Beyond ``summary()``'s prunable layers: every BatchNorm2d, pooling layer and untraceable module,
         with what runs natively and why (fusion.summary_rows); empty with ``native_bn=False``."""
-        return (summary_rows(self.model, self.graph, self.pools, _POOLS, set(self.swapped_layers()))
+        return (summary_rows(self.model, self.graph, self.pools, POOLS, set(self.swapped_layers()))
                 if self.native_bn else [])
 
     @property
@@ -239,16 +241,29 @@ class NativeBackend(LayerSwapBackend):
     # -- swapping -----------------------------------------------------------------------
     def _activate_extra(self) -> None:
         for bn in self.bns:
-            bn.forward = self._bn_forward(bn)
+            bn.forward = Installed(self._bn_forward(bn), bn)
         for pool in self.pools:
-            pool.forward = _pool_forward(pool)
-        for _, mod, gm in self.graph.roots:
-            mod.forward = gm.forward
+            pool.forward = Installed(pool_forward(pool), pool)
+        if not self._pinned:
+            for _, mod, gm in self.graph.roots:
+                mod.forward = Installed(gm.forward, mod)
 
     def _deactivate_extra(self) -> None:
-        for mod in self.bns + self.pools + [mod for _, mod, _ in self.graph.roots]:
+        for mod in self.bns + self.pools + ([] if self._pinned else [mod for _, mod, _ in self.graph.roots]):
             if "forward" in mod.__dict__:
                 del mod.forward
+
+    def pin_graph_roots(self, pinned: bool = True) -> None:
+        """Keep the traced modules' forwards installed, coarse step or not; each decides when called: the fused
+        graph in a training-mode call during coarse steps, else the module's own forward. For a driver that
+        switches phases in a forward pre-hook of the model (loop_hooks.py): nn.Module.__call__ looks the forward
+        up before it runs the pre-hooks. ``pinned=False`` removes them (and back to installing when active)."""
+        for _, mod, gm in self.graph.roots:
+            if "forward" in mod.__dict__:
+                del mod.forward
+            if pinned or self._active:
+                mod.forward = Installed(_pinned_forward(self, mod, gm) if pinned else gm.forward, mod)
+        self._pinned = pinned
 
     @property
     def act_dtype(self) -> torch.dtype:
@@ -290,24 +305,6 @@ class NativeBackend(LayerSwapBackend):
 
 
 
-_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-
-
-def _pool_reason(pool: nn.Module) -> str | None:
-    return "return_indices=True" if getattr(pool, "return_indices", False) else None
-
-
-def _pool_forward(pool: nn.Module):
-    """Pooling that keeps a CHWB input in the CHWB layout (ops.pool_chwb); any other input: the module's own."""
-    dense_forward = type(pool).forward
-
-    def forward(x):
-        if isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu" and ops.is_chwb(x):
-            return ops.pool_chwb(dense_forward, pool, x)
-        return dense_forward(pool, x)
-    return forward
-
-
 def _bn_act_caller(backend: NativeBackend):
     """The function the fused graph nodes call (a plain function: torch.fx generates code that calls it), with
     the BatchNorm module, the conv output, the residual (or None) and the ReLU (its module, True for a functional
@@ -320,3 +317,13 @@ def _bn_act_caller(backend: NativeBackend):
             return relu(out) if isinstance(relu, nn.Module) else F.relu(out) if relu else out
         return backend.bn_act(bn, x, res=res, relu=relu is not False)
     return bn_act
+
+
+def _pinned_forward(backend: NativeBackend, mod: nn.Module, gm):
+    plain = type(mod).forward
+
+    def forward(*args, **kwargs):
+        if backend._active and mod.training:
+            return gm.forward(*args, **kwargs)
+        return plain(mod, *args, **kwargs)
+    return forward

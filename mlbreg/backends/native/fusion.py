@@ -15,7 +15,8 @@ whose intermediate results have no other use into one call of the backend's ``bn
 traced module's instance ``forward`` during coarse steps only, so the module tree and ``state_dict`` never
 change. A model that cannot be traced (data-dependent control flow, unsupported Python) falls back to its
 largest traceable submodules, each traced alone; what is left runs per-layer swaps, with the reason in
-``notes``. The graph is traced once, in the mode the model is in (call it in training mode: a forward that
+``notes``. Also here: the pooling layers that keep the CHWB layout (``pool_forward``) and the summary rows of
+all this (``summary_rows``). The graph is traced once, in the mode the model is in (call it in training mode: a forward that
 branches on ``self.training`` keeps the branch it traced).
 """
 from __future__ import annotations
@@ -27,7 +28,10 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-__all__ = ["Fusion", "GraphPlan", "plan_fusions"]
+from ..swap_layer import Plain
+from .ops import is_chwb, pool_chwb
+
+__all__ = ["POOLS", "Fusion", "GraphPlan", "plan_fusions", "pool_forward", "pool_reason", "summary_rows"]
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
@@ -155,7 +159,7 @@ def plan_fusions(model: nn.Module, bn_act) -> GraphPlan:
 def _plan(mod: nn.Module, name: str, bn_act, plan: GraphPlan, plain: fx.Tracer) -> None:
     # a standard torch.nn layer has nothing to fuse; a module whose forward someone replaced is left alone
     # (the traced module's own hooks still run: its instance forward is called through nn.Module.__call__)
-    if plain.is_leaf_module(mod, name) or "forward" in mod.__dict__:
+    if plain.is_leaf_module(mod, name) or not isinstance(mod.__dict__.get("forward", Plain()), Plain):
         return
     try:
         gm = _trace(mod)
@@ -170,6 +174,25 @@ def _plan(mod: nn.Module, name: str, bn_act, plan: GraphPlan, plain: fx.Tracer) 
     if fusions:
         plan.roots.append((name, mod, gm))
         plan.fusions += fusions
+
+
+POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+
+
+def pool_reason(pool: nn.Module) -> str | None:
+    return "return_indices=True" if getattr(pool, "return_indices", False) else None
+
+
+def pool_forward(pool: nn.Module):
+    """Pooling that keeps a CHWB input in the CHWB layout (ops.pool_chwb); any other input: the module's own."""
+    dense_forward = type(pool).forward
+
+    def forward(x):
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu" and is_chwb(x):
+            return pool_chwb(dense_forward, pool, x)
+        return dense_forward(pool, x)
+    return forward
+
 
 
 def summary_rows(model: nn.Module, plan: GraphPlan, pools: list, pool_kinds: tuple, native: set) -> list[dict]:
