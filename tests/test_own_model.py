@@ -108,24 +108,30 @@ def optimizer(model, m=5):
     return MLLinBreg(split_param_groups(model, "l1", 0.05), lr=0.01, lam=0.05, momentum=0.9, m=m)
 
 
-def test_torchvision_resnet18_steps_equal_torch_with_fused_blocks():
+def test_torchvision_resnet18_steps_equal_torch_with_fused_blocks(monkeypatch):
     """torchvision's ResNet-18 (7x7 stride-2 stem, max-pool; 64x64 inputs): five ML LinBreg steps (one fine, four
     coarse) through `mlbreg.sparse_steps` with the native backend, each started from backend=torch's state (loaded
     through the model's and the optimizer's load_state_dict, which the handle follows), end where backend=torch's
     end (weights, v, momentum, BN statistics within 5e-2 relative, the tolerance of the CIFAR ResNet's test in
     test_backend_native.py, which says why; supports equal). The graph pass fuses the stem and both BatchNorms of
-    every block (17 chains), the max-pool keeps the CHWB layout into layer1, and every layer runs native."""
+    every block (17 chains; no ReLU module is called in a coarse step, each runs inside its fused BatchNorm), the
+    max-pool keeps the CHWB layout into layer1, and every layer runs native."""
     ref, model = torchvision_resnet(), torchvision_resnet()
     ref_opt, opt = optimizer(ref), optimizer(model)
     steps = mlbreg.sparse_steps(model, opt, backend="native", force=True)
     ref_steps = mlbreg.sparse_steps(ref, ref_opt, backend="torch")
-    chwb = []
+    chwb, relus = [], []
     model.layer1[0].conv1.register_forward_pre_hook(lambda m, a: chwb.append(ops.is_chwb(a[0])))
+    relu_forward = nn.ReLU.forward
+    monkeypatch.setattr(nn.ReLU, "forward", lambda self, x: relus.append(1) or relu_forward(self, x))
+    calls = []
     for x, y in make_batches([8] * 5, shape=(3, 64, 64)):
         model.load_state_dict(ref.state_dict())
         opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
         loop(ref, ref_opt, [(x, y)])
+        relus.clear()
         loop(model, opt, [(x, y)])
+        calls.append(len(relus))
         for (name, p), q in zip(model.named_parameters(), ref.parameters()):
             assert rel(p, q) < 5e-2, name
             s, r = opt.state[p], ref_opt.state[q]
@@ -136,6 +142,7 @@ def test_torchvision_resnet18_steps_equal_torch_with_fused_blocks():
             assert rel(b, c) < 5e-2 if b.is_floating_point() else torch.equal(b, c), name
     assert len(steps.fusions) == 17 and sum(f.res for f in steps.fusions) == 8
     assert chwb == [False, True, True, True, True]          # dense in the fine step, CHWB in the coarse ones
+    assert calls == [17, 0, 0, 0, 0]                         # every ReLU module fused in the coarse steps
     rows = {row["layer"]: row for row in steps.summary()}
     assert rows["conv1"]["choice"] == "native" and rows["maxpool"]["choice"] == "CHWB layout"
     assert rows["layer1.0.bn2"]["why"] == "conv -> bn -> add -> relu"
