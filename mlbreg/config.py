@@ -40,7 +40,7 @@ from .checks import (
 from .data import DATASETS, LOADERS, DataNotFoundError, missing_data
 from .loggers import LOGGERS, tensorboard_missing
 from .methods import METHODS, method_class
-from .models import list_models
+from .models import check_model_name, is_external
 from .optim.regularizers import REGULARIZERS
 from .paths import config_dir
 from .sparsity import SCHEMES
@@ -70,6 +70,11 @@ LATER_KEYS: dict[str, Any] = {
 }
 
 
+def _model_name(value, key):
+    """A registered model, torchvision.<name> or timm.<name> (the error says how to list the valid ones)."""
+    check_model_name(value)
+
+
 def _sparsity(value, key):
     if value is not None and not 0 < number(value, key) < 1:
         fail(key, value, "must be in (0, 1) (the fraction of prunable weights that are zero)")
@@ -78,7 +83,7 @@ def _sparsity(value, key):
 def _top_rules() -> tuple:
     """The checks of the keys every run has, in the order they are reported."""
     return (
-        ("dataset.name", choice(DATASETS)), ("model.name", choice(list_models())), ("method.name", choice(METHODS)),
+        ("dataset.name", choice(DATASETS)), ("model.name", _model_name), ("method.name", choice(METHODS)),
         ("regularizer.name", choice(r for r in REGULARIZERS if r != "none")), ("init.scheme", choice(SCHEMES)),
         ("device", choice(DEVICES)), ("scheduler", choice(SCHEDULERS)), ("backend", choice(BACKENDS)),
         ("precision", choice(("fp32", "bf16"))), ("dataset.loader", choice(LOADERS.names())),
@@ -142,6 +147,8 @@ def _check_keys(cfg: DictConfig) -> None:
         node = OmegaConf.select(cfg, group)
         if not OmegaConf.is_dict(node):
             continue
+        if group == "model" and is_external(node.get("name")):
+            continue          # torchvision / timm models: extra keys go to their builder (models/external.py)
         valid = known_keys(group, node.get("name"))
         for key in node.keys():
             if key not in valid:

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf, open_dict
 
 from .config import GROUPS, ConfigError, check_data, known_keys, run_name, unknown_key_message, validate
 from .data import DataNotFoundError
+from .models import HOW_TO_LIST, is_external
 from .paths import config_dir
 from .rundir import CheckpointError, RunFileError
 from .status import Status
@@ -49,6 +50,50 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("mlbreg_run_name", _run_name)
     if not OmegaConf.has_resolver("mlbreg_hydra_notes"):
         OmegaConf.register_new_resolver("mlbreg_hydra_notes", _hydra_notes)
+    _register_model_source()
+
+
+_MODEL_SOURCE: list = []
+
+
+def _register_model_source() -> None:
+    """``model=torchvision.<name>`` / ``model=timm.<name>``: a Hydra config source (scheme ``mlbreg-models``, in
+    conf/train.yaml's ``hydra.searchpath``) that answers ``model/<that name>`` with ``{name: <that name>}``, so
+    such models need no file in conf/model/ and sweep like the others (``model=resnet18,torchvision.resnet18``).
+    Whether the name exists is checked by `validate` (mlbreg.models.check_model_name)."""
+    if _MODEL_SOURCE:
+        return
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.config_source import ConfigResult, ConfigSource
+
+
+    def model_name(config_path: str) -> str | None:
+        group, _, option = config_path.removesuffix(".yaml").partition("/")
+        return option if group == "model" and is_external(option) else None
+
+    class ExternalModelSource(ConfigSource):
+        @staticmethod
+        def scheme() -> str:
+            return "mlbreg-models"
+
+        def load_config(self, config_path: str) -> ConfigResult:
+            return ConfigResult(provider=self.provider, path=self.full_path(), header={"package": None},
+                                config=OmegaConf.create({"name": model_name(config_path)}))
+
+        def is_group(self, config_path: str) -> bool:
+            return False
+
+        def is_config(self, config_path: str) -> bool:
+            return model_name(config_path) is not None
+
+        def available(self) -> bool:
+            return True
+
+        def list(self, config_path: str, results_filter) -> list[str]:
+            return []
+
+    Plugins.instance().register(ExternalModelSource)
+    _MODEL_SOURCE.append(ExternalModelSource)
 
 
 def run_hydra(argv: list[str], job, extra_overrides: tuple[str, ...] = ()) -> int:
@@ -160,7 +205,10 @@ def user_error(err: BaseException) -> str | None:
         seen.add(id(err))
         if isinstance(err, user_errors):
             # Hydra appends its config search path to an unknown option: not the user's concern
-            return _unknown_key(str(err)) or str(err).split("\nConfig search path")[0].strip()
+            message = _unknown_key(str(err)) or str(err).split("\nConfig search path")[0].strip()
+            if "Could not find 'model/" in message:
+                message += f"\nor an architecture by name: {HOW_TO_LIST}"
+            return message
         err = err.__cause__ or err.__context__
     return None
 

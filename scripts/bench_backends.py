@@ -57,7 +57,9 @@ from mlbreg.sparsity import sparse_init_
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet18")
+    p.add_argument("--model", default="resnet18",
+                   help="a registered model, torchvision.<name> or timm.<name> (e.g. torchvision.resnet50)")
+    p.add_argument("--input-size", type=int, default=32, help="H = W of the random 3-channel inputs (64: TinyImageNet)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=3, help="timed coarse steps per ML LinBreg run (and SGD steps)")
     p.add_argument("--warmup", type=int, default=1,
@@ -87,7 +89,8 @@ class Runner:
         self.label = label
         self.precision, self.channels_last = precision, channels_last
         torch.manual_seed(args.seed)
-        self.model = create_model(args.model, 10, (3, 32, 32))
+        shape = (3, args.input_size, args.input_size)
+        self.model = create_model(args.model, 10, shape)
         sparse_init_(self.model, density=density, scheme=scheme, seed=args.seed)
         self.model.train()
         if channels_last:
@@ -98,11 +101,11 @@ class Runner:
         self.method = build_method(method_name, self.model, **settings)
         if backend == "sparseprop":
             from mlbreg.backends.sparseprop import SparsePropBackend
-            self.backend = SparsePropBackend(self.model, batch_size=args.batch_size, in_shape=(3, 32, 32),
+            self.backend = SparsePropBackend(self.model, batch_size=args.batch_size, in_shape=shape,
                                              optimizer=self.method.optimizer, repeats=args.repeats)
         elif backend == "native":
             from mlbreg.backends.native.backend import NativeBackend
-            self.backend = NativeBackend(self.model, batch_size=args.batch_size, in_shape=(3, 32, 32),
+            self.backend = NativeBackend(self.model, batch_size=args.batch_size, in_shape=shape,
                                          optimizer=self.method.optimizer, repeats=args.repeats, precision=precision,
                                          channels_last=channels_last)
         else:
@@ -227,7 +230,7 @@ def bench_config(scheme, density, args, out):
     # fine, first coarse (one-time per-layer choice), warmup + steps coarse, fine, coarse (cached rebuild)
     rounds = 1 + 1 + args.warmup + args.steps + 1 + 1
     gen = torch.Generator().manual_seed(args.seed + 1)
-    batches = [(torch.randn(args.batch_size, 3, 32, 32, generator=gen),
+    batches = [(torch.randn(args.batch_size, 3, args.input_size, args.input_size, generator=gen),
                 torch.randint(0, 10, (args.batch_size,), generator=gen)) for _ in range(rounds)]
     runners = [Runner(label, method, 1.0 if method == "sgd" else density, scheme, args, backend, precision, cl)
                for label, method, backend, precision, cl in runner_specs(args)]
@@ -265,8 +268,10 @@ def bench_config(scheme, density, args, out):
         if label not in by_label:
             continue
         be = by_label[label].backend
-        print(f"  {label.split(', ')[1]} layers: {len(be.swapped_layers())}/{len(be.layers)} swapped; one-time per-layer "
-              f"timing {be.timing_seconds:.1f} s (first coarse step's swap {res[label]['first']:.1f} s)", file=out)
+        fused = f", {len(be.fusions)} fused conv -> BN -> [add] -> ReLU chains" if hasattr(be, "fusions") else ""
+        print(f"  {label.split(', ')[1]} layers: {len(be.swapped_layers())}/{len(be.layers)} swapped{fused}; one-time "
+              f"per-layer timing {be.timing_seconds:.1f} s (first coarse step's swap {res[label]['first']:.1f} s)",
+              file=out)
         kept = [f"{row['layer']} ({row['why']})" for row in be.summary() if row["choice"] == "dense"]
         if kept:
             print("    kept dense: " + "; ".join(kept), file=out)
@@ -336,7 +341,8 @@ def main(argv=None):
             print(f"SparseProp is not available ({err}); running without it", file=sys.stderr)
             args.no_sparseprop = True
     out = sys.stdout
-    print(f"bench_backends: {args.model}, batch {args.batch_size}, {args.warmup}+{args.steps} coarse steps per run, "
+    print(f"bench_backends: {args.model}, {args.input_size}x{args.input_size} inputs, batch {args.batch_size}, "
+          f"{args.warmup}+{args.steps} coarse steps per run, "
           f"m={args.m}, {math.ceil(args.train_size / args.batch_size)} steps/epoch; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs ({native_build.cpu_model()}; "
           f"{native_build.cpu_features() or 'features unknown'}), native kernels: {ext.simd_path()} path, "

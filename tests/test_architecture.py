@@ -26,7 +26,7 @@ LAYERS = {
     "methods": 3, "backends": 3,
     "config": 4,
     # one run
-    "train": 5, "build": 5, "loop": 5, "runstate": 5,
+    "train": 5, "build": 5, "loop": 5, "runstate": 5, "loop_hooks": 5,
     # what uses runs
     "export": 6, "evaluate": 6, "bench": 6, "bench_rounds": 6, "hydra_glue": 6,
     "report": 7, "tune": 7,
@@ -150,7 +150,7 @@ def test_modules_and_functions_stay_small(path):
 LAZY_PACKAGES = {"torch", "torchvision", "matplotlib", "sklearn", "PIL", "safetensors", "hydra", "tensorboard",
                  "sparseprop"}
 LAZY_INTERNAL = {
-    "mlbreg/__init__.py": {".export"},                                   # `import mlbreg` stays light
+    "mlbreg/__init__.py": {".export", ".loop_hooks"},                    # `import mlbreg` stays light
     "mlbreg/cli.py": {".hydra_glue", ".train", ".report"},               # `mlbreg --help` starts at once
     "mlbreg/backends/__init__.py": {".native", ".native.backend", ".sparseprop"},   # only the chosen backend
     "mlbreg/report/collect.py": {"..config", "..hydra_glue"},           # the report runs without torch

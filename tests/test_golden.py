@@ -50,6 +50,8 @@ NAMES = {
         "cifar10/resnet18/mllinbreg/l1-lam1_m100_uniform0.01_seed0_6e1f38dc",
     ("dataset=tinyimagenet", "model=resnet18", "method=rigl", "sparsity=0.9", "init=erk"):
         "tinyimagenet/resnet18/rigl/sp0.9_erk_seed0_dd081005",
+    # an architecture by name from torchvision (models/external.py)
+    ("model=torchvision.resnet18",): "digits/torchvision.resnet18/mllinbreg/l1-lam0.03_m100_uniform0.01_seed0_8a74aa3c",
     ("+experiment=table1_resnet18",): "cifar10/resnet18/mllinbreg/l1-lam0.03_m100_uniform0.01_seed0_d25f079a",
     # dataset.augment came later (LATER_KEYS): at its old default the name it had before
     ("dataset=synthetic", "dataset.augment=false"): "synthetic/mlp/mllinbreg/l1-lam0.03_m100_uniform0.01_seed0_85844321",

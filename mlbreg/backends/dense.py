@@ -24,6 +24,9 @@ class TorchBackend:
     def use_dense(self) -> None:
         """Back to dense layers (before evaluation or checkpointing)."""
 
+    def invalidate(self) -> None:
+        """The weights changed outside the hooks: nothing to rebuild."""
+
     def state_dict(self) -> dict:
         return {}
 

@@ -8,11 +8,14 @@ coarse steps, around the training loop's hooks, with the dense ``weight`` as the
   ``use_dense()`` with no fine step in between, re-enable the same layers without rebuilding.
 * ``before_step("full_grad" | "dense")``: dense layers.
 * ``after_backward()``: the value gradients of the swapped layers are scattered into a per-cycle
-  buffer that is zero outside the structure (never written there), which becomes ``weight.grad``.
+  buffer that is zero outside the structure, which becomes ``weight.grad`` (a hook on each value
+  vector does it when backward accumulates its gradient, so ``weight.grad`` is complete when
+  ``backward()`` returns and ``after_backward()`` finds nothing left to do).
 * ``after_step("sparse")``: the updated dense values are gathered into the layers' ``w_val``.
 
 A swapped layer gets an instance attribute ``module.forward`` (``nn.Module.__call__`` calls it, so
-hooks still run); deleting it makes the layer dense again. The module tree never changes.
+hooks still run); deleting it makes the layer dense again. The module tree never changes, and a copy or
+pickle of the model gets plain forwards and no-op hooks instead (``swap_layer.Installed``).
 Subclasses provide the eligibility reasons, the structure, the timed comparison and the forwards.
 """
 from __future__ import annotations
@@ -27,7 +30,7 @@ from .choice import LayerChoice
 from .choice_store import default_store
 from .memory_order import memory_flat, memory_index
 from .shapes import ensure_shapes, shape_hook
-from .swap_layer import SwapLayer, single_thread
+from .swap_layer import Installed, SwapLayer, single_thread
 
 
 class LayerSwapBackend:
@@ -58,7 +61,7 @@ class LayerSwapBackend:
         self._active = False          # are the swapped layers' forwards installed?
         for layer in self.layers:
             if layer.reason is None:
-                layer.module.register_forward_pre_hook(shape_hook(layer))
+                layer.module.register_forward_pre_hook(Installed(shape_hook(layer)))
         self._generator = torch.Generator().manual_seed(0)    # timing inputs: leave the global RNG alone
 
     @property
@@ -130,6 +133,12 @@ class LayerSwapBackend:
         """Back to dense layers (before evaluation or checkpointing)."""
         if self._active:
             self._deactivate()
+
+    def invalidate(self) -> None:
+        """The weights or the support changed outside these hooks (a loaded state_dict): dense layers now,
+        and a rebuild before the next sparse step."""
+        self.use_dense()
+        self._stale = True
 
     # -- checkpoints ---------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -213,6 +222,9 @@ class LayerSwapBackend:
             return
         layer.mem_idx, layer.weight_strides = memory_index(layer.weight, layer.idx), layer.weight.stride()
         layer.w_val = memory_flat(layer.weight.detach()).index_select(0, layer.mem_idx).requires_grad_(True)
+        # the dense weight.grad as soon as backward is done: code between backward and the step (gradient
+        # clipping, a GradScaler, accumulation) sees it; after_backward() is then a no-op
+        layer.w_val.register_post_accumulate_grad_hook(layer.take_grad)
         # timed at the training thread count
         layer.mode, layer.why = self.choices.choose(layer, self.batch_size, self._forced_mode, self._time_layer)
         if settle:
@@ -239,7 +251,7 @@ class LayerSwapBackend:
             self._refresh_values()
         for layer in self.layers:
             if layer.swapped:
-                layer.module.forward = self._forward_fn(layer)
+                layer.module.forward = Installed(self._forward_fn(layer), layer.module)
         self._activate_extra()
         self._active = True
 

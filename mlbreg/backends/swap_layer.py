@@ -30,6 +30,31 @@ def autocast_on() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+class Installed:
+    """A hook or instance ``forward`` that a backend installs on a module (``fn``). A copy or pickle of the module
+    (``copy.deepcopy``, ``torch.save(model)``) gets a plain stand-in instead (``Plain``: a hook that does nothing,
+    the class's own forward): a copied model never runs on, or writes into, the original's sparse layers."""
+
+    def __init__(self, fn, module=None):
+        self.fn, self.module = fn, module
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self):
+        return (Plain, (self.module,))
+
+
+class Plain:
+    """What a copy gets for an ``Installed``: its module's class forward (``module`` set), else a no-op hook."""
+
+    def __init__(self, module=None):
+        self.module = module
+
+    def __call__(self, *args, **kwargs):
+        return None if self.module is None else type(self.module).forward(self.module, *args, **kwargs)
+
+
 @dataclass
 class SwapLayer:
     """One prunable layer and, while a structure is built, its sparse form."""
@@ -46,6 +71,7 @@ class SwapLayer:
     kernel: Any = None                          # the backend's structure for its kernels
     nnz: int = 0
     grad_buf: torch.Tensor | None = None     # dense weight gradient buffer of this coarse phase
+    buf_version: int = -1                       # grad_buf._version after its last scatter
     mode: Any = None                            # None: dense; else the backend's sparse mode
     why: str = ""                               # why this choice (for reports)
     timings: dict = field(default_factory=dict)
@@ -79,18 +105,22 @@ class SwapLayer:
             return x.dim() == 4 and x.shape[1] == mod.in_channels
         return (x.dim() >= 1 if any_rank else x.dim() == 2) and x.shape[-1] == mod.in_features
 
-    def take_grad(self) -> None:
-        """The value gradient (if this step used the layer) into the dense ``weight.grad``."""
+    def take_grad(self, *_) -> None:
+        """The value gradient (if this step used the layer) into the dense ``weight.grad``; also the hook that
+        runs when backward has accumulated ``w_val.grad`` (swap.py)."""
         if not self.swapped or self.w_val.grad is None:
             return                            # dense, or not used in this step
         g = self.w_val.grad
         self.w_val.grad = None
         w = self.weight
         if w.grad is None:                    # the usual case: the dense weight took no part
-            if self.grad_buf is None:
-                with single_thread():
+            with single_thread():
+                if self.grad_buf is None:
                     self.grad_buf = torch.zeros(w.shape, dtype=w.dtype)
-            self.grad_buf.view(-1).scatter_(0, self.idx, g)
+                elif self.grad_buf._version != self.buf_version:
+                    self.grad_buf.zero_()     # written since (a dense gradient added in place): zero outside S again
+                self.grad_buf.view(-1).scatter_(0, self.idx, g)
+            self.buf_version = self.grad_buf._version
             w.grad = self.grad_buf
         else:                                 # a dense fallback ran too, or grads were not reset: accumulate
             memory_flat(w.grad).index_add_(0, memory_index(w.grad, self.idx), g)

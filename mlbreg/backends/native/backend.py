@@ -8,10 +8,13 @@ step:
   flat value vector ``w_val`` over the support S (fixed for the whole coarse cycle; rebuilt only
   after a fine step); ``after_backward`` scatters ``w_val.grad`` into a per-cycle gradient buffer that
   is zero outside S, ``after_step`` gathers the updated values back;
-* every nn.BatchNorm2d runs the native BatchNorm (exactly torch's statistics, train and eval), and the
-  CIFAR ResNet's blocks and stem run fused BatchNorm + residual add + ReLU;
-* activations stay batch-innermost (CHWB, see ops.py) from the first native layer to the pooling, so
-  no layer pays a layout copy; a dense-kept layer reads that layout through torch as a strided view.
+* every nn.BatchNorm2d runs the native BatchNorm (exactly torch's statistics, train and eval), and
+  every conv -> BatchNorm -> [residual add] -> ReLU chain found in the model's torch.fx graph (any
+  model: mlbreg's and torchvision's ResNets, VGG, a user's blocks; see fusion.py) runs fused BatchNorm +
+  add + ReLU;
+* activations stay batch-innermost (CHWB, see ops.py) from the first native layer to the classifier
+  (max / average pooling keep the layout: ops.pool_chwb), so no layer pays a layout copy; a dense-kept
+  layer reads that layout through torch as a strided view.
 
 Fine steps and evaluation use the plain dense modules (``use_dense``). Guards: only plain
 ``nn.Conv2d`` (groups 1, dilation 1, square kernel, equal strides, integer symmetric zero padding
@@ -26,17 +29,18 @@ layer with the dense layer as the run would execute it (bf16 autocast, channels_
 """
 from __future__ import annotations
 
-import functools
+import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ...models.resnet import BasicBlock, ResNet
 from .. import choice
 from ..choice import timed_rounds
 from ..swap import LayerSwapBackend
+from ..swap_layer import Installed
 from . import build, ops
+from .fusion import POOLS, GraphPlan, plan_fusions, pool_forward, pool_reason, summary_rows
 
 __all__ = ["NativeBackend", "conv_reason", "linear_reason"]
 
@@ -77,12 +81,13 @@ class NativeBackend(LayerSwapBackend):
             1 + bucket; see backends/choice.py).
         choice_store: the machine's record of timed choices ("machine": the default file, see
             backends/choice_store.py; None: time in this run only).
-        native_bn: run BatchNorm2d (and the fused ResNet blocks) natively.
+        native_bn: run BatchNorm2d (and the fused chains, and pooling in the CHWB layout) natively.
         precision, channels_last: how the run's dense layers execute ("fp32" | "bf16" autocast; NHWC
             inputs), the baseline of the timed choice.
     """
     name = "native"
     runs_under_autocast = True
+    linear_any_rank = True            # a Linear on (B, ..., F) inputs (a transformer's tokens) runs on rows
 
     def __init__(self, model: nn.Module, batch_size: int | None = None, in_shape=None, *,
                  optimizer: torch.optim.Optimizer | None = None, force: bool = False, min_speedup: float = 1.05,
@@ -94,8 +99,23 @@ class NativeBackend(LayerSwapBackend):
         self.precision, self.channels_last = precision, channels_last
         super().__init__(model, batch_size, in_shape, optimizer=optimizer, force=force, min_speedup=min_speedup,
                          warmup=warmup, repeats=repeats, bucket=bucket, choice_store=choice_store)
+        self.native_bn = native_bn
         self.bns = [m for m in model.modules() if type(m) is nn.BatchNorm2d] if native_bn else []
-        self.blocks = _fusable_blocks(model) if native_bn else []
+        self.pools = [m for m in model.modules() if type(m) in POOLS and not pool_reason(m)] if native_bn else []
+        # conv -> BatchNorm -> [add] -> ReLU chains found in the model's fx graph (fusion.py)
+        self.graph = plan_fusions(model, _bn_act_caller(self)) if native_bn else GraphPlan()
+        self._pinned = False
+
+    @property
+    def fusions(self) -> list:
+        """The fused conv -> BatchNorm -> [add] -> ReLU chains (fusion.Fusion), in graph order."""
+        return self.graph.fusions
+
+    def fusion_summary(self) -> list[dict]:
+        """Beyond ``summary()``'s prunable layers: every BatchNorm2d, pooling layer and untraceable module,
+        with what runs natively and why (fusion.summary_rows); empty with ``native_bn=False``."""
+        return (summary_rows(self.model, self.graph, self.pools, POOLS, set(self.swapped_layers()))
+                if self.native_bn else [])
 
     @property
     def simd_path(self) -> str:
@@ -131,6 +151,8 @@ class NativeBackend(LayerSwapBackend):
         over the whole chain of layers."""
         mod = layer.module
         shape = (self.batch_size,) + layer.in_shape
+        if layer.kind == "linear":              # (B, ..., F) inputs (tokens): one (B * ..., F) matrix
+            shape = (math.prod(shape[:-1]), shape[-1])
         x = torch.randn(shape, generator=self._generator)
         if self.channels_last and layer.kind == "conv":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -219,14 +241,29 @@ class NativeBackend(LayerSwapBackend):
     # -- swapping -----------------------------------------------------------------------
     def _activate_extra(self) -> None:
         for bn in self.bns:
-            bn.forward = self._bn_forward(bn)
-        for block, forward in self.blocks:
-            block.forward = functools.partial(forward, block, self)
+            bn.forward = Installed(self._bn_forward(bn), bn)
+        for pool in self.pools:
+            pool.forward = Installed(pool_forward(pool), pool)
+        if not self._pinned:
+            for _, mod, gm in self.graph.roots:
+                mod.forward = Installed(gm.forward, mod)
 
     def _deactivate_extra(self) -> None:
-        for mod in self.bns + [b for b, _ in self.blocks]:
+        for mod in self.bns + self.pools + ([] if self._pinned else [mod for _, mod, _ in self.graph.roots]):
             if "forward" in mod.__dict__:
                 del mod.forward
+
+    def pin_graph_roots(self, pinned: bool = True) -> None:
+        """Keep the traced modules' forwards installed, coarse step or not; each decides when called: the fused
+        graph in a training-mode call during coarse steps, else the module's own forward. For a driver that
+        switches phases in a forward pre-hook of the model (loop_hooks.py): nn.Module.__call__ looks the forward
+        up before it runs the pre-hooks. ``pinned=False`` removes them (and back to installing when active)."""
+        for _, mod, gm in self.graph.roots:
+            if "forward" in mod.__dict__:
+                del mod.forward
+            if pinned or self._active:
+                mod.forward = Installed(_pinned_forward(self, mod, gm) if pinned else gm.forward, mod)
+        self._pinned = pinned
 
     @property
     def act_dtype(self) -> torch.dtype:
@@ -234,8 +271,12 @@ class NativeBackend(LayerSwapBackend):
         return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
     def _sparse_forward(self, layer, x):
-        fn = ops.sparse_conv2d if layer.kind == "conv" else ops.sparse_linear
-        return fn(x, layer.w_val, layer.kernel, self.precision == "bf16")
+        if layer.kind == "conv":
+            return ops.sparse_conv2d(x, layer.w_val, layer.kernel, self.precision == "bf16")
+        if x.dim() == 2:
+            return ops.sparse_linear(x, layer.w_val, layer.kernel, self.precision == "bf16")
+        out = ops.sparse_linear(x.reshape(-1, x.shape[-1]), layer.w_val, layer.kernel, self.precision == "bf16")
+        return out.reshape(*x.shape[:-1], out.shape[-1])        # (B, ..., F): tokens as rows
 
     def bn_act(self, bn: nn.Module, x: torch.Tensor, res: torch.Tensor | None = None, relu: bool = False):
         """``act(bn(x) [+ res])``: native when bn is a plain BatchNorm2d and x a CPU batch in the CHWB layout
@@ -263,47 +304,26 @@ class NativeBackend(LayerSwapBackend):
         return forward
 
 
-def _fusable_blocks(model: nn.Module):
-    """(module, forward(module, backend, x)) pairs: the CIFAR ResNet's blocks and stem, and every
-    nn.Sequential holding a BatchNorm2d directly followed by an nn.ReLU (VGG, the conv net): the same
-    computation as their own forward, with BatchNorm + add + ReLU fused."""
-    pairs = []
-    for mod in model.modules():
-        if type(mod) is BasicBlock:
-            pairs.append((mod, _block_forward))
-        elif type(mod) is ResNet:
-            pairs.append((mod, _resnet_forward))
-        elif type(mod) is nn.Sequential and _bn_relu_pairs(mod):
-            pairs.append((mod, _sequential_forward))
-    return pairs
+
+def _bn_act_caller(backend: NativeBackend):
+    """The function the fused graph nodes call (a plain function: torch.fx generates code that calls it), with
+    the BatchNorm module, the conv output, the residual (or None) and the ReLU (its module, True for a functional
+    one, False for none). A BatchNorm or ReLU module that got forward hooks after the tracing is called as a
+    module (its hooks run; the BatchNorm still native), unfused."""
+    def bn_act(bn, x, res, relu):
+        if bn._forward_hooks or bn._forward_pre_hooks or (isinstance(relu, nn.Module) and
+                                                          (relu._forward_hooks or relu._forward_pre_hooks)):
+            out = bn(x) if res is None else bn(x) + res
+            return relu(out) if isinstance(relu, nn.Module) else F.relu(out) if relu else out
+        return backend.bn_act(bn, x, res=res, relu=relu is not False)
+    return bn_act
 
 
-def _bn_relu_pairs(seq: nn.Sequential) -> set:
-    """Positions i of a plain BatchNorm2d whose next module is a plain nn.ReLU."""
-    mods = list(seq)
-    return {i for i in range(len(mods) - 1) if type(mods[i]) is nn.BatchNorm2d and type(mods[i + 1]) is nn.ReLU}
+def _pinned_forward(backend: NativeBackend, mod: nn.Module, gm):
+    plain = type(mod).forward
 
-
-def _sequential_forward(self, be: NativeBackend, x):
-    fused = _bn_relu_pairs(self)
-    mods = list(self)
-    i = 0
-    while i < len(mods):
-        if i in fused:                        # BatchNorm then ReLU: one fused op (the ReLU module is skipped)
-            x = be.bn_act(mods[i], x, relu=True)
-            i += 2
-        else:
-            x = mods[i](x)
-            i += 1
-    return x
-
-
-def _block_forward(self, be: NativeBackend, x):
-    out = be.bn_act(self.bn1, self.conv1(x), relu=True)
-    return be.bn_act(self.bn2, self.conv2(out), res=self.shortcut(x), relu=True)
-
-
-def _resnet_forward(self, be: NativeBackend, x):
-    x = be.bn_act(self.bn1, self.conv1(x), relu=True)
-    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-    return self.fc(self.pool(x).flatten(1))
+    def forward(*args, **kwargs):
+        if backend._active and mod.training:
+            return gm.forward(*args, **kwargs)
+        return plain(mod, *args, **kwargs)
+    return forward

@@ -56,6 +56,15 @@ def from_chwb(t: torch.Tensor) -> torch.Tensor:
     return t.permute(3, 0, 1, 2)
 
 
+def pool_chwb(forward, pool, x: torch.Tensor) -> torch.Tensor:
+    """``forward(pool, x)`` (a 2-D pooling module's forward) on a CHWB batch, output CHWB: with batch and channels
+    swapped, a CHWB tensor is a channels_last (C, B, H, W) tensor, which torch's CPU pooling reads and writes in
+    that layout (pooling is per sample and channel, so the swap changes nothing); pooling the (B, C, H, W) view
+    directly is 12x slower for a ResNet's stem max-pool (docs/own-model.md) and needs a copy back for the next
+    native layer."""
+    return forward(pool, x.transpose(0, 1)).transpose(0, 1)
+
+
 @dataclass
 class Structure:
     """The fixed support of one conv (or linear, as a 1x1 conv on a 1x1 image) for the kernels."""
