@@ -68,8 +68,9 @@ def linear_reason(linear: nn.Module, kernels: str) -> str | None:
 
 def timed_rounds(candidates: dict, warmup: int, repeats: int, reset) -> dict[str, float]:
     """Median seconds of each candidate (a callable; "dense" among them): `warmup` untimed calls each,
-    then `repeats` interleaved rounds (a load change hits all candidates alike); after the first round
-    a candidate 3x slower than the best is dropped. `reset()` runs after every call (clear gradients)."""
+    then `repeats` interleaved rounds (a load change hits all candidates alike), every candidate in every
+    round, so one disturbed round cannot decide (the machine's record keeps a decision for good); medians.
+    `reset()` runs after every call."""
     candidates = dict(candidates)
     times: dict[str, list[float]] = {name: [] for name in candidates}
     with torch.enable_grad():
@@ -77,16 +78,12 @@ def timed_rounds(candidates: dict, warmup: int, repeats: int, reset) -> dict[str
             for fn in candidates.values():
                 fn()
                 reset()
-        for r in range(repeats):
+        for _ in range(repeats):
             for name, fn in list(candidates.items()):
                 t = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t)
                 reset()
-            if r == 0 and repeats > 1:
-                best = min(v[0] for v in times.values())
-                for name in [n for n in candidates if n != "dense" and times[n][0] > 3 * best]:
-                    del candidates[name]
     return {name: statistics.median(v) for name, v in times.items()}
 
 
