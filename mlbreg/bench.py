@@ -13,6 +13,7 @@ pool waking up, or another one still spinning, is not timed). Inputs are random 
 cost does not depend on the values); every sparse model's output is compared with the dense one
 on the same input.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,7 @@ def sparse_copy(model: nn.Module, name: str, in_shape) -> tuple[nn.Module, Any]:
         backend = make_backend(name, sparse, torch.device("cpu"), "mllinbreg", in_shape=in_shape, force=True)
     except (RuntimeError, ValueError) as err:
         raise NotRunnable(str(err)) from err
-    if backend.name != name:   # make_backend never substitutes for a named backend; guard anyway
+    if backend.name != name:  # make_backend never substitutes for a named backend; guard anyway
         raise NotRunnable(f"make_backend gave {backend.name!r} for {name!r}")
     with torch.no_grad():
         backend.before_step("sparse")
@@ -70,11 +71,13 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
-def time_models(models: dict[str, nn.Module], inputs: dict[int, torch.Tensor], min_run_time: float,
-                opts: bench_rounds.RoundOptions) -> tuple[dict[tuple[str, int], list[float]], str]:
+def time_models(
+    models: dict[str, nn.Module], inputs: dict[int, torch.Tensor], min_run_time: float, opts: bench_rounds.RoundOptions
+) -> tuple[dict[tuple[str, int], list[float]], str]:
     """(label, batch size) -> seconds per call of each round, and why the rounds stopped. One model
     runs at a time, under the thread count set once by `main`; `bench_rounds.time_call` makes its
     untimed warm-up calls after each switch."""
+
     def measure(label: str, b: int) -> float:
         model, x = models[label], inputs[b]
         return bench_rounds.time_call(lambda: model(x), min_run_time)
@@ -87,25 +90,43 @@ def _parser() -> argparse.ArgumentParser:
     r = bench_rounds
     p = argparse.ArgumentParser(prog="mlbreg bench", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory (or a file of `mlbreg export`)")
-    p.add_argument("--batch-sizes", type=_batch_sizes, default=[1, 128], metavar="B,B,...",
-                   help="batch sizes to time (default 1,128)")
-    p.add_argument("--threads", type=int, default=None,
-                   help=f"torch threads, set once for the whole bench (default: torch's, here {torch.get_num_threads()})")
-    p.add_argument("--backends", default=",".join(SPARSE_BACKENDS),
-                   help=f"sparse backends to try (default {','.join(SPARSE_BACKENDS)})")
-    p.add_argument("--min-run-time", type=float, default=0.2,
-                   help="seconds of timed calls per backend, batch size and round (default 0.2)")
+    p.add_argument(
+        "--batch-sizes", type=_batch_sizes, default=[1, 128], metavar="B,B,...", help="batch sizes to time (default 1,128)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help=f"torch threads, set once for the whole bench (default: torch's, here {torch.get_num_threads()})",
+    )
+    p.add_argument(
+        "--backends", default=",".join(SPARSE_BACKENDS), help=f"sparse backends to try (default {','.join(SPARSE_BACKENDS)})"
+    )
+    p.add_argument(
+        "--min-run-time", type=float, default=0.2, help="seconds of timed calls per backend, batch size and round (default 0.2)"
+    )
     p.add_argument("--min-rounds", type=int, default=r.MIN_ROUNDS, help=f"rounds always run (default {r.MIN_ROUNDS})")
-    p.add_argument("--max-rounds", type=int, default=r.MAX_ROUNDS,
-                   help=f"stop after this many rounds even if a spread is still large (default {r.MAX_ROUNDS})")
-    p.add_argument("--max-seconds", type=float, default=r.MAX_SECONDS,
-                   help="start no round after this many seconds of timing, once --min-rounds are done "
-                        f"(default {r.MAX_SECONDS:g})")
-    p.add_argument("--max-spread", type=float, default=100 * r.MAX_SPREAD, metavar="PCT",
-                   help="stop once every IQR over rounds is at most PCT%% of its median; warn about any above "
-                        f"(default {100 * r.MAX_SPREAD:g})")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="exactly this many rounds (sets --min-rounds and --max-rounds)")
+    p.add_argument(
+        "--max-rounds",
+        type=int,
+        default=r.MAX_ROUNDS,
+        help=f"stop after this many rounds even if a spread is still large (default {r.MAX_ROUNDS})",
+    )
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=r.MAX_SECONDS,
+        help=f"start no round after this many seconds of timing, once --min-rounds are done (default {r.MAX_SECONDS:g})",
+    )
+    p.add_argument(
+        "--max-spread",
+        type=float,
+        default=100 * r.MAX_SPREAD,
+        metavar="PCT",
+        help="stop once every IQR over rounds is at most PCT%% of its median; warn about any above "
+        f"(default {100 * r.MAX_SPREAD:g})",
+    )
+    p.add_argument("--rounds", type=int, default=None, help="exactly this many rounds (sets --min-rounds and --max-rounds)")
     return p
 
 
@@ -141,7 +162,7 @@ def main(argv: list[str]) -> int:
         return 2
     previous_threads = torch.get_num_threads()
     threads = args.threads or previous_threads
-    torch.set_num_threads(threads)        # once, for every backend and round; restored on the way out
+    torch.set_num_threads(threads)  # once, for every backend and round; restored on the way out
     try:
         return _bench(args, opts, info, model, wanted, threads, cpu_model(), sparsity_summary(model))
     finally:
@@ -161,7 +182,7 @@ def _bench(args, opts, info, model, wanted, threads, cpu, sparsity) -> int:
     gen = torch.Generator().manual_seed(0)
     inputs = {b: torch.randn((b,) + in_shape, generator=gen) for b in args.batch_sizes}
     diffs: dict[tuple[str, int], float] = {}
-    with torch.no_grad():                   # doubles as the first warm-up of every model and batch size
+    with torch.no_grad():  # doubles as the first warm-up of every model and batch size
         for b, x in inputs.items():
             ref = model(x)
             for name, m in models.items():
@@ -170,16 +191,19 @@ def _bench(args, opts, info, model, wanted, threads, cpu, sparsity) -> int:
     stats = bench_rounds.summarize(per_round)
 
     native = backends.get("native")
-    native_path = f"{native.simd_path} path" if native is not None else \
-        f"not used ({skipped.get('native', 'not requested')})"
+    native_path = f"{native.simd_path} path" if native is not None else f"not used ({skipped.get('native', 'not requested')})"
     _print_header(info, in_shape, sparsity, cpu, threads, native_path)
     rounds = len(next(iter(per_round.values())))
-    print(f"  eval mode, torch.no_grad; {rounds} interleaved round{'s' if rounds != 1 else ''} ({reason}; "
-          f"rounds {opts.min_rounds}-{opts.max_rounds}, at most {opts.max_seconds:g} s): per round every backend "
-          f"and batch size timed once, one at a time in a rotating order, after {bench_rounds.WARMUP_SECONDS:g} s of "
-          f"untimed calls, as the median of blocks of calls lasting >= {args.min_run_time:g} s")
-    print(f"  median: over the rounds; IQR: over the rounds; spread: IQR / median (warning above "
-          f"{100 * opts.max_spread:g}%); time / dense < 1: faster than dense")
+    print(
+        f"  eval mode, torch.no_grad; {rounds} interleaved round{'s' if rounds != 1 else ''} ({reason}; "
+        f"rounds {opts.min_rounds}-{opts.max_rounds}, at most {opts.max_seconds:g} s): per round every backend "
+        f"and batch size timed once, one at a time in a rotating order, after {bench_rounds.WARMUP_SECONDS:g} s of "
+        f"untimed calls, as the median of blocks of calls lasting >= {args.min_run_time:g} s"
+    )
+    print(
+        f"  median: over the rounds; IQR: over the rounds; spread: IQR / median (warning above "
+        f"{100 * opts.max_spread:g}%); time / dense < 1: faster than dense"
+    )
     _print_table(stats, diffs, models, backends, args.batch_sizes, opts.max_spread)
     for line in bench_rounds.warning_lines(stats, opts.max_spread):
         print(f"  {line}")
@@ -194,15 +218,20 @@ def _bench(args, opts, info, model, wanted, threads, cpu, sparsity) -> int:
 
 def _print_header(info, in_shape, sparsity, cpu, threads, native_path) -> None:
     cfg = info["cfg"]
-    print(f"mlbreg bench: {info['file']} ({cfg.dataset.name}/{cfg.model.name}/{cfg.method.name}; "
-          f"input {'x'.join(map(str, in_shape))}; prunable weights {sparsity['sparsity_pct']:.2f}% zeros)")
-    print(f"  CPU: {cpu}; {threads} thread{'s' if threads != 1 else ''}; torch {torch.__version__}; "
-          f"native kernels: {native_path}")
+    print(
+        f"mlbreg bench: {info['file']} ({cfg.dataset.name}/{cfg.model.name}/{cfg.method.name}; "
+        f"input {'x'.join(map(str, in_shape))}; prunable weights {sparsity['sparsity_pct']:.2f}% zeros)"
+    )
+    print(
+        f"  CPU: {cpu}; {threads} thread{'s' if threads != 1 else ''}; torch {torch.__version__}; native kernels: {native_path}"
+    )
 
 
 def _print_table(stats, diffs, models, backends, batch_sizes, max_spread) -> None:
-    print(f"  {'backend':<11} {'batch':>6} {'median ms':>11} {'IQR ms':>9} {'spread':>7} {'time / dense':>13} "
-          f"{'max |out - dense|':>18}  sparse layers")
+    print(
+        f"  {'backend':<11} {'batch':>6} {'median ms':>11} {'IQR ms':>9} {'spread':>7} {'time / dense':>13} "
+        f"{'max |out - dense|':>18}  sparse layers"
+    )
     for b in batch_sizes:
         dense_median = stats[("dense", b)].median
         for name in models:
@@ -211,5 +240,7 @@ def _print_table(stats, diffs, models, backends, batch_sizes, max_spread) -> Non
             layers = f"{sum(layer.swapped for layer in be.layers)} of {len(be.layers)}" if be is not None else "-"
             diff = f"{diffs[(name, b)]:.1e}" if name != "dense" else "-"
             spread = bench_rounds.pct(t.relative) + ("!" if t.relative > max_spread else "")
-            print(f"  {name:<11} {b:>6} {1e3 * t.median:>11.4f} {1e3 * t.iqr:>9.4f} {spread:>7} "
-                  f"{t.median / dense_median:>12.2f}x {diff:>18}  {layers}")
+            print(
+                f"  {name:<11} {b:>6} {1e3 * t.median:>11.4f} {1e3 * t.iqr:>9.4f} {spread:>7} "
+                f"{t.median / dense_median:>12.2f}x {diff:>18}  {layers}"
+            )

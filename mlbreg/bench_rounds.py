@@ -10,6 +10,7 @@ backends go one at a time, in an order that changes from one batch size and roun
 may still be spinning). Nothing here imports torch: the stopping rule and the order are
 plain functions of the per-round times, testable with injected series.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 MIN_ROUNDS = 3
 MAX_ROUNDS = 15
 MAX_SECONDS = 60.0
-MAX_SPREAD = 0.10        # relative IQR (IQR / median) over rounds: stop below it, warn above it
-WARMUP_SECONDS = 0.02    # untimed calls after every switch of backend (a pool waking up, another going to sleep)
+MAX_SPREAD = 0.10  # relative IQR (IQR / median) over rounds: stop below it, warn above it
+WARMUP_SECONDS = 0.02  # untimed calls after every switch of backend (a pool waking up, another going to sleep)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class RoundOptions:
 @dataclass(frozen=True)
 class Stat:
     """The median over rounds of one (backend, batch size)'s per-round times, and their IQR."""
+
     median: float
     iqr: float
     rounds: int
@@ -87,9 +89,13 @@ def round_order(labels: Sequence[str], index: int) -> list[str]:
     return order[::-1] if index % 2 else order
 
 
-def run_rounds(measure: Callable[[str, int], float], labels: Sequence[str], batch_sizes: Sequence[int],
-               opts: RoundOptions, clock: Callable[[], float] = time.monotonic
-               ) -> tuple[dict[tuple[str, int], list[float]], str]:
+def run_rounds(
+    measure: Callable[[str, int], float],
+    labels: Sequence[str],
+    batch_sizes: Sequence[int],
+    opts: RoundOptions,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[dict[tuple[str, int], list[float]], str]:
     """(label, batch size) -> per-round times, and why the rounds stopped. `measure(label, b)`
     times one (backend, batch size) once; one of them runs at a time."""
     per_round: dict[tuple[str, int], list[float]] = {(label, b): [] for b in batch_sizes for label in labels}
@@ -105,8 +111,12 @@ def run_rounds(measure: Callable[[str, int], float], labels: Sequence[str], batc
             return per_round, reason
 
 
-def time_call(fn: Callable[[], object], min_run_time: float, warmup: float = WARMUP_SECONDS,
-              clock: Callable[[], float] = time.perf_counter) -> float:
+def time_call(
+    fn: Callable[[], object],
+    min_run_time: float,
+    warmup: float = WARMUP_SECONDS,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
     """Median seconds per call of `fn` over blocks of calls lasting `min_run_time` in all, after
     untimed calls for `warmup` seconds (at least one). A block is as many calls as take about
     max(1 ms, min_run_time / 50), estimated from the fastest warm-up call."""
@@ -134,10 +144,12 @@ def warning_lines(stats: dict[tuple[str, int], Stat], max_spread: float) -> list
     lines = []
     for (label, b), s in stats.items():
         if s.relative > max_spread:
-            lines.append(f"WARNING: {label} batch {b}: spread {pct(s.relative)} of its median "
-                         f"({1e3 * s.iqr:.4f} ms IQR on {1e3 * s.median:.4f} ms over {s.rounds} rounds) is above "
-                         f"{100 * max_spread:g}%: the machine was busy while timing, this time is not reliable; "
-                         f"rerun on an idle machine with more rounds (--max-rounds, --max-seconds)")
+            lines.append(
+                f"WARNING: {label} batch {b}: spread {pct(s.relative)} of its median "
+                f"({1e3 * s.iqr:.4f} ms IQR on {1e3 * s.median:.4f} ms over {s.rounds} rounds) is above "
+                f"{100 * max_spread:g}%: the machine was busy while timing, this time is not reliable; "
+                f"rerun on an idle machine with more rounds (--max-rounds, --max-seconds)"
+            )
     return lines
 
 

@@ -3,6 +3,7 @@ and the evaluation every epoch (and `mlbreg eval`) runs.
 
 Deterministic in cfg.seed: the same config builds the same initial weights and batches.
 """
+
 from __future__ import annotations
 
 import random
@@ -39,9 +40,10 @@ def init_density(cfg: DictConfig) -> float:
 
 class Parts(NamedTuple):
     """What a config builds: everything a run trains and evaluates."""
-    data: Any                 # mlbreg.data.Dataset
+
+    data: Any  # mlbreg.data.Dataset
     model: nn.Module
-    method: Any               # a mlbreg.methods.Method
+    method: Any  # a mlbreg.methods.Method
     train_loader: Any
     test_loader: Any
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -50,23 +52,35 @@ class Parts(NamedTuple):
 def build(cfg: DictConfig, device: torch.device) -> Parts:
     """config -> the run's `Parts`. Deterministic in cfg.seed."""
     seed_everything(cfg.seed)
-    options = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
-               if k not in ("name", "root", "download", "loader", "num_workers")}
+    options = {
+        k: v
+        for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
+        if k not in ("name", "root", "download", "loader", "num_workers")
+    }
     data = load_dataset(cfg.dataset.name, root=cfg.dataset.root, download=cfg.dataset.download, **options)
     model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "name"}
     model = create_model(cfg.model.name, data.num_classes, data.in_shape, **model_kwargs)
     # dense methods start from dense Kaiming weights (scale 1), fixed-density methods (RigL)
     # at their target density, the others at init.density
     sparse = method_class(cfg.method.name).start != "dense"
-    sparse_init_(model, density=init_density(cfg), scheme=cfg.init.scheme, scale=cfg.init.scale if sparse else 1.0,
-                 dense_first=cfg.init.dense_first, dense_last=cfg.init.dense_last,
-                 by_group=cfg.regularizer.name == "group", seed=cfg.seed)
+    sparse_init_(
+        model,
+        density=init_density(cfg),
+        scheme=cfg.init.scheme,
+        scale=cfg.init.scale if sparse else 1.0,
+        dense_first=cfg.init.dense_first,
+        dense_last=cfg.init.dense_last,
+        by_group=cfg.regularizer.name == "group",
+        seed=cfg.seed,
+    )
     model.to(device)
     loader = dict(kind=cfg.dataset.loader, device=device, seed=cfg.seed, num_workers=cfg.dataset.num_workers)
-    train_loader = make_loader(split=data.train, batch_size=cfg.batch_size, mean=data.mean, std=data.std,
-                               shuffle=True, augment=data.augment, **loader)
-    test_loader = make_loader(split=data.test, batch_size=cfg.eval_batch_size, mean=data.mean, std=data.std,
-                              shuffle=False, augment=False, **loader)
+    train_loader = make_loader(
+        split=data.train, batch_size=cfg.batch_size, mean=data.mean, std=data.std, shuffle=True, augment=data.augment, **loader
+    )
+    test_loader = make_loader(
+        split=data.test, batch_size=cfg.eval_batch_size, mean=data.mean, std=data.std, shuffle=False, augment=False, **loader
+    )
     method = method_from_config(cfg, model, len(train_loader))
     total_steps = cfg.epochs * len(train_loader)
     if cfg.scheduler == "cosine":

@@ -4,6 +4,7 @@ A rule is a function `(value, key) -> None` that raises `ConfigError("invalid KE
 saying what is allowed. `mlbreg.config.validate` and each method's `rules` (mlbreg.methods)
 are tables of them. A leaf module: it imports nothing of mlbreg.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,6 +37,7 @@ def integer(low: int, meaning: str = "") -> Rule:
     def rule(value, key):
         if int(number(value, key)) != value or value < low:
             fail(key, value, f"must be an integer >= {low}{meaning}")
+
     return rule
 
 
@@ -43,6 +45,7 @@ def at_least(low: float, meaning: str = "") -> Rule:
     def rule(value, key):
         if number(value, key) < low:
             fail(key, value, f"must be >= {low:g}{meaning}")
+
     return rule
 
 
@@ -50,17 +53,20 @@ def above(low: float, meaning: str = "") -> Rule:
     def rule(value, key):
         if number(value, key) <= low:
             fail(key, value, f"must be > {low:g}{meaning}")
+
     return rule
 
 
 def interval(low: float, high: float, brackets: str = "[]", meaning: str = "") -> Rule:
     """`brackets`: "[]", "[)", "(]" or "()" as in the message "must be in [0, 1)"."""
+
     def rule(value, key):
         v = number(value, key)
         ok_low = v >= low if brackets[0] == "[" else v > low
         ok_high = v <= high if brackets[1] == "]" else v < high
         if not (ok_low and ok_high):
             fail(key, value, f"must be in {brackets[0]}{low:g}, {high:g}{brackets[1]}{meaning}")
+
     return rule
 
 
@@ -70,6 +76,7 @@ def choice(valid: Iterable[Any]) -> Rule:
     def rule(value, key):
         if value not in valid:
             fail(key, value, f"valid: {', '.join(str(v).lower() if isinstance(v, bool) else str(v) for v in valid)}")
+
     return rule
 
 
@@ -80,6 +87,7 @@ def boolean(value, key) -> None:
 
 def optional(rule: Rule, meaning: str = "") -> Rule:
     """null is allowed; anything else must pass `rule` (its message gets `meaning` appended)."""
+
     def check(value, key):
         if value is None:
             return
@@ -87,6 +95,7 @@ def optional(rule: Rule, meaning: str = "") -> Rule:
             rule(value, key)
         except ConfigError as err:
             raise ConfigError(f"{err}{meaning}") from None
+
     return check
 
 

@@ -3,6 +3,7 @@
 Nothing else happens here: `train` goes through Hydra (`mlbreg.hydra_glue.run_hydra`) to
 `mlbreg.train.train(cfg, run_dir)`; every other command's module has `main(argv)`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -41,12 +42,14 @@ WRITES_TO = {"train": "output_root=DIR", "tune": "output_root=DIR", "report": "-
 
 def _train(argv: list[str]) -> int:
     from .hydra_glue import run_hydra
+
     return run_hydra(argv, _train_job)
 
 
 def _train_job(cfg, run_dir: str) -> dict:
     """One `mlbreg train` job: train (or resume, or skip) the run in `run_dir`."""
     from .train import train  # imported late: `mlbreg --help` stays fast
+
     outcome = train(cfg, run_dir)
     status = outcome["status"]
     if status == "busy":
@@ -67,11 +70,13 @@ def _train_job(cfg, run_dir: str) -> dict:
 
 def _final_line(outcome: dict) -> str:
     final = outcome.get("final") or {}
-    parts = [f"test acc {final['test_acc_pct']:.2f}%" if "test_acc_pct" in final else None,
-             f"sparsity {final['sparsity_pct']:.2f}%" if "sparsity_pct" in final else None,
-             f"training FLOPs {final['train_flops_vs_sgd']:.3g}x SGD" if "train_flops_vs_sgd" in final else None,
-             f"{outcome.get('epoch')} epochs",
-             f"resumed at step {outcome['resumed_from']}" if outcome.get("resumed_from") is not None else None]
+    parts = [
+        f"test acc {final['test_acc_pct']:.2f}%" if "test_acc_pct" in final else None,
+        f"sparsity {final['sparsity_pct']:.2f}%" if "sparsity_pct" in final else None,
+        f"training FLOPs {final['train_flops_vs_sgd']:.3g}x SGD" if "train_flops_vs_sgd" in final else None,
+        f"{outcome.get('epoch')} epochs",
+        f"resumed at step {outcome['resumed_from']}" if outcome.get("resumed_from") is not None else None,
+    ]
     line = ", ".join(p for p in parts if p)
     # a finished run's message is a note about its result (every weight zero)
     return f"{line}; note: {outcome['message']}" if outcome.get("message") else line
@@ -88,18 +93,21 @@ def main(argv: list[str] | None = None) -> int:
         # command with one line; inside the loop, its StopGuard checkpoints first
         with stop_signals_raise():
             return _command(command, rest)
-    except KeyboardInterrupt:      # Ctrl-C before training started (training itself checkpoints)
+    except KeyboardInterrupt:  # Ctrl-C before training started (training itself checkpoints)
         print("mlbreg: interrupted", file=sys.stderr)
         return 130
     except Stopped as stop:
-        what = " before training started; nothing was lost (run the same command again to start or resume)" \
-            if command in ("train", "tune") else ""
+        what = (
+            " before training started; nothing was lost (run the same command again to start or resume)"
+            if command in ("train", "tune")
+            else ""
+        )
         print(f"mlbreg {command}: stopped by {stop.name}{what}", file=sys.stderr)
         return 128 + stop.signum
-    except BrokenPipeError:        # `mlbreg report ... | head`
+    except BrokenPipeError:  # `mlbreg report ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except Exception as err:       # a full disk, a read-only folder: one line naming the path and the cause
+    except Exception as err:  # a full disk, a read-only folder: one line naming the path and the cause
         message = describe(err, WRITES_TO.get(command))
         if message is None:
             raise
@@ -112,6 +120,7 @@ def _command(command: str, rest: list[str]) -> int:
         return _train(rest)
     if command == "report":
         from .report import main as report_main
+
         return report_main(rest)
     if command in COMMANDS:
         # each command's module has `main(argv) -> exit code`; imported late: `--help` stays fast

@@ -11,6 +11,7 @@ from the clock), so re-running a command finds its earlier run (to skip or resum
 a different config never reuses a directory. Names are a persistent contract
 (tests/test_golden.py).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -45,17 +46,46 @@ from .optim.regularizers import REGULARIZERS
 from .paths import config_dir
 from .sparsity import SCHEMES
 
-__all__ = ["ConfigError", "validate", "check_data", "check_device", "run_name", "identity", "digest", "known_keys",
-           "unknown_key_message", "unused_notes", "GROUPS", "NON_IDENTIFYING", "LATER_KEYS"]
+__all__ = [
+    "ConfigError",
+    "validate",
+    "check_data",
+    "check_device",
+    "run_name",
+    "identity",
+    "digest",
+    "known_keys",
+    "unknown_key_message",
+    "unused_notes",
+    "GROUPS",
+    "NON_IDENTIFYING",
+    "LATER_KEYS",
+]
 
 GROUPS = ("dataset", "model", "method", "regularizer", "init")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULERS = ("cosine", "constant")
 # Keys that change how a run is executed or where its data comes from, not its results:
 # they are left out of the run's identity so that e.g. a resumed run may use another device.
-NON_IDENTIFYING = ("resume", "wait_for_lock", "device", "progress", "logger", "checkpoint_every", "output_root", "num_threads",
-                   "distributed", "stop_check_every", "compile", "compile_optimizer",
-                   "hydra", "dataset.root", "dataset.download", "dataset.num_workers", "eval_batch_size")
+NON_IDENTIFYING = (
+    "resume",
+    "wait_for_lock",
+    "device",
+    "progress",
+    "logger",
+    "checkpoint_every",
+    "output_root",
+    "num_threads",
+    "distributed",
+    "stop_check_every",
+    "compile",
+    "compile_optimizer",
+    "hydra",
+    "dataset.root",
+    "dataset.download",
+    "dataset.num_workers",
+    "eval_batch_size",
+)
 
 # Identifying keys added after runs already existed, with the default they were added with.
 # A run that leaves such a key at that default keeps the name it had before the key
@@ -66,7 +96,9 @@ LATER_KEYS: dict[str, Any] = {
     "method.momentum_style": "torch",
     # RigL's reference defaults changed the behaviour: runs at the new defaults get
     # new names; a config asking for the old behaviour keeps the old name
-    "method.reinit_when_same": True, "method.count": "round", "method.drop_noise_std": 0,
+    "method.reinit_when_same": True,
+    "method.count": "round",
+    "method.drop_noise_std": 0,
 }
 
 
@@ -83,20 +115,34 @@ def _sparsity(value, key):
 def _top_rules() -> tuple:
     """The checks of the keys every run has, in the order they are reported."""
     return (
-        ("dataset.name", choice(DATASETS)), ("model.name", _model_name), ("method.name", choice(METHODS)),
-        ("regularizer.name", choice(r for r in REGULARIZERS if r != "none")), ("init.scheme", choice(SCHEMES)),
-        ("device", choice(DEVICES)), ("scheduler", choice(SCHEDULERS)), ("backend", choice(BACKENDS)),
-        ("precision", choice(("fp32", "bf16"))), ("dataset.loader", choice(LOADERS.names())),
-        ("logger", choice(LOGGERS)), ("compile_optimizer", choice(("auto", True, False))),
+        ("dataset.name", choice(DATASETS)),
+        ("model.name", _model_name),
+        ("method.name", choice(METHODS)),
+        ("regularizer.name", choice(r for r in REGULARIZERS if r != "none")),
+        ("init.scheme", choice(SCHEMES)),
+        ("device", choice(DEVICES)),
+        ("scheduler", choice(SCHEDULERS)),
+        ("backend", choice(BACKENDS)),
+        ("precision", choice(("fp32", "bf16"))),
+        ("dataset.loader", choice(LOADERS.names())),
+        ("logger", choice(LOGGERS)),
+        ("compile_optimizer", choice(("auto", True, False))),
         ("channels_last", choice(("auto", True, False))),
-        ("lam", at_least(0)), ("m", integer(1, " (m = 1 is LinBreg)")), ("lr", above(0)),
-        ("momentum", interval(0, 1, "[)")), ("epochs", integer(1)), ("batch_size", integer(1)),
-        ("init.density", interval(0, 1, "(]")), ("init.scale", above(0)), ("sparsity", _sparsity),
-        ("checkpoint_every", integer(0, " (0 = only at the end and on signals)")), ("seed", integer(0)),
-        ("eval_batch_size", integer(1)), ("stop_check_every", integer(1)),
+        ("lam", at_least(0)),
+        ("m", integer(1, " (m = 1 is LinBreg)")),
+        ("lr", above(0)),
+        ("momentum", interval(0, 1, "[)")),
+        ("epochs", integer(1)),
+        ("batch_size", integer(1)),
+        ("init.density", interval(0, 1, "(]")),
+        ("init.scale", above(0)),
+        ("sparsity", _sparsity),
+        ("checkpoint_every", integer(0, " (0 = only at the end and on signals)")),
+        ("seed", integer(0)),
+        ("eval_batch_size", integer(1)),
+        ("stop_check_every", integer(1)),
         ("num_threads", optional(integer(1), " (or null for torch's default)")),
-        *((key, boolean) for key in ("resume", "wait_for_lock", "compile", "progress", "distributed",
-                                     "sync_batchnorm")),
+        *((key, boolean) for key in ("resume", "wait_for_lock", "compile", "progress", "distributed", "sync_batchnorm")),
     )
 
 
@@ -148,7 +194,7 @@ def _check_keys(cfg: DictConfig) -> None:
         if not OmegaConf.is_dict(node):
             continue
         if group == "model" and is_external(node.get("name")):
-            continue          # torchvision / timm models: extra keys go to their builder (models/external.py)
+            continue  # torchvision / timm models: extra keys go to their builder (models/external.py)
         valid = known_keys(group, node.get("name"))
         for key in node.keys():
             if key not in valid:
@@ -191,6 +237,7 @@ def check_device(device: str, key: str = "device", way_out: str = "use device=cp
         fail(key, device, f"valid: {', '.join(DEVICES)} (or cuda:N)")
     if kind == "cuda":
         import torch
+
         if not torch.cuda.is_available():
             fail(key, device, f"CUDA is not available on this machine; {way_out}")
         if index and int(index) >= torch.cuda.device_count():
@@ -199,15 +246,21 @@ def check_device(device: str, key: str = "device", way_out: str = "use device=cp
 
 def _content(cfg: DictConfig) -> dict[str, Any]:
     """The config as plain data without `hydra` (whose run dir is computed from it)."""
-    return {k: OmegaConf.to_container(cfg._get_node(k), resolve=False) if OmegaConf.is_config(cfg._get_node(k))
-            else cfg._get_node(k)._value() for k in cfg.keys() if k != "hydra"}
+    return {
+        k: OmegaConf.to_container(cfg._get_node(k), resolve=False)
+        if OmegaConf.is_config(cfg._get_node(k))
+        else cfg._get_node(k)._value()
+        for k in cfg.keys()
+        if k != "hydra"
+    }
 
 
 def check_data(cfg: DictConfig) -> None:
     """Raise DataNotFoundError, saying what to put where, if the data set's files are
     missing (and not to be downloaded): before a run directory is created."""
-    missing = missing_data(cfg.dataset.name, OmegaConf.select(cfg, "dataset.root") or "data",
-                           bool(OmegaConf.select(cfg, "dataset.download")))
+    missing = missing_data(
+        cfg.dataset.name, OmegaConf.select(cfg, "dataset.root") or "data", bool(OmegaConf.select(cfg, "dataset.download"))
+    )
     if missing:
         raise DataNotFoundError(missing)
 
@@ -217,21 +270,32 @@ def _check_sparse_backend(cfg: DictConfig, environment: bool) -> None:
     name = cfg.backend
     label = "SparseProp" if name == "sparseprop" else "the native kernels"
     if not method_class(cfg.method.name).has_coarse_steps:
-        fail("backend", name, f"sparse CPU layers serve ML LinBreg's coarse steps; method={cfg.method.name} "
-             "needs backend=torch (or auto)")
+        fail(
+            "backend",
+            name,
+            f"sparse CPU layers serve ML LinBreg's coarse steps; method={cfg.method.name} needs backend=torch (or auto)",
+        )
     if cfg.device == "cuda":
         fail("backend", name, f"{label} run on the CPU only; use device=cpu or backend=torch")
     if cfg.compile:
         fail("compile", True, "torch.compile works with torch layers only (backend=torch or auto)")
     if cfg.distributed:
-        fail("backend", name, "swapped layers get their gradients outside autograd, which DDP cannot "
-             "synchronize; use backend=torch for distributed runs")
+        fail(
+            "backend",
+            name,
+            "swapped layers get their gradients outside autograd, which DDP cannot "
+            "synchronize; use backend=torch for distributed runs",
+        )
     if not environment:
         return
     if name == "sparseprop":
         if not sparseprop_available():
-            fail("backend", name, "SparseProp is not installed: pip install pybind11 scipy && pip install "
-                 "--no-build-isolation 'sparseprop>=0.1.14' (see docs/backends.md), or use backend=torch")
+            fail(
+                "backend",
+                name,
+                "SparseProp is not installed: pip install pybind11 scipy && pip install "
+                "--no-build-isolation 'sparseprop>=0.1.14' (see docs/backends.md), or use backend=torch",
+            )
     else:
         reason = unavailable_reason()
         if reason:

@@ -8,6 +8,7 @@ tensor takes 17 ms that way and 2.5 ms from the heap; ReLU forward + backward on
 12 ms. A training step allocates the same sizes every step, so the heap reaches its peak once and is
 reused; the cost is that the process keeps that peak (RSS does not shrink between steps).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -27,6 +28,6 @@ def keep_freed_memory() -> bool:
             try:
                 libc = ctypes.CDLL("libc.so.6")
                 _done = bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
-            except (OSError, AttributeError):   # not glibc (musl, ...): nothing to tune
+            except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
                 _done = False
     return _done

@@ -12,6 +12,7 @@ Only rank 0 writes files.
 Note: BatchNorm statistics are per rank (as in plain DDP); models without BatchNorm (or
 with `sync_batchnorm=true` on CUDA) match one process with the global batch.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,8 +68,9 @@ def init(requested: bool, device: torch.device) -> Context:
     if world <= 1 and not requested:
         return Context()
     if world <= 1:
-        raise ValueError("distributed=true needs a launcher that sets WORLD_SIZE/RANK, e.g. "
-                         "torchrun --nproc_per_node=2 -m mlbreg train ...")
+        raise ValueError(
+            "distributed=true needs a launcher that sets WORLD_SIZE/RANK, e.g. torchrun --nproc_per_node=2 -m mlbreg train ..."
+        )
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Context(rank=dist.get_rank(), world=dist.get_world_size())

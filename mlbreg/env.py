@@ -5,6 +5,7 @@ to config.yaml. `mlbreg report` compares the environments of the runs it aggrega
 lists the fields that differ (`COMPARED_FIELDS`), since a torch or CPU change can move
 timings and, for some kernels, the last digits of results.
 """
+
 from __future__ import annotations
 
 import os
@@ -66,18 +67,29 @@ def collect_env(device: Any = None) -> dict[str, Any]:
     import torch
 
     from . import __version__
+
     device_type = getattr(device, "type", device) or "cpu"
     gpu = None
     if device_type == "cuda" and torch.cuda.is_available():
         index = getattr(device, "index", None) or 0
         gpu = torch.cuda.get_device_name(index)
     return dict(
-        mlbreg=__version__, **git_state(),
-        python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
+        mlbreg=__version__,
+        **git_state(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
         cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        cpu=cpu_model(), cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
-        device=device_type, gpu=gpu, hostname=platform.node(), platform=platform.platform(),
-        executable=sys.executable, packages=packages())
+        cpu=cpu_model(),
+        cpu_count=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        device=device_type,
+        gpu=gpu,
+        hostname=platform.node(),
+        platform=platform.platform(),
+        executable=sys.executable,
+        packages=packages(),
+    )
 
 
 def differing(envs: dict[str, dict[str, Any]]) -> dict[str, dict[Any, list[str]]]:

@@ -7,6 +7,7 @@ metadata: the run's resolved config, the mlbreg version, num_classes and in_shap
 metrics row, run_key, device and the SHA-256 of the model.pt it was made from. So the file
 alone rebuilds the model (`load`): no run directory and no data set needed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ from .status import Status
 FORMATS = ("safetensors",)
 EXPORT_NAME = "model.safetensors"
 
+
 class ExportError(Exception):
     """Bad input to export / load / eval: the message says what to do."""
 
@@ -54,24 +56,24 @@ def finished_run(run_dir: str | os.PathLike, action: str = "export") -> Path:
         raise ExportError(f"{path} is not a directory (expected a run directory of `mlbreg train`)")
     status = RunDir(path).read_status()
     if status is None:
-        raise ExportError(f"{path} is not a run directory: no readable status.json "
-                          "(pass the directory `mlbreg train` wrote, with config.yaml and model.pt)")
+        raise ExportError(
+            f"{path} is not a run directory: no readable status.json "
+            "(pass the directory `mlbreg train` wrote, with config.yaml and model.pt)"
+        )
     state = status.get("status")
     if state != Status.FINISHED:
         # epoch, step: the last checkpoint's position (status.json follows the checkpoints)
         epoch, step = status.get("epoch"), status.get("step")
-        where = (f" after epoch {epoch} (step {step})" if epoch else f" at step {step}" if step else "")
+        where = f" after epoch {epoch} (step {step})" if epoch else f" at step {step}" if step else ""
         advice = {
             Status.RUNNING: "it is still training (or was killed without a signal): wait for it, or rerun the "
-                       "same `mlbreg train` command to resume it",
+            "same `mlbreg train` command to resume it",
             Status.INTERRUPTED: "rerun the same `mlbreg train` command to resume it to the end",
-            Status.DIVERGED: "its training loss became non-finite; train it again with other settings "
-                        "(e.g. a smaller lr)",
+            Status.DIVERGED: "its training loss became non-finite; train it again with other settings (e.g. a smaller lr)",
             Status.FAILED: "fix the error and rerun the same `mlbreg train` command",
         }.get(state, "train it to the end first")
         message = f" ({status['message']})" if status.get("message") else ""
-        raise ExportError(f"run {path} is {state}{where}{message}: only a finished run can be used for {action}; "
-                          f"{advice}")
+        raise ExportError(f"run {path} is {state}{where}{message}: only a finished run can be used for {action}; {advice}")
     for name in ("model.pt", "config.yaml"):
         if not (path / name).exists():
             raise ExportError(f"run {path} is finished but has no {name}; train it again (resume=false)")
@@ -87,8 +89,7 @@ def model_state(run_dir: Path) -> dict[str, torch.Tensor]:
     except TensorFileError as err:
         raise ExportError(f"{err}; train the run again (resume=false) to rewrite it") from err
     if state is None:
-        raise ExportError(f"{file} holds no state_dict (a dict of tensors); train the run again (resume=false) "
-                          "to rewrite it")
+        raise ExportError(f"{file} holds no state_dict (a dict of tensors); train the run again (resume=false) to rewrite it")
     return state
 
 
@@ -127,8 +128,11 @@ def dataset_shapes(cfg, from_data: bool = False) -> tuple[int, tuple[int, ...]]:
         source = DATASETS.get(ds.name) if ds.name in DATASETS else None
         if source is not None and source.num_classes is not None:
             return source.num_classes, source.in_shape
-    options = {k: v for k, v in OmegaConf.to_container(ds, resolve=True).items()
-               if k not in ("name", "root", "download", "loader", "num_workers")}
+    options = {
+        k: v
+        for k, v in OmegaConf.to_container(ds, resolve=True).items()
+        if k not in ("name", "root", "download", "loader", "num_workers")
+    }
     data = load_dataset(ds.name, root=ds.root, download=False, **options)
     return data.num_classes, tuple(data.in_shape)
 
@@ -161,8 +165,7 @@ def _model_with(cfg, state: dict[str, torch.Tensor], shapes=None) -> tuple[nn.Mo
 
 
 # --------------------------------------------------------------------------- export / load
-def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
-           format: str = "safetensors") -> dict[str, Any]:
+def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, format: str = "safetensors") -> dict[str, Any]:
     """Write the finished run's model as a sparse file; returns a summary (path, sizes, encodings)."""
     from safetensors.torch import save
 
@@ -187,7 +190,7 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
         "sparse": json.dumps(layout),
         "final": json.dumps(final_metrics(run) or status.get("final") or {}),
         "run_key": str(status.get("run_key", "")),
-        "device": str(status.get("device", "")),       # where the run trained (and evaluated)
+        "device": str(status.get("device", "")),  # where the run trained (and evaluated)
         "model_pt_sha256": _sha256(run / "model.pt"),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -196,15 +199,21 @@ def export(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     tmp.write_bytes(save(tensors, metadata=metadata))
     tmp.replace(out)
     encodings = [info["encoding"] for info in layout.values()]
-    return dict(path=out, bytes=out.stat().st_size, model_pt_bytes=(run / "model.pt").stat().st_size,
-                bitmask=encodings.count("bitmask"), indices=encodings.count("indices"),
-                data_bytes=sum(t.numel() * t.element_size() for t in tensors.values()))
+    return dict(
+        path=out,
+        bytes=out.stat().st_size,
+        model_pt_bytes=(run / "model.pt").stat().st_size,
+        bitmask=encodings.count("bitmask"),
+        indices=encodings.count("indices"),
+        data_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
+    )
 
 
 def read_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(state_dict, metadata) of an exported file."""
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
+
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -212,8 +221,7 @@ def read_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
     except (SafetensorError, OSError) as err:
         raise ExportError(f"cannot read {path} as a safetensors file: {err}") from err
     if metadata.get("format") != FORMAT_TAG:
-        raise ExportError(f"{path} is not an `mlbreg export` file (format {metadata.get('format')!r}, "
-                          f"expected {FORMAT_TAG!r})")
+        raise ExportError(f"{path} is not an `mlbreg export` file (format {metadata.get('format')!r}, expected {FORMAT_TAG!r})")
     try:
         return unpack_state(tensors, json.loads(metadata["sparse"])), metadata
     except SparseFormatError as err:
@@ -243,9 +251,17 @@ def resolve(path: str | os.PathLike) -> dict[str, Any]:
     if path.is_file() and _is_export(path):
         state, meta = read_export(path)
         shapes = (json.loads(meta["num_classes"]), tuple(json.loads(meta["in_shape"])))
-        return dict(kind="export", file=path, run_dir=None, cfg=OmegaConf.create(meta["config"]), shapes=shapes,
-                    state=state, final=json.loads(meta.get("final") or "null") or None, metadata=meta,
-                    device=meta.get("device") or None)
+        return dict(
+            kind="export",
+            file=path,
+            run_dir=None,
+            cfg=OmegaConf.create(meta["config"]),
+            shapes=shapes,
+            state=state,
+            final=json.loads(meta.get("final") or "null") or None,
+            metadata=meta,
+            device=meta.get("device") or None,
+        )
     run = finished_run(path.parent if path.is_file() else path, action="loading")
     exported = run / EXPORT_NAME
     if path.is_dir() and exported.exists():
@@ -253,13 +269,22 @@ def resolve(path: str | os.PathLike) -> dict[str, Any]:
         recorded = info["metadata"].get("model_pt_sha256")
         if recorded and recorded != _sha256(run / "model.pt"):
             # the run was trained again after the export (model.pt replaced, the export kept)
-            raise ExportError(f"{exported} was exported from an earlier model.pt of this run; "
-                              f"export it again: mlbreg export {run}")
+            raise ExportError(
+                f"{exported} was exported from an earlier model.pt of this run; export it again: mlbreg export {run}"
+            )
         return dict(info, run_dir=run, final=final_metrics(run) or info["final"])
     state = model_state(run)
-    return dict(kind="model.pt", file=run / "model.pt", run_dir=run, cfg=run_config(run), shapes=None,
-                state=state, final=final_metrics(run), metadata={},
-                device=json.loads((run / "status.json").read_text()).get("device"))
+    return dict(
+        kind="model.pt",
+        file=run / "model.pt",
+        run_dir=run,
+        cfg=run_config(run),
+        shapes=None,
+        state=state,
+        final=final_metrics(run),
+        metadata={},
+        device=json.loads((run / "status.json").read_text()).get("device"),
+    )
 
 
 def model_from(info: dict[str, Any], device="cpu") -> nn.Module:
@@ -275,19 +300,22 @@ def load(path: str | os.PathLike, device="cpu") -> nn.Module:
 
 # --------------------------------------------------------------------------- CLI
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mlbreg export", description=__doc__.split("\n\n")[0],
-                                epilog=f"Default output: RUN_DIR/{EXPORT_NAME}. Load it with mlbreg.load(path); "
-                                       "check it with mlbreg eval FILE.")
+    p = argparse.ArgumentParser(
+        prog="mlbreg export",
+        description=__doc__.split("\n\n")[0],
+        epilog=f"Default output: RUN_DIR/{EXPORT_NAME}. Load it with mlbreg.load(path); check it with mlbreg eval FILE.",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory of `mlbreg train`")
     p.add_argument("--out", metavar="FILE", help=f"output file (default RUN_DIR/{EXPORT_NAME})")
-    p.add_argument("--format", default="safetensors",
-                   help=f"file format (valid: {', '.join(FORMATS)}; default safetensors)")
+    p.add_argument("--format", default="safetensors", help=f"file format (valid: {', '.join(FORMATS)}; default safetensors)")
     args = p.parse_args(argv)
     try:
         done = export(args.run_dir, args.out, args.format)
     except ExportError as err:
         print(f"mlbreg export: {err}", file=sys.stderr)
         return 2
-    print(f"mlbreg export: wrote {done['path']}: {done['bytes']:,} bytes (model.pt {done['model_pt_bytes']:,}; "
-          f"sparse weights: {done['bitmask']} with a bitmask, {done['indices']} with indices)")
+    print(
+        f"mlbreg export: wrote {done['path']}: {done['bytes']:,} bytes (model.pt {done['model_pt_bytes']:,}; "
+        f"sparse weights: {done['bitmask']} with a bitmask, {done['indices']} with indices)"
+    )
     return 0

@@ -11,6 +11,7 @@
 
 A leaf module: nothing of mlbreg, no torch.
 """
+
 from __future__ import annotations
 
 import errno
@@ -108,7 +109,7 @@ def stop_signals_raise() -> Iterator[None]:
         try:
             if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
                 previous[signum] = signal.signal(signum, _raise_stopped)
-        except ValueError:      # not the main thread: signals stay with whoever runs us
+        except ValueError:  # not the main thread: signals stay with whoever runs us
             pass
     try:
         yield

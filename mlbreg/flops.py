@@ -5,6 +5,7 @@ and residual additions are negligible and ignored), and a multiply-add is
 2 FLOPs, matching ``torch.utils.flop_counter.FlopCounterMode``. Biases are
 ignored too, as FlopCounterMode does.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,9 +37,11 @@ def dense_layer_flops(model: nn.Module, in_shape) -> dict[str, float]:
     flops = {name: 0.0 for name, _ in layers}
     handles = []
     for name, m in layers:
+
         def hook(mod, args, out, name=name):
             # += : a module called more than once contributes each call.
             flops[name] += _layer_flops(mod, args[0], out)
+
         handles.append(m.register_forward_hook(hook))
 
     p = next(model.parameters(), None)
@@ -70,10 +73,10 @@ def sparse_forward_flops(layer_flops: dict, densities: dict) -> float:
 # activation-gradient pass: 2 f_S + f_D.
 # Per method and its source: docs/method.md, "Training FLOPs of each method".
 _STEP_KINDS = {
-    "dense": lambda fd, fs: 3.0 * fd,       # SGD; prune_finetune dense phase; GMP before its first pruning
+    "dense": lambda fd, fs: 3.0 * fd,  # SGD; prune_finetune dense phase; GMP before its first pruning
     "full_grad": lambda fd, fs: 2.0 * fs + fd,  # LinBreg; ML LinBreg fine step; RigL mask update
-    "sparse": lambda fd, fs: 3.0 * fs,      # ML LinBreg coarse step; RigL normal step; every SET and static
-                                            # step; GMP after its first pruning; fine-tuning
+    "sparse": lambda fd, fs: 3.0 * fs,  # ML LinBreg coarse step; RigL normal step; every SET and static
+    # step; GMP after its first pruning; fine-tuning
 }
 
 
@@ -105,12 +108,14 @@ class FlopsAccount:
         layers = prunable_modules(model)
         self.weights = [mod.weight for _, mod in layers]
         self.f_dense = float(sum(per_layer.values()))
-        self.flops_per_weight = torch.tensor([per_layer[name] / mod.weight.numel() for name, mod in layers],
-                                             dtype=torch.float64, device=device)
+        self.flops_per_weight = torch.tensor(
+            [per_layer[name] / mod.weight.numel() for name, mod in layers], dtype=torch.float64, device=device
+        )
         # Σ over the steps of each kind of batch·nnz_l (exact integers in float64)
-        self.nnz_samples = {kind: torch.zeros(len(layers), dtype=torch.float64, device=device)
-                            for kind in ("full_grad", "sparse")}
-        self.samples = {kind: 0 for kind in STEP_KINDS}   # Σ batch per kind
+        self.nnz_samples = {
+            kind: torch.zeros(len(layers), dtype=torch.float64, device=device) for kind in ("full_grad", "sparse")
+        }
+        self.samples = {kind: 0 for kind in STEP_KINDS}  # Σ batch per kind
         self.counts = {kind: 0 for kind in STEP_KINDS}
 
     def nnz(self) -> torch.Tensor:
@@ -135,9 +140,12 @@ class FlopsAccount:
     def total(self) -> float:
         """FLOPs of all steps so far (reads the device once)."""
         sparse_flops = {kind: float((v * self.flops_per_weight).sum()) for kind, v in self.nnz_samples.items()}
-        return (3 * self.f_dense * self.samples["dense"]
-                + 2 * sparse_flops["full_grad"] + self.f_dense * self.samples["full_grad"]
-                + 3 * sparse_flops["sparse"])
+        return (
+            3 * self.f_dense * self.samples["dense"]
+            + 2 * sparse_flops["full_grad"]
+            + self.f_dense * self.samples["full_grad"]
+            + 3 * sparse_flops["sparse"]
+        )
 
     def sgd_total(self) -> float:
         """FLOPs dense SGD would have spent on the same samples: 3·f_D per sample."""
@@ -146,8 +154,11 @@ class FlopsAccount:
     def state_dict(self):
         # the accumulators themselves (exact integers), so a resumed run folds them exactly
         # as an uninterrupted one would
-        return dict(nnz_samples={k: v.tolist() for k, v in self.nnz_samples.items()}, samples=dict(self.samples),
-                    counts=dict(self.counts))
+        return dict(
+            nnz_samples={k: v.tolist() for k, v in self.nnz_samples.items()},
+            samples=dict(self.samples),
+            counts=dict(self.counts),
+        )
 
     def load_state_dict(self, state):
         self.counts = dict(state["counts"])

@@ -7,6 +7,7 @@ this file only.
 - `sweep_jobs(overrides)` / `expand_sweep(overrides)`: the jobs of `mlbreg train -m ...`
   without running them (`mlbreg report --sweep`).
 """
+
 from __future__ import annotations
 
 import os
@@ -66,7 +67,6 @@ def _register_model_source() -> None:
     from hydra.core.plugins import Plugins
     from hydra.plugins.config_source import ConfigResult, ConfigSource
 
-
     def model_name(config_path: str) -> str | None:
         group, _, option = config_path.removesuffix(".yaml").partition("/")
         return option if group == "model" and is_external(option) else None
@@ -77,8 +77,12 @@ def _register_model_source() -> None:
             return "mlbreg-models"
 
         def load_config(self, config_path: str) -> ConfigResult:
-            return ConfigResult(provider=self.provider, path=self.full_path(), header={"package": None},
-                                config=OmegaConf.create({"name": model_name(config_path)}))
+            return ConfigResult(
+                provider=self.provider,
+                path=self.full_path(),
+                header={"package": None},
+                config=OmegaConf.create({"name": model_name(config_path)}),
+            )
 
         def is_group(self, config_path: str) -> bool:
             return False
@@ -115,8 +119,7 @@ def run_hydra(argv: list[str], job, extra_overrides: tuple[str, ...] = ()) -> in
     flags, overrides = split_flags(argv)
     if argv != flags + overrides:
         # argparse would call the overrides after a flag "unrecognized arguments"
-        print(f"mlbreg: Hydra flags go before the overrides: mlbreg train {' '.join(flags + overrides)}",
-              file=sys.stderr)
+        print(f"mlbreg: Hydra flags go before the overrides: mlbreg train {' '.join(flags + overrides)}", file=sys.stderr)
         return 2
     _check_whole_sweeps()
     sys.argv = [sys.argv[0]] + argv + list(extra_overrides)
@@ -152,7 +155,7 @@ def _check_whole_sweeps() -> None:
         # a cluster launcher checks on the submitting machine: CUDA and the data may be
         # on the compute nodes only, where each job checks them again when it starts
         local = "slurm" not in str(OmegaConf.select(self.config, "hydra.launcher._target_")).lower()
-        bad: dict[str, list[str]] = {}     # message -> the jobs (overrides) it applies to
+        bad: dict[str, list[str]] = {}  # message -> the jobs (overrides) it applies to
         for overrides in batch:
             cfg = loader.load_sweep_config(master_config=self.config, sweep_overrides=list(overrides))
             try:
@@ -162,18 +165,35 @@ def _check_whole_sweeps() -> None:
             except (ConfigError, DataNotFoundError) as err:
                 bad.setdefault(str(err), []).append(" ".join(overrides))
         if bad:
-            lines = [f"{msg}  [{jobs[0]}]" if len(jobs) == 1 else f"{msg}  ({len(jobs)} jobs, e.g. [{jobs[0]}])"
-                     for msg, jobs in bad.items()]
-            raise ConfigError(f"{sum(map(len, bad.values()))} of {len(batch)} jobs of the sweep are invalid, "
-                              "so none was started:" + "".join(f"\n  {line}" for line in lines))
+            lines = [
+                f"{msg}  [{jobs[0]}]" if len(jobs) == 1 else f"{msg}  ({len(jobs)} jobs, e.g. [{jobs[0]}])"
+                for msg, jobs in bad.items()
+            ]
+            raise ConfigError(
+                f"{sum(map(len, bad.values()))} of {len(batch)} jobs of the sweep are invalid, "
+                "so none was started:" + "".join(f"\n  {line}" for line in lines)
+            )
 
     validate_batch_is_legal._mlbreg = True
     Sweeper.validate_batch_is_legal = validate_batch_is_legal
 
 
 # Hydra's flags that take a value (`--cfg job`, `-cn NAME`, `--info plugins`, ...)
-_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-                     "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
+_FLAGS_WITH_VALUE = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+    "--info",
+    "-i",
+}
 
 
 def split_flags(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -182,9 +202,10 @@ def split_flags(argv: list[str]) -> tuple[list[str], list[str]]:
     while i < len(argv):
         arg = argv[i]
         if arg.startswith("-"):
-            takes = arg in _FLAGS_WITH_VALUE and i + 1 < len(argv) and "=" not in argv[i + 1] \
-                and not argv[i + 1].startswith("-")
-            flags += argv[i:i + 2] if takes else [arg]
+            takes = (
+                arg in _FLAGS_WITH_VALUE and i + 1 < len(argv) and "=" not in argv[i + 1] and not argv[i + 1].startswith("-")
+            )
+            flags += argv[i : i + 2] if takes else [arg]
             i += 2 if takes else 1
         else:
             overrides.append(arg)
@@ -198,8 +219,14 @@ def user_error(err: BaseException) -> str | None:
     (and for an I/O error of the machine, which `mlbreg.cli` turns into one line)."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
-    user_errors = (ConfigError, DataNotFoundError, CheckpointError, RunFileError, ConfigCompositionException,
-                   OverrideParseException)
+    user_errors = (
+        ConfigError,
+        DataNotFoundError,
+        CheckpointError,
+        RunFileError,
+        ConfigCompositionException,
+        OverrideParseException,
+    )
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -235,8 +262,9 @@ def preset_override(name: str) -> str:
 
 def _normalize_presets(overrides: list[str]) -> list[str]:
     """`experiment=NAME` is accepted as `+experiment=NAME` (a common slip)."""
-    return [preset_override(o.split("=", 1)[1]) if o.split("=", 1)[0] in ("experiment", "+experiment") else o
-            for o in overrides]
+    return [
+        preset_override(o.split("=", 1)[1]) if o.split("=", 1)[0] in ("experiment", "+experiment") else o for o in overrides
+    ]
 
 
 def sweep_jobs(overrides: list[str]) -> list[tuple[list[str], Any]]:
@@ -252,8 +280,9 @@ def sweep_jobs(overrides: list[str]) -> list[tuple[list[str], Any]]:
 
     register_resolvers()
     # launcher settings do not change which runs a sweep makes (and their plugins need not be importable)
-    overrides = [o for o in _normalize_presets(overrides)
-                 if not o.lstrip("+~").startswith(("hydra/launcher", "hydra.launcher"))]
+    overrides = [
+        o for o in _normalize_presets(overrides) if not o.lstrip("+~").startswith(("hydra/launcher", "hydra.launcher"))
+    ]
     with initialize_config_dir(config_dir(), version_base="1.3"):
         hydra = GlobalHydra.instance().hydra
         try:

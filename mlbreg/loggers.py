@@ -3,6 +3,7 @@
 The CSV files of the run directory stay the record (the report reads only them); a logger
 here is a view of the same rows for people who watch runs live in TensorBoard.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,6 +30,7 @@ class TensorBoardLog:
 
     def __init__(self, log_dir: Path, resumed_at_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
+
         purge = resumed_at_step + 1 if resumed_at_step is not None else None
         self.writer = SummaryWriter(str(log_dir), purge_step=purge)
 

@@ -12,6 +12,7 @@ support, ...), LR scheduler, counters, the FLOPs account and the RNG states. The
 order and augmentation of an epoch depend only on (seed, epoch), so a run resumed at
 any step sees exactly the batches an uninterrupted run sees.
 """
+
 from __future__ import annotations
 
 import csv
@@ -45,10 +46,28 @@ from .status import Status
 __all__ = ["LAYER_COLUMNS", "METRIC_COLUMNS", "Trainer", "write_summary"]
 
 METRIC_COLUMNS = [
-    "epoch", "step", "lr", "train_loss", "train_acc_pct", "test_loss", "test_acc_pct",
-    "sparsity_pct", "sparsity_all_params_pct", "conv_sparsity_pct", "nonzeros", "prunable_params",
-    "fine_steps", "coarse_steps", "train_gflops", "train_flops_vs_sgd", "inference_flops_vs_dense",
-    "epoch_s", *TIMERS, "eval_s", "model_bytes_dense", "model_bytes_sparse",
+    "epoch",
+    "step",
+    "lr",
+    "train_loss",
+    "train_acc_pct",
+    "test_loss",
+    "test_acc_pct",
+    "sparsity_pct",
+    "sparsity_all_params_pct",
+    "conv_sparsity_pct",
+    "nonzeros",
+    "prunable_params",
+    "fine_steps",
+    "coarse_steps",
+    "train_gflops",
+    "train_flops_vs_sgd",
+    "inference_flops_vs_dense",
+    "epoch_s",
+    *TIMERS,
+    "eval_s",
+    "model_bytes_dense",
+    "model_bytes_sparse",
 ]
 LAYER_COLUMNS = ["epoch", "layer", "kind", "shape", "numel", "nonzeros", "density", "kernels", "zero_kernels"]
 
@@ -56,6 +75,7 @@ LAYER_COLUMNS = ["epoch", "layer", "kind", "shape", "numel", "nonzeros", "densit
 @dataclass
 class Position:
     """Where a run is: epochs done, batches done in the current epoch, steps done."""
+
     epoch: int = 0
     batch: int = 0
     step: int = 0
@@ -68,7 +88,7 @@ class Trainer:
         self.cfg, self.run_dir, self.run_key, self.device, self.ctx, self.name = cfg, run, run_key, device, ctx, name
         self._build_parts()
         self.pos = Position()
-        self.partial, self.resumed_from = None, None   # the checkpoint's `partial_epoch`, its step
+        self.partial, self.resumed_from = None, None  # the checkpoint's `partial_epoch`, its step
         self._resume(previous)
         self.stop = StopGuard(ctx, device, cfg.stop_check_every)
         self._open_files()
@@ -81,9 +101,17 @@ class Trainer:
         self.train_loader, self.test_loader = parts.train_loader, parts.test_loader
         self.flops = FlopsAccount(self.model, data.in_shape, device)
         # torch.compile traces torch layers: with compile=true, auto means torch
-        self.backend = make_backend("torch" if cfg.compile else cfg.backend, self.model, device, cfg.method.name,
-                                    optimizer=self.method.optimizer, batch_size=cfg.batch_size,
-                                    in_shape=data.in_shape, precision=cfg.precision, channels_last=self.channels_last)
+        self.backend = make_backend(
+            "torch" if cfg.compile else cfg.backend,
+            self.model,
+            device,
+            cfg.method.name,
+            optimizer=self.method.optimizer,
+            batch_size=cfg.batch_size,
+            in_shape=data.in_shape,
+            precision=cfg.precision,
+            channels_last=self.channels_last,
+        )
         # forward_model: what the training step calls (DDP / compiled wrappers)
         self.model, self.forward_model, self.autocast = _wrap(cfg, self.model, self.ctx, device)
 
@@ -94,15 +122,16 @@ class Trainer:
             self._check_rows()
             self.resumed_from = self.pos.step
             if self.ctx.is_main:
-                print(f"mlbreg: resuming {run.path} at epoch {self.pos.epoch + 1}, step {self.pos.step}",
-                      file=sys.stderr)
+                print(f"mlbreg: resuming {run.path} at epoch {self.pos.epoch + 1}, step {self.pos.step}", file=sys.stderr)
         elif cfg.resume and previous and previous.get("status") in (Status.RUNNING, Status.INTERRUPTED) and self.ctx.is_main:
             run.clear()  # died before its first checkpoint: nothing to keep
 
     def _logs(self) -> tuple[CsvLog, CsvLog]:
         run = self.run_dir
-        return (CsvLog(run.file("metrics.csv"), METRIC_COLUMNS),
-                CsvLog(run.file("layers.csv"), LAYER_COLUMNS, key=("epoch", "layer")))
+        return (
+            CsvLog(run.file("metrics.csv"), METRIC_COLUMNS),
+            CsvLog(run.file("layers.csv"), LAYER_COLUMNS, key=("epoch", "layer")),
+        )
 
     def _check_rows(self) -> None:
         """Refuse to resume over rows lost before the checkpoint (a file cut short, rows deleted): the
@@ -114,7 +143,8 @@ class Trainer:
                 raise CheckpointError(
                     f"{log.path} lacks the rows of epoch(s) {epoch_ranges(missing)} of the {epoch} before the "
                     f"checkpoint (cut short or edited?), and the checkpoint cannot recompute them: retrain the run "
-                    f"from scratch with resume=false (replaces its files), or put the complete file back and rerun")
+                    f"from scratch with resume=false (replaces its files), or put the complete file back and rerun"
+                )
 
     def _open_files(self) -> None:
         run = self.run_dir
@@ -124,8 +154,11 @@ class Trainer:
             for log in (self.metrics_log, self.layers_log):
                 dropped = log.keep_epochs_up_to(self.pos.epoch)
                 if dropped:
-                    print(f"mlbreg: note: {log.path}: dropped line {', '.join(map(str, dropped))}, which "
-                          f"{'is not a row' if len(dropped) == 1 else 'are not rows'} of the file", file=sys.stderr)
+                    print(
+                        f"mlbreg: note: {log.path}: dropped line {', '.join(map(str, dropped))}, which "
+                        f"{'is not a row' if len(dropped) == 1 else 'are not rows'} of the file",
+                        file=sys.stderr,
+                    )
             text = OmegaConf.to_yaml(self.cfg, resolve=True)
             atomic_write_bytes(run.file("config.yaml"), lambda f: f.write(text.encode()))
             run.write_env(collect_env(self.device))
@@ -134,43 +167,60 @@ class Trainer:
 
     def _write_status(self, status: str, **info) -> None:
         # with what actually ran: `device=auto` / `backend=auto` resolved
-        self.run_dir.write_status(status, run_key=self.run_key, device=self.device.type, backend=self.backend.name,
-                                  **info)
+        self.run_dir.write_status(status, run_key=self.run_key, device=self.device.type, backend=self.backend.name, **info)
 
     def _restore(self, ckpt) -> None:
         self.model.load_state_dict(ckpt["model"])
         try:
             self.method.load_state_dict(ckpt["method"])
-        except ValueError as err:    # a state the method refuses to continue (an older adaptive criterion)
+        except ValueError as err:  # a state the method refuses to continue (an older adaptive criterion)
             raise CheckpointError(f"checkpoint {self.run_dir.checkpoint_path}: {err}") from err
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.flops.load_state_dict(ckpt["flops"])
         RngState.restore(ckpt["rng"])
-        self.backend.load_state_dict(ckpt["backend"])   # the sparse backend's timed layer choices
+        self.backend.load_state_dict(ckpt["backend"])  # the sparse backend's timed layer choices
         self.pos, self.partial = Position(**ckpt["position"]), ckpt.get("partial_epoch")
 
     def checkpoint(self, partial_epoch=None) -> None:
         if self.ctx.is_main:
             self.backend.use_dense()
-            self.run_dir.save_checkpoint(dict(
-                run_key=self.run_key, model=self.model.state_dict(), method=self.method.state_dict(),
-                scheduler=self.scheduler.state_dict(), flops=self.flops.state_dict(), rng=RngState.capture(),
-                backend=self.backend.state_dict(), position=asdict(self.pos), partial_epoch=partial_epoch))
+            self.run_dir.save_checkpoint(
+                dict(
+                    run_key=self.run_key,
+                    model=self.model.state_dict(),
+                    method=self.method.state_dict(),
+                    scheduler=self.scheduler.state_dict(),
+                    flops=self.flops.state_dict(),
+                    rng=RngState.capture(),
+                    backend=self.backend.state_dict(),
+                    position=asdict(self.pos),
+                    partial_epoch=partial_epoch,
+                )
+            )
             # status.json follows the checkpoints: a killed run's says where a rerun resumes
             self._write_status(Status.RUNNING, epoch=self.pos.epoch, step=self.pos.step)
         self.ctx.barrier()
 
     def run(self) -> dict[str, Any]:
-        self.bar = tqdm(total=self.cfg.epochs * len(self.train_loader), initial=self.pos.step, dynamic_ncols=True,
-                        disable=not (self.cfg.progress and self.ctx.is_main), desc=self.name.rsplit("/", 1)[0])
+        self.bar = tqdm(
+            total=self.cfg.epochs * len(self.train_loader),
+            initial=self.pos.step,
+            dynamic_ncols=True,
+            disable=not (self.cfg.progress and self.ctx.is_main),
+            desc=self.name.rsplit("/", 1)[0],
+        )
         try:
             with self.stop.catching():
                 outcome = self._epochs()
         except Exception as err:
             if self.ctx.is_main:
-                try:     # the cause, not what it caused: "No space left on device", not torch's RuntimeError
-                    self._write_status(Status.FAILED, epoch=self.pos.epoch, step=self.pos.step,
-                                       message=describe(err, "output_root=DIR") or f"{type(err).__name__}: {err}")
+                try:  # the cause, not what it caused: "No space left on device", not torch's RuntimeError
+                    self._write_status(
+                        Status.FAILED,
+                        epoch=self.pos.epoch,
+                        step=self.pos.step,
+                        message=describe(err, "output_root=DIR") or f"{type(err).__name__}: {err}",
+                    )
                 except OSError:  # the full disk may refuse the status too: the error raised below says why
                     pass
             raise
@@ -189,20 +239,31 @@ class Trainer:
             meter = EpochMeter(self.device, self.partial, keep_sums=self.ctx.is_main)
             self.partial = None
             if not self._train_epoch(epoch, meter):
-                return dict(status=Status.INTERRUPTED, epoch=epoch, step=pos.step,
-                            message=f"stopped by signal {self.stop.signal} at step {pos.step}; rerun to resume")
+                return dict(
+                    status=Status.INTERRUPTED,
+                    epoch=epoch,
+                    step=pos.step,
+                    message=f"stopped by signal {self.stop.signal} at step {pos.step}; rerun to resume",
+                )
             row = self._end_epoch(epoch, meter)
             if int(meter.bad_step) >= 0:
-                return dict(status=Status.DIVERGED, epoch=epoch + 1, step=pos.step,
-                            message=f"non-finite training loss first at step {int(meter.bad_step)} "
-                                    f"(epoch {epoch + 1})")
+                return dict(
+                    status=Status.DIVERGED,
+                    epoch=epoch + 1,
+                    step=pos.step,
+                    message=f"non-finite training loss first at step {int(meter.bad_step)} (epoch {epoch + 1})",
+                )
             if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0 and more:
                 self.checkpoint()
             # a signal after the last epoch's rows changes nothing: the run finishes
             if more and self.stop.any_rank():
                 self.checkpoint()
-                return dict(status=Status.INTERRUPTED, epoch=epoch + 1, step=pos.step,
-                            message=f"stopped by signal {self.stop.signal} after epoch {epoch + 1}; rerun to resume")
+                return dict(
+                    status=Status.INTERRUPTED,
+                    epoch=epoch + 1,
+                    step=pos.step,
+                    message=f"stopped by signal {self.stop.signal} after epoch {epoch + 1}; rerun to resume",
+                )
         return dict(status=Status.FINISHED, epoch=pos.epoch, step=pos.step, final=row)
 
     def _train_epoch(self, epoch: int, meter: EpochMeter) -> bool:
@@ -258,8 +319,9 @@ class Trainer:
                 self.logger.append(row)
             self.layers_log.append([dict(epoch=epoch + 1, **layer) for layer in layers])
             self._record_layer_choices()
-        self.bar.set_postfix(loss=f"{row['train_loss']:.3f}", test_acc=f"{row['test_acc_pct']:.1f}",
-                             sparsity=f"{row['sparsity_pct']:.1f}")
+        self.bar.set_postfix(
+            loss=f"{row['train_loss']:.3f}", test_acc=f"{row['test_acc_pct']:.1f}", sparsity=f"{row['sparsity_pct']:.1f}"
+        )
         self.method.end_epoch(epoch + 1)
         return row
 
@@ -269,8 +331,7 @@ class Trainer:
         record = getattr(self.backend, "choice_record", None)
         if record is not None:
             store = self.backend.choices.store
-            self.run_dir.update_env(layer_choices=record(),
-                                    layer_choice_record=str(store.path) if store is not None else "off")
+            self.run_dir.update_env(layer_choices=record(), layer_choice_record=str(store.path) if store is not None else "off")
 
     def _epoch_row(self, epoch: int, meter: EpochMeter):
         """The epoch's metrics.csv row (and the per-layer stats); moves the position to the next epoch."""
@@ -280,11 +341,21 @@ class Trainer:
         layers = layer_stats(self.model)
         sparsity = sparsity_summary(self.model, layers)
         self.pos.epoch, self.pos.batch = epoch + 1, 0
-        row = dict(epoch=epoch + 1, step=self.pos.step, lr=self.scheduler.get_last_lr()[0],
-                   train_loss=meter.train_loss(), train_acc_pct=meter.train_acc_pct(),
-                   test_loss=test_loss, test_acc_pct=test_acc, **sparsity, **_flops_columns(self.flops),
-                   epoch_s=meter.epoch_s, **meter.times,
-                   eval_s=time.perf_counter() - t_eval, **model_bytes(self.model, layers))
+        row = dict(
+            epoch=epoch + 1,
+            step=self.pos.step,
+            lr=self.scheduler.get_last_lr()[0],
+            train_loss=meter.train_loss(),
+            train_acc_pct=meter.train_acc_pct(),
+            test_loss=test_loss,
+            test_acc_pct=test_acc,
+            **sparsity,
+            **_flops_columns(self.flops),
+            epoch_s=meter.epoch_s,
+            **meter.times,
+            eval_s=time.perf_counter() - t_eval,
+            **model_bytes(self.model, layers),
+        )
         return row, layers
 
     def _conclude(self, outcome: dict[str, Any]) -> dict[str, Any]:
@@ -317,8 +388,7 @@ def _wrap(cfg, model: nn.Module, ctx, device):
     if ctx.enabled:
         if cfg.sync_batchnorm:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        forward_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+        forward_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         forward_model = torch.compile(forward_model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
@@ -328,18 +398,35 @@ def _wrap(cfg, model: nn.Module, ctx, device):
 def _flops_columns(flops: FlopsAccount) -> dict[str, Any]:
     f_sparse = flops.f_sparse().item()
     total_flops = flops.total()
-    return dict(fine_steps=flops.counts["full_grad"] + flops.counts["dense"], coarse_steps=flops.counts["sparse"],
-                train_gflops=total_flops / 1e9, train_flops_vs_sgd=total_flops / flops.sgd_total(),
-                inference_flops_vs_dense=f_sparse / flops.f_dense)
+    return dict(
+        fine_steps=flops.counts["full_grad"] + flops.counts["dense"],
+        coarse_steps=flops.counts["sparse"],
+        train_gflops=total_flops / 1e9,
+        train_flops_vs_sgd=total_flops / flops.sgd_total(),
+        inference_flops_vs_dense=f_sparse / flops.f_dense,
+    )
 
 
 def write_summary(cfg: DictConfig, run: RunDir, outcome: dict[str, Any], name: str) -> None:
     """summary.csv: the run's identifying config and its final row (`name`: its run_name)."""
     final = outcome.get("final") or {}
-    row = dict(dataset=cfg.dataset.name, model=cfg.model.name, method=cfg.method.name,
-               regularizer=cfg.regularizer.name, lam=cfg.lam, m=cfg.m, init=cfg.init.scheme,
-               init_density=init_density(cfg), target_sparsity=cfg.sparsity, init_scale=cfg.init.scale, lr=cfg.lr,
-               momentum=cfg.momentum, epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed)
+    row = dict(
+        dataset=cfg.dataset.name,
+        model=cfg.model.name,
+        method=cfg.method.name,
+        regularizer=cfg.regularizer.name,
+        lam=cfg.lam,
+        m=cfg.m,
+        init=cfg.init.scheme,
+        init_density=init_density(cfg),
+        target_sparsity=cfg.sparsity,
+        init_scale=cfg.init.scale,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+    )
     row.update({k: v for k, v in final.items() if k not in ("epoch", "lr")})  # lr: the configured one
     row.update(run_name=name, status=Status.FINISHED)
     buf = io.StringIO()

@@ -26,6 +26,7 @@ the fused graph replaces keeps one while the handle lives, which runs the module
 steps and in eval mode). ``copy.deepcopy(model)`` and ``torch.save(model)`` work at any time: the copy is a
 plain model (its hooks do nothing, its forwards are its classes').
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -39,8 +40,7 @@ from .backends.swap_layer import Installed
 __all__ = ["SparseSteps", "sparse_steps"]
 
 
-def sparse_steps(model: nn.Module, optimizer: torch.optim.Optimizer, backend: str = "auto",
-                 **options: Any) -> SparseSteps:
+def sparse_steps(model: nn.Module, optimizer: torch.optim.Optimizer, backend: str = "auto", **options: Any) -> SparseSteps:
     """Run `optimizer`'s coarse steps (an ``mlbreg.optim.MLLinBreg``) on sparse layers in your own loop.
 
     Args:
@@ -71,19 +71,22 @@ class SparseSteps:
             raise TypeError(f"sparse_steps needs an nn.Module, got {type(model).__name__}")
         coarse = _has_coarse_steps(optimizer)
         if backend != "torch" and backend != "auto" and not coarse:
-            raise ValueError(f"backend={backend!r} runs ML LinBreg's coarse steps; {type(optimizer).__name__} has "
-                             "none: use mlbreg.optim.MLLinBreg, or backend='torch'")
+            raise ValueError(
+                f"backend={backend!r} runs ML LinBreg's coarse steps; {type(optimizer).__name__} has "
+                "none: use mlbreg.optim.MLLinBreg, or backend='torch'"
+            )
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         self.model, self.optimizer = model, optimizer
-        self.backend = make_backend(backend, model, device, "mllinbreg" if coarse else "sgd", optimizer=optimizer,
-                                    **options)
+        self.backend = make_backend(backend, model, device, "mllinbreg" if coarse else "sgd", optimizer=optimizer, **options)
         self._kind = "dense"
         # Installed: a copy or pickle of the model or optimizer carries no-op hooks instead of these
-        hooks = [model.register_forward_pre_hook(Installed(self._before_forward)),
-                 optimizer.register_step_pre_hook(Installed(self._before_step)),
-                 optimizer.register_step_post_hook(Installed(self._after_step)),
-                 model.register_load_state_dict_post_hook(Installed(self._loaded))]
+        hooks = [
+            model.register_forward_pre_hook(Installed(self._before_forward)),
+            optimizer.register_step_pre_hook(Installed(self._before_step)),
+            optimizer.register_step_post_hook(Installed(self._after_step)),
+            model.register_load_state_dict_post_hook(Installed(self._loaded)),
+        ]
         if hasattr(optimizer, "register_load_state_dict_post_hook"):
             hooks.append(optimizer.register_load_state_dict_post_hook(Installed(self._loaded)))
         self._hooks = hooks
@@ -139,8 +142,7 @@ class SparseSteps:
         head = f"backend={self.backend.name}: {len(self.fusions)} fused conv -> BN -> [add] -> ReLU chains"
         if not rows:
             return head + "; nothing swapped (torch layers)"
-        return "\n".join([head] + [f"  {r['layer']:{width}s} {r['kind']:9s} {r['choice']:12s} {r['why']}"
-                                   for r in rows])
+        return "\n".join([head] + [f"  {r['layer']:{width}s} {r['kind']:9s} {r['choice']:12s} {r['why']}" for r in rows])
 
     def state_dict(self) -> dict:
         """The backend's timed layer choices (save with the model and optimizer: a resumed loop that loads them

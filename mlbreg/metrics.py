@@ -3,6 +3,7 @@
 `layer_stats` counts the non-zeros of the epoch rows and the per-layer CSV (the FLOPs
 account keeps its own per-step counts on the device, see `mlbreg.flops`).
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,16 @@ def layer_stats(model: nn.Module) -> list[dict]:
     for name, mod in prunable_modules(model):
         w = mod.weight.detach()
         nnz = int(torch.count_nonzero(w))
-        row = dict(layer=name, kind="conv" if w.dim() == 4 else "linear", shape="x".join(map(str, w.shape)),
-                   numel=w.numel(), nonzeros=nnz, density=nnz / w.numel(), kernels=0, zero_kernels=0)
+        row = dict(
+            layer=name,
+            kind="conv" if w.dim() == 4 else "linear",
+            shape="x".join(map(str, w.shape)),
+            numel=w.numel(),
+            nonzeros=nnz,
+            density=nnz / w.numel(),
+            kernels=0,
+            zero_kernels=0,
+        )
         if w.dim() == 4:
             kernel_nonzero = w.flatten(2).ne(0).any(-1)
             row["kernels"] = kernel_nonzero.numel()

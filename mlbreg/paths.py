@@ -1,4 +1,5 @@
 """Where mlbreg's own files are: the Hydra config tree. A leaf module (imports nothing of mlbreg)."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -9,6 +9,7 @@
 
 A leaf module: it imports nothing of mlbreg.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -26,11 +27,13 @@ class Registry(Generic[T]):
 
     def register(self, name: str, item: T | None = None):
         """`registry.register("name", obj)`, or as a decorator `@registry.register("name")`."""
+
         def add(obj: T) -> T:
             if name in self._items and self._items[name] is not obj:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = obj
             return obj
+
         return add if item is None else add(item)
 
     def get(self, name: str) -> T:
@@ -50,4 +53,3 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
-

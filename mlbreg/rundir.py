@@ -13,6 +13,7 @@ Files (all under the run directory):
 Every write that replaces a file goes through a temporary file and `os.replace`, so a
 kill at any moment leaves either the old or the new file, never half of one.
 """
+
 from __future__ import annotations
 
 import csv
@@ -51,7 +52,7 @@ def atomic_write_bytes(path: Path, write) -> None:
     moment see the old or the new file, and two writers never share a temporary file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with naming(path):       # a full disk names `path`, not the temporary file
+        with naming(path):  # a full disk names `path`, not the temporary file
             with open(tmp, "wb") as f:
                 write(f)
                 f.flush()
@@ -60,12 +61,12 @@ def atomic_write_bytes(path: Path, write) -> None:
     except BaseException:
         try:
             tmp.unlink(missing_ok=True)
-        except OSError:          # a read-only folder refuses the unlink too: keep the first error
+        except OSError:  # a read-only folder refuses the unlink too: keep the first error
             pass
         raise
     try:
         fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:              # e.g. a filesystem that cannot open directories: the rename stands
+    except OSError:  # e.g. a filesystem that cannot open directories: the rename stands
         return
     try:
         os.fsync(fd)
@@ -105,12 +106,14 @@ class CsvLog:
             return []
         text = self.path.read_text(errors="replace")
         if text and not text.endswith("\n"):
-            text = text[: text.rfind("\n") + 1]     # a row cut short by a kill mid-write
+            text = text[: text.rfind("\n") + 1]  # a row cut short by a kill mid-write
         reader = csv.DictReader(io.StringIO(text, newline=""))
         header = reader.fieldnames or self.columns
         if "epoch" not in header:
-            raise RunFileError(f"{self.path}: its first line is not a header of mlbreg's (no epoch column): "
-                               "move the file away, or start the run fresh with resume=false")
+            raise RunFileError(
+                f"{self.path}: its first line is not a header of mlbreg's (no epoch column): "
+                "move the file away, or start the run fresh with resume=false"
+            )
         rows: dict[tuple, dict] = {}
         dropped: list[int] = []
         for row in reader:
@@ -119,13 +122,14 @@ class CsvLog:
                 continue
             if int(row["epoch"]) <= epoch:
                 key = tuple(row.get(k) for k in self.key)
-                rows.pop(key, None)                 # re-insert: the last occurrence, in its place
+                rows.pop(key, None)  # re-insert: the last occurrence, in its place
                 rows[key] = row
         kept = list(rows.values())
 
         def write(fb):
             text = _rows_to_text(header, kept)
             fb.write(text.encode())
+
         atomic_write_bytes(self.path, write)
         return dropped
 
@@ -139,8 +143,8 @@ class CsvLog:
             try:
                 number = int(row.get("epoch") or "")
             except ValueError:
-                continue                            # not a row of this file: it holds no epoch
-            if None not in row.values():            # every column there (None: a line cut short)
+                continue  # not a row of this file: it holds no epoch
+            if None not in row.values():  # every column there (None: a line cut short)
                 found.setdefault(number, set()).add(tuple(row.get(k) for k in self.key[1:]))
         needed = {(value,) for value in per_epoch} or {()}
         return [e for e in range(1, epoch + 1) if not needed <= found.get(e, set())]
@@ -186,7 +190,8 @@ class RunDir:
             raise RunFileError(
                 f"{path} is not a run status ({what}), so mlbreg cannot tell whether this run finished. "
                 "Restore the file; if the run had not finished, delete it to resume from checkpoint.pt; "
-                "resume=false trains the run again from the start")
+                "resume=false trains the run again from the start"
+            )
         return None
 
     def write_status(self, status: str, **info: Any) -> None:
@@ -237,16 +242,19 @@ class RunDir:
         try:
             state = load_tensors(self.checkpoint_path, "checkpoint")
         except TensorFileError as err:
-            older = (" (an mlbreg before 2026-12-06 stored numpy's RNG state so)"
-                     if (err.refused or "").startswith("numpy") else "")
+            older = (
+                " (an mlbreg before 2026-12-06 stored numpy's RNG state so)" if (err.refused or "").startswith("numpy") else ""
+            )
             raise CheckpointError(
                 f"{err}{older}. Start this run fresh with resume=false "
-                f"(its rows and checkpoint are replaced), or move the file away.") from err
+                f"(its rows and checkpoint are replaced), or move the file away."
+            ) from err
         if not isinstance(state, dict) or state.get("run_key") != run_key:
             raise CheckpointError(
                 f"checkpoint {self.checkpoint_path} belongs to a different config or mlbreg version "
                 f"(run key {state.get('run_key') if isinstance(state, dict) else None!r}, expected {run_key!r}). "
-                f"Start fresh with resume=false.")
+                f"Start fresh with resume=false."
+            )
         return upgrade_checkpoint(state, self.checkpoint_path)
 
     def save_model(self, model_state: dict[str, Any]) -> None:
@@ -254,8 +262,7 @@ class RunDir:
 
     def clear(self) -> None:
         """Remove the results of an earlier attempt (resume=false)."""
-        for name in ("metrics.csv", "layers.csv", "summary.csv", "checkpoint.pt", "model.pt", "status.json",
-                     "env.json"):
+        for name in ("metrics.csv", "layers.csv", "summary.csv", "checkpoint.pt", "model.pt", "status.json", "env.json"):
             (self.path / name).unlink(missing_ok=True)
 
 
@@ -273,4 +280,5 @@ def upgrade_checkpoint(state: dict[str, Any], path: Path) -> dict[str, Any]:
         f"checkpoint {path} has format {found if found is not None else 1}, written by "
         f"{'an older' if found is None or found < CHECKPOINT_FORMAT else 'a newer'} mlbreg; this one reads "
         f"format {CHECKPOINT_FORMAT} only. Start this run fresh with resume=false, or resume it with the "
-        f"mlbreg that wrote it.")
+        f"mlbreg that wrote it."
+    )

@@ -19,6 +19,7 @@ created with O_EXCL and kept fresh by a heartbeat thread; a lease whose holder i
 (same host, PID not running) or whose heartbeat is older than `stale_after` seconds (other
 hosts, clocks in step) is taken over with a note. A leaf module: nothing of mlbreg.
 """
+
 from __future__ import annotations
 
 import errno
@@ -37,8 +38,7 @@ _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
 def _identity() -> dict[str, Any]:
-    return dict(host=socket.gethostname(), pid=os.getpid(),
-                started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
 def pid_alive(pid: int) -> bool:
@@ -46,7 +46,7 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:      # exists, owned by someone else
+    except PermissionError:  # exists, owned by someone else
         return True
     return True
 
@@ -84,7 +84,7 @@ class RunLock:
         self.lease = self.dir / LEASE_NAME
         self.stale_after = stale_after
         self.poll = poll
-        self.taken_over: dict[str, Any] | None = None   # the dead holder whose lock we took
+        self.taken_over: dict[str, Any] | None = None  # the dead holder whose lock we took
         self._fd: int | None = None
         self._heartbeat: threading.Event | None = None
 
@@ -110,7 +110,7 @@ class RunLock:
             self._heartbeat = None
             self.lease.unlink(missing_ok=True)
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)          # an empty .lock: released cleanly
+            os.ftruncate(self._fd, 0)  # an empty .lock: released cleanly
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -133,7 +133,7 @@ class RunLock:
             os.close(fd)
             raise
         previous = _read(self.path)
-        if previous:                       # content left by a holder that died without releasing
+        if previous:  # content left by a holder that died without releasing
             self.taken_over = previous
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(dict(_identity(), mode="flock")).encode(), 0)
@@ -154,7 +154,7 @@ class RunLock:
     # -- lease file (filesystems without locks) ---------------------------------------
     def _acquire_lease(self) -> dict[str, Any] | None:
         me = dict(_identity(), mode="lease")
-        for _ in range(2):                 # at most: one stale lease removed, then ours
+        for _ in range(2):  # at most: one stale lease removed, then ours
             try:
                 fd = os.open(self.lease, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
@@ -193,5 +193,6 @@ class RunLock:
                     os.utime(self.lease)
                 except FileNotFoundError:
                     return
+
         threading.Thread(target=beat, name="mlbreg-lease", daemon=True).start()
         self._heartbeat = stop

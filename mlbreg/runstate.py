@@ -8,6 +8,7 @@
   current step and exits. Under DDP the ranks agree every `stop_check_every` steps.
 - `RngState`: the python, numpy, torch and CUDA generators (a checkpoint's `rng` dict).
 """
+
 from __future__ import annotations
 
 import random
@@ -32,7 +33,7 @@ class EpochMeter:
 
     def __init__(self, device: torch.device, partial: dict[str, Any] | None = None, keep_sums: bool = True):
         p = dict(partial or {})
-        if not keep_sums:        # global sums: rank 0 carries them on resume, the others restart at 0
+        if not keep_sums:  # global sums: rank 0 carries them on resume, the others restart at 0
             p.update(loss=0.0, correct=0)
         self.loss_sum = torch.tensor(p.get("loss", 0.0), dtype=torch.float64, device=device)
         self.correct = torch.tensor(p.get("correct", 0), dtype=torch.long, device=device)
@@ -56,9 +57,14 @@ class EpochMeter:
 
     def partial_epoch(self, ctx) -> dict[str, Any]:
         """The checkpoint's `partial_epoch` dict: the global sums so far and the timers."""
-        return dict(loss=ctx.all_sum(self.loss_sum.clone()).item(), correct=ctx.all_sum(self.correct.clone()).item(),
-                    seen=self.seen, **self.times, epoch_s=time.perf_counter() - self.started,
-                    bad_step=int(self.bad_step))
+        return dict(
+            loss=ctx.all_sum(self.loss_sum.clone()).item(),
+            correct=ctx.all_sum(self.correct.clone()).item(),
+            seen=self.seen,
+            **self.times,
+            epoch_s=time.perf_counter() - self.started,
+            bad_step=int(self.bad_step),
+        )
 
     def finish(self, ctx) -> None:
         """End of the epoch's steps: sum over the ranks, stop the wall clock."""
@@ -124,7 +130,7 @@ def hand_on(signum) -> None:
         handler = signal.getsignal(signum)
     except ValueError:
         return
-    if callable(handler) and not is_ours(handler):   # not mlbreg's own "stopped before training" handler
+    if callable(handler) and not is_ours(handler):  # not mlbreg's own "stopped before training" handler
         signal.raise_signal(signum)
 
 

@@ -7,6 +7,7 @@ unpickling could call any function (a crafted `model.pt` whose `__reduce__` runs
 command). A refused or unreadable file is a `TensorFileError` with one line that names
 the file; the caller adds what to do.
 """
+
 from __future__ import annotations
 
 import re
@@ -46,9 +47,10 @@ def load_tensors(path: str | Path, what: str = "file") -> Any:
     """`torch.load(path, weights_only=True)` onto the CPU; a file it refuses or cannot read is a
     `TensorFileError` ("cannot read {what} {path}: ..."; one line)."""
     import torch
+
     path = Path(path)
     try:
-        with warnings.catch_warnings():   # e.g. "Detected pickle protocol 4": the error below says it all
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem to the user
@@ -61,8 +63,10 @@ def load_tensors(path: str | Path, what: str = "file") -> Any:
 
 def _is_state_dict(obj: Any) -> bool:
     import torch
-    return isinstance(obj, dict) and bool(obj) and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+    return (
+        isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
 
 
 def state_dict_in(obj: Any, keys: tuple[str, ...] = ()) -> dict | None:

@@ -19,6 +19,7 @@ The file (format tag ``mlbreg-sparse/1`` in its metadata):
   its shape, dtype and encoding), ``final`` (JSON: the run's last metrics.csv row), ``run_key``,
   ``device`` (where the run trained) and ``model_pt_sha256`` (the model.pt it was made from).
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,16 @@ from torch import nn
 from .metrics import layer_nbytes
 from .models import prunable_modules
 
-__all__ = ["FORMAT_TAG", "SparseFormatError", "encode_weight", "decode_weight", "prunable_names", "pack_state",
-           "unpack_state", "layer_nbytes"]
+__all__ = [
+    "FORMAT_TAG",
+    "SparseFormatError",
+    "encode_weight",
+    "decode_weight",
+    "prunable_names",
+    "pack_state",
+    "unpack_state",
+    "layer_nbytes",
+]
 
 FORMAT_TAG = "mlbreg-sparse/1"
 
@@ -44,13 +53,13 @@ class SparseFormatError(Exception):
 # --------------------------------------------------------------------------- one tensor
 def encode_weight(w: torch.Tensor) -> tuple[dict[str, torch.Tensor], str]:
     """({suffix: tensor}, encoding) of one prunable weight, by `layer_nbytes`' rule."""
-    flat = w.detach().cpu().reshape(-1)      # reshape: row-major order whatever the strides
+    flat = w.detach().cpu().reshape(-1)  # reshape: row-major order whatever the strides
     mask = flat != 0
     values = flat[mask].contiguous()
     nnz, numel = values.numel(), flat.numel()
     # ties go to the bitmask: the same size, and it has no int32 limit
     if 4 * nnz < math.ceil(numel / 8):
-        if numel > 2 ** 31 - 1:
+        if numel > 2**31 - 1:
             raise SparseFormatError(f"a weight with {numel} entries does not fit int32 indices")
         return {"values": values, "indices": mask.nonzero().squeeze(1).to(torch.int32)}, "indices"
     bits = torch.from_numpy(np.packbits(mask.numpy()))

@@ -9,6 +9,7 @@ Data flows one way: config -> (data, model, method) -> loop -> rows -> files.
 This module decides whether a run runs at all (a finished run is kept), sets up the
 device and DDP, and hands a stop signal on once the run has checkpointed.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,16 +49,18 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         kept = finished_status(cfg, run.path)
         if kept is None:
             raise
-        return dict(kept, skipped=True)   # finished, on a read-only disk: nothing to lock, nothing to write
+        return dict(kept, skipped=True)  # finished, on a read-only disk: nothing to lock, nothing to write
     if holder is not None:
         message = f"already running on {describe(holder)}; skipped"
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise RuntimeError(f"{run.path}: {message}")   # the other ranks must not wait for this one
+            raise RuntimeError(f"{run.path}: {message}")  # the other ranks must not wait for this one
         return dict(status="busy", skipped=True, busy=holder, message=message)
     try:
         if lock and lock.taken_over:
-            print(f"mlbreg: note: {run.path}: took over the lock left by {describe(lock.taken_over)}, "
-                  "which no longer holds it", file=sys.stderr)
+            print(
+                f"mlbreg: note: {run.path}: took over the lock left by {describe(lock.taken_over)}, which no longer holds it",
+                file=sys.stderr,
+            )
         return _train_locked(cfg, run)
     finally:
         if lock:
@@ -69,8 +72,12 @@ def finished_status(cfg: DictConfig, run_dir: str | Path, previous: dict[str, An
     training it again (resume=true, same run key: name and mlbreg version), else None.
     `previous`: the status already read (else status.json is read; an unreadable one: None)."""
     previous = RunDir(run_dir).read_status() if previous is None else previous
-    if previous and cfg.resume and previous.get("status") == Status.FINISHED \
-            and previous.get("run_key") == f"{__version__}:{run_name(cfg)}":
+    if (
+        previous
+        and cfg.resume
+        and previous.get("status") == Status.FINISHED
+        and previous.get("run_key") == f"{__version__}:{run_name(cfg)}"
+    ):
         return previous
     return None
 
@@ -85,7 +92,7 @@ def _train_locked(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.num_threads))
     device = distributed.local_device(resolve_device(cfg.device))
     if device.type == "cpu":
-        keep_freed_memory()      # CPU steps reuse heap memory instead of page-faulting fresh mappings
+        keep_freed_memory()  # CPU steps reuse heap memory instead of page-faulting fresh mappings
     ctx = distributed.init(cfg.distributed, device)
     if not cfg.resume and ctx.is_main:
         run.clear()

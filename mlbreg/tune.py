@@ -23,6 +23,7 @@ One tune is one Hydra job: `-m seed=0,1,2` runs three tunes (on any launcher, Sl
 included); the tune's own record, `tune.csv` (one row per probe) and `result.json`, is in
 `<output_root>/tune/<name>/`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,6 +56,7 @@ class TuneError(ValueError):
 
 # -- the search, free of training ------------------------------------------------------------
 
+
 def _logit(s: float) -> float:
     s = min(max(s, 1e-7), 1 - 1e-7)
     return math.log(s / (1 - s))
@@ -64,14 +66,22 @@ def _round(lam: float) -> float:
     return float(f"{lam:.4g}")
 
 
-def search(probe: Callable[[float], float], lam0: float, target: float, tolerance: float = 0.005,
-           max_probes: int = 12, factor: float = 4.0, lam_min: float = 1e-6, lam_max: float = 1e4) -> dict[str, Any]:
+def search(
+    probe: Callable[[float], float],
+    lam0: float,
+    target: float,
+    tolerance: float = 0.005,
+    max_probes: int = 12,
+    factor: float = 4.0,
+    lam_min: float = 1e-6,
+    lam_max: float = 1e4,
+) -> dict[str, Any]:
     """Find λ with |probe(λ) - target| <= tolerance; `probe` returns the final sparsity in [0, 1].
 
     Returns dict(reached, lam, sparsity, probes=[(λ, sparsity)], reason) where lam/sparsity
     are those of the probe closest to the target when not reached."""
     probes: list[tuple[float, float]] = []
-    low = high = None          # (λ, s): the largest λ below the target, the smallest above
+    low = high = None  # (λ, s): the largest λ below the target, the smallest above
     last_side = None
     same_side = 0
     lam = _round(min(max(lam0, lam_min), lam_max))
@@ -93,7 +103,7 @@ def search(probe: Callable[[float], float], lam0: float, target: float, toleranc
             high = (lam, s)
         if low is not None and high is not None:
             lam = _between(low, high, target, bisect=same_side >= 2)
-        elif high is None:                       # every probe so far is too dense: raise λ
+        elif high is None:  # every probe so far is too dense: raise λ
             below = [p for p in probes if p[1] < target]
             if len(below) >= 3 and _logit(below[-1][1]) - _logit(below[-3][1]) < 0.01:
                 reason = f"sparsity stays at {100 * s:.2f}% as λ grows (λ up to {lam:g}): the target is out of reach"
@@ -103,7 +113,7 @@ def search(probe: Callable[[float], float], lam0: float, target: float, toleranc
                 reason = f"λ would exceed {lam_max:g} without reaching the target"
                 break
             lam = _round(lam * step)
-        else:                                    # every probe so far is too sparse: lower λ
+        else:  # every probe so far is too sparse: lower λ
             step = _step(probes, target, factor)
             if lam / step < lam_min:
                 reason = f"λ would go below {lam_min:g} with the sparsity still above the target"
@@ -120,10 +130,10 @@ def _step(probes: list[tuple[float, float]], target: float, factor: float) -> fl
         return factor
     (l1, s1), (l2, s2) = probes[-2], probes[-1]
     slope = (_logit(s2) - _logit(s1)) / (math.log(l2) - math.log(l1))
-    if slope <= 0:       # no progress (or noise): the plain step
+    if slope <= 0:  # no progress (or noise): the plain step
         return factor
     distance = abs(_logit(target) - _logit(s2)) / slope
-    return min(max(math.exp(distance), factor), factor ** 3)
+    return min(max(math.exp(distance), factor), factor**3)
 
 
 def _between(low: tuple[float, float], high: tuple[float, float], target: float, bisect: bool) -> float:
@@ -139,12 +149,13 @@ def _between(low: tuple[float, float], high: tuple[float, float], target: float,
         if not a + 0.1 * (b - a) <= x <= b - 0.1 * (b - a):
             x = mid
     lam = _round(math.exp(x))
-    if not low[0] < lam < high[0]:               # rounding landed on an end: the bracket is λ-tight
+    if not low[0] < lam < high[0]:  # rounding landed on an end: the bracket is λ-tight
         lam = _round(math.exp(mid))
     return lam
 
 
 # -- probes: ordinary runs --------------------------------------------------------------------
+
 
 def probe_config(cfg: DictConfig, lam: float) -> DictConfig:
     probe = copy.deepcopy(cfg)
@@ -165,8 +176,10 @@ def tune_name(cfg: DictConfig, target: float) -> str:
     """`<dataset>/<model>/<method>/target<S>_seed<N>_<hash>`: the run's identity without λ, plus the target."""
     ident = identity(cfg)
     ident.pop("lam", None)
-    return (f"{cfg.dataset.name}/{cfg.model.name}/{cfg.method.name}/"
-            f"target{target:g}_seed{cfg.seed}_{digest(dict(ident, target=target))}")
+    return (
+        f"{cfg.dataset.name}/{cfg.model.name}/{cfg.method.name}/"
+        f"target{target:g}_seed{cfg.seed}_{digest(dict(ident, target=target))}"
+    )
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -188,8 +201,15 @@ class _ProbeFailed(Exception):
         self.outcome, self.run_dir = outcome, run_dir
 
 
-def tune(cfg: DictConfig, target: float, tune_dir: str | Path, tolerance: float = 0.005, max_probes: int = 12,
-         factor: float = 4.0, echo: Callable[[str], None] = print) -> dict[str, Any]:
+def tune(
+    cfg: DictConfig,
+    target: float,
+    tune_dir: str | Path,
+    tolerance: float = 0.005,
+    max_probes: int = 12,
+    factor: float = 4.0,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Run the search for `cfg` (its λ is the start); returns the result dict (also in
     tune_dir/result.json) with status "finished" (target reached), "unreachable",
     "interrupted" or the failed probe's status."""
@@ -210,42 +230,73 @@ def tune(cfg: DictConfig, target: float, tune_dir: str | Path, tolerance: float 
             raise _ProbeFailed(outcome, run_dir)
         final = outcome.get("final") or {}
         outcomes[lam] = dict(final, run_dir=str(run_dir))
-        rows.append(dict(probe=len(rows) + 1, lam=lam, sparsity_pct=final["sparsity_pct"],
-                         test_acc_pct=final["test_acc_pct"], status=outcome["status"],
-                         reused=bool(outcome.get("skipped")), seconds=round(seconds, 2), run_dir=str(run_dir)))
+        rows.append(
+            dict(
+                probe=len(rows) + 1,
+                lam=lam,
+                sparsity_pct=final["sparsity_pct"],
+                test_acc_pct=final["test_acc_pct"],
+                status=outcome["status"],
+                reused=bool(outcome.get("skipped")),
+                seconds=round(seconds, 2),
+                run_dir=str(run_dir),
+            )
+        )
         _write_csv(tune_dir / "tune.csv", rows)
         sparsity = final["sparsity_pct"] / 100
         side = "ok" if abs(sparsity - target) <= tolerance else ("below" if sparsity < target else "above")
-        echo(f"mlbreg tune: probe {len(rows)}: λ={lam:g} -> sparsity {final['sparsity_pct']:.2f}% ({side}; target "
-             f"{100 * target:g} ± {100 * tolerance:g}), test acc {final['test_acc_pct']:.2f}%"
-             f"{', reused' if outcome.get('skipped') else f', {seconds:.1f} s'}  {run_dir}")
+        echo(
+            f"mlbreg tune: probe {len(rows)}: λ={lam:g} -> sparsity {final['sparsity_pct']:.2f}% ({side}; target "
+            f"{100 * target:g} ± {100 * tolerance:g}), test acc {final['test_acc_pct']:.2f}%"
+            f"{', reused' if outcome.get('skipped') else f', {seconds:.1f} s'}  {run_dir}"
+        )
         return sparsity
 
     base = dict(target_sparsity=target, tolerance=tolerance, method=cfg.method.name, start_lam=float(cfg.lam))
     try:
         found = search(probe, float(cfg.lam), target, tolerance, max_probes, factor)
     except _Interrupted as stop:
-        result = dict(base, status=Status.INTERRUPTED, probes=len(rows), signal=stop.outcome.get("signal"),
-                      message=f"interrupted in probe {len(rows) + 1}; run the same command again to resume")
+        result = dict(
+            base,
+            status=Status.INTERRUPTED,
+            probes=len(rows),
+            signal=stop.outcome.get("signal"),
+            message=f"interrupted in probe {len(rows) + 1}; run the same command again to resume",
+        )
     except _ProbeFailed as err:
-        result = dict(base, status=err.outcome["status"], probes=len(rows), run_dir=str(err.run_dir),
-                      message=f"probe {len(rows) + 1} {err.outcome['status']}: {err.outcome.get('message', '')}")
+        result = dict(
+            base,
+            status=err.outcome["status"],
+            probes=len(rows),
+            run_dir=str(err.run_dir),
+            message=f"probe {len(rows) + 1} {err.outcome['status']}: {err.outcome.get('message', '')}",
+        )
     else:
         best = outcomes[found["lam"]]
-        result = dict(base, status=Status.FINISHED if found["reached"] else "unreachable", probes=len(found["probes"]),
-                      lam=found["lam"], sparsity_pct=best["sparsity_pct"], test_acc_pct=best["test_acc_pct"],
-                      run_dir=best["run_dir"], message=found["reason"])
+        result = dict(
+            base,
+            status=Status.FINISHED if found["reached"] else "unreachable",
+            probes=len(found["probes"]),
+            lam=found["lam"],
+            sparsity_pct=best["sparsity_pct"],
+            test_acc_pct=best["test_acc_pct"],
+            run_dir=best["run_dir"],
+            message=found["reason"],
+        )
     (tune_dir / "result.json").write_text(json.dumps(result, indent=1))
     return result
 
 
 # -- the command ------------------------------------------------------------------------------
 
+
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
-        prog="mlbreg tune", description="Find λ so that a LinBreg / ML LinBreg run ends at a target sparsity. "
+        prog="mlbreg tune",
+        description="Find λ so that a LinBreg / ML LinBreg run ends at a target sparsity. "
         "Other arguments are mlbreg train's Hydra overrides (the configured lam is the first probe); "
-        "-m runs one tune per job of a sweep.")
+        "-m runs one tune per job of a sweep.",
+    )
     parser.add_argument("--target-sparsity", type=float, required=True, help="e.g. 0.95")
     parser.add_argument("--tolerance", type=float, default=0.005, help="absolute, in [0, 1] (default 0.005: ±0.5 pp)")
     parser.add_argument("--max-probes", type=int, default=12, help="trainings at most (default 12)")
@@ -269,22 +320,33 @@ def main(argv: list[str]) -> int:
     def job(cfg: DictConfig, tune_dir: str) -> dict[str, Any]:
         result = tune(cfg, options.target_sparsity, tune_dir, options.tolerance, options.max_probes, options.factor)
         if result["status"] == Status.FINISHED:
-            print(f"mlbreg tune: λ={result['lam']:g} gives sparsity {result['sparsity_pct']:.2f}% (target "
-                  f"{100 * options.target_sparsity:g} ± {100 * options.tolerance:g}) after {result['probes']} probes, "
-                  f"test acc {result['test_acc_pct']:.2f}%: {result['run_dir']}")
+            print(
+                f"mlbreg tune: λ={result['lam']:g} gives sparsity {result['sparsity_pct']:.2f}% (target "
+                f"{100 * options.target_sparsity:g} ± {100 * options.tolerance:g}) after {result['probes']} probes, "
+                f"test acc {result['test_acc_pct']:.2f}%: {result['run_dir']}"
+            )
         elif result["status"] == "unreachable":
-            print(f"mlbreg tune: target sparsity {100 * options.target_sparsity:g}% not reached: {result['message']}. "
-                  f"Closest: λ={result['lam']:g}, sparsity {result['sparsity_pct']:.2f}%, test acc "
-                  f"{result['test_acc_pct']:.2f}%: {result['run_dir']}. More epochs, another start "
-                  f"(lam=...) or a looser --tolerance may reach it.", file=sys.stderr)
+            print(
+                f"mlbreg tune: target sparsity {100 * options.target_sparsity:g}% not reached: {result['message']}. "
+                f"Closest: λ={result['lam']:g}, sparsity {result['sparsity_pct']:.2f}%, test acc "
+                f"{result['test_acc_pct']:.2f}%: {result['run_dir']}. More epochs, another start "
+                f"(lam=...) or a looser --tolerance may reach it.",
+                file=sys.stderr,
+            )
         else:
             print(f"mlbreg tune: {result['message']}", file=sys.stderr)
         if result["status"] == Status.INTERRUPTED and result.get("signal"):
-            raise SystemExit(128 + int(result["signal"]))   # ends a sweep, as mlbreg train does
+            raise SystemExit(128 + int(result["signal"]))  # ends a sweep, as mlbreg train does
         return result
 
-    return run_hydra(rest, job, extra_overrides=("hydra.run.dir=${output_root}/tune/${mlbreg_tune_name:}",
-                                                 "hydra.sweep.subdir=tune/${mlbreg_tune_name:}"))
+    return run_hydra(
+        rest,
+        job,
+        extra_overrides=(
+            "hydra.run.dir=${output_root}/tune/${mlbreg_tune_name:}",
+            "hydra.sweep.subdir=tune/${mlbreg_tune_name:}",
+        ),
+    )
 
 
 def _register_name_resolver(target: float) -> None:
@@ -295,8 +357,9 @@ def _register_name_resolver(target: float) -> None:
         if not method.lam_sets_sparsity:
             hint = " (its sparsity is set directly: mlbreg train sparsity=...)" if method.needs_sparsity else ""
             tunable = [name for name in METHODS if method_class(name).lam_sets_sparsity]
-            raise ConfigError(f"invalid method={_root_.method.name} for mlbreg tune{hint}: it tunes λ of "
-                              f"{' and '.join(tunable)}")
+            raise ConfigError(
+                f"invalid method={_root_.method.name} for mlbreg tune{hint}: it tunes λ of {' and '.join(tunable)}"
+            )
         return tune_name(_root_, target)
 
     # replaced on each call: the name holds this call's target

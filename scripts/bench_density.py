@@ -18,6 +18,7 @@ positions), and how many times faster it is than the best dense conv and than th
 then per layer the break-even density (log-linear interpolation between the measured densities) below
 which the sparse conv beats each baseline.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,13 +49,13 @@ DENSE = ("fp32", "fp32 CL", "bf16 CL")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--densities", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2, 0.3])
     p.add_argument("--repeats", type=int, default=5, help="timed interleaved rounds (medians)")
-    p.add_argument("--layers", nargs="+", type=int, default=None,
-                   help=f"indices into the layer list (default: all {len(LAYERS)})")
+    p.add_argument(
+        "--layers", nargs="+", type=int, default=None, help=f"indices into the layer list (default: all {len(LAYERS)})"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 baseline (emulated on CPUs without bf16)")
     p.add_argument("--bf16", action="store_true", help="the sparse conv with bf16 activations (precision=bf16)")
@@ -91,6 +92,7 @@ def dense_candidates(c_in, c_out, k, s, p, h, batch, gen, bf16: bool):
                 y = F.conv2d(xi, wi, stride=s, padding=p)
             y.backward(gi.to(y.dtype))
             xi.grad = wi.grad = None
+
         out[name] = run
     return out
 
@@ -109,6 +111,7 @@ def sparse_candidate(ext, c_in, c_out, k, s, p, h, batch, density, gen, bf16=Fal
     def run():
         ops.sparse_conv2d(x, w_val, st, bf16).backward(g)
         x.grad = w_val.grad = None
+
     return run, st.nnz, 3 * 2 * st.nnz * batch * ho * ho / 1e9
 
 
@@ -141,8 +144,10 @@ def break_even(densities, ratios) -> str:
 
 def plot(results, path, title):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, key, name in ((axes[0], "vs_best", "best dense"), (axes[1], "vs_fp32", "best fp32 dense")):
         for label, rows in results.items():
@@ -170,10 +175,12 @@ def main(argv=None):
         ext = native_build.load()
     except native_build.NativeUnavailable as err:
         sys.exit(f"the native kernels are not available: {err}")
-    head = (f"bench_density: batch {args.batch_size}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"{native_build.cpu_model()} ({native_build.cpu_features() or 'features unknown'}), native kernels: "
-            f"{ext.simd_path()} path, sparse activations {'bf16' if args.bf16 else 'fp32'}, {time.strftime('%Y-%m-%d')}, "
-            f"load {os.getloadavg()[0]:.1f}")
+    head = (
+        f"bench_density: batch {args.batch_size}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{native_build.cpu_model()} ({native_build.cpu_features() or 'features unknown'}), native kernels: "
+        f"{ext.simd_path()} path, sparse activations {'bf16' if args.bf16 else 'fp32'}, {time.strftime('%Y-%m-%d')}, "
+        f"load {os.getloadavg()[0]:.1f}"
+    )
     print(head)
     gen = torch.Generator().manual_seed(args.seed)
     layers = [LAYERS[i] for i in args.layers] if args.layers else LAYERS
@@ -189,17 +196,20 @@ def main(argv=None):
         dense = {name: med[name] for name in DENSE if name in med}
         best = min(dense, key=dense.get)
         best32 = min((n for n in dense if n.startswith("fp32")), key=dense.get)
-        print(f"\n{label}: dense " + ", ".join(f"{n} {1e3 * t:.2f} ms" for n, t in dense.items())
-              + f"; best {best}")
+        print(f"\n{label}: dense " + ", ".join(f"{n} {1e3 * t:.2f} ms" for n, t in dense.items()) + f"; best {best}")
         rows = []
         for d, (nnz, gflop) in sparse.items():
             t = med[f"sparse {d:g}"]
             row = dict(density=d, ms=1e3 * t, gflops=gflop / t, vs_best=dense[best] / t, vs_fp32=dense[best32] / t)
             rows.append(row)
-            print(f"  density {d:5.3f} nnz {nnz:8d}: native {row['ms']:8.2f} ms  useful {row['gflops']:6.1f} GFLOP/s"
-                  f"  vs best dense {row['vs_best']:6.2f}x  vs best fp32 {row['vs_fp32']:6.2f}x")
-        print(f"  break-even density: vs best dense {break_even(args.densities, [r['vs_best'] for r in rows])}; "
-              f"vs best fp32 {break_even(args.densities, [r['vs_fp32'] for r in rows])}")
+            print(
+                f"  density {d:5.3f} nnz {nnz:8d}: native {row['ms']:8.2f} ms  useful {row['gflops']:6.1f} GFLOP/s"
+                f"  vs best dense {row['vs_best']:6.2f}x  vs best fp32 {row['vs_fp32']:6.2f}x"
+            )
+        print(
+            f"  break-even density: vs best dense {break_even(args.densities, [r['vs_best'] for r in rows])}; "
+            f"vs best fp32 {break_even(args.densities, [r['vs_fp32'] for r in rows])}"
+        )
         results[label] = rows
     if args.plot:
         plot(results, args.plot, head)

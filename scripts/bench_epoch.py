@@ -11,6 +11,7 @@
   optimizer's overhead (goal ≤ 1.05x), and loader images/s over the model's images/s
   should be ≥ 10x.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,9 +57,19 @@ def warmup_epochs(args) -> int:
 
 def epoch_seconds(method_overrides: list[str], args) -> float:
     warmup = warmup_epochs(args)
-    overrides = ["dataset=synthetic", f"dataset.train_size={args.train_size}", "dataset.test_size=256",
-                 "model=resnet18", f"epochs={args.epochs + warmup}", f"batch_size={args.batch_size}",
-                 f"device={args.device}", "progress=false", "checkpoint_every=0", *method_overrides, *args.extra]
+    overrides = [
+        "dataset=synthetic",
+        f"dataset.train_size={args.train_size}",
+        "dataset.test_size=256",
+        "model=resnet18",
+        f"epochs={args.epochs + warmup}",
+        f"batch_size={args.batch_size}",
+        f"device={args.device}",
+        "progress=false",
+        "checkpoint_every=0",
+        *method_overrides,
+        *args.extra,
+    ]
     with initialize_config_dir(config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     with tempfile.TemporaryDirectory() as tmp:

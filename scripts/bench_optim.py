@@ -7,6 +7,7 @@ steps after warm-up (which includes the compilation of the `compiled=True` rows:
 update runs through torch.compile). Prints milliseconds per step and the ratio to SGD
 (goal ≤ 1.3x, the memory-traffic ratio of the updates).
 """
+
 from __future__ import annotations
 
 import argparse

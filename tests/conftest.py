@@ -3,16 +3,20 @@
 Markers (registered in pyproject.toml): `slow` (deselected by default; `-m slow` runs them),
 `gpu` (skipped without CUDA), `sparseprop` (skipped without the SparseProp package).
 """
+
 import pytest
 import torch
 
 
 def _sparseprop_missing() -> str | None:
     from mlbreg.backends import sparseprop_available
+
     if sparseprop_available():
         return None
-    return ("SparseProp is not installed or failed to build (pip install pybind11 scipy && "
-            "pip install --no-build-isolation 'sparseprop>=0.1.14')")
+    return (
+        "SparseProp is not installed or failed to build (pip install pybind11 scipy && "
+        "pip install --no-build-isolation 'sparseprop>=0.1.14')"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -39,6 +43,7 @@ def _own_choice_record(tmp_path_factory):
     # the timed layer choices of the tests go to a record of their own (inherited by subprocesses),
     # not to the user's machine record (backends/choice_store.py)
     import os
+
     previous = os.environ.get("MLBREG_CHOICE_CACHE")
     os.environ["MLBREG_CHOICE_CACHE"] = str(tmp_path_factory.mktemp("layer-choices"))
     yield

@@ -1,6 +1,7 @@
 """Run one training under torchrun and save this rank's final state (for test_distributed).
 
 MLBREG_TEST_SIGNAL_AT_STEP=N: rank 0 sends itself SIGTERM while step N runs (fault injection)."""
+
 import os
 import signal
 import sys
@@ -41,7 +42,7 @@ def add_step_counted(self, kind, batch, *structure):
 
 FlopsAccount.add_step = add_step_counted
 train(make_cfg(*overrides), out_dir + "/run")
-captured["steps_trained"] = len(steps)   # by this process (a resumed run trains the rest only)
+captured["steps_trained"] = len(steps)  # by this process (a resumed run trains the rest only)
 rank = dist.get_rank() if dist.is_initialized() else 0
 torch.save(captured, f"{out_dir}/rank{rank}.pt")
 if dist.is_initialized():

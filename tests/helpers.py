@@ -3,6 +3,7 @@
 A module of its own, not conftest: tests/ddp_worker.py runs as a subprocess outside pytest
 and needs `make_cfg` too.
 """
+
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -38,6 +39,7 @@ def run_mllinbreg(model, make, batches, m=3, lam=0.05, reg="l1", lr=0.05, precis
     [(step kind, loss)], backend)."""
     from mlbreg.methods import split_param_groups
     from mlbreg.optim import MLLinBreg
+
     opt = MLLinBreg(split_param_groups(model, reg, lam), lr=lr, lam=lam, momentum=0.9, m=m)
     backend = make(model, opt)
     trace = []

@@ -3,6 +3,7 @@ LinBreg trajectories / whole runs that equal backend=torch.
 
 Relative error = ||got - ref|| / ||ref|| over the whole tensor, against a float64 reference.
 """
+
 import copy
 
 import pandas as pd
@@ -56,7 +57,7 @@ def check_conv(batch, c_in, c_out, hw, k, stride, pad, density, layout="nchw", s
         x = ops.from_chwb(ops.to_chwb(x))
     elif layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    elif layout == "sliced":                       # a non-contiguous view
+    elif layout == "sliced":  # a non-contiguous view
         x = torch.stack([x, x], -1)[..., 0]
     x.requires_grad_(True)
     w_val = w.reshape(-1)[st.idx].float().requires_grad_(True)
@@ -73,8 +74,9 @@ def check_conv(batch, c_in, c_out, hw, k, stride, pad, density, layout="nchw", s
     return st
 
 
-@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0), (3, 1, 0), (3, 2, 2),
-                                          (5, 1, 2), (2, 2, 1)])
+@pytest.mark.parametrize(
+    "k,stride,pad", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0), (3, 1, 0), (3, 2, 2), (5, 1, 2), (2, 2, 1)]
+)
 @pytest.mark.parametrize("batch", [1, 13, 32, 37, 70])
 def test_conv_matches_torch_across_geometry_and_batch(k, stride, pad, batch):
     """Forward, input gradient and weight gradient (on the support) of every geometry, at batch sizes
@@ -114,8 +116,8 @@ def test_empty_support_and_hand_worked_case():
     mask = torch.zeros(2, 2, 1, 1, dtype=torch.bool)
     mask[0, 1] = mask[1, 0] = True
     st = ops.build_structure(EXT, mask, 1, 0)
-    x = torch.tensor([[[[1.0]], [[2.0]]], [[[3.0]], [[4.0]]]])            # (B=2, C=2, 1, 1)
-    w_val = torch.tensor([10.0, 100.0])                                   # w[0,1] = 10, w[1,0] = 100
+    x = torch.tensor([[[[1.0]], [[2.0]]], [[[3.0]], [[4.0]]]])  # (B=2, C=2, 1, 1)
+    w_val = torch.tensor([10.0, 100.0])  # w[0,1] = 10, w[1,0] = 100
     out = ops.sparse_conv2d(x, w_val, st)
     assert out.flatten(1).tolist() == [[20.0, 100.0], [40.0, 300.0]]
     empty = ops.build_structure(EXT, torch.zeros(3, 2, 3, 3, dtype=torch.bool), 1, 1)
@@ -161,7 +163,7 @@ def test_batchnorm_matches_torch(training, res, relu, batch, momentum):
         x64 = torch.randn(batch, 5, 6, 4, generator=gen, dtype=torch.float64) * 3 + 1
         r64 = torch.randn(batch, 5, 6, 4, generator=gen, dtype=torch.float64)
         x = ops.from_chwb(ops.to_chwb(x64.float())).requires_grad_(True)
-        r = r64.float().requires_grad_(True)                       # NCHW residual: converted inside
+        r = r64.float().requires_grad_(True)  # NCHW residual: converted inside
         xr, rr = x64.clone().requires_grad_(True), r64.clone().requires_grad_(True)
         out = ops.batch_norm(bn, x, EXT, res=r if res else None, relu=relu)
         want = ref(xr) + (rr if res else 0)
@@ -215,11 +217,11 @@ def test_padded_planes_and_the_padded_entry_points():
     xp = EXT.pad_chwb(x, 2)
     cs = xp.shape[1]
     assert cs >= 10 * 11 * 16 and (cs // 16) % 2 == 1 and cs % 16 == 0
-    planes = xp[:, :10 * 11 * 16].reshape(5, 10, 11, 16)
+    planes = xp[:, : 10 * 11 * 16].reshape(5, 10, 11, 16)
     assert torch.equal(planes[:, 2:8, 2:9], x)
     border = planes.clone()
     border[:, 2:8, 2:9] = 0
-    assert not border.any() and not xp[:, 10 * 11 * 16:].any()
+    assert not border.any() and not xp[:, 10 * 11 * 16 :].any()
     assert EXT.pad_chwb(x, 0).data_ptr() == x.data_ptr()
     mask = torch.rand(3, 5, 5, 5, generator=gen) < 0.4
     st = ops.build_structure(EXT, mask, 1, 2)
@@ -227,8 +229,9 @@ def test_padded_planes_and_the_padded_entry_points():
     plain = EXT.conv_gather(x, st.bptr, st.chan, val, 3, 5, 1, 2)
     assert torch.equal(EXT.conv_gather_padded(xp, 10, 11, 16, st.bptr, st.chan, val, 3, 5, 1, False), plain)
     g = torch.randn(plain.permute(1, 2, 3, 0).shape, generator=gen).contiguous()
-    assert torch.equal(EXT.conv_sddmm_padded(g, xp, 10, 11, st.bptr, st.chan, 5, 1),
-                       EXT.conv_sddmm(g, x, st.bptr, st.chan, 5, 1, 2))
+    assert torch.equal(
+        EXT.conv_sddmm_padded(g, xp, 10, 11, st.bptr, st.chan, 5, 1), EXT.conv_sddmm(g, x, st.bptr, st.chan, 5, 1, 2)
+    )
     with pytest.raises(RuntimeError, match="padded input does not match"):
         EXT.conv_gather_padded(xp, 10, 12, 16, st.bptr, st.chan, val, 3, 5, 1, False)
 
@@ -313,8 +316,12 @@ def test_same_trajectory_as_torch_layers(reg, lam):
     ref, model = sparse_model(), sparse_model()
     ref_opt, ref_trace, _ = run_mllinbreg(ref, lambda m, o: TorchBackend(m), make_batches(sizes), reg=reg, lam=lam)
     opt, trace, backend = run_mllinbreg(
-        model, lambda m, o: NativeBackend(m, batch_size=16, in_shape=(2, 16, 16), force=True, optimizer=o),
-        make_batches(sizes), reg=reg, lam=lam)
+        model,
+        lambda m, o: NativeBackend(m, batch_size=16, in_shape=(2, 16, 16), force=True, optimizer=o),
+        make_batches(sizes),
+        reg=reg,
+        lam=lam,
+    )
     assert [k for k, _ in trace] == [k for k, _ in ref_trace]
     assert sum(k == "sparse" for k, _ in trace) == 8 and backend.rebuilds == 4
     assert set(backend.swapped_layers()) == {"conv1", "conv2", "shortcut", "fc"}
@@ -343,11 +350,13 @@ def test_resnet18_five_steps_equal_torch():
     3e-7); the whole bias momentum is then 1.05e-2 apart. On 2 threads it is step 5, channel 16 of
     layer2.1.bn1 (7e-4). On a Zen 3 no step flipped; on an Intel Xeon (AVX-512) three of the
     five steps did (1e-3 .. 7e-3), so the number of flips is not bounded here."""
+
     def build():
         torch.manual_seed(0)
         model = create_model("resnet18", 10, (3, 16, 16))
         sparse_init_(model, density=0.1, scheme="uniform", seed=0)
         return model
+
     batches = make_batches([19] * 5, shape=(3, 16, 16))
     ref, model = build(), build()
     ref_opt = MLLinBreg(split_param_groups(ref, "l1", 0.05), lr=0.01, lam=0.05, momentum=0.9, m=5)
@@ -362,7 +371,7 @@ def test_resnet18_five_steps_equal_torch():
         for net, o, be in ((ref, ref_opt, TorchBackend(ref)), (model, opt, backend)):
             backend_step(net, o, be, x, y, kind)
             be.use_dense()
-        backend.after_step("full_grad")          # the next step starts from torch's state: rebuild
+        backend.after_step("full_grad")  # the next step starts from torch's state: rebuild
         errors.append(state_error(model, ref, opt, ref_opt))
     assert all(err < 5e-2 for err, _ in errors), errors
     assert kinds == ["full_grad"] + ["sparse"] * 4
@@ -398,16 +407,16 @@ def test_sequential_bn_relu_is_fused_and_exact(monkeypatch):
     monkeypatch.setattr(nn.ReLU, "forward", lambda self, x: calls.append(1) or relu_forward(self, x))
     x = torch.randn(13, 2, 12, 12)
     backend.before_step("sparse")
-    calls.clear()                                      # the rebuild's shape-finding forward ran them
+    calls.clear()  # the rebuild's shape-finding forward ran them
     out = model(x)
-    assert not calls                                   # every ReLU ran inside the fused BatchNorm
+    assert not calls  # every ReLU ran inside the fused BatchNorm
     out.square().sum().backward()
     backend.after_backward()
     want = ref(x)
     want.square().sum().backward()
     assert rel(out, want) < TOL
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-        mask = p != 0 if p.dim() > 1 else torch.ones_like(p, dtype=torch.bool)   # swapped: gradient on S only
+        mask = p != 0 if p.dim() > 1 else torch.ones_like(p, dtype=torch.bool)  # swapped: gradient on S only
         assert rel(p.grad[mask], q.grad[mask]) < TOL, name
     for (name, b), (_, c) in zip(model.named_buffers(), ref.named_buffers()):
         assert rel(b, c) < TOL if b.is_floating_point() else torch.equal(b, c), name
@@ -416,10 +425,15 @@ def test_sequential_bn_relu_is_fused_and_exact(monkeypatch):
 
 
 def test_guards_unsupported_layers_stay_dense():
-    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2, padding=1), nn.Conv2d(4, 4, 3, dilation=2, padding=2),
-                          nn.Conv2d(4, 4, (1, 3), padding=(0, 1)), nn.Conv2d(4, 4, 3, stride=(1, 2), padding=1),
-                          nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.Conv2d(4, 4, 3, padding="same"),
-                          nn.Conv2d(4, 4, 3, padding=1))
+    model = nn.Sequential(
+        nn.Conv2d(4, 4, 3, groups=2, padding=1),
+        nn.Conv2d(4, 4, 3, dilation=2, padding=2),
+        nn.Conv2d(4, 4, (1, 3), padding=(0, 1)),
+        nn.Conv2d(4, 4, 3, stride=(1, 2), padding=1),
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+        nn.Conv2d(4, 4, 3, padding="same"),
+        nn.Conv2d(4, 4, 3, padding=1),
+    )
     backend = NativeBackend(model, batch_size=8, in_shape=(4, 12, 12), force=True)
     backend.before_step("sparse")
     why = {row["layer"]: (row["choice"], row["why"]) for row in backend.summary()}
@@ -449,8 +463,11 @@ def test_under_autocast_the_activations_are_bf16_and_the_arithmetic_fp32():
     backend.before_step("sparse")
     assert set(backend.swapped_layers()) == {"conv1", "conv2", "shortcut", "fc"}
     seen = {}
-    hooks = [mod.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, o))
-             for name, mod in model.named_modules() if name in ("conv1", "bn1", "conv2")]
+    hooks = [
+        mod.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, o))
+        for name, mod in model.named_modules()
+        if name in ("conv1", "bn1", "conv2")
+    ]
     x = torch.randn(8, 2, 16, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
@@ -462,7 +479,7 @@ def test_under_autocast_the_activations_are_bf16_and_the_arithmetic_fp32():
         assert seen[name].dtype == torch.bfloat16 and ops.is_chwb(seen[name]), name
     assert rel(out, want) < 2e-2
     assert rel(out, want) < rel(dense_bf16, want)
-    cot = torch.randn(want.shape)      # a random cotangent (a plain sum cancels inside the BatchNorms)
+    cot = torch.randn(want.shape)  # a random cotangent (a plain sum cancels inside the BatchNorms)
     out.float().backward(cot)
     want.backward(cot)
     dense_bf16.backward(cot)
@@ -541,14 +558,14 @@ def test_bf16_five_steps_close_to_torch_bf16():
     rounding), so no finer claim holds."""
     batches = make_batches([16, 16, 13, 16, 16])
     runs = {}
-    for name, precision, native in (("fp32", "fp32", False), ("torch bf16", "bf16", False),
-                                    ("native bf16", "bf16", True)):
+    for name, precision, native in (("fp32", "fp32", False), ("torch bf16", "bf16", False), ("native bf16", "bf16", True)):
         model = sparse_model()
 
         def make(m, o, native=native):
             if native:
                 return NativeBackend(m, batch_size=16, in_shape=(2, 16, 16), force=True, optimizer=o, precision="bf16")
             return TorchBackend(m)
+
         opt, trace, backend = run_mllinbreg(model, make, batches, m=5, precision=precision)
         assert [k for k, _ in trace] == ["full_grad"] + ["sparse"] * 4
         runs[name] = (model, trace, backend)
@@ -556,6 +573,7 @@ def test_bf16_five_steps_close_to_torch_bf16():
 
     def worst(a, b):
         return max(rel(p, q) for p, q in zip(runs[a][0].parameters(), runs[b][0].parameters()))
+
     assert worst("native bf16", "torch bf16") < 0.5 * worst("torch bf16", "fp32"), worst("native bf16", "torch bf16")
     losses = {name: [loss for _, loss in run[1]] for name, run in runs.items()}
     assert losses["native bf16"] == pytest.approx(losses["torch bf16"], rel=2e-2)
@@ -567,8 +585,9 @@ def test_timed_choice_and_summary(min_speedup, native):
     wins, 1e9: dense always wins, so the outcome does not depend on the machine's timings), its
     neighbours' conversions included; the summary says which and why."""
     model = sparse_model(density=0.05)
-    backend = NativeBackend(model, batch_size=16, in_shape=(2, 16, 16), repeats=1, warmup=1, min_speedup=min_speedup,
-                            choice_store=None)
+    backend = NativeBackend(
+        model, batch_size=16, in_shape=(2, 16, 16), repeats=1, warmup=1, min_speedup=min_speedup, choice_store=None
+    )
     backend.before_step("sparse")
     rows = backend.summary()
     choices = [(row["layer"], row["choice"], row["why"]) for row in rows]
@@ -599,18 +618,18 @@ def test_timed_choices_survive_a_checkpoint():
     assert {r["decided_by"] for r in again.summary()} == {"restored from the run's checkpoint"}
     again.use_dense()
     other = NativeBackend(model, batch_size=16, in_shape=(2, 16, 16), choice_store=None)
-    other.load_state_dict(dict(state, backend="sparseprop"))      # another backend's choices: ignored
+    other.load_state_dict(dict(state, backend="sparseprop"))  # another backend's choices: ignored
     assert other.decisions == {}
-    other.load_state_dict(dict(state, format=1))                  # the older format (keyed by layer name): ignored
+    other.load_state_dict(dict(state, format=1))  # the older format (keyed by layer name): ignored
     assert other.decisions == {}
 
 
 def test_make_backend_native_and_auto():
     model = sparse_model()
-    assert isinstance(make_backend("native", model, torch.device("cpu"), "mllinbreg", batch_size=8,
-                                   in_shape=(2, 16, 16)), NativeBackend)
-    assert make_backend("auto", model, torch.device("cpu"), "mllinbreg", batch_size=8,
-                        in_shape=(2, 16, 16)).name == "native"
+    assert isinstance(
+        make_backend("native", model, torch.device("cpu"), "mllinbreg", batch_size=8, in_shape=(2, 16, 16)), NativeBackend
+    )
+    assert make_backend("auto", model, torch.device("cpu"), "mllinbreg", batch_size=8, in_shape=(2, 16, 16)).name == "native"
     assert isinstance(make_backend("auto", model, torch.device("cpu"), "sgd"), TorchBackend)
 
 
@@ -619,9 +638,9 @@ def test_unavailable_compiler_falls_back_with_one_line(monkeypatch, capsys):
 
     def broken():
         raise native_build.NativeUnavailable("no compiler")
+
     monkeypatch.setattr(native_build, "load", broken)
-    be = backends.make_backend("auto", sparse_model(), torch.device("cpu"), "mllinbreg", batch_size=8,
-                               in_shape=(2, 16, 16))
+    be = backends.make_backend("auto", sparse_model(), torch.device("cpu"), "mllinbreg", batch_size=8, in_shape=(2, 16, 16))
     assert be.name in ("sparseprop", "torch")
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "native kernels unavailable (no compiler)" in err
@@ -631,6 +650,7 @@ def test_unavailable_compiler_falls_back_with_one_line(monkeypatch, capsys):
 
 class Forced(NativeBackend):
     """Every eligible layer native (a timed choice could differ between two runs)."""
+
     instances = []
 
     def __init__(self, model, **options):
@@ -642,9 +662,9 @@ def test_train_convnet_same_as_torch_backend(tmp_path, monkeypatch):
     """A whole run through train(): backend=native equals backend=torch (last batch 29 samples)."""
     import mlbreg.backends.native.backend as native_backend
     from mlbreg.train import train
+
     monkeypatch.setattr(native_backend, "NativeBackend", Forced)
-    common = ["model=convnet", "device=cpu", "epochs=2", "m=5", "init.density=0.2", "lam=0.01", "lr=0.05",
-              "checkpoint_every=0"]
+    common = ["model=convnet", "device=cpu", "epochs=2", "m=5", "init.density=0.2", "lam=0.01", "lr=0.05", "checkpoint_every=0"]
     results = {}
     for name in ("torch", "native"):
         outcome = train(make_cfg(f"backend={name}", *common), tmp_path / name)
@@ -674,9 +694,17 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, precision, epochs, kill_
     import mlbreg.backends.native.backend as native_backend
     from mlbreg.flops import FlopsAccount
     from mlbreg.train import train
+
     monkeypatch.setattr(native_backend, "NativeBackend", Forced)
-    overrides = ["model=convnet", f"epochs={epochs}", "batch_size=64", "m=5", "backend=native", "device=cpu",
-                 f"precision={precision}"]
+    overrides = [
+        "model=convnet",
+        f"epochs={epochs}",
+        "batch_size=64",
+        "m=5",
+        "backend=native",
+        "device=cpu",
+        f"precision={precision}",
+    ]
     ref = train(make_cfg(*overrides), tmp_path / "ref")
     original = FlopsAccount.add_step
     counter = {"n": 0}
@@ -686,6 +714,7 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, precision, epochs, kill_
         if counter["n"] == kill_at:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, kind, batch, *structure)
+
     monkeypatch.setattr(FlopsAccount, "add_step", add_step)
     out = train(make_cfg(*overrides), tmp_path / "run")
     assert out["status"] == "interrupted" and out["step"] == kill_at
@@ -708,7 +737,7 @@ def test_portable_fallback_paths_are_exact():
             w = torch.randn(7, 6, k, k, generator=gen) * (torch.rand(7, 6, k, k, generator=gen) < 0.3)
             x = torch.randn(batch, 6, 9, 8, generator=gen, dtype=torch.float64)
             assert ops.max_conv_error(ext, x, w, stride, pad) < TOL, (name, stride, k)
-            out_err, in_err, w_err = bf16_conv_errors(ext, stride, k, pad, batch, gen)   # bf16 activations
+            out_err, in_err, w_err = bf16_conv_errors(ext, stride, k, pad, batch, gen)  # bf16 activations
             assert out_err < 5e-3 and in_err < 5e-3 and w_err < 1e-5, (name, "bf16", stride, k)
         assert ops.max_bn_error(ext, gen) < TOL, name
 
@@ -733,14 +762,27 @@ def test_no_compiler_gives_one_line_and_trains(tmp_path):
     import os
     import subprocess
     import sys
+
     env = dict(os.environ, CXX="/bin/false", MLBREG_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "mlbreg", "train", "epochs=1", "progress=false", "device=cpu"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "mlbreg", "train", "epochs=1", "progress=false", "device=cpu"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     notes = [line for line in run.stderr.splitlines() if "native kernels unavailable" in line]
     assert len(notes) == 1 and "backend=auto uses" in notes[0], run.stderr
     assert "Traceback" not in run.stderr
-    bad = subprocess.run([sys.executable, "-m", "mlbreg", "train", "epochs=1", "progress=false", "device=cpu",
-                          "backend=native"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "mlbreg", "train", "epochs=1", "progress=false", "device=cpu", "backend=native"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "backend='native'" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert "could not build the native kernels" in bad.stderr

@@ -4,6 +4,7 @@ SparseProp returns silently wrong results for non-contiguous inputs, batches who
 not a multiple of 8, non-contiguous incoming gradients and unsupported convs; these tests run
 each case through the backend and compare with plain torch layers.
 """
+
 import copy
 
 import pandas as pd
@@ -53,8 +54,11 @@ def sparse_model(seed=0, density=0.3, **kwargs):
     return model
 
 
-@pytest.mark.parametrize("force_mode,reg,lam", [(False, "l1", 0.05), (True, "l1", 0.05), (True, "group", 0.2)],
-                         ids=["voo0-l1", "voo1-l1", "voo1-group"])
+@pytest.mark.parametrize(
+    "force_mode,reg,lam",
+    [(False, "l1", 0.05), (True, "l1", 0.05), (True, "group", 0.2)],
+    ids=["voo0-l1", "voo1-l1", "voo1-group"],
+)
 def test_same_trajectory_as_torch_layers(force_mode, reg, lam):
     """Several fine/coarse cycles of ML LinBreg (m = 3): weights, v, momentum and support match
     torch layers to fp32 tolerance, with batches of 13 and 5 (not multiples of 8) in coarse steps.
@@ -64,9 +68,12 @@ def test_same_trajectory_as_torch_layers(force_mode, reg, lam):
     init_support = {n: (p != 0).float() for n, p in ref.named_parameters() if p.dim() > 1}
     ref_opt, ref_trace, _ = run_mllinbreg(ref, lambda m, o: TorchBackend(m), make_batches(sizes), reg=reg, lam=lam)
     opt, trace, backend = run_mllinbreg(
-        model, lambda m, o: SparsePropBackend(m, batch_size=16, in_shape=(2, 16, 16), force=True,
-                                              force_mode=force_mode, optimizer=o),
-        make_batches(sizes), reg=reg, lam=lam)
+        model,
+        lambda m, o: SparsePropBackend(m, batch_size=16, in_shape=(2, 16, 16), force=True, force_mode=force_mode, optimizer=o),
+        make_batches(sizes),
+        reg=reg,
+        lam=lam,
+    )
     assert [k for k, _ in trace] == [k for k, _ in ref_trace]
     assert sum(k == "sparse" for k, _ in trace) == 8 and backend.rebuilds == 4
     assert set(backend.swapped_layers()) == {"conv1", "conv2", "shortcut", "fc"}
@@ -81,8 +88,9 @@ def test_same_trajectory_as_torch_layers(force_mode, reg, lam):
         if "support" in r:
             assert torch.equal(s["support"], r["support"]), name
     # the coarse steps really ran on the support only, and the support changed over the run
-    assert any(not torch.equal(ref_opt.state[q]["support"], init_support[n]) for n, q in ref.named_parameters()
-               if n in init_support)
+    assert any(
+        not torch.equal(ref_opt.state[q]["support"], init_support[n]) for n, q in ref.named_parameters() if n in init_support
+    )
 
 
 def test_state_dict_unchanged_while_swapped_and_rebuild_only_after_fine_steps():
@@ -90,15 +98,21 @@ def test_state_dict_unchanged_while_swapped_and_rebuild_only_after_fine_steps():
     keys = list(model.state_dict())
     backend = SparsePropBackend(model, batch_size=16, force=True)
     backend.before_step("full_grad")
-    model(torch.randn(16, 2, 16, 16)).sum().backward()      # shapes come from the dense step
+    model(torch.randn(16, 2, 16, 16)).sum().backward()  # shapes come from the dense step
     backend.after_step("full_grad")
     backend.before_step("sparse")
     assert backend.rebuilds == 1 and "forward" in model.conv1.__dict__
     assert list(model.state_dict()) == keys and list(dict(model.named_parameters())) == [
-        "conv1.weight", "conv2.weight", "conv2.bias", "shortcut.weight", "fc.weight", "fc.bias"]
+        "conv1.weight",
+        "conv2.weight",
+        "conv2.bias",
+        "shortcut.weight",
+        "fc.weight",
+        "fc.bias",
+    ]
     backend.use_dense()
     assert "forward" not in model.conv1.__dict__
-    backend.before_step("sparse")                           # re-enabled, no rebuild (no fine step)
+    backend.before_step("sparse")  # re-enabled, no rebuild (no fine step)
     assert backend.rebuilds == 1 and "forward" in model.conv1.__dict__
     backend.after_step("sparse")
     backend.before_step("full_grad")
@@ -116,7 +130,7 @@ def test_support_zeros_keep_their_slot_and_grad():
     w = model.conv1.weight
     support = (w != 0).float()
     with torch.no_grad():
-        w.view(-1)[support.view(-1).nonzero()[0]] = 0.0      # a zero inside S
+        w.view(-1)[support.view(-1).nonzero()[0]] = 0.0  # a zero inside S
     opt.state[w]["support"] = support
     backend = SparsePropBackend(model, batch_size=8, in_shape=(2, 16, 16), force=True, optimizer=opt)
     backend.before_step("sparse")
@@ -151,7 +165,7 @@ def _same_as_dense(model, backend, x, loss=lambda out: out.square().sum()):
     close(xs.grad, xr.grad)
     swapped = {f"{n}.weight".lstrip(".") for n in backend.swapped_layers()}
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        if name in swapped:   # a sparse layer's weight gradient lives on the structure (w != 0) only
+        if name in swapped:  # a sparse layer's weight gradient lives on the structure (w != 0) only
             mask = p != 0
             assert not p.grad[~mask].any(), name
             close(p.grad[mask], q.grad[mask], msg=name)
@@ -168,10 +182,12 @@ def _cpu_flags() -> set:
         return set()
 
 
-@pytest.mark.skipif("avx512f" not in _cpu_flags(),
-                    reason="SparseProp 0.1.14 built for an AVX2-only CPU (2-core AMD EPYC, Zen 3) corrupts the heap "
-                           "in this test (segfault or abort a few calls later, reproduced 5 of 5 times, also before "
-                           "the native backend existed); see docs/backends.md")
+@pytest.mark.skipif(
+    "avx512f" not in _cpu_flags(),
+    reason="SparseProp 0.1.14 built for an AVX2-only CPU (2-core AMD EPYC, Zen 3) corrupts the heap "
+    "in this test (segfault or abort a few calls later, reproduced 5 of 5 times, also before "
+    "the native backend existed); see docs/backends.md",
+)
 @pytest.mark.parametrize("force_mode", [False, True], ids=["voo0", "voo1"])
 def test_guard_non_contiguous_inputs_and_gradients(force_mode):
     """Guards 1 and 3: channels_last and transposed inputs, an expanded incoming gradient
@@ -181,7 +197,7 @@ def test_guard_non_contiguous_inputs_and_gradients(force_mode):
     x = torch.randn(16, 2, 16, 16)
     _same_as_dense(model, backend, x.to(memory_format=torch.channels_last))
     _same_as_dense(model, backend, x.transpose(2, 3))
-    _same_as_dense(model, backend, x, loss=lambda out: out.sum())          # expanded grad
+    _same_as_dense(model, backend, x, loss=lambda out: out.sum())  # expanded grad
     # a linear fed by a transposed (non-contiguous) view
     lin = nn.Linear(32, 16)
     with torch.no_grad():
@@ -198,17 +214,21 @@ def test_guard_batch_not_a_multiple_of_8(batch):
     _same_as_dense(model, backend, torch.randn(batch, 2, 16, 16))
 
 
-@pytest.mark.parametrize("conv", [
-    nn.Conv2d(4, 8, 3, padding=1, groups=2),
-    nn.Conv2d(4, 8, 3, padding=2, dilation=2),
-    nn.Conv2d(4, 8, (3, 1), padding=(1, 0)),
-    nn.Conv2d(4, 8, 3, stride=3, padding=1),
-    nn.Conv2d(4, 8, 3, stride=(1, 2), padding=1),
-    nn.Conv2d(4, 8, 3, padding=(1, 0)),
-    nn.Conv2d(4, 8, 3, padding="same"),
-    nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"),
-    nn.Conv2d(4, 8, 3, padding=1).double(),
-], ids=["groups2", "dilation2", "kernel3x1", "stride3", "stride1x2", "padding1x0", "same", "reflect", "float64"])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(4, 8, 3, padding=1, groups=2),
+        nn.Conv2d(4, 8, 3, padding=2, dilation=2),
+        nn.Conv2d(4, 8, (3, 1), padding=(1, 0)),
+        nn.Conv2d(4, 8, 3, stride=3, padding=1),
+        nn.Conv2d(4, 8, 3, stride=(1, 2), padding=1),
+        nn.Conv2d(4, 8, 3, padding=(1, 0)),
+        nn.Conv2d(4, 8, 3, padding="same"),
+        nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect"),
+        nn.Conv2d(4, 8, 3, padding=1).double(),
+    ],
+    ids=["groups2", "dilation2", "kernel3x1", "stride3", "stride1x2", "padding1x0", "same", "reflect", "float64"],
+)
 def test_guard_unsupported_convs_stay_dense(conv):
     with torch.no_grad():
         conv.weight.mul_(torch.rand_like(conv.weight) < 0.3)
@@ -224,7 +244,7 @@ def test_guard_unsupported_convs_stay_dense(conv):
 
 def test_guard_int16_overflow_stays_dense():
     """More than 32767 structure entries in one output channel: an int16 index would overflow."""
-    big = nn.Conv2d(3700, 2, 3, padding=1, bias=False)       # 33300 non-zeros per output channel
+    big = nn.Conv2d(3700, 2, 3, padding=1, bias=False)  # 33300 non-zeros per output channel
     small = nn.Conv2d(2, 4, 3, padding=1, bias=False)
     model = nn.Sequential(big, small)
     backend = SparsePropBackend(model, batch_size=8, in_shape=(3700, 4, 4), force=True)
@@ -233,7 +253,7 @@ def test_guard_int16_overflow_stays_dense():
     row = backend.summary()[0]
     assert row["choice"] == "dense" and "32767" in row["why"]
     backend.use_dense()
-    with torch.no_grad():                                     # 1/4 dense: 8325 per channel, fits
+    with torch.no_grad():  # 1/4 dense: 8325 per channel, fits
         big.weight.mul_(torch.rand_like(big.weight) < 0.25)
     backend.after_step("full_grad")
     _same_as_dense(model, backend, torch.randn(8, 3700, 4, 4))
@@ -247,8 +267,9 @@ def test_timed_choice_and_cache(min_speedup, sparse):
     reused within its bin of support sizes (3 weights fewer in fc: no new timing) and timed
     again in a new bin (conv2's support doubles)."""
     model = sparse_model(density=0.05)
-    backend = SparsePropBackend(model, batch_size=16, in_shape=(2, 16, 16), repeats=1, warmup=1,
-                                min_speedup=min_speedup, choice_store=None)
+    backend = SparsePropBackend(
+        model, batch_size=16, in_shape=(2, 16, 16), repeats=1, warmup=1, min_speedup=min_speedup, choice_store=None
+    )
     backend.before_step("sparse")
     rows = backend.summary()
     choices = [(row["layer"], row["choice"], row["why"]) for row in rows]
@@ -263,13 +284,13 @@ def test_timed_choice_and_cache(min_speedup, sparse):
     n_decisions = len(backend.decisions)
     assert n_decisions == len(rows)
     backend.use_dense()
-    with torch.no_grad():                                     # a few weights leave the support: same decisions
-        model.fc.weight.view(-1)[model.fc.weight.view(-1).nonzero()[:3]] = 0.0      # 3 of ~500
+    with torch.no_grad():  # a few weights leave the support: same decisions
+        model.fc.weight.view(-1)[model.fc.weight.view(-1).nonzero()[:3]] = 0.0  # 3 of ~500
     backend.after_step("full_grad")
     backend.before_step("sparse")
     assert len(backend.decisions) == n_decisions and backend.rebuilds == 2
     backend.use_dense()
-    with torch.no_grad():                                     # conv2's support doubles: conv2 is timed again
+    with torch.no_grad():  # conv2's support doubles: conv2 is timed again
         w = model.conv2.weight
         w.add_((w == 0) * (torch.rand_like(w) < 0.06) * 0.1)
     backend.after_step("full_grad")
@@ -279,17 +300,22 @@ def test_timed_choice_and_cache(min_speedup, sparse):
 
 def test_make_backend():
     model = sparse_model()
-    assert isinstance(make_backend("sparseprop", model, torch.device("cpu"), "mllinbreg", batch_size=8,
-                                   in_shape=(2, 16, 16)), SparsePropBackend)
+    assert isinstance(
+        make_backend("sparseprop", model, torch.device("cpu"), "mllinbreg", batch_size=8, in_shape=(2, 16, 16)),
+        SparsePropBackend,
+    )
     # auto: SparseProp when the native kernels are unavailable
     from mlbreg.backends.native import build as native_build
 
     def unavailable():
         raise native_build.NativeUnavailable("test")
+
     import unittest.mock
+
     with unittest.mock.patch.object(native_build, "load", unavailable):
-        assert isinstance(make_backend("auto", model, torch.device("cpu"), "mllinbreg", batch_size=8,
-                                       in_shape=(2, 16, 16)), SparsePropBackend)
+        assert isinstance(
+            make_backend("auto", model, torch.device("cpu"), "mllinbreg", batch_size=8, in_shape=(2, 16, 16)), SparsePropBackend
+        )
     assert isinstance(make_backend("auto", model, torch.device("cpu"), "sgd"), TorchBackend)
 
 
@@ -302,13 +328,13 @@ def test_train_digits_same_as_torch_backend(tmp_path, monkeypatch):
         def __init__(self, model, **options):
             super().__init__(model, force=True, **options)
             self.instances.append(self)
+
         instances = []
 
     monkeypatch.setattr(sparseprop_mod, "SparsePropBackend", Forced)
     # lr 0.05: at lr 0.1 this tiny net amplifies any fp32 summation-order difference to ~1e-3 in
     # 24 steps (torch layers on 1 vs 2 threads differ exactly as much), which would hide a real bug
-    common = ["model=convnet", "device=cpu", "epochs=2", "m=5", "init.density=0.2", "lam=0.01", "lr=0.05",
-              "checkpoint_every=0"]
+    common = ["model=convnet", "device=cpu", "epochs=2", "m=5", "init.density=0.2", "lam=0.01", "lr=0.05", "checkpoint_every=0"]
     results = {}
     for name in ("torch", "sparseprop"):
         cfg = make_cfg(f"backend={name}", *common)
@@ -334,8 +360,13 @@ def test_gradients_are_reproducible_with_two_threads():
     weight-gradient sums vary in order between calls; mlbreg runs its backward on one thread), in both
     `vectorizing_over_on` modes."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.ReLU(),
-                          nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(2048, 10))
+    model = nn.Sequential(
+        nn.Conv2d(16, 32, 3, padding=1, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, bias=False),
+        nn.Flatten(),
+        nn.Linear(2048, 10),
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(torch.rand_like(p) < 0.1)
@@ -344,8 +375,9 @@ def test_gradients_are_reproducible_with_two_threads():
     torch.set_num_threads(2)
     try:
         for mode in (True, False):
-            backend = SparsePropBackend(model, batch_size=64, in_shape=(16, 8, 8), force=True, force_mode=mode,
-                                        choice_store=None)
+            backend = SparsePropBackend(
+                model, batch_size=64, in_shape=(16, 8, 8), force=True, force_mode=mode, choice_store=None
+            )
             backend.before_step("sparse")
             assert backend.swapped_layers() == ["0", "2", "4"]
             results = []

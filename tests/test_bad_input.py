@@ -1,4 +1,5 @@
 """Bad input fails early with a message naming the key, the value and what is allowed."""
+
 import pytest
 import torch
 
@@ -31,17 +32,21 @@ CASES = [
     (["compile_optimizer=maybe"], ["compile_optimizer='maybe'", "auto, true, false"]),
     (["method.criterion=sometimes"], ["method.criterion='sometimes'", "fixed, adaptive"]),
     (["lam=abc"], ["lam='abc'", "must be a number"]),
-    (["dataset=cifar10", "dataset.root=/nonexistent/data"],
-     ["/nonexistent/data/cifar-10-batches-py", "cifar-10-python.tar.gz", "dataset.download=true"]),
-    (["dataset=tinyimagenet", "dataset.root=/nonexistent/data"],
-     ["/nonexistent/data/tiny-imagenet-200", "val_annotations.txt"]),
+    (
+        ["dataset=cifar10", "dataset.root=/nonexistent/data"],
+        ["/nonexistent/data/cifar-10-batches-py", "cifar-10-python.tar.gz", "dataset.download=true"],
+    ),
+    (
+        ["dataset=tinyimagenet", "dataset.root=/nonexistent/data"],
+        ["/nonexistent/data/tiny-imagenet-200", "val_annotations.txt"],
+    ),
     (["dataset=mnist", "dataset.root=/nonexistent/data"], ["/nonexistent/data/MNIST/raw", "train-images-idx3-ubyte"]),
     # typos: Hydra's "use +lamda=0.1" advice would train with the default λ
     (["lamda=0.1"], ["unknown key 'lamda'", "did you mean lam?"]),
     (["+lamda=0.1"], ["unknown key 'lamda'", "did you mean lam?"]),
     (["+epoch=3"], ["unknown key 'epoch'", "did you mean epochs?"]),
     (["method.detla=2"], ["unknown key 'method.detla'", "did you mean method.delta?"]),
-    (["+method.delta_t=5"], ["unknown key 'method.delta_t'", "valid: criterion"]),   # a rigl key, not ML LinBreg's
+    (["+method.delta_t=5"], ["unknown key 'method.delta_t'", "valid: criterion"]),  # a rigl key, not ML LinBreg's
     (["method=rigl"], ["sparsity=null", "method=rigl needs a target sparsity"]),
     (["seed=1.5"], ["seed=1.5", "integer >= 0"]),
     (["lam=nan"], ["lam=nan", "finite"]),
@@ -68,8 +73,7 @@ def test_bad_input_gives_one_clear_message_and_no_files(tmp_path, capsys, overri
 
 
 def test_a_sweep_with_a_bad_job_starts_none_and_names_it(tmp_path, capsys):
-    code = main(["train", "-m", "lam=0.1,-1,0.2", "m=0,5", "epochs=1", f"output_root={tmp_path}/out",
-                 "progress=false"])
+    code = main(["train", "-m", "lam=0.1,-1,0.2", "m=0,5", "epochs=1", f"output_root={tmp_path}/out", "progress=false"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "4 of 6 jobs of the sweep are invalid, so none was started" in err
@@ -78,7 +82,7 @@ def test_a_sweep_with_a_bad_job_starts_none_and_names_it(tmp_path, capsys):
     assert "invalid m=0: must be an integer >= 1 (m = 1 is LinBreg)  (2 jobs, e.g. [lam=0.1 m=0" in err
     assert main(["train", "-m", "lam=0.1,-1", "epochs=1", f"output_root={tmp_path}/out"]) == 2
     assert "1 of 2 jobs" in capsys.readouterr().err
-    assert not list((tmp_path / "out").rglob("metrics.csv"))             # no job ran
+    assert not list((tmp_path / "out").rglob("metrics.csv"))  # no job ran
 
 
 def test_hydra_flags_after_overrides_get_the_right_order(tmp_path, capsys):
@@ -86,13 +90,14 @@ def test_hydra_flags_after_overrides_get_the_right_order(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Hydra flags go before the overrides: mlbreg train -m lam=1,2" in err
     assert not (tmp_path / "out").exists()
-    assert main(["train", "lam=1", "--cfg", "job"]) == 2          # a flag keeps its value
+    assert main(["train", "lam=1", "--cfg", "job"]) == 2  # a flag keeps its value
     assert "mlbreg train --cfg job lam=1" in capsys.readouterr().err
 
 
 def test_machine_checks_can_be_left_to_the_compute_node():
     # a sweep submitted to Slurm is checked on the login node, which may lack CUDA
     from mlbreg.config import ConfigError, validate
+
     cfg = make_cfg("device=cuda")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):

@@ -1,5 +1,6 @@
 """`mlbreg bench`'s timing rounds: the stopping rule, the order, the spread and its warning (pure
 logic on injected timing series, no timed assertions), and real runs of the command on a tiny run."""
+
 import os
 import subprocess
 import sys
@@ -39,6 +40,7 @@ def _series_measure(series: dict, clock: FakeClock | None = None, step: float = 
         if clock is not None:
             clock.now += step
         return values[min(i, len(values) - 1)]
+
     return measure
 
 
@@ -99,9 +101,10 @@ def test_order_rotates_so_no_backend_always_follows_another():
     def measure(label, b):
         stream.append((label, b))
         return 1e-3
+
     opts = RoundOptions(min_rounds=6, max_rounds=6)
     run_rounds(measure, labels, [1, 128], opts, clock=FakeClock())
-    groups = [stream[i:i + 3] for i in range(0, len(stream), 3)]
+    groups = [stream[i : i + 3] for i in range(0, len(stream), 3)]
     assert len(groups) == 12 and all(sorted(lab for lab, _ in g) == labels for g in groups)
     assert all(len({b for _, b in g}) == 1 for g in groups)
     assert {g[0][0] for g in groups} == set(labels)
@@ -131,6 +134,7 @@ def test_warm_up_calls_are_not_timed():
 
     def fn():
         clock.now += next(costs)
+
     assert time_call(fn, min_run_time=0.01, warmup=0.02, clock=clock) == pytest.approx(1e-4)
 
 
@@ -140,10 +144,14 @@ def test_bench_warns_on_an_injected_noisy_series(tiny_run, monkeypatch, capsys):
     unmoved by the disturbed round."""
     series = {("dense", 1): [0.29e-3, 12.39e-3, 0.30e-3], ("native", 1): [0.70e-3, 0.71e-3, 0.69e-3]}
     real_run_rounds = bench_rounds.run_rounds
-    monkeypatch.setattr(bench_rounds, "run_rounds", lambda measure, labels, batch_sizes, opts:
-                        real_run_rounds(_series_measure(series), labels, batch_sizes, opts))
-    assert main(["bench", str(tiny_run), "--batch-sizes", "1", "--threads", "1", "--backends", "native",
-                 "--max-rounds", "3"]) == 0
+    monkeypatch.setattr(
+        bench_rounds,
+        "run_rounds",
+        lambda measure, labels, batch_sizes, opts: real_run_rounds(_series_measure(series), labels, batch_sizes, opts),
+    )
+    assert (
+        main(["bench", str(tiny_run), "--batch-sizes", "1", "--threads", "1", "--backends", "native", "--max-rounds", "3"]) == 0
+    )
     out = capsys.readouterr().out
     assert "3 interleaved rounds (cap of 3 rounds reached" in out
     rows = {c[0]: c for c in (line.split() for line in out.splitlines()) if c[1:2] == ["1"]}
@@ -159,13 +167,31 @@ def test_threads_are_set_once_and_not_during_the_timing(tiny_run, monkeypatch, c
     events = []
     real_set, real_time_call = torch.set_num_threads, bench_rounds.time_call
     monkeypatch.setattr(torch, "set_num_threads", lambda n: (events.append("set"), real_set(n)))
-    monkeypatch.setattr(bench_rounds, "time_call",
-                        lambda fn, t: (events.append("time"), real_time_call(fn, t, warmup=0.001))[1])
-    assert main(["bench", str(tiny_run), "--batch-sizes", "1", "--threads", "1", "--min-run-time", "0.002",
-                 "--backends", "native", "--rounds", "2"]) == 0
+    monkeypatch.setattr(
+        bench_rounds, "time_call", lambda fn, t: (events.append("time"), real_time_call(fn, t, warmup=0.001))[1]
+    )
+    assert (
+        main(
+            [
+                "bench",
+                str(tiny_run),
+                "--batch-sizes",
+                "1",
+                "--threads",
+                "1",
+                "--min-run-time",
+                "0.002",
+                "--backends",
+                "native",
+                "--rounds",
+                "2",
+            ]
+        )
+        == 0
+    )
     timed = [i for i, e in enumerate(events) if e == "time"]
-    assert len(timed) == 4 and "set" not in events[timed[0]:timed[-1]]
-    assert events[timed[-1] + 1:] == ["set"]          # after the timings: only the restore at the end
+    assert len(timed) == 4 and "set" not in events[timed[0] : timed[-1]]
+    assert events[timed[-1] + 1 :] == ["set"]  # after the timings: only the restore at the end
 
 
 def test_round_options_are_checked(tiny_run, capsys):
@@ -180,10 +206,30 @@ def test_python_m_mlbreg_bench_on_a_tiny_run(tiny_run):
     row for every backend that runs here at both batch sizes (or its "not run" line)."""
     from mlbreg.backends import sparseprop_available
     from mlbreg.backends.native import unavailable_reason
+
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "mlbreg", "bench", str(tiny_run), "--batch-sizes", "1,2",
-                           "--threads", "1", "--min-run-time", "0.01", "--max-rounds", "3"],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlbreg",
+            "bench",
+            str(tiny_run),
+            "--batch-sizes",
+            "1,2",
+            "--threads",
+            "1",
+            "--min-run-time",
+            "0.01",
+            "--max-rounds",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     header = next(line for line in out.splitlines() if line.split()[:2] == ["backend", "batch"])

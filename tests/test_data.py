@@ -39,14 +39,13 @@ def cifar_root(tmp_path, monkeypatch):
         x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         y = rng.integers(0, 10, n).tolist()
         with open(folder / name, "wb") as f:
-            pickle.dump({"batch_label": name, "labels": y, "data": x, "filenames": [f"{i}.png" for i in range(n)]},
-                        f, protocol=2)
+            pickle.dump(
+                {"batch_label": name, "labels": y, "data": x, "filenames": [f"{i}.png" for i in range(n)]}, f, protocol=2
+            )
         written[name] = (x, y)
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": 4, "num_vis": 3072},
-                    f, protocol=2)
-    monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", _md5(folder / f"data_batch_{i}")]
-                                                for i in range(1, 6)])
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": 4, "num_vis": 3072}, f, protocol=2)
+    monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", _md5(folder / f"data_batch_{i}")] for i in range(1, 6)])
     monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", _md5(folder / "test_batch")]])
     monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": _md5(folder / "batches.meta")})
     return tmp_path, written
@@ -112,7 +111,7 @@ def _write_tiny(root):
 
 def test_cifar10_round_trip(cifar_root):
     root, written = cifar_root
-    assert data.missing_data("cifar10", str(root)) is None     # the config check finds the files
+    assert data.missing_data("cifar10", str(root)) is None  # the config check finds the files
     ds = load_dataset("cifar10", root=str(root))
     train_x = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)])
     train_y = sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
@@ -151,8 +150,7 @@ def test_tinyimagenet_round_trip_and_cache(tmp_path, monkeypatch):
     # train: classes in sorted-wnid order, files sorted within a class
     expected_train = [(sorted_wnids.index(w), colors[f"{w}_{j}"]) for w in sorted_wnids for j in range(2)]
     # test: val_annotations order
-    expected_test = [(sorted_wnids.index(w), colors[f"val_{i}"])
-                     for i, w in enumerate(["n0200", "n0300", "n0100", "n0200"])]
+    expected_test = [(sorted_wnids.index(w), colors[f"val_{i}"]) for i, w in enumerate(["n0200", "n0300", "n0100", "n0200"])]
     for split, expected in [(ds.train, expected_train), (ds.test, expected_test)]:
         assert split.y.tolist() == [label for label, _ in expected]
         want = torch.tensor([c for _, c in expected], dtype=torch.float32).view(-1, 3, 1, 1)
@@ -176,12 +174,15 @@ def test_tinyimagenet_round_trip_and_cache(tmp_path, monkeypatch):
     assert len(grown.train) == 7
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("cifar10", ["cifar-10-batches-py", "data_batch_1..5", "cifar-10-python.tar.gz", "download"]),
-    ("mnist", ["MNIST/raw", "train-images-idx3-ubyte", "download"]),
-    ("fashion_mnist", ["FashionMNIST/raw", "t10k-labels-idx1-ubyte", "download"]),
-    ("tinyimagenet", ["tiny-imagenet-200", "wnids.txt", "val_annotations.txt", "tiny-imagenet-200.zip"]),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("cifar10", ["cifar-10-batches-py", "data_batch_1..5", "cifar-10-python.tar.gz", "download"]),
+        ("mnist", ["MNIST/raw", "train-images-idx3-ubyte", "download"]),
+        ("fashion_mnist", ["FashionMNIST/raw", "t10k-labels-idx1-ubyte", "download"]),
+        ("tinyimagenet", ["tiny-imagenet-200", "wnids.txt", "val_annotations.txt", "tiny-imagenet-200.zip"]),
+    ],
+)
 def test_missing_data_message(tmp_path, name, expected):
     with pytest.raises(DataNotFoundError) as info:
         load_dataset(name, root=tmp_path)
@@ -223,8 +224,9 @@ def test_synthetic():
     assert ds.train.x.shape == (30, 1, 16, 16) and ds.train.x.dtype == torch.uint8
     assert ds.test.y.shape == (7,) and ds.test.y.max() < 4
     assert (ds.in_shape, ds.mean, ds.std, ds.augment) == ((1, 16, 16), (0.5,), (0.25,), False)
-    assert torch.equal(load_dataset("synthetic", shape=(1, 16, 16), num_classes=4, train_size=30, test_size=7,
-                                    seed=3).train.x, ds.train.x)
+    assert torch.equal(
+        load_dataset("synthetic", shape=(1, 16, 16), num_classes=4, train_size=30, test_size=7, seed=3).train.x, ds.train.x
+    )
 
 
 # --------------------------------------------------------------------------- loader
@@ -232,8 +234,9 @@ def test_synthetic():
 
 def _id_split(n=50, shape=(3, 8, 8)):
     # label = sample id, so batches tell which samples they hold
-    return Split(torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
-                 torch.arange(n))
+    return Split(
+        torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)), torch.arange(n)
+    )
 
 
 def _epoch(loader, epoch):
@@ -322,8 +325,12 @@ def test_crop_and_flip_are_exact_windows():
     loader = BatchLoader(split, 512, (0.0,) * c, (1.0,) * c, shuffle=True, augment=True)
     padded = F.pad(image, (4, 4, 4, 4))
     candidates = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)]
-    windows = torch.stack([padded[:, dy:dy + h, dx:dx + w].flip(2) if flip else padded[:, dy:dy + h, dx:dx + w]
-                           for dy, dx, flip in candidates])
+    windows = torch.stack(
+        [
+            padded[:, dy : dy + h, dx : dx + w].flip(2) if flip else padded[:, dy : dy + h, dx : dx + w]
+            for dy, dx, flip in candidates
+        ]
+    )
     counts = torch.zeros(len(candidates))
     for x, _ in loader:
         match = (x[:, None] == windows[None]).flatten(2).all(2)  # (batch, candidates)
@@ -343,7 +350,7 @@ def test_download_without_network_says_what_to_put_where(tmp_path, monkeypatch):
     def offline(self):
         raise urllib.error.URLError("no route to host")
 
-    monkeypatch.setattr(CIFAR10, "download", offline)   # a machine without internet
+    monkeypatch.setattr(CIFAR10, "download", offline)  # a machine without internet
     with pytest.raises(DataNotFoundError) as info:
         load_dataset("cifar10", root=tmp_path, download=True)
     message = str(info.value)
@@ -355,8 +362,12 @@ def test_dataset_records_state_what_the_loader_gives():
     """A data set's record (classes, input shape, split sizes) is what its loader returns, so the code
     that relies on it without loading the data (export, the GPU-hours estimate) gets the truth."""
     from mlbreg.data import DATASETS, load_dataset
+
     data = load_dataset("digits")
     source = DATASETS.get("digits")
-    assert (source.num_classes, source.in_shape, source.sizes) == \
-        (data.num_classes, tuple(data.in_shape), (len(data.train), len(data.test)))
+    assert (source.num_classes, source.in_shape, source.sizes) == (
+        data.num_classes,
+        tuple(data.in_shape),
+        (len(data.train), len(data.test)),
+    )
     assert all(DATASETS.get(n).missing is not None for n in ("cifar10", "tinyimagenet", "mnist", "fashion_mnist"))

@@ -1,4 +1,5 @@
 """DDP on CPU (gloo, 2 processes) equals one process with the same global batch."""
+
 import json
 import os
 import subprocess
@@ -11,17 +12,30 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-CASES = [["method=mllinbreg", "m=5", "lam=0.03"], ["method=rigl", "sparsity=0.9", "method.delta_t=5"],
-         ["method=set", "sparsity=0.9", "method.delta_t=5"]]   # SET: the same random regrowth on every rank
+CASES = [
+    ["method=mllinbreg", "m=5", "lam=0.03"],
+    ["method=rigl", "sparsity=0.9", "method.delta_t=5"],
+    ["method=set", "sparsity=0.9", "method.delta_t=5"],
+]  # SET: the same random regrowth on every rank
 
 
 def worker(out: Path, *args, nproc: int = 1, **env_vars):
     env = dict(os.environ, OMP_NUM_THREADS="1", **env_vars)
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0"] if nproc > 1 \
+    launcher = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--rdzv-backend=c10d",
+            "--rdzv-endpoint=localhost:0",
+        ]
+        if nproc > 1
         else [sys.executable]
-    subprocess.run([*launcher, str(HERE / "ddp_worker.py"), str(out), *args], env=env, check=True, cwd=ROOT,
-                   capture_output=True, text=True)
+    )
+    subprocess.run(
+        [*launcher, str(HERE / "ddp_worker.py"), str(out), *args], env=env, check=True, cwd=ROOT, capture_output=True, text=True
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
@@ -43,7 +57,7 @@ def test_ddp_two_ranks_match_one_process(tmp_path, case):
                 assert torch.equal(states[1][idx][key], states[2][idx][key])
                 compared.add(key)
     assert compared >= ({"v", "support", "momentum_buffer"} if "mllinbreg" in case[0] else {"momentum_buffer"})
-    if "rigl" in one["method"]:   # RigL and SET
+    if "rigl" in one["method"]:  # RigL and SET
         # masks changed by the same mask updates on both ranks, as in one process
         assert one["method"]["rigl"]["updates_done"] == ranks[0]["method"]["rigl"]["updates_done"] >= 3
         for a, b, c in zip(one["method"]["rigl"]["masks"], *(r["method"]["rigl"]["masks"] for r in ranks)):
@@ -54,8 +68,7 @@ def test_ddp_two_ranks_match_one_process(tmp_path, case):
 
 
 def test_ddp_run_stopped_by_a_signal_resumes_to_the_same_result(tmp_path):
-    common = ["model=mlp", "epochs=2", "batch_size=128", "method=mllinbreg", "m=5", "distributed=true",
-              "stop_check_every=4"]
+    common = ["model=mlp", "epochs=2", "batch_size=128", "method=mllinbreg", "m=5", "distributed=true", "stop_check_every=4"]
     worker(tmp_path / "ref", *common, nproc=2)
     # rank 0 alone gets SIGTERM during step 6; the ranks agree at step 8 (a multiple of 4)
     worker(tmp_path / "cut", *common, nproc=2, MLBREG_TEST_SIGNAL_AT_STEP="6")
@@ -63,11 +76,11 @@ def test_ddp_run_stopped_by_a_signal_resumes_to_the_same_result(tmp_path):
     assert status["status"] == "interrupted" and status["step"] == 8
     cut = [torch.load(tmp_path / "cut" / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     for key, value in cut[0]["model"].items():
-        assert torch.equal(cut[1]["model"][key], value)        # both ranks stopped at the same step
-    worker(tmp_path / "cut", *common, nproc=2)                 # the rerun resumes inside epoch 1
+        assert torch.equal(cut[1]["model"][key], value)  # both ranks stopped at the same step
+    worker(tmp_path / "cut", *common, nproc=2)  # the rerun resumes inside epoch 1
     assert json.loads((tmp_path / "cut" / "run" / "status.json").read_text())["status"] == "finished"
     ref, resumed = (torch.load(tmp_path / d / "rank0.pt", weights_only=False) for d in ("ref", "cut"))
-    assert ref["steps_trained"] == 24 and resumed["steps_trained"] == 24 - 8   # 12 steps per epoch
+    assert ref["steps_trained"] == 24 and resumed["steps_trained"] == 24 - 8  # 12 steps per epoch
     for key, value in ref["model"].items():
         torch.testing.assert_close(resumed["model"][key], value, rtol=1e-6, atol=1e-7)
     rows = [pd.read_csv(tmp_path / d / "run" / "metrics.csv") for d in ("ref", "cut")]

@@ -1,6 +1,7 @@
 """The manual holds together: every relative link in README.md, CONTRIBUTING.md and docs/ reaches a
 file (and, with an anchor into a Markdown page, one of its headings), and every `docs/...` path named in
 conf/, mlbreg/, scripts/ or tests/ exists."""
+
 import re
 from pathlib import Path
 
@@ -23,9 +24,9 @@ def anchors(page: Path) -> set[str]:
 
 
 def links(page: Path):
-    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)   # code blocks hold no links
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold no links
     for target in LINK.findall(text):
-        if not re.match(r"[a-z]+:", target):                          # http:, https:, mailto:
+        if not re.match(r"[a-z]+:", target):  # http:, https:, mailto:
             yield target
 
 
@@ -58,8 +59,13 @@ def test_docs_paths_named_in_code_exist():
 def test_no_tracker_numbers_outside_the_changelog():
     """No "issue N" of a tracker a reader of the repository does not have, outside CHANGELOG.md."""
     found = []
-    for f in [*PAGES, *ROOT.glob("mlbreg/**/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("conf/**/*.yaml"),
-              *ROOT.glob("scripts/*")]:
+    for f in [
+        *PAGES,
+        *ROOT.glob("mlbreg/**/*.py"),
+        *ROOT.glob("tests/*.py"),
+        *ROOT.glob("conf/**/*.yaml"),
+        *ROOT.glob("scripts/*"),
+    ]:
         if f.name != "CHANGELOG.md" and f.is_file():
             found += [f"{f.relative_to(ROOT)}: {m}" for m in re.findall(r"\bissue #?\d+", f.read_text(), re.I)]
     assert not found, found

@@ -5,6 +5,7 @@ distinct (a run that two rows share would be trained twice). Shrunk to digits, a
 epochs and a two-point grid, presets run through `mlbreg train -m` with the joblib launcher
 (2 processes) and with submitit_local: two presets by default, every preset with `-m slow`.
 """
+
 import os
 import subprocess
 import sys
@@ -78,12 +79,12 @@ def test_preset_expands_into_distinct_valid_runs(name):
     assert len(set(names)) == len(names), "two jobs of one preset are the same run"
     assert {cfg.method.name for _, cfg in jobs} == methods
     for _, cfg in jobs:
-        validate(cfg, environment=False)   # values only: this machine need not have CUDA
+        validate(cfg, environment=False)  # values only: this machine need not have CUDA
         if cfg.method.name in BASELINES:
             assert 0 < cfg.sparsity < 1
         if cfg.method.name in ("rigl", "set", "static") and name != "table2_mask_init":
-            assert cfg.init.scheme == "erk" and cfg.sparsity == 0.95     # the paper's RigL mask and target
-    if name.startswith("table1"):   # GMP at the target of the architecture's Prune+Fine-Tuning row
+            assert cfg.init.scheme == "erk" and cfg.sparsity == 0.95  # the paper's RigL mask and target
+    if name.startswith("table1"):  # GMP at the target of the architecture's Prune+Fine-Tuning row
         targets = {cfg.method.name: cfg.sparsity for _, cfg in jobs if "pru" in cfg.method.name or cfg.method.name == "gmp"}
         assert targets["gmp"] == targets["prune_finetune"] == (0.92 if name == "table1_vgg16" else 0.95)
 
@@ -92,11 +93,17 @@ def test_cpu_timing_compares_with_the_best_dense_path():
     """Figure 2's rows: SGD in fp32 and in bf16 + channels_last (the fastest dense CPU training), ML LinBreg
     on torch layers, SparseProp and the native kernels (fp32 and bf16)."""
     from mlbreg.config import use_channels_last
+
     jobs = sweep_jobs([preset_override("cpu_timing")])
     rows = {(cfg.method.name, cfg.backend, cfg.precision, use_channels_last(cfg)) for _, cfg in jobs}
-    assert rows == {("sgd", "auto", "fp32", False), ("sgd", "auto", "bf16", True),
-                    ("mllinbreg", "torch", "fp32", False), ("mllinbreg", "sparseprop", "fp32", False),
-                    ("mllinbreg", "native", "fp32", False), ("mllinbreg", "native", "bf16", True)}
+    assert rows == {
+        ("sgd", "auto", "fp32", False),
+        ("sgd", "auto", "bf16", True),
+        ("mllinbreg", "torch", "fp32", False),
+        ("mllinbreg", "sparseprop", "fp32", False),
+        ("mllinbreg", "native", "fp32", False),
+        ("mllinbreg", "native", "bf16", True),
+    }
 
 
 def test_table2_sweeps_every_mask_scheme_for_both_methods():
@@ -122,9 +129,16 @@ def test_presets_are_appended_with_plus_experiment():
 
 def test_slurm_launcher_preset_sets_gpus_time_memory_partition():
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[preset_override("table1_resnet18"), "hydra/launcher=slurm",
-                                          "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=90"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "train",
+            overrides=[
+                preset_override("table1_resnet18"),
+                "hydra/launcher=slurm",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.timeout_min=90",
+            ],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.timeout_min, launcher.gpus_per_node) == ("gpu", 90, 1)
@@ -133,11 +147,13 @@ def test_slurm_launcher_preset_sets_gpus_time_memory_partition():
 
 # -- shrunk sweeps through the real launchers -------------------------------------------------
 
+
 def run_sweep(name: str, out: Path, launcher: list[str]) -> list[dict]:
     overrides = [preset_override(name), *SMALL, *SHRUNK[name], f"output_root={out}", *launcher]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-m", "mlbreg", "train", "-m", *overrides], capture_output=True,
-                          text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlbreg", "train", "-m", *overrides], capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     statuses = [OmegaConf.to_container(OmegaConf.load(p)) for p in sorted(out.rglob("status.json"))]
     expected = sweep_jobs([preset_override(name), *SMALL, *SHRUNK[name]])

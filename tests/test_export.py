@@ -1,4 +1,5 @@
 """`mlbreg export / eval / bench` and `mlbreg.load` on real tiny runs on digits."""
+
 import json
 import math
 import shutil
@@ -59,6 +60,7 @@ def _assert_bitwise_equal(a: dict, b: dict):
 
 def _final(run) -> dict:
     import pandas as pd
+
     return pd.read_csv(run / "metrics.csv").iloc[-1].to_dict()
 
 
@@ -88,6 +90,7 @@ def test_model_pt_of_a_run_without_export(mlp_run, tmp_path, capsys):
 
 def test_file_is_the_compressed_size_at_high_sparsity(mlp_run, tmp_path):
     from mlbreg.metrics import model_bytes
+
     run = _copy(mlp_run, tmp_path)
     final = _final(run)
     assert final["sparsity_pct"] >= 95.0
@@ -97,22 +100,32 @@ def test_file_is_the_compressed_size_at_high_sparsity(mlp_run, tmp_path):
     assert size < dense_size / 4
     raw = path.read_bytes()
     header_len = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + header_len])
+    header = json.loads(raw[8 : 8 + header_len])
     meta = header.pop("__metadata__")
     data = size - 8 - header_len
     # the data section is exactly what report's size rule counts (training's metrics and now)
     assert data == final["model_bytes_sparse"] == model_bytes(mlbreg.load(path))["model_bytes_sparse"]
     assert data == sum(end - begin for begin, end in (t["data_offsets"] for t in header.values()))
-    assert header_len < 8192                     # the small header: names, shapes, config, final metrics
+    assert header_len < 8192  # the small header: names, shapes, config, final metrics
     layout = json.loads(meta["sparse"])
     # the first layer holds fewer than 1/32 non-zeros, the last more: both position codes in one run
-    assert {name: info["encoding"] for name, info in layout.items()} == {
-        "net.1.weight": "indices", "net.3.weight": "bitmask"}
+    assert {name: info["encoding"] for name, info in layout.items()} == {"net.1.weight": "indices", "net.3.weight": "bitmask"}
     assert meta["mlbreg"] == mlbreg.__version__ and meta["config"] == (run / "config.yaml").read_text()
 
 
-@pytest.mark.parametrize("shape,nnz", [((64, 64), 127), ((64, 64), 128), ((64, 64), 129), ((10, 3, 3, 3), 0),
-                                       ((10, 3, 3, 3), 270), ((7, 13), 2), ((7, 13), 40), ((3,), 1)])
+@pytest.mark.parametrize(
+    "shape,nnz",
+    [
+        ((64, 64), 127),
+        ((64, 64), 128),
+        ((64, 64), 129),
+        ((10, 3, 3, 3), 0),
+        ((10, 3, 3, 3), 270),
+        ((7, 13), 2),
+        ((7, 13), 40),
+        ((3,), 1),
+    ],
+)
 def test_position_codes_round_trip_exactly(shape, nnz):
     """Indices below density 1/32 (4·nnz < numel/8), the bitmask from there on (a tie is the same size)."""
     numel = math.prod(shape)
@@ -166,18 +179,22 @@ def test_a_stale_export_and_a_changed_accuracy_are_reported(mlp_run, tmp_path, c
 
 def test_shape_table_matches_the_data(mlp_run):
     from omegaconf import OmegaConf
+
     cfg = OmegaConf.load(mlp_run / "config.yaml")
     assert dataset_shapes(cfg) == dataset_shapes(cfg, from_data=True) == (10, (1, 8, 8))
-    synthetic = make_cfg("dataset=synthetic", "dataset.shape=[3,16,16]", "dataset.num_classes=5",
-                         "dataset.train_size=8", "dataset.test_size=8")
+    synthetic = make_cfg(
+        "dataset=synthetic", "dataset.shape=[3,16,16]", "dataset.num_classes=5", "dataset.train_size=8", "dataset.test_size=8"
+    )
     assert dataset_shapes(synthetic) == dataset_shapes(synthetic, from_data=True) == (5, (3, 16, 16))
 
 
 def test_bench_prints_a_row_per_backend(conv_run, capsys):
     from mlbreg.backends import sparseprop_available
     from mlbreg.backends.native import unavailable_reason
-    assert main(["bench", str(conv_run), "--batch-sizes", "1,2", "--threads", "1", "--min-run-time", "0.01",
-                 "--rounds", "2"]) == 0
+
+    assert (
+        main(["bench", str(conv_run), "--batch-sizes", "1,2", "--threads", "1", "--min-run-time", "0.01", "--rounds", "2"]) == 0
+    )
     out = capsys.readouterr().out
     rows = {(cols[0], cols[1]) for cols in (line.split() for line in out.splitlines()) if len(cols) > 5}
     available = {"native": unavailable_reason() is None, "sparseprop": sparseprop_available()}
@@ -188,6 +205,6 @@ def test_bench_prints_a_row_per_backend(conv_run, capsys):
     if available["native"]:
         assert "native kernels: " in out and " path" in out and "4 of 4" in out
     assert "; 1 thread;" in out
-    with pytest.raises(SystemExit):           # argparse's usage error
+    with pytest.raises(SystemExit):  # argparse's usage error
         main(["bench", str(conv_run), "--batch-sizes", "1,x"])
     assert "expected positive integers separated by commas" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Where mlbreg follows a reference exactly: LinBreg's momentum convention of the reference code
 (BregmanLearning `optimizers.LinBreg`), against a small independent implementation of its formula,
 and the FLOPs of coarse steps counted from the frozen support (docs/algorithms.md §6)."""
+
 import math
 
 import pytest
@@ -50,17 +51,16 @@ def test_reference_momentum_is_the_reference_formula_step_for_step(foreach, delt
     lrs, lam, beta = cosine(8), 0.05, 0.9
     expected = reference_linbreg(theta0, grad_fn, lrs, lam, delta, beta)
     theta = nn.Parameter(theta0.clone())
-    opt = LinBreg([theta], lr=lrs[0], lam=lam, delta=delta, momentum=beta, momentum_style="reference",
-                  foreach=foreach)
+    opt = LinBreg([theta], lr=lrs[0], lam=lam, delta=delta, momentum=beta, momentum_style="reference", foreach=foreach)
     for k, tau in enumerate(lrs):
-        opt.param_groups[0]["lr"] = tau              # τ changes every step: it sits inside the buffer
+        opt.param_groups[0]["lr"] = tau  # τ changes every step: it sits inside the buffer
         theta.grad = grad_fn(theta.detach())
         opt.step()
         want_theta, want_v, want_b = expected[k]
         torch.testing.assert_close(theta.detach(), want_theta, rtol=0, atol=1e-12)
         torch.testing.assert_close(opt.state[theta]["v"], want_v, rtol=0, atol=1e-12)
         torch.testing.assert_close(opt.state[theta]["momentum_buffer"], want_b, rtol=0, atol=1e-12)
-    assert theta.detach().eq(0).any() and theta.detach().ne(0).any()   # l1 pruned, not everything
+    assert theta.detach().eq(0).any() and theta.detach().ne(0).any()  # l1 pruned, not everything
 
 
 def test_torch_momentum_moves_v_ten_times_further_at_beta_0_9():
@@ -71,7 +71,7 @@ def test_torch_momentum_moves_v_ten_times_further_at_beta_0_9():
         theta = nn.Parameter(theta0.clone())
         opt = LinBreg([theta], lr=0.1, lam=0.0, momentum=0.9, momentum_style=style)
         theta.grad = grad_fn(theta.detach())
-        v0 = theta.detach().clone()                  # λ = 0, δ = 1: v₀ = θ₀
+        v0 = theta.detach().clone()  # λ = 0, δ = 1: v₀ = θ₀
         opt.step()
         steps[style] = opt.state[theta]["v"] - v0
     torch.testing.assert_close(steps["torch"], 10 * steps["reference"], rtol=1e-12, atol=1e-15)
@@ -90,11 +90,11 @@ def test_ml_linbreg_reference_momentum_m1_is_linbreg_and_coarse_steps_stay_on_th
     c = nn.Parameter(theta0.clone())
     opt = MLLinBreg([c], lr=0.1, lam=0.05, momentum=0.9, momentum_style="reference", m=3)
     c.grad = grad_fn(c.detach())
-    opt.step()                                       # fine: S fixed
+    opt.step()  # fine: S fixed
     outside = opt.state[c]["support"] == 0
     v, buf = opt.state[c]["v"].clone(), opt.state[c]["momentum_buffer"].clone()
     c.grad = grad_fn(c.detach())
-    opt.step()                                       # coarse
+    opt.step()  # coarse
     assert torch.equal(opt.state[c]["v"][outside], v[outside])
     assert torch.equal(opt.state[c]["momentum_buffer"][outside], buf[outside])
     assert c.detach()[outside].eq(0).all()
@@ -103,10 +103,12 @@ def test_ml_linbreg_reference_momentum_m1_is_linbreg_and_coarse_steps_stay_on_th
 def test_reference_momentum_from_the_config():
     cfg = make_cfg("method=linbreg", "method.momentum_style=reference")
     from mlbreg.methods import method_from_config
+
     model = create_model("mlp", 10, (1, 8, 8), hidden=[8])
     method = method_from_config(cfg, model, steps_per_epoch=4)
     assert {g["momentum_style"] for g in method.optimizer.param_groups} == {"reference"}
     from mlbreg.config import ConfigError, validate
+
     with pytest.raises(ConfigError, match="invalid method.dampening=0.5: must be 0 with method.momentum_style"):
         validate(make_cfg("method=linbreg", "method.momentum_style=reference", "method.dampening=0.5"))
     with pytest.raises(ConfigError, match="invalid method.momentum_style='sgd': valid: torch, reference"):
@@ -132,7 +134,7 @@ def test_coarse_flops_count_the_frozen_support_not_theta():
     assert step() == "full_grad"
     weights = [m.weight for m in (model.net[1], model.net[3])]
     supports = [method.optimizer.state[w]["support"] for w in weights]
-    with torch.no_grad():                        # θ shrinks to 0 at half of S: the support stays
+    with torch.no_grad():  # θ shrinks to 0 at half of S: the support stays
         for w, s in zip(weights, supports):
             idx = s.flatten().nonzero().squeeze(1)[::2]
             w.view(-1)[idx] = 0
@@ -147,8 +149,10 @@ def test_reference_momentum_compiled_equals_eager():
     _, _, theta0, grad_fn = quadratic(seed=3)
     theta0 = theta0.float()
     params = [nn.Parameter(theta0.clone()) for _ in range(2)]
-    opts = [LinBreg([p], lr=0.2, lam=0.05, momentum=0.9, momentum_style="reference", foreach=True, compiled=c)
-            for p, c in zip(params, (False, True))]
+    opts = [
+        LinBreg([p], lr=0.2, lam=0.05, momentum=0.9, momentum_style="reference", foreach=True, compiled=c)
+        for p, c in zip(params, (False, True))
+    ]
     for tau in cosine(4, lr=0.2):
         for p, opt in zip(params, opts):
             opt.param_groups[0]["lr"] = tau

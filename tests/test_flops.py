@@ -1,4 +1,5 @@
 """FLOP accounting: analytic per-layer counts, agreement with FlopCounterMode, step costs."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -33,8 +34,13 @@ def _flop_counter_per_layer(model, in_shape):
 
 @pytest.mark.parametrize(
     "name,in_shape",
-    [("mlp", (1, 8, 8)), ("convnet", (1, 28, 28)), ("resnet18", (3, 32, 32)),
-     ("vgg16", (3, 64, 64)), ("wrn28_10", (3, 32, 32))],
+    [
+        ("mlp", (1, 8, 8)),
+        ("convnet", (1, 28, 28)),
+        ("resnet18", (3, 32, 32)),
+        ("vgg16", (3, 64, 64)),
+        ("wrn28_10", (3, 32, 32)),
+    ],
 )
 def test_agrees_with_flop_counter_mode(name, in_shape):
     model = create_model(name, 10, in_shape)
@@ -93,11 +99,12 @@ def test_step_flops():
 
 def test_flops_account_hand_case_and_resume():
     from mlbreg.flops import FlopsAccount
+
     model = nn.Sequential(nn.Linear(4, 3, bias=False))
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[1.0, 0, 0, 2], [0, 0, 0, 0], [3, 0, 0, 0]]))  # 3 of 12 non-zero
     acc = FlopsAccount(model, (4,), "cpu")
-    f_dense, f_sparse = 2 * 4 * 3, 2 * 3        # a multiply-add is 2 FLOPs
+    f_dense, f_sparse = 2 * 4 * 3, 2 * 3  # a multiply-add is 2 FLOPs
     acc.add_step("dense", 2)
     acc.add_step("full_grad", 2)
     acc.add_step("sparse", 3)

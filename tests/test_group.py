@@ -1,6 +1,7 @@
 """The ML LinBreg design space beyond the defaults: the group regularizer (kernel-wise
 support, docs/algorithms.md §1/§3) and the adaptive coarse-cycle criterion (paper eq. 10),
 both through the real config and loop."""
+
 import pandas as pd
 import pytest
 import torch
@@ -35,11 +36,11 @@ def test_group_support_and_coarse_steps_keep_whole_kernels():
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, bias=False)
     with torch.no_grad():
-        conv.weight.mul_((torch.rand(6, 4, 1, 1) < 0.3).float())     # 30% of the kernels non-zero
-        conv.weight[0, 0, 1, 1] = 0.0                                  # a zero inside a live kernel
+        conv.weight.mul_((torch.rand(6, 4, 1, 1) < 0.3).float())  # 30% of the kernels non-zero
+        conv.weight[0, 0, 1, 1] = 0.0  # a zero inside a live kernel
     opt = MLLinBreg([conv.weight], lr=0.1, lam=0.01, reg="group", m=5)
     x = torch.randn(8, 4, 7, 7)
-    support_at_fine = None   # set by the fine step (k = 0)
+    support_at_fine = None  # set by the fine step (k = 0)
     for k in range(5):
         opt.zero_grad()
         conv(x).pow(2).mean().backward()
@@ -47,7 +48,7 @@ def test_group_support_and_coarse_steps_keep_whole_kernels():
         support = opt.state[conv.weight]["support"]
         # the support is a union of whole kernels: a kernel is in if any entry is non-zero
         assert torch.equal(support.flatten(2).amin(-1), support.flatten(2).amax(-1))
-        if k > 0:   # coarse steps: kernels outside the support stay exactly zero
+        if k > 0:  # coarse steps: kernels outside the support stay exactly zero
             live = conv.weight.detach().flatten(2).ne(0).any(-1)
             assert not (live & ~support.flatten(2)[..., 0].bool()).any()
             assert torch.equal(support.flatten(2)[..., 0].bool(), support_at_fine)
@@ -61,10 +62,10 @@ def test_adaptive_criterion_by_gradient_share(on_support, coarse):
     """‖Rg‖ below κ‖g‖ forces fine steps, above it allows the coarse cycle (group support)."""
     w = nn.Parameter(torch.zeros(2, 2, 3, 3, dtype=torch.float64))
     with torch.no_grad():
-        w[0, 0] = 1.0                       # the support: kernel (0, 0), a quarter of the entries
+        w[0, 0] = 1.0  # the support: kernel (0, 0), a quarter of the entries
     opt = MLLinBreg([w], lr=1e-3, lam=1.0, reg="group", m=4, criterion="adaptive", kappa=0.45)
     g = torch.zeros_like(w)
-    g[0, 0] = on_support                    # the gradient's share on the support decides
+    g[0, 0] = on_support  # the gradient's share on the support decides
     g[0, 1] = g[1, 0] = g[1, 1] = 1.0 - on_support
     w.grad = g
     share = g[0, 0].norm() / g.norm()
@@ -86,4 +87,4 @@ def test_adaptive_criterion_from_the_command_line(tmp_path):
     assert always.coarse_steps == fixed.coarse_steps and always.test_acc_pct == fixed.test_acc_pct
     assert strict.coarse_steps < fixed.coarse_steps / 2
     assert strict.fine_steps + strict.coarse_steps == 120
-    assert strict.train_flops_vs_sgd > fixed.train_flops_vs_sgd   # fine steps need the full gradient
+    assert strict.train_flops_vs_sgd > fixed.train_flops_vs_sgd  # fine steps need the full gradient

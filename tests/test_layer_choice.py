@@ -1,6 +1,7 @@
 """The timed layer choices of the CPU sparse backends are reproducible: keyed by a fixed bin of support
 sizes, timed once per machine (the machine's record, backends/choice_store.py) and restored from a
 checkpoint, so two launches of one command, and a killed + resumed run, compute the same numbers."""
+
 import json
 import os
 import shutil
@@ -21,8 +22,9 @@ from mlbreg.backends.native import build as native_build
 
 from helpers import make_cfg
 
-pytestmark = pytest.mark.skipif(native_build.unavailable_reason() is not None,
-                                reason="the native kernels are not available here")
+pytestmark = pytest.mark.skipif(
+    native_build.unavailable_reason() is not None, reason="the native kernels are not available here"
+)
 
 RUN = ["model=convnet", "epochs=2", "batch_size=64", "m=5", "device=cpu", "checkpoint_every=0"]
 
@@ -38,10 +40,12 @@ def test_store_times_once_and_concurrent_callers_wait_for_that_timing(tmp_path):
             calls.append(name)
             time.sleep(0.3)
             return dict(mode="native", why=f"timed by {name}")
+
         return time_now
 
     def caller(name):
         results[name] = ChoiceStore(path).get_or_time("k", slow_timing(name))
+
     threads = [threading.Thread(target=caller, args=(n,)) for n in ("a", "b")]
     for t in threads:
         t.start()
@@ -75,6 +79,7 @@ def test_store_location_and_off(monkeypatch, tmp_path):
 
 class _Layer:
     """The attributes of a SwapLayer a LayerChoice key reads."""
+
     def __init__(self, nnz):
         self.module = torch.nn.Conv2d(4, 8, 3, padding=1)
         self.kind, self.in_shape, self.in_grad, self.nnz, self.name = "conv", (4, 8, 8), True, nnz, "c"
@@ -92,6 +97,7 @@ def test_bins_depend_on_the_support_size_only():
     def time_layer(layer):
         timed.append(layer.nnz)
         return "native", "timed", {}
+
     for n in (1020, 1000, 1300, 1020):
         choice.choose(_Layer(n), 16, None, time_layer)
     assert timed == [1020, 1300]
@@ -103,15 +109,24 @@ def test_record_is_obeyed_by_a_later_backend(tmp_path):
     from test_backend_native import sparse_model
 
     from mlbreg.backends.native.backend import NativeBackend
+
     store = ChoiceStore(tmp_path / "record.json")
-    first = NativeBackend(sparse_model(density=0.05), batch_size=16, in_shape=(2, 16, 16), repeats=1, warmup=0,
-                          choice_store=store)
+    first = NativeBackend(
+        sparse_model(density=0.05), batch_size=16, in_shape=(2, 16, 16), repeats=1, warmup=0, choice_store=store
+    )
     first.before_step("sparse")
     assert first.timing_seconds > 0
     assert all(r["decided_by"].startswith("timed in this run, recorded in") for r in first.summary())
     _plant_opposite(store.path)
-    second = NativeBackend(sparse_model(density=0.05), batch_size=16, in_shape=(2, 16, 16), repeats=1, warmup=0,
-                           choice_store=store, min_speedup=1.05)
+    second = NativeBackend(
+        sparse_model(density=0.05),
+        batch_size=16,
+        in_shape=(2, 16, 16),
+        repeats=1,
+        warmup=0,
+        choice_store=store,
+        min_speedup=1.05,
+    )
     second.before_step("sparse")
     assert second.timing_seconds == 0
     timed = {r["layer"]: r["choice"] for r in first.summary() if r["decided_by"] != "ineligible"}
@@ -128,13 +143,15 @@ def _plant_opposite(path: Path, keys=None) -> None:
         if keys is None or key in keys:
             native = not entry["mode"]
             entry.update(mode="native" if native else None, why="planted")
-            entry["timings"].update(dense_ms=100.0 if native else 1.0, native_ms=1.0 if native else 100.0,
-                                    dense_ctx_ms=100.0 if native else 1.0)
+            entry["timings"].update(
+                dense_ms=100.0 if native else 1.0, native_ms=1.0 if native else 100.0, dense_ctx_ms=100.0 if native else 1.0
+            )
     path.write_text(json.dumps(entries))
 
 
 def _same_numbers(a: Path, b: Path) -> None:
     from test_resume import assert_same_results
+
     assert_same_results(a, b)
 
 
@@ -173,6 +190,7 @@ def test_killed_and_resumed_native_run_with_timed_choices_is_identical(tmp_path,
     opposite choices: only the choices restored from the checkpoint give the same numbers."""
     from mlbreg.flops import FlopsAccount
     from mlbreg.train import train
+
     record = tmp_path / "record"
     monkeypatch.setenv("MLBREG_CHOICE_CACHE", str(record))
     overrides = [*RUN, "epochs=3", "backend=native"]
@@ -182,9 +200,10 @@ def test_killed_and_resumed_native_run_with_timed_choices_is_identical(tmp_path,
 
     def add_step(self, kind, batch, *structure):
         counter["n"] += 1
-        if counter["n"] == 33:                     # a coarse step of epoch 2 (23 steps per epoch)
+        if counter["n"] == 33:  # a coarse step of epoch 2 (23 steps per epoch)
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, kind, batch, *structure)
+
     monkeypatch.setattr(FlopsAccount, "add_step", add_step)
     assert train(make_cfg(*overrides), tmp_path / "run")["status"] == "interrupted"
     monkeypatch.setattr(FlopsAccount, "add_step", original)

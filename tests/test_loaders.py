@@ -1,4 +1,5 @@
 """The torchvision/PIL loader (`dataset.loader=torchvision`) against the tensor loader."""
+
 import pytest
 import torch
 
@@ -25,8 +26,9 @@ def test_without_augmentation_both_loaders_give_the_same_batches(synthetic):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_epoch_visits_every_sample_once_and_is_reproducible(synthetic, workers):
-    loader = TorchvisionLoader(synthetic.train, 16, synthetic.mean, synthetic.std, shuffle=True, augment=True,
-                               num_workers=workers, seed=3)
+    loader = TorchvisionLoader(
+        synthetic.train, 16, synthetic.mean, synthetic.std, shuffle=True, augment=True, num_workers=workers, seed=3
+    )
     loader.set_epoch(1)
     first = list(loader)
     again = list(loader)
@@ -44,4 +46,5 @@ def test_unknown_loader_is_named():
 def test_digits_run_with_the_torchvision_loader(tmp_path):
     train(make_cfg("dataset.loader=torchvision", "dataset.num_workers=0", "epochs=30", "method=sgd"), tmp_path)
     import pandas as pd
+
     assert pd.read_csv(tmp_path / "metrics.csv").test_acc_pct.iloc[-1] > 90

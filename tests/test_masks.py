@@ -1,4 +1,5 @@
 """Layer densities (uniform / ER / ERK, docs/algorithms.md §4), exact counts and sparse init."""
+
 import math
 
 import pytest
@@ -9,7 +10,7 @@ from mlbreg.sparsity import exact_counts, layer_densities, sparse_init_
 
 
 def _shapes(name):
-    with torch.device("meta"):   # shapes only: no memory, no init time (WRN-28-10 has 36M weights)
+    with torch.device("meta"):  # shapes only: no memory, no init time (WRN-28-10 has 36M weights)
         model = create_model(name, 10, (3, 32, 32))
     return {n: tuple(m.weight.shape) for n, m in prunable_modules(model)}
 
@@ -48,9 +49,11 @@ def test_erk_resnet18_forces_layers_dense_and_resolves():
     densities = layer_densities(shapes, 0.05, "erk")
     dense = sorted(n for n, p in densities.items() if p == 1.0)
     assert dense == ["conv1", "fc", "layer2.0.shortcut.0"]
+
     # every other layer keeps ε·r_l with one common ε: the ratio p_l / r_l is constant
     def ratio(s):
         return sum(s) / math.prod(s)
+
     eps = {n: densities[n] / ratio(s) for n, s in shapes.items() if n not in dense}
     assert max(eps.values()) == pytest.approx(min(eps.values()), rel=1e-12)
 
@@ -81,15 +84,14 @@ def test_erk_conv_ratio_hand_case():
     # conv (c_out, c_in, kh, kw) = (4, 2, 3, 3): r = (2 + 4 + 3 + 3)/72 = 1/6; linear (10, 8): r = 18/80
     shapes = {"conv": (4, 2, 3, 3), "fc": (10, 8)}
     p = layer_densities(shapes, 0.25, "erk")
-    eps = 0.25 * (72 + 80) / (72 / 6 + 80 * 18 / 80)   # 38 / 30
+    eps = 0.25 * (72 + 80) / (72 / 6 + 80 * 18 / 80)  # 38 / 30
     assert p == pytest.approx({"conv": eps / 6, "fc": eps * 18 / 80})
-    p_er = layer_densities(shapes, 0.25, "er")           # ER ignores the kernel: r_conv = 6/8
+    p_er = layer_densities(shapes, 0.25, "er")  # ER ignores the kernel: r_conv = 6/8
     eps_er = 38 / (72 * 6 / 8 + 18)
     assert p_er == pytest.approx({"conv": eps_er * 6 / 8, "fc": eps_er * 18 / 80})
 
 
-@pytest.mark.parametrize("bad", [dict(density=0.0), dict(density=1.5), dict(scheme="random"),
-                                 dict(dense=("nope",))])
+@pytest.mark.parametrize("bad", [dict(density=0.0), dict(density=1.5), dict(scheme="random"), dict(dense=("nope",))])
 def test_bad_arguments_name_the_value(bad):
     args = dict(shapes={"a": (4, 4)}, density=0.5, scheme="erk") | bad
     with pytest.raises(ValueError) as err:

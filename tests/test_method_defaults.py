@@ -1,5 +1,6 @@
 """A method's defaults live in two places a reader may look: its `conf/method/<name>.yaml` and its
 `Settings` dataclass. They must agree, key by key, for every registered method."""
+
 import dataclasses
 
 import pytest

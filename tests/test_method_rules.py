@@ -1,5 +1,6 @@
 """Each method owns its rules (mlbreg.methods), the registries fail with the valid names, and a
 config is validated once however many callers ask."""
+
 import pytest
 import torch
 
@@ -42,6 +43,7 @@ def test_registries_name_the_valid_choices():
     @reg.register("b")
     def b():
         return 2
+
     assert reg.names() == ("a", "b") and "b" in reg and reg.get("b") is b
     with pytest.raises(ValueError, match="registered twice"):
         reg.register("a", 3)
@@ -51,11 +53,11 @@ def test_method_facts_come_from_the_class():
     assert [n for n in METHODS if method_class(n).has_coarse_steps] == ["mllinbreg"]
     assert [n for n in METHODS if method_class(n).needs_sparsity] == ["rigl", "prune_finetune", "set", "static", "gmp"]
     cfg = make_cfg("method=rigl", "sparsity=0.8", "init.density=0.3")
-    assert method_class("rigl").init_density(cfg) == pytest.approx(0.2)      # 1 - target, not init.density
-    for name in ("set", "static"):                                            # RigL's init policy
+    assert method_class("rigl").init_density(cfg) == pytest.approx(0.2)  # 1 - target, not init.density
+    for name in ("set", "static"):  # RigL's init policy
         assert method_class(name).init_density(make_cfg(f"method={name}", "sparsity=0.8")) == pytest.approx(0.2)
     assert method_class("sgd").init_density(make_cfg("method=sgd")) == 1.0
-    assert method_class("gmp").init_density(make_cfg("method=gmp", "sparsity=0.8")) == 1.0   # a dense start
+    assert method_class("gmp").init_density(make_cfg("method=gmp", "sparsity=0.8")) == 1.0  # a dense start
     assert method_class("rigl").name_parts(cfg) == ["sp0.8", "uniform"]
     with pytest.raises(ConfigError, match=r"invalid method.alpha=2: must be in \[0, 1\] \(the initial drop"):
         config.validate(make_cfg("method=rigl", "sparsity=0.8", "method.alpha=2"))
@@ -68,12 +70,12 @@ def test_a_config_is_validated_once(monkeypatch):
     cfg = make_cfg("lam=0.123", "seed=41")
     config.validate(cfg)
     config.validate(cfg)
-    config.validate(make_cfg("lam=0.123", "seed=41"))     # the same content composed again
+    config.validate(make_cfg("lam=0.123", "seed=41"))  # the same content composed again
     assert len(calls) == 1
-    config.validate(cfg, environment=False)               # another check: runs
+    config.validate(cfg, environment=False)  # another check: runs
     assert len(calls) == 2
     bad = make_cfg("lam=0.123", "seed=41", "lr=-1")
-    for _ in range(2):                                    # a bad config is never remembered
+    for _ in range(2):  # a bad config is never remembered
         with pytest.raises(ConfigError, match="invalid lr=-1"):
             config.validate(bad)
 

@@ -1,4 +1,5 @@
 """Model zoo: every registered model builds, runs forward/backward, and the registry behaves."""
+
 import pytest
 import torch
 import torch.nn as nn

@@ -4,6 +4,7 @@ Each test plants a crafted file (a pickled object whose `__reduce__` creates a m
 a shared `model.pt` or run archive could hold) where mlbreg reads one, runs the real command,
 and checks that the marker was never created and that the refusal is one line naming the file.
 """
+
 import logging
 import pathlib
 import pickle
@@ -94,15 +95,14 @@ def test_a_checkpoint_of_the_older_format_is_refused_with_the_way_out(run, capsy
     resume=false then trains the run fresh."""
     RunDir(run).write_status("interrupted", run_key=RunDir(run).read_status()["run_key"])
     ckpt = load_tensors(run / "checkpoint.pt")
-    assert isinstance(ckpt["rng"]["numpy"][1], list)           # the current format: plain values
-    ckpt["rng"]["numpy"] = np.random.get_state()               # the older one: an ndarray
+    assert isinstance(ckpt["rng"]["numpy"][1], list)  # the current format: plain values
+    ckpt["rng"]["numpy"] = np.random.get_state()  # the older one: an ndarray
     torch.save(ckpt, run / "checkpoint.pt")
     capsys.readouterr()
     assert main(["train", *RUN_ARGS, f"hydra.run.dir={run}"]) == 2
     lines = mlbreg_lines(capsys.readouterr().err)
     assert len(lines) == 1, lines
-    assert lines[0].startswith(f"mlbreg: cannot read checkpoint {run / 'checkpoint.pt'}: it holds a Python object "
-                               "(numpy.")
+    assert lines[0].startswith(f"mlbreg: cannot read checkpoint {run / 'checkpoint.pt'}: it holds a Python object (numpy.")
     assert "an mlbreg before 2026-12-06 stored numpy's RNG state so" in lines[0] and "resume=false" in lines[0]
     assert main(["train", *RUN_ARGS, f"hydra.run.dir={run}", "resume=false"]) == 0
 
@@ -114,8 +114,16 @@ def test_from_checkpoint_refuses_a_crafted_file(tmp_path, marker, capsys, how):
     file = tmp_path / "shared" / "model.pt"
     plant(file, marker, how)
     capsys.readouterr()
-    code = main(["train", "method=prune_finetune", "sparsity=0.9", f"method.from_checkpoint={file}", *RUN_ARGS,
-                 f"hydra.run.dir={tmp_path / 'run'}"])
+    code = main(
+        [
+            "train",
+            "method=prune_finetune",
+            "sparsity=0.9",
+            f"method.from_checkpoint={file}",
+            *RUN_ARGS,
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
     assert code == 2
     assert not marker.exists(), "code from the file ran"
     lines = mlbreg_lines(capsys.readouterr().err)
@@ -150,8 +158,7 @@ def test_commands_refuse_a_crafted_model_pt(run, marker, capsys, command):
     assert not marker.exists(), "code from the file ran"
     lines = mlbreg_lines(capsys.readouterr().err)
     assert len(lines) == 1, lines
-    assert lines[0].startswith(f"mlbreg {command[0]}: cannot read model file {run / 'model.pt'}: it holds a Python "
-                               "object")
+    assert lines[0].startswith(f"mlbreg {command[0]}: cannot read model file {run / 'model.pt'}: it holds a Python object")
     assert lines[0].endswith("train the run again (resume=false) to rewrite it")
 
 
@@ -189,6 +196,7 @@ def test_report_draws_no_mask_from_a_crafted_model_pt(run, marker, tmp_path):
 
 def _tiny_imagenet(root: pathlib.Path) -> None:
     from PIL import Image
+
     base = root / "tiny-imagenet-200"
     (base / "train" / "n01" / "images").mkdir(parents=True)
     (base / "val" / "images").mkdir(parents=True)
@@ -212,7 +220,7 @@ def test_a_crafted_data_cache_is_rebuilt_not_unpickled(tmp_path, marker, caplog)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "\n" not in warnings[0], warnings
     assert warnings[0].startswith(f"ignoring cannot read cache {cache}: it holds a Python object")
-    assert isinstance(load_tensors(cache), dict)        # rewritten as tensors and plain values
+    assert isinstance(load_tensors(cache), dict)  # rewritten as tensors and plain values
 
 
 def test_crafted_cifar_batches_are_not_unpickled(tmp_path, marker):
@@ -240,7 +248,7 @@ def test_load_tensors_names_the_file_in_one_line(tmp_path, marker):
         with pytest.raises(TensorFileError) as err, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             load_tensors(tmp_path / name, "model file")
-        assert not caught, [str(w.message) for w in caught]     # torch's warnings would add lines
+        assert not caught, [str(w.message) for w in caught]  # torch's warnings would add lines
         assert not marker.exists(), "code from the file ran"
         assert str(err.value).startswith(f"cannot read model file {tmp_path / name}: ")
         assert "\n" not in str(err.value) and "weights_only" not in str(err.value)

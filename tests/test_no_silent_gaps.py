@@ -1,6 +1,7 @@
 """No silent gaps: rows lost before a checkpoint stop the resume, the report names runs that lack
 epochs, status.json follows the checkpoints, an all-zero model gets a note, and the report
 orders numeric keys by value."""
+
 import json
 import os
 import shutil
@@ -61,23 +62,25 @@ def lines(path):
     return path.read_text().splitlines(keepends=True)
 
 
-def cut_half_a_row(run):        # epoch 2's row half-written (a crash mid-write, then the checkpoint was kept)
+def cut_half_a_row(run):  # epoch 2's row half-written (a crash mid-write, then the checkpoint was kept)
     rows = lines(run / "metrics.csv")
     (run / "metrics.csv").write_text("".join(rows[:2]) + rows[2][: len(rows[2]) // 2])
 
 
-def cut_half_the_file(run):     # half the file gone (a copy cut short)
+def cut_half_the_file(run):  # half the file gone (a copy cut short)
     text = (run / "metrics.csv").read_text()
     (run / "metrics.csv").write_text(text[: len(text) // 2])
 
 
-def drop_a_layer(run):          # layers.csv: epoch 2 lacks its last layer
+def drop_a_layer(run):  # layers.csv: epoch 2 lacks its last layer
     (run / "layers.csv").write_text("".join(lines(run / "layers.csv")[:-1]))
 
 
-DAMAGE = [(cut_half_a_row, "metrics.csv", "epoch(s) 2 of the 2"),
-          (cut_half_the_file, "metrics.csv", "epoch(s) 1-2 of the 2"),
-          (drop_a_layer, "layers.csv", "epoch(s) 2 of the 2")]
+DAMAGE = [
+    (cut_half_a_row, "metrics.csv", "epoch(s) 2 of the 2"),
+    (cut_half_the_file, "metrics.csv", "epoch(s) 1-2 of the 2"),
+    (drop_a_layer, "layers.csv", "epoch(s) 2 of the 2"),
+]
 
 
 @pytest.mark.parametrize("damage,name,epochs", DAMAGE, ids=[d[0].__name__ for d in DAMAGE])
@@ -126,8 +129,13 @@ def test_a_killed_runs_status_names_its_last_checkpoint(tmp_path, capsys):
     """After SIGKILL, status.json says running at the epoch and step of the last checkpoint (not epoch 0),
     and `mlbreg eval` and the report name that epoch."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "mlbreg", "train", "epochs=300", "backend=torch", "output_root=out",
-                             "progress=false"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlbreg", "train", "epochs=300", "backend=torch", "output_root=out", "progress=false"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 120
     while True:
         found = list((tmp_path / "out").rglob("metrics.csv"))
@@ -175,8 +183,10 @@ def fake_run(root, *overrides, epochs_written):
     path.mkdir(parents=True)
     OmegaConf.save(cfg, path / "config.yaml", resolve=True)
     (path / "status.json").write_text(json.dumps(dict(status="finished", epoch=cfg.epochs)))
-    rows = [dict(epoch=e, test_acc_pct=90.0 + e / 1000, sparsity_pct=95.0, nonzeros=100, prunable_params=2000)
-            for e in epochs_written]
+    rows = [
+        dict(epoch=e, test_acc_pct=90.0 + e / 1000, sparsity_pct=95.0, nonzeros=100, prunable_params=2000)
+        for e in epochs_written
+    ]
     pd.DataFrame(rows).to_csv(path / "metrics.csv", index=False)
     return path
 
@@ -189,7 +199,7 @@ def test_the_report_names_a_finished_run_with_a_gap(tmp_path, capsys):
     assert report_main([str(tmp_path), "--out", str(tmp_path / "report"), "--no-plots"]) == 0
     printed = capsys.readouterr().out
     name = "/".join(gap.parts[-4:])
-    (line,) = [line for line in printed.splitlines() if name in line and "[finished]" in line]   # excluded
+    (line,) = [line for line in printed.splitlines() if name in line and "[finished]" in line]  # excluded
     assert "metrics.csv has 8 of 12 epochs (lacks 5-8)" in line and "resume=false" in line
     runs = pd.read_csv(tmp_path / "report" / "runs.csv").set_index("seed")
     assert runs.at[1, "missing_epochs"] == "5-8" and not runs.at[1, "included"] and runs.at[2, "included"]

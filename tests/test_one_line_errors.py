@@ -7,6 +7,7 @@ simulated by fault injection (`read_only`: every write under a folder fails with
 a read-only mount), a real one is used where `unshare` can mount one, and a path through a
 regular file (ENOTDIR) fails for root too. The chmod case runs for other users only.
 """
+
 import builtins
 import contextlib
 import errno
@@ -37,8 +38,11 @@ IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 def digest(folder: Path) -> dict[str, str]:
     """Every file under `folder` (relative path -> SHA-256), but the run locks (taken and released
     around an attempt) and Hydra's notes of the latest command line (.hydra/)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".lock" and ".hydra" not in p.parts}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock" and ".hydra" not in p.parts
+    }
 
 
 def one_line(err: str) -> str:
@@ -71,6 +75,7 @@ def stop_at_step(monkeypatch, step: int):
         if counter["n"] == step:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, *args)
+
     monkeypatch.setattr(FlopsAccount, "add_step", add_step)
 
 
@@ -146,7 +151,7 @@ def read_only(monkeypatch):
 
     def fake_mkdir(path, *args, **kwargs):
         if inside(path):
-            if os.path.exists(path):          # as the kernel: "exists" and "no parent" before "read-only"
+            if os.path.exists(path):  # as the kernel: "exists" and "no parent" before "read-only"
                 raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(path))
             if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
                 raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), os.fsdecode(path))
@@ -158,6 +163,7 @@ def read_only(monkeypatch):
             if inside(path):
                 refuse(path)
             return real(path, *args, **kwargs)
+
         return call
 
     monkeypatch.setattr(builtins, "open", fake_open)
@@ -171,9 +177,10 @@ def read_only(monkeypatch):
 
 # -- a place that cannot be written ------------------------------------------------------------
 
+
 def _unwritable(kind: str, tmp_path: Path, read_only) -> tuple[Path, str]:
     """(a folder mlbreg cannot write under, the cause its message must name)."""
-    if kind == "file in the way":         # fails for root too
+    if kind == "file in the way":  # fails for root too
         (tmp_path / "a_file").write_text("")
         return tmp_path / "a_file" / "out", "Not a directory [ENOTDIR]"
     folder = tmp_path / "ro"
@@ -221,12 +228,13 @@ def test_an_output_place_that_cannot_be_written_is_one_line(command, kind, finis
 
 # -- a finished run on a read-only archive -----------------------------------------------------
 
+
 def test_a_finished_run_on_a_read_only_archive_is_skipped(finished, tmp_path, read_only, capsys):
     """Relaunching a finished run whose folder is read-only says "finished, skipped" (exit 0): Hydra
     writes no notes into a run that is skipped, the lock is not needed where nothing can be written;
     an unfinished run there is one line naming the cause (exit 2); no file changes."""
     run = copy(finished, tmp_path)
-    shutil.rmtree(run / ".hydra")          # Hydra's notes would be written first (and fail) if at all
+    shutil.rmtree(run / ".hydra")  # Hydra's notes would be written first (and fail) if at all
     before = digest(run)
     read_only(tmp_path)
     capsys.readouterr()
@@ -234,7 +242,7 @@ def test_a_finished_run_on_a_read_only_archive_is_skipped(finished, tmp_path, re
     captured = capsys.readouterr()
     assert captured.out.startswith(f"mlbreg: finished, skipped: {run}: test acc "), captured
     assert "Traceback" not in captured.err and not (run / ".hydra").exists()
-    assert main(["train", *RUN, "lam=0.05", f"hydra.run.dir={run}"]) == 2      # not this run: it would train
+    assert main(["train", *RUN, "lam=0.05", f"hydra.run.dir={run}"]) == 2  # not this run: it would train
     assert one_line(capsys.readouterr().err).startswith(f"mlbreg train: {run}/.hydra: Read-only file system [EROFS]; ")
     assert digest(run) == before
 
@@ -246,8 +254,10 @@ def _unshare_works() -> bool:
         return False
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _unshare_works(),
-                    reason="needs `unshare -rm` (user and mount namespaces) for a real read-only mount")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not _unshare_works(),
+    reason="needs `unshare -rm` (user and mount namespaces) for a real read-only mount",
+)
 def test_a_real_read_only_mount(finished, tmp_path):
     """On a real read-only bind mount (EROFS from the kernel): the finished run relaunched is
     skipped (exit 0), a new run there is one line naming the path (exit 2), no traceback, no file changes."""
@@ -255,8 +265,10 @@ def test_a_real_read_only_mount(finished, tmp_path):
     run = copy(finished, archive)
     before = digest(run)
     python = f"{sys.executable} -m mlbreg train {' '.join(RUN)}"
-    script = (f"mount --bind {archive} {archive} && mount -o remount,bind,ro {archive} || exit 99\n"
-              f"{python} hydra.run.dir={run}; echo rc=$?\n{python} output_root={archive}; echo rc=$?\n")
+    script = (
+        f"mount --bind {archive} {archive} && mount -o remount,bind,ro {archive} || exit 99\n"
+        f"{python} hydra.run.dir={run}; echo rc=$?\n{python} output_root={archive}; echo rc=$?\n"
+    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert "rc=0\n" in done.stdout and "rc=2\n" in done.stdout, (done.stdout, done.stderr)
@@ -267,6 +279,7 @@ def test_a_real_read_only_mount(finished, tmp_path):
 
 
 # -- a full disk mid-run -----------------------------------------------------------------------
+
 
 def test_a_full_disk_mid_run_is_one_line_and_resumes_identically(finished, tmp_path, monkeypatch, capsys):
     """The disk fills up while the second epoch's checkpoint is written (fault injection: torch.save
@@ -284,15 +297,16 @@ def test_a_full_disk_mid_run_is_one_line_and_resumes_identically(finished, tmp_p
                 f.write(b"half a checkpoint")
                 try:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                except OSError:     # torch's writer: its own error, the OSError as its context
+                except OSError:  # torch's writer: its own error, the OSError as its context
                     raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
         return real_save(obj, f, *args, **kwargs)
+
     monkeypatch.setattr(torch, "save", full_disk)
     assert main(["train", *RUN, f"hydra.run.dir={run}"]) == 2
     line = one_line(capsys.readouterr().err)
     assert line.startswith(f"mlbreg train: {run / 'checkpoint.pt'}: No space left on device [ENOSPC]; free some space"), line
     status = RunDir(run).read_status()
-    assert status["status"] == "failed" and status["message"] == line.split(": ", 1)[1]     # the same words
+    assert status["status"] == "failed" and status["message"] == line.split(": ", 1)[1]  # the same words
     assert (run / "checkpoint.pt").read_bytes() == kept["checkpoint"]
     assert [p.name for p in run.iterdir() if p.name.endswith(".tmp")] == []
     monkeypatch.undo()
@@ -302,6 +316,7 @@ def test_a_full_disk_mid_run_is_one_line_and_resumes_identically(finished, tmp_p
 
 
 # -- files of a run that mlbreg did not write --------------------------------------------------
+
 
 def test_a_garbage_line_in_metrics_csv_is_dropped_with_a_note(interrupted, finished, tmp_path, capsys):
     """A line that is not a row, appended to an interrupted run's metrics.csv: the resume drops it
@@ -349,21 +364,24 @@ def test_a_status_json_that_is_not_a_status_is_one_line(content, interrupted, tm
 
 # -- a device that is not there ----------------------------------------------------------------
 
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_eval_on_a_missing_device_is_one_line(finished, capsys):
     """`mlbreg eval RUN --device cuda` without a GPU fails as `mlbreg train device=cuda` does: one
     line naming the option and the way out, exit code 2; an unknown device lists the valid ones."""
     capsys.readouterr()
     assert main(["eval", str(finished), "--device", "cuda"]) == 2
-    assert one_line(capsys.readouterr().err) == ("mlbreg eval: invalid --device='cuda': CUDA is not available on this "
-                                                 "machine; use --device cpu")
+    assert one_line(capsys.readouterr().err) == (
+        "mlbreg eval: invalid --device='cuda': CUDA is not available on this machine; use --device cpu"
+    )
     assert main(["eval", str(finished), "--device", "tpu"]) == 2
     assert one_line(capsys.readouterr().err) == "mlbreg eval: invalid --device='tpu': valid: auto, cpu, cuda (or cuda:N)"
-    assert main(["eval", str(finished), "--device", "auto"]) == 0          # auto: the CPU here
+    assert main(["eval", str(finished), "--device", "auto"]) == 0  # auto: the CPU here
     assert "on cpu" in capsys.readouterr().out
 
 
 # -- a stop signal while a relaunch starts up ----------------------------------------------------
+
 
 def _catches(pid: int, signum: int) -> bool:
     with open(f"/proc/{pid}/status") as f:
@@ -379,8 +397,13 @@ def test_sigterm_while_a_relaunch_starts_up_is_one_line(interrupted, tmp_path):
     run = copy(interrupted, tmp_path)
     before = digest(run)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-m", "mlbreg", "train", *RUN, f"hydra.run.dir={run}"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlbreg", "train", *RUN, f"hydra.run.dir={run}"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while proc.poll() is None and time.time() < deadline and not _catches(proc.pid, signal.SIGTERM):
         time.sleep(0.002)
@@ -388,6 +411,8 @@ def test_sigterm_while_a_relaunch_starts_up_is_one_line(interrupted, tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, (out, err)
-    assert one_line(err) == ("mlbreg train: stopped by SIGTERM before training started; nothing was lost (run the "
-                             "same command again to start or resume)")
+    assert one_line(err) == (
+        "mlbreg train: stopped by SIGTERM before training started; nothing was lost (run the "
+        "same command again to start or resume)"
+    )
     assert digest(run) == before

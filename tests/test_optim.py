@@ -1,4 +1,5 @@
 """Invariants and hand-worked cases of LinBreg / ML LinBreg (docs/algorithms.md §1-§3)."""
+
 import copy
 import math
 
@@ -43,8 +44,17 @@ def run(net, opt, data):
 def test_linbreg_lam0_delta1_equals_sgd(momentum, dampening, wd, foreach):
     net_a, net_b = tiny_net(), tiny_net()
     sgd = torch.optim.SGD(net_a.parameters(), lr=0.1, momentum=momentum, dampening=dampening, weight_decay=wd)
-    lb = LinBreg(net_b.parameters(), lr=0.1, lam=0.0, delta=1.0, reg="l1", momentum=momentum,
-                 dampening=dampening, weight_decay=wd, foreach=foreach)
+    lb = LinBreg(
+        net_b.parameters(),
+        lr=0.1,
+        lam=0.0,
+        delta=1.0,
+        reg="l1",
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=wd,
+        foreach=foreach,
+    )
     for x, y in batches(8):
         for net, opt in ((net_a, sgd), (net_b, lb)):
             opt.zero_grad()
@@ -83,7 +93,7 @@ def test_group_prox_zeroes_whole_kernels_hand_case():
     torch.testing.assert_close(out[0, 0], torch.full((2, 2), 0.75))  # factor 1 − 0.5/2
     assert torch.count_nonzero(out[0, 1]) == 0  # factor max(1 − 0.5/0.5, 0) = 0: the whole kernel
     rows = torch.tensor([[3.0, 4.0], [0.3, 0.4]])  # linear: rows are groups, n = 2
-    group_shrink_(rows, 1 / math.sqrt(2))           # threshold 1: row norms 5 and 0.5
+    group_shrink_(rows, 1 / math.sqrt(2))  # threshold 1: row norms 5 and 0.5
     torch.testing.assert_close(rows, torch.tensor([[2.4, 3.2], [0.0, 0.0]]))
 
 
@@ -93,11 +103,11 @@ def test_linbreg_hand_worked_steps():
     c = torch.tensor([4.0, 1.0, -2.0], dtype=torch.float64)
     opt = LinBreg([theta], lr=0.5, lam=1.0, delta=2.0, reg="l1")
     # v0 = θ/δ + sign θ = [0, 1.5, -2]
-    theta.grad = theta.detach() - c              # g = [-4, 0, 0]
-    opt.step()                                    # v = [2, 1.5, -2], θ = 2·shrink(v,1) = [2, 1, -2]
+    theta.grad = theta.detach() - c  # g = [-4, 0, 0]
+    opt.step()  # v = [2, 1.5, -2], θ = 2·shrink(v,1) = [2, 1, -2]
     assert theta.tolist() == [2.0, 1.0, -2.0]
-    theta.grad = theta.detach() - c              # g = [-2, 0, 0]
-    opt.step()                                    # v = [3, 1.5, -2] -> θ = [4, 1, -2]
+    theta.grad = theta.detach() - c  # g = [-2, 0, 0]
+    opt.step()  # v = [3, 1.5, -2] -> θ = [4, 1, -2]
     assert theta.tolist() == [4.0, 1.0, -2.0]
     torch.testing.assert_close(opt.state[theta]["v"], torch.tensor([3.0, 1.5, -2.0], dtype=torch.float64))
 
@@ -106,8 +116,12 @@ def test_linbreg_hand_worked_steps():
 @pytest.mark.parametrize("momentum,dampening", [(0.0, 0.0), (0.9, 0.9), (0.9, 0.0)])
 def test_foreach_and_loop_agree(reg, momentum, dampening):
     nets = [tiny_net(), tiny_net()]
-    opts = [MLLinBreg(split_groups(net, reg=reg), lr=0.1, lam=0.05, delta=1.5, momentum=momentum,
-                      dampening=dampening, m=3, foreach=fe) for net, fe in zip(nets, (False, True))]
+    opts = [
+        MLLinBreg(
+            split_groups(net, reg=reg), lr=0.1, lam=0.05, delta=1.5, momentum=momentum, dampening=dampening, m=3, foreach=fe
+        )
+        for net, fe in zip(nets, (False, True))
+    ]
     data = batches(9)
     for net, opt in zip(nets, opts):
         run(net, opt, data)
@@ -139,8 +153,7 @@ def test_coarse_steps_never_touch_state_outside_support(reg, foreach):
     for k, (x, y) in enumerate(data):
         fine = opt.next_step_is_fine()
         assert fine == (k % 5 == 0)
-        before = [(w.detach().clone(), opt.state[w].get("v", None), opt.state[w].get("momentum_buffer"))
-                  for w in weights]
+        before = [(w.detach().clone(), opt.state[w].get("v", None), opt.state[w].get("momentum_buffer")) for w in weights]
         before = [(w, None if v is None else v.clone(), None if b is None else b.clone()) for w, v, b in before]
         opt.zero_grad()
         nn.functional.cross_entropy(net(x), y).backward()
@@ -198,10 +211,10 @@ def test_state_dict_round_trip_then_lockstep(criterion):
 def test_adaptive_criterion_with_a_tensor_that_lost_its_gradient():
     net = tiny_net()
     opt = MLLinBreg(split_groups(net, reg="l1"), lr=0.1, lam=0.02, m=2, criterion="adaptive", kappa=0.0)
-    run(net, opt, batches(2))                    # cycle 0 starts coarse: θ_last of every tensor
-    net[3].bias.requires_grad_(False)            # e.g. a layer frozen from now on
+    run(net, opt, batches(2))  # cycle 0 starts coarse: θ_last of every tensor
+    net[3].bias.requires_grad_(False)  # e.g. a layer frozen from now on
     net[3].bias.grad = None
-    run(net, opt, batches(2, seed=5))            # cycle 1: compares the tensors with gradients
+    run(net, opt, batches(2, seed=5))  # cycle 1: compares the tensors with gradients
     assert opt.coarse_cycles_started == 2
 
 
@@ -231,9 +244,9 @@ def test_adaptive_criterion_skips_coarse_cycle_when_support_misses_gradient():
     opt.step()
     assert not opt.coarse_cycle and opt.next_step_is_fine()
     opt.step()
-    opt.step()   # steps 1, 2 are fine as well (each tests again, and fails again)
+    opt.step()  # steps 1, 2 are fine as well (each tests again, and fails again)
     theta.grad = torch.tensor([1.0, 0.01, 0.0, 0.0], dtype=torch.float64)
-    opt.step()               # step 3: gradient on the support -> coarse cycle
+    opt.step()  # step 3: gradient on the support -> coarse cycle
     assert opt.coarse_cycle and not opt.next_step_is_fine()
 
 
@@ -242,9 +255,9 @@ def test_adaptive_criterion_restricts_with_the_support_before_the_fine_step():
     fine step makes every entry non-zero (λ = 0), so restricting afterwards would always pass."""
     theta = nn.Parameter(torch.tensor([1.0, 0.0], dtype=torch.float64))
     opt = MLLinBreg([theta], lr=0.01, lam=0.0, reg="l1", m=4, criterion="adaptive", kappa=0.45)
-    theta.grad = torch.tensor([0.1, 1.0], dtype=torch.float64)   # ‖R_0 g‖ = 0.1 < 0.45 · 1.005
+    theta.grad = torch.tensor([0.1, 1.0], dtype=torch.float64)  # ‖R_0 g‖ = 0.1 < 0.45 · 1.005
     opt.step()
-    assert theta.detach().ne(0).all()                 # the support after the step is everything
+    assert theta.detach().ne(0).all()  # the support after the step is everything
     assert not opt.coarse_cycle and opt.next_step_is_fine()
 
 
@@ -269,10 +282,10 @@ def test_adaptive_criterion_needs_theta_to_move_since_the_last_coarse_cycle(eps,
     theta = nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
     opt = MLLinBreg([theta], lr=0.01, lam=0.0, reg="l1", m=2, criterion="adaptive", kappa=0.45, eps=eps)
     theta.grad = torch.tensor([1.0, 1.0], dtype=torch.float64)
-    opt.step()            # step 0: tested at θ_0, no θ_last yet: coarse, θ_last = θ_0 = [1, 2]
+    opt.step()  # step 0: tested at θ_0, no θ_last yet: coarse, θ_last = θ_0 = [1, 2]
     assert opt.coarse_cycle and opt.coarse_cycles_started == 1
-    opt.step()            # step 1 (coarse): θ = [0.98, 1.98]
-    opt.step()            # step 2, tested at θ_2 = [0.98, 1.98]: ‖θ − θ_last‖ = 0.02·√2, ‖θ‖ ≈ 2.2093
+    opt.step()  # step 1 (coarse): θ = [0.98, 1.98]
+    opt.step()  # step 2, tested at θ_2 = [0.98, 1.98]: ‖θ − θ_last‖ = 0.02·√2, ‖θ‖ ≈ 2.2093
     # ratio 0.028284 / 2.209299 = 0.012802: a cycle starts for ε up to that, not beyond
     assert opt.coarse_cycle == second_cycle and opt.coarse_cycles_started == 1 + second_cycle
 
@@ -282,7 +295,6 @@ def test_bad_arguments_name_the_value(bad):
     with pytest.raises(ValueError) as err:
         MLLinBreg([nn.Parameter(torch.zeros(2))], lr=0.1, **bad)
     assert str(list(bad.values())[0]) in str(err.value)
-
 
 
 # -- the torch.compile'd update (compiled=True): the same math, fused ----------------------
@@ -303,14 +315,26 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reg", ["l1", "group", "l1_group"])
-@pytest.mark.parametrize("momentum,dampening,wd,delta", [(0.9, 0.0, 0.0, 1.0), (0.0, 0.0, 5e-4, 2.0),
-                                                        (0.5, 0.1, 0.0, 0.5)])
+@pytest.mark.parametrize("momentum,dampening,wd,delta", [(0.9, 0.0, 0.0, 1.0), (0.0, 0.0, 5e-4, 2.0), (0.5, 0.1, 0.0, 0.5)])
 def test_compiled_update_equals_eager_without_recompiling(reg, momentum, dampening, wd, delta, device):
     from torch._dynamo.utils import counters
+
     nets = [tiny_net(torch.float32).to(device), tiny_net(torch.float32).to(device)]
-    opts = [MLLinBreg(split_groups(net, reg=reg), lr=0.2, lam=0.05, delta=delta, momentum=momentum,
-                      dampening=dampening, weight_decay=wd, m=4, foreach=True, compiled=c)
-            for net, c in zip(nets, (False, True))]
+    opts = [
+        MLLinBreg(
+            split_groups(net, reg=reg),
+            lr=0.2,
+            lam=0.05,
+            delta=delta,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=wd,
+            m=4,
+            foreach=True,
+            compiled=c,
+        )
+        for net, c in zip(nets, (False, True))
+    ]
     graphs_before = counters["stats"]["unique_graphs"]
     data = [(x.to(device), y.to(device)) for x, y in batches(13, torch.float32)]
     _lockstep(opts, nets, data, lambda k: 0.2 * (1 - k / 13))
@@ -341,15 +365,17 @@ def test_compiled_auto_compiles_on_cuda():
     net = tiny_net(torch.float32).cuda()
     opt = MLLinBreg(split_groups(net, reg="l1"), lr=0.1, lam=0.05, momentum=0.9, m=3, compiled=None)
     run(net, opt, [(x.cuda(), y.cuda()) for x, y in batches(4, torch.float32)])
-    assert opt._compiled_update is not None and opt.compiled is None   # compiled, no fallback
+    assert opt._compiled_update is not None and opt.compiled is None  # compiled, no fallback
 
 
 def test_compiled_auto_stays_eager_on_cpu():
     nets = [tiny_net(), tiny_net()]
-    opts = [MLLinBreg(split_groups(net, reg="l1"), lr=0.1, lam=0.05, momentum=0.9, m=3, compiled=c)
-            for net, c in zip(nets, (False, None))]
+    opts = [
+        MLLinBreg(split_groups(net, reg="l1"), lr=0.1, lam=0.05, momentum=0.9, m=3, compiled=c)
+        for net, c in zip(nets, (False, None))
+    ]
     _lockstep(opts, nets, batches(6), lambda k: 0.1)
-    assert opts[1]._compiled_update is None          # auto compiles CUDA tensors only
+    assert opts[1]._compiled_update is None  # auto compiles CUDA tensors only
     for pa, pb in zip(*(n.parameters() for n in nets)):
         assert torch.equal(pa, pb)
 
@@ -357,23 +383,27 @@ def test_compiled_auto_stays_eager_on_cpu():
 def test_compile_failure_in_auto_mode_falls_back_to_the_eager_update(monkeypatch):
     def broken(*args, **kwargs):
         raise torch._dynamo.exc.BackendCompilerFailed(lambda *a: None, RuntimeError("no triton"), None)
+
     nets = [tiny_net(), tiny_net()]
-    opts = [MLLinBreg(split_groups(net, reg="l1"), lr=0.1, lam=0.05, momentum=0.9, m=3, compiled=c)
-            for net, c in zip(nets, (False, None))]
+    opts = [
+        MLLinBreg(split_groups(net, reg="l1"), lr=0.1, lam=0.05, momentum=0.9, m=3, compiled=c)
+        for net, c in zip(nets, (False, None))
+    ]
     # stand in for a CUDA machine whose Triton cannot compile: auto mode tries, then falls back
     monkeypatch.setattr(opts[1], "_compiled", lambda: broken)
-    monkeypatch.setattr(opts[1], "_use_compiled", lambda group, params, bufs: opts[1].compiled is not False
-                        and all(b is not None for b in bufs))
+    monkeypatch.setattr(
+        opts[1], "_use_compiled", lambda group, params, bufs: opts[1].compiled is not False and all(b is not None for b in bufs)
+    )
     with pytest.warns(RuntimeWarning, match="compiling the LinBreg update failed"):
         _lockstep(opts, nets, batches(6), lambda k: 0.1)
     assert opts[1].compiled is False
     for pa, pb in zip(*(n.parameters() for n in nets)):
-        assert torch.equal(pa, pb)                    # the failed attempt changed nothing
+        assert torch.equal(pa, pb)  # the failed attempt changed nothing
     net = tiny_net()
     forced = MLLinBreg(split_groups(net, reg="l1"), lr=0.1, momentum=0.0, compiled=True)
     monkeypatch.setattr(forced, "_compiled", lambda: broken)
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed):
-        run(net, forced, batches(1))                  # compiled=True: the error reaches the user
+        run(net, forced, batches(1))  # compiled=True: the error reaches the user
 
 
 def test_bad_compiled_value_names_it():
@@ -386,7 +416,7 @@ def test_support_counts_nan_as_nonzero_on_every_path(path):
     # after a divergence: the support must not depend on the code path
     p = nn.Parameter(torch.tensor([1.0, 0.0, 2.0, -3.0]))
     opt = MLLinBreg([p], lr=0.1, lam=0.5, m=2, momentum=0.9, **path)
-    for g in ([0.1, 0.0, float("nan"), 0.0], [0.0] * 4, [0.0] * 4):   # the third step is fine again
+    for g in ([0.1, 0.0, float("nan"), 0.0], [0.0] * 4, [0.0] * 4):  # the third step is fine again
         p.grad = torch.tensor(g)
         opt.step()
     assert opt.state[p]["support"].tolist() == support(p.detach(), "l1").tolist() == [1.0, 0.0, 1.0, 1.0]

@@ -1,6 +1,7 @@
 """Bring your own model: `mlbreg.sparse_steps` in a plain training loop, fusion found in the torch.fx graph of any
 model (torchvision's ResNet, a user's residual blocks), the fallback for untraceable models, and
 `model=torchvision.<name>` from the command line. Small inputs and batches of 8, one thread (conftest)."""
+
 import copy
 import io
 import re
@@ -141,8 +142,8 @@ def test_torchvision_resnet18_steps_equal_torch_with_fused_blocks(monkeypatch):
         for (name, b), c in zip(model.named_buffers(), ref.buffers()):
             assert rel(b, c) < 5e-2 if b.is_floating_point() else torch.equal(b, c), name
     assert len(steps.fusions) == 17 and sum(f.res for f in steps.fusions) == 8
-    assert chwb == [False, True, True, True, True]          # dense in the fine step, CHWB in the coarse ones
-    assert calls == [17, 0, 0, 0, 0]                         # every ReLU module fused in the coarse steps
+    assert chwb == [False, True, True, True, True]  # dense in the fine step, CHWB in the coarse ones
+    assert calls == [17, 0, 0, 0, 0]  # every ReLU module fused in the coarse steps
     rows = {row["layer"]: row for row in steps.summary()}
     assert rows["conv1"]["choice"] == "native" and rows["maxpool"]["choice"] == "CHWB layout"
     assert rows["layer1.0.bn2"]["why"] == "conv -> bn -> add -> relu"
@@ -159,10 +160,14 @@ def test_custom_blocks_fused_and_equal_torch():
     ref_opt, opt = optimizer(ref, m=3), optimizer(model, m=3)
     steps = mlbreg.sparse_steps(model, opt, backend="native", force=True)
     patterns = [(f.bn, f.pattern) for f in steps.fusions]
-    assert patterns == [("bn", "conv -> bn -> relu"),
-                        ("blocks.0.bn1", "conv -> bn -> relu"), ("blocks.0.bn2", "conv -> bn -> add -> relu"),
-                        ("blocks.1.bn1", "conv -> bn -> relu"), ("blocks.1.bn2", "conv -> bn -> add -> relu"),
-                        ("bnp", "conv -> bn -> add")]
+    assert patterns == [
+        ("bn", "conv -> bn -> relu"),
+        ("blocks.0.bn1", "conv -> bn -> relu"),
+        ("blocks.0.bn2", "conv -> bn -> add -> relu"),
+        ("blocks.1.bn1", "conv -> bn -> relu"),
+        ("blocks.1.bn2", "conv -> bn -> add -> relu"),
+        ("bnp", "conv -> bn -> add"),
+    ]
     batches = make_batches([8] * 6, shape=(3, 12, 12))
     assert loop(model, opt, batches) == pytest.approx(loop(ref, ref_opt, batches), rel=1e-5)
     for (name, t), u in zip(model.state_dict().items(), ref.state_dict().values()):
@@ -190,10 +195,10 @@ def test_untraceable_model_falls_back_to_its_blocks_with_the_reason():
     want.square().sum().backward()
     assert rel(out, want) < 1e-5
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        if q.grad is None:                                  # proj, bnp: not in this forward
+        if q.grad is None:  # proj, bnp: not in this forward
             assert p.grad is None, name
             continue
-        on = p != 0 if p.dim() > 1 else torch.ones_like(p, dtype=torch.bool)   # swapped: gradient on S only
+        on = p != 0 if p.dim() > 1 else torch.ones_like(p, dtype=torch.bool)  # swapped: gradient on S only
         assert rel(p.grad[on], q.grad[on]) < 1e-5, name
 
 
@@ -206,7 +211,7 @@ def test_gradients_ready_after_backward_eval_dense_and_remove():
     opt = optimizer(model, m=3)
     steps = mlbreg.sparse_steps(model, opt, backend="native", force=True)
     batches = make_batches([8] * 2, shape=(3, 12, 12))
-    loop(model, opt, batches[:1])                           # the fine step
+    loop(model, opt, batches[:1])  # the fine step
     seen = []
     model.bn.register_forward_hook(lambda m, a, o: seen.append(ops.is_chwb(o)))
     x, y = batches[1]
@@ -219,7 +224,7 @@ def test_gradients_ready_after_backward_eval_dense_and_remove():
     assert float(norm) > 0 and steps.backend.swapped_layers()
     model.eval()
     model(x)
-    assert [n for n, m in model.named_modules() if "forward" in m.__dict__] == [""]   # the fused graph's, pinned
+    assert [n for n, m in model.named_modules() if "forward" in m.__dict__] == [""]  # the fused graph's, pinned
     model.train()
     model(x)
     assert len([n for n, m in model.named_modules() if "forward" in m.__dict__]) > 1
@@ -264,11 +269,13 @@ def test_state_dict_round_trip_and_exact_resume():
     """The model's state_dict has the plain model's keys inside a coarse cycle; saving model, optimizer and handle
     after 3 of 8 steps and loading them into a fresh model, optimizer and handle gives the uninterrupted run's
     weights, buffers and losses bit for bit."""
+
     def fresh():
         torch.manual_seed(0)
         model = sparse(Net())
         opt = optimizer(model, m=4)
         return model, opt, mlbreg.sparse_steps(model, opt, backend="native", force=True)
+
     batches = make_batches([8] * 8, shape=(3, 12, 12))
     ref, ref_opt, _ = fresh()
     want = loop(ref, ref_opt, batches)
@@ -295,7 +302,7 @@ class TokenMLP(nn.Module):
         self.head = nn.Linear(12, 10)
 
     def forward(self, x):
-        x = x.reshape(x.shape[0], 4, 12)                  # (B, 3, 4, 4) -> 4 tokens of 12 features
+        x = x.reshape(x.shape[0], 4, 12)  # (B, 3, 4, 4) -> 4 tokens of 12 features
         return self.head((x + self.mlp(x)).mean(1))
 
 
@@ -312,10 +319,9 @@ def test_token_linears_run_native_and_equal_torch():
     assert loop(model, opt, batches) == pytest.approx(loop(ref, ref_opt, batches), rel=1e-5)
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert rel(p, q) < 1e-5, name
-    assert {row["layer"]: row["choice"] for row in steps.summary()} == dict.fromkeys(
-        ("mlp.0", "mlp.2", "head"), "native")
+    assert {row["layer"]: row["choice"] for row in steps.summary()} == dict.fromkeys(("mlp.0", "mlp.2", "head"), "native")
     assert {row["layer"]: row["in_shape"] for row in steps.summary()}["mlp.0"] == (4, 12)
-    for mod in (model.mlp[0], model.mlp[2], model.head):      # the last step was coarse: gradients on S only
+    for mod in (model.mlp[0], model.mlp[2], model.head):  # the last step was coarse: gradients on S only
         support = opt.state[mod.weight]["support"].bool()
         assert mod.weight.grad[support].any() and not mod.weight.grad[~support].any()
 
@@ -335,19 +341,27 @@ def test_torchvision_model_names():
     stem rebuilt; unknown names fail with the way to list valid ones; `timm.<name>` goes to timm.create_model."""
     cfg = make_cfg("model=torchvision.resnet18")
     validate(cfg)
-    assert run_name(cfg).startswith("digits/torchvision.resnet18/mllinbreg/")     # pinned in test_golden.py
+    assert run_name(cfg).startswith("digits/torchvision.resnet18/mllinbreg/")  # pinned in test_golden.py
     model = create_model("torchvision.resnet18", 10, (1, 8, 8))
     assert model.conv1.in_channels == 1 and model.conv1.kernel_size == (7, 7) and model.fc.out_features == 10
-    with pytest.raises(ConfigError, match=r"no classification model 'resnet99' \(did you mean torchvision.resnet50"
-                                          r".*list_models"):
+    with pytest.raises(
+        ConfigError,
+        match=r"no classification model 'resnet99' \(did you mean torchvision.resnet50"
+        r".*list_models",
+    ):
         validate(make_cfg("model=torchvision.resnet99"))
     with pytest.raises(ConfigError, match="does not take inputs of shape"):
         create_model("torchvision.vit_b_16", 10, (3, 8, 8))
     built = {}
-    fake = types.SimpleNamespace(list_models=lambda: ["tiny"],
-                                 create_model=lambda name, **kw: built.update(name=name, **kw) or nn.Sequential(
-                                     nn.Conv2d(kw["in_chans"], 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                     nn.Linear(4, kw["num_classes"])))
+    fake = types.SimpleNamespace(
+        list_models=lambda: ["tiny"],
+        create_model=lambda name, **kw: (
+            built.update(name=name, **kw)
+            or nn.Sequential(
+                nn.Conv2d(kw["in_chans"], 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, kw["num_classes"])
+            )
+        ),
+    )
     sys.modules["timm"] = fake
     try:
         create_model("timm.tiny", 7, (2, 8, 8))
@@ -362,8 +376,18 @@ def test_train_torchvision_resnet18_on_digits(tmp_path):
     """`mlbreg train model=torchvision.resnet18 dataset=digits epochs=1` runs (through the CLI, backend=auto:
     native) and finishes; its run directory carries the model's name."""
     from mlbreg.cli import main
-    code = main(["train", "model=torchvision.resnet18", "dataset=digits", "epochs=1", "batch_size=256",
-                 f"output_root={tmp_path}", "progress=false"])
+
+    code = main(
+        [
+            "train",
+            "model=torchvision.resnet18",
+            "dataset=digits",
+            "epochs=1",
+            "batch_size=256",
+            f"output_root={tmp_path}",
+            "progress=false",
+        ]
+    )
     assert code == 0
     status = list(tmp_path.glob("digits/torchvision.resnet18/mllinbreg/*/status.json"))
     assert len(status) == 1 and '"backend": "native"' in status[0].read_text()

@@ -1,4 +1,5 @@
 """prune_finetune (docs/algorithms.md §5): dense SGD, one-shot global magnitude pruning, fine-tuning."""
+
 import pandas as pd
 import pytest
 import torch
@@ -40,7 +41,7 @@ def test_global_magnitude_is_exact_and_global(sparsity):
 def test_finetune_split():
     assert finetune_split(200, 20) == (180, 20)
     assert finetune_split(30, 0.1) == (27, 3)
-    assert finetune_split(5, 0.01) == (4, 1)            # at least one fine-tuning epoch
+    assert finetune_split(5, 0.01) == (4, 1)  # at least one fine-tuning epoch
     assert finetune_split(7, 20, from_checkpoint="model.pt") == (0, 7)
     for bad in (20, 0, -1, 1.5, 0.99):
         with pytest.raises(ValueError, match="finetune_epochs"):
@@ -90,7 +91,7 @@ def test_prune_finetune_on_digits(tmp_path):
     assert (dense.sparsity_pct == 0).all()
     assert dense.train_flops_vs_sgd.tolist() == pytest.approx([1.0] * 8)
     n = int(metrics.prunable_params.iloc[0])
-    assert (tuned.nonzeros == n - round(0.9 * n)).all()          # the exact target, kept through fine-tuning
+    assert (tuned.nonzeros == n - round(0.9 * n)).all()  # the exact target, kept through fine-tuning
     assert tuned.coarse_steps.iloc[-1] == 4 * 12 and tuned.fine_steps.iloc[-1] == 8 * 12
     # 3·f_S per fine-tuning step: the cumulative ratio falls below 1 and keeps falling
     assert (tuned.train_flops_vs_sgd.diff().dropna() < 0).all() and tuned.train_flops_vs_sgd.iloc[0] < 1.0
@@ -108,12 +109,13 @@ def test_from_checkpoint_prunes_a_dense_model_at_once(tmp_path):
     accs = {}
     for sparsity, source in ((0.8, dense_dir), (0.95, dense_dir / "model.pt")):
         run_dir = tmp_path / f"sp{sparsity}"
-        cfg = make_cfg("method=prune_finetune", f"sparsity={sparsity}", "epochs=2", "lr=0.01",
-                       f"method.from_checkpoint={source}")
+        cfg = make_cfg(
+            "method=prune_finetune", f"sparsity={sparsity}", "epochs=2", "lr=0.01", f"method.from_checkpoint={source}"
+        )
         assert train(cfg, run_dir)["status"] == "finished"
         metrics = pd.read_csv(run_dir / "metrics.csv")
         n = int(metrics.prunable_params.iloc[0])
-        assert (metrics.nonzeros == n - round(sparsity * n)).all()   # sparse from the first step on
+        assert (metrics.nonzeros == n - round(sparsity * n)).all()  # sparse from the first step on
         assert metrics.fine_steps.iloc[-1] == 0
         accs[sparsity] = metrics.test_acc_pct.iloc[-1]
         # the pruned weights are the globally smallest of the dense model
@@ -125,17 +127,20 @@ def test_from_checkpoint_prunes_a_dense_model_at_once(tmp_path):
     assert accs[0.8] >= 90.0
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["method=prune_finetune"], "sparsity"),
-    (["method=rigl"], "sparsity"),
-    (["method=rigl", "sparsity=1.0"], "sparsity"),
-    (["method=prune_finetune", "sparsity=0.9", "epochs=20", "method.finetune_epochs=20"], "method.finetune_epochs"),
-    (["method=prune_finetune", "sparsity=0.9", "method.finetune_epochs=1.5"], "method.finetune_epochs"),
-    (["method=prune_finetune", "sparsity=0.9", "method.from_checkpoint=/nonexistent/model.pt"], "method.from_checkpoint"),
-    (["method=rigl", "sparsity=0.9", "method.delta_t=0"], "method.delta_t"),
-    (["method=rigl", "sparsity=0.9", "method.alpha=1.5"], "method.alpha"),
-    (["method=rigl", "sparsity=0.9", "method.end_fraction=0"], "method.end_fraction"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["method=prune_finetune"], "sparsity"),
+        (["method=rigl"], "sparsity"),
+        (["method=rigl", "sparsity=1.0"], "sparsity"),
+        (["method=prune_finetune", "sparsity=0.9", "epochs=20", "method.finetune_epochs=20"], "method.finetune_epochs"),
+        (["method=prune_finetune", "sparsity=0.9", "method.finetune_epochs=1.5"], "method.finetune_epochs"),
+        (["method=prune_finetune", "sparsity=0.9", "method.from_checkpoint=/nonexistent/model.pt"], "method.from_checkpoint"),
+        (["method=rigl", "sparsity=0.9", "method.delta_t=0"], "method.delta_t"),
+        (["method=rigl", "sparsity=0.9", "method.alpha=1.5"], "method.alpha"),
+        (["method=rigl", "sparsity=0.9", "method.end_fraction=0"], "method.end_fraction"),
+    ],
+)
 def test_bad_config_names_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"invalid {key}="):
         validate(make_cfg(*overrides))

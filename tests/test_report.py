@@ -3,6 +3,7 @@
 The runs are real (tiny digits trainings in this process, laid out as a sweep lays them out:
 <root>/<run name>); the hand computation reads each run's metrics.csv with plain pandas.
 """
+
 import json
 import shutil
 
@@ -20,8 +21,13 @@ from helpers import make_cfg
 
 EPOCHS = 3
 # (overrides, seeds): two λ with three seeds, an m and an init variant (two seeds), dense SGD
-GRID = [(["lam=0.03"], [0, 1, 2]), (["lam=0.1"], [0, 1, 2]), (["lam=0.03", "m=10"], [0, 1]),
-        (["lam=0.03", "init=er"], [0, 1]), (["method=sgd"], [0, 1])]
+GRID = [
+    (["lam=0.03"], [0, 1, 2]),
+    (["lam=0.1"], [0, 1, 2]),
+    (["lam=0.03", "m=10"], [0, 1]),
+    (["lam=0.03", "init=er"], [0, 1]),
+    (["method=sgd"], [0, 1]),
+]
 PLOTS = ["accuracy_vs_sparsity", "ablation_lambda", "ablation_m", "training_curves", "train_flops", "cpu_time"]
 
 
@@ -36,7 +42,7 @@ def train_run(root, *overrides):
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # (conftest's one-thread fixture is per test, this one is per module)
+    torch.set_num_threads(1)  # (conftest's one-thread fixture is per test, this one is per module)
     try:
         for overrides, seeds in GRID:
             for seed in seeds:
@@ -93,9 +99,11 @@ def test_tables_match_a_hand_computation(sweep, tmp_path):
         acc = f"{hand['test_acc_pct'].mean():.2f} ± {np.std(hand['test_acc_pct'], ddof=1):.2f}"
         sparsity = f"{hand['sparsity_pct'].mean():.2f} ± {np.std(hand['sparsity_pct'], ddof=1):.2f}"
         assert acc in results_md and sparsity in results_md
-        line = results_csv[results_csv["Setting"].str.startswith(f"λ={lam:g},")
-                           & results_csv["Setting"].str.contains("m=100")
-                           & results_csv["Setting"].str.contains("init=uniform")]
+        line = results_csv[
+            results_csv["Setting"].str.startswith(f"λ={lam:g},")
+            & results_csv["Setting"].str.contains("m=100")
+            & results_csv["Setting"].str.contains("init=uniform")
+        ]
         assert list(line["Test acc (%)"]) == [acc] and list(line["n"]) == [3]
     sgd = final_rows(sweep, "sgd")
     row = agg[agg["method"] == "sgd"].iloc[0]
@@ -121,8 +129,9 @@ def test_every_plot_exists_as_png_and_pdf(sweep, tmp_path, capsys):
 def test_diverged_and_unfinished_runs_are_named_and_left_out(sweep, tmp_path, capsys):
     root = tmp_path / "runs"
     shutil.copytree(sweep, root)
-    lam_runs = sorted(p.parent for p in root.rglob("config.yaml")
-                      if "lam0.1_m100_uniform" in str(p) and p.parent.name != ".hydra")
+    lam_runs = sorted(
+        p.parent for p in root.rglob("config.yaml") if "lam0.1_m100_uniform" in str(p) and p.parent.name != ".hydra"
+    )
     unfinished, truncated = lam_runs[0], lam_runs[1]
     # killed during epoch 2: status running, one epoch in metrics.csv, a half-written line
     status = json.loads((unfinished / "status.json").read_text())
@@ -186,9 +195,18 @@ def test_a_failed_run_never_makes_a_finished_one_a_duplicate():
     import pandas as pd
 
     from mlbreg.report.configs import mark_duplicates as _mark_duplicates
-    runs = pd.DataFrame(dict(run=["a_failed", "b", "c"], included=[False, True, True], config_id=["x"] * 3,
-                             seed=[0, 0, 0], reason=["failed", "", ""], status=["failed", "finished", "finished"]))
+
+    runs = pd.DataFrame(
+        dict(
+            run=["a_failed", "b", "c"],
+            included=[False, True, True],
+            config_id=["x"] * 3,
+            seed=[0, 0, 0],
+            reason=["failed", "", ""],
+            status=["failed", "finished", "finished"],
+        )
+    )
     out = _mark_duplicates(runs).set_index("run")
-    assert out.at["b", "included"] and out.at["b", "status"] == "finished"      # the first finished run counts
+    assert out.at["b", "included"] and out.at["b", "status"] == "finished"  # the first finished run counts
     assert not out.at["c", "included"] and out.at["c", "status"] == "duplicate" and "as b" in out.at["c", "reason"]
     assert out.at["a_failed", "status"] == "failed"

@@ -4,6 +4,7 @@ A tiny real sweep (ML LinBreg and RigL, two seeds each, a 64-32-16-10 MLP on dig
 epochs) trained in this process; every expected number is recomputed here from the run
 directories' own files (layers.csv, metrics.csv, model.pt) with plain pandas and torch.
 """
+
 import json
 import shutil
 
@@ -36,8 +37,16 @@ def sweep(tmp_path_factory):
         for overrides in METHODS.values():
             for seed in SEEDS:
                 # backend=torch: no native kernel build in this file's time budget
-                cfg = make_cfg("dataset=digits", "model=mlp", "model.hidden=[32,16]", f"epochs={EPOCHS}",
-                               "checkpoint_every=0", "backend=torch", f"seed={seed}", *overrides)
+                cfg = make_cfg(
+                    "dataset=digits",
+                    "model=mlp",
+                    "model.hidden=[32,16]",
+                    f"epochs={EPOCHS}",
+                    "checkpoint_every=0",
+                    "backend=torch",
+                    f"seed={seed}",
+                    *overrides,
+                )
                 outcome = train(cfg, root / run_name(cfg))
                 assert outcome["status"] == "finished"
     finally:
@@ -63,7 +72,7 @@ def test_per_layer_plots_and_mask_pictures_are_written(sweep, tmp_path):
         for suffix in (".png", ".pdf"):
             assert (tmp_path / f"{name}{suffix}").stat().st_size > 1000, name
     masks = sorted(tmp_path.glob("masks_digits_mlp_*.png"))
-    assert [p.name.split("_")[3] for p in masks] == ["mllinbreg", "rigl"]    # one per configuration
+    assert [p.name.split("_")[3] for p in masks] == ["mllinbreg", "rigl"]  # one per configuration
     assert all("seed0" in p.name and p.stat().st_size > 1000 for p in masks)
     assert all(p.with_suffix(".pdf").stat().st_size > 1000 for p in masks)
     report = (tmp_path / "report.md").read_text()
@@ -77,13 +86,13 @@ def test_layers_table_is_the_mean_of_the_runs_layers_csv(sweep, tmp_path):
     assert main([str(sweep), "--out", str(tmp_path), "--no-plots"]) == 0
     table = pd.read_csv(tmp_path / "layers.csv")
     markdown = (tmp_path / "layers.md").read_text()
-    assert len(table) == len(METHODS) * 3                  # three prunable layers per configuration
+    assert len(table) == len(METHODS) * 3  # three prunable layers per configuration
     for method in METHODS:
         frames = [pd.read_csv(d / "layers.csv") for d in run_dirs(sweep, method)]
         final = pd.concat([f[f["epoch"] == EPOCHS] for f in frames])
         assert len(final) == len(SEEDS) * 3
         mine = table[table["method"] == method]
-        assert list(mine["layer"]) == list(frames[0]["layer"][:3])          # the model's layer order
+        assert list(mine["layer"]) == list(frames[0]["layer"][:3])  # the model's layer order
         for layer, rows in final.groupby("layer"):
             row = mine[mine["layer"] == layer].iloc[0]
             assert row["n"] == len(SEEDS) and row["epoch"] == EPOCHS and row["numel"] == rows["numel"].iloc[0]
@@ -91,8 +100,11 @@ def test_layers_table_is_the_mean_of_the_runs_layers_csv(sweep, tmp_path):
             assert row["density_std"] == pytest.approx(np.std(rows["density"], ddof=1), abs=1e-12)
             assert row["nonzeros_mean"] == pytest.approx(rows["nonzeros"].mean())
             shown = f"{100 * rows['density'].mean():.2f} ± {100 * np.std(rows['density'], ddof=1):.2f}"
-            line = next(x for x in markdown.splitlines() if f" {layer} " in x and
-                        (" ML LinBreg " if method == "mllinbreg" else " RigL ") in x)
+            line = next(
+                x
+                for x in markdown.splitlines()
+                if f" {layer} " in x and (" ML LinBreg " if method == "mllinbreg" else " RigL ") in x
+            )
             assert shown in line
 
 
@@ -102,7 +114,7 @@ def test_mask_picture_is_the_zero_pattern_of_model_pt(sweep):
     assert notes == [] and len(drawn) == len(METHODS)
     for item in drawn:
         state = torch.load(f"{item.path}/model.pt", map_location="cpu", weights_only=True)
-        weights = {k[:-len(".weight")]: v for k, v in state.items() if k.endswith(".weight")}
+        weights = {k[: -len(".weight")]: v for k, v in state.items() if k.endswith(".weight")}
         assert [m.layer for m in item.masks] == list(weights)
         for mask in item.masks:
             w = weights[mask.layer]
@@ -116,9 +128,9 @@ def test_mask_picture_is_the_zero_pattern_of_model_pt(sweep):
 def test_conv_kernels_and_downsampled_layers():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(6, 5, 3, 3, generator=g)
-    w[1, 2] = 0                        # empty kernels
+    w[1, 2] = 0  # empty kernels
     w[4, :] = 0
-    w[0, 0, :2] = 0                    # a kernel with 3 of 9 non-zeros left
+    w[0, 0, :2] = 0  # a kernel with 3 of 9 non-zeros left
     mask = mask_image("conv", w)
     assert mask.kind == "conv" and mask.image.shape == (6, 5) and mask.block == (1, 1)
     counts = (w != 0).flatten(2).sum(-1).numpy()
@@ -150,8 +162,15 @@ def test_model_sizes_are_the_metrics_values(sweep, tmp_path):
         label = {"mllinbreg": "ML LinBreg", "rigl": "RigL"}[method]
         assert list(results.loc[results["Method"] == label, "Model size (dense / compressed)"]) == [cell]
         assert cell in tex
-    assert [human_bytes(v) for v in (512, 84_000, 84_349, 1_234_567, 999_999, 3.2e9, np.nan)] == \
-        ["512 B", "84 kB", "84.3 kB", "1.23 MB", "1 MB", "3.2 GB", ""]
+    assert [human_bytes(v) for v in (512, 84_000, 84_349, 1_234_567, 999_999, 3.2e9, np.nan)] == [
+        "512 B",
+        "84 kB",
+        "84.3 kB",
+        "1.23 MB",
+        "1 MB",
+        "3.2 GB",
+        "",
+    ]
 
 
 def normalize_envs(root):
@@ -178,7 +197,7 @@ def test_differing_environments_are_listed(copy, tmp_path, capsys):
     line = f"environments differ: torch {env['torch']} (3 runs) vs 9.9.9 (1 run: {name})"
     assert line in printed.splitlines()
     assert f"- {line}" in (tmp_path / "differ" / "report.md").read_text()
-    assert printed.count("environments differ") == 1          # only the field that differs
+    assert printed.count("environments differ") == 1  # only the field that differs
 
 
 def test_runs_without_layers_model_or_env_do_not_break_the_report(copy, tmp_path, capsys):
@@ -187,7 +206,7 @@ def test_runs_without_layers_model_or_env_do_not_break_the_report(copy, tmp_path
     rigl = run_dirs(copy, "rigl")
     (ml[0] / "layers.csv").unlink()
     (ml[1] / "env.json").unlink()
-    for d in rigl:                     # a configuration with no model.pt at all, and from before the size columns
+    for d in rigl:  # a configuration with no model.pt at all, and from before the size columns
         (d / "model.pt").unlink()
         metrics = pd.read_csv(d / "metrics.csv")
         metrics.drop(columns=["model_bytes_dense", "model_bytes_sparse"]).to_csv(d / "metrics.csv", index=False)
@@ -197,21 +216,21 @@ def test_runs_without_layers_model_or_env_do_not_break_the_report(copy, tmp_path
     assert "4 runs, 4 included" in printed
     assert f"no env.json: 1 run: {'/'.join(ml[1].parts[-4:])} (not compared)" in printed
     layers = pd.read_csv(out / "layers.csv")
-    assert set(layers.loc[layers["method"] == "mllinbreg", "n"]) == {1}      # the seed that has layers.csv
+    assert set(layers.loc[layers["method"] == "mllinbreg", "n"]) == {1}  # the seed that has layers.csv
     assert set(layers.loc[layers["method"] == "rigl", "n"]) == {2}
     results = pd.read_csv(out / "results.csv", keep_default_na=False).set_index("Method")
     assert results.at["RigL", "Model size (dense / compressed)"] == ""
     assert results.at["ML LinBreg", "Model size (dense / compressed)"] != ""
     assert [p.name.split("_")[3] for p in out.glob("masks_*.png")] == ["mllinbreg"]
-    assert "no mask picture for RigL target=90% (digits/mlp): none of its runs has model.pt" in \
-        (out / "report.md").read_text()
+    assert "no mask picture for RigL target=90% (digits/mlp): none of its runs has model.pt" in (out / "report.md").read_text()
     assert (out / "layer_density_digits_mlp.png").stat().st_size > 1000
     # runs from before layers.csv and the size columns altogether: the old report, no new column
     for d in ml + rigl:
         (d / "layers.csv").unlink(missing_ok=True)
         metrics = pd.read_csv(d / "metrics.csv")
         metrics.drop(columns=["model_bytes_dense", "model_bytes_sparse"], errors="ignore").to_csv(
-            d / "metrics.csv", index=False)
+            d / "metrics.csv", index=False
+        )
     assert main([str(copy), "--out", str(tmp_path / "old")]) == 0
     assert "Model size (dense / compressed)" not in pd.read_csv(tmp_path / "old" / "results.csv").columns
     assert not (tmp_path / "old" / "layers.csv").exists()

@@ -1,4 +1,5 @@
 """RigL (docs/algorithms.md §5): fixed density, cosine drop schedule, grow by gradient, checkpoints."""
+
 import copy
 import io
 import math
@@ -27,8 +28,18 @@ OLD = dict(reinit_when_same=True, count="round", drop_noise_std=0)
 def make(seed=0, delta_t=5, total_steps=60, alpha=0.3, lr=0.05, **options):
     model = create_model("mlp", 10, IN_SHAPE, hidden=[48, 32])
     sparse_init_(model, density=0.2, scheme="erk", seed=seed)
-    method = build_method("rigl", model, lr=lr, momentum=0.9, weight_decay=5e-4, total_steps=total_steps,
-                          delta_t=delta_t, alpha=alpha, end_fraction=0.75, **options)
+    method = build_method(
+        "rigl",
+        model,
+        lr=lr,
+        momentum=0.9,
+        weight_decay=5e-4,
+        total_steps=total_steps,
+        delta_t=delta_t,
+        alpha=alpha,
+        end_fraction=0.75,
+        **options,
+    )
     return model, method
 
 
@@ -105,21 +116,21 @@ def test_short_run_keeps_counts_and_follows_the_schedule(options):
                 assert torch.equal(new, want)
                 keep = kept if old_behaviour else old & new
                 assert torch.equal(w, w0 * keep) and torch.equal(buf, bufs_before[i] * keep)
-                assert torch.all(w[new & ~old] == 0) and torch.all(buf[new & ~old] == 0)   # new ones start at 0
+                assert torch.all(w[new & ~old] == 0) and torch.all(buf[new & ~old] == 0)  # new ones start at 0
                 if old_behaviour:
-                    stay = old & (w != 0)                    # kept through the drop, untouched
-                    assert int((old & ~stay).sum()) == k     # k dropped, each one zeroed
-                    grown = new & ~stay                      # grown (possibly a just-dropped one again)
+                    stay = old & (w != 0)  # kept through the drop, untouched
+                    assert int((old & ~stay).sum()) == k  # k dropped, each one zeroed
+                    grown = new & ~stay  # grown (possibly a just-dropped one again)
                     assert int(grown.sum()) == k
-                    assert torch.all(w[grown] == 0)          # new weights start at exactly 0 ...
-                    assert torch.all(buf[~stay] == 0)        # ... with zero momentum
-                    assert torch.equal(w[stay], w0[stay])    # no SGD step on an update step
+                    assert torch.all(w[grown] == 0)  # new weights start at exactly 0 ...
+                    assert torch.all(buf[~stay] == 0)  # ... with zero momentum
+                    assert torch.equal(w[stay], w0[stay])  # no SGD step on an update step
                     assert torch.equal(buf[stay], bufs_before[i][stay])
             assert all(torch.equal(p, q) for p, q in zip(others, others_before))
         else:
             assert kind == "sparse"
         for w, m, n in zip(weights(model), rigl.masks, counts):
-            assert int(m.sum()) == n                      # the density never changes
+            assert int(m.sum()) == n  # the density never changes
             assert torch.all(w[~m] == 0)
             buf = method.optimizer.state[w].get("momentum_buffer")
             assert buf is None or torch.all(buf[~m] == 0)
@@ -147,13 +158,13 @@ def test_state_dict_round_trip_then_lockstep():
     torch.save(dict(model=model_a.state_dict(), method=a.state_dict()), buf)
     buf.seek(0)
     saved = torch.load(buf, map_location="cpu", weights_only=False)
-    model_b, b = make(seed=7, delta_t=5, total_steps=60)   # another init and mask: all must be restored
+    model_b, b = make(seed=7, delta_t=5, total_steps=60)  # another init and mask: all must be restored
     # the options are constructor arguments: a checkpoint holds the keys it always had
     assert set(saved["method"]["rigl"]) == {"masks", "steps_taken", "updates_done", "delta_t", "alpha", "t_end"}
     model_b.load_state_dict(saved["model"])
     b.load_state_dict(saved["method"])
     assert b.rigl.steps_taken == 12
-    for t in range(12, 40):   # crosses update steps 15, 20, ...
+    for t in range(12, 40):  # crosses update steps 15, 20, ...
         assert a.step_kind() == b.step_kind()
         forward_backward(model_a, a, t)
         forward_backward(model_b, b, t)
@@ -171,8 +182,15 @@ def one_layer(w, g, mask=None, total_steps=40, delta_t=10, alpha=0.3, end_fracti
     [0, T_end): the drop fraction is α/2)."""
     w = nn.Parameter(torch.as_tensor(w, dtype=torch.float32).clone())
     w.grad = torch.as_tensor(g, dtype=torch.float32).clone()
-    rigl = RigL([w], total_steps=total_steps, delta_t=delta_t, alpha=alpha, end_fraction=end_fraction,
-                masks=None if mask is None else [torch.as_tensor(mask)], **options)
+    rigl = RigL(
+        [w],
+        total_steps=total_steps,
+        delta_t=delta_t,
+        alpha=alpha,
+        end_fraction=end_fraction,
+        masks=None if mask is None else [torch.as_tensor(mask)],
+        **options,
+    )
     rigl.steps_taken = t
     assert rigl.is_update_step()
     return w, rigl
@@ -200,24 +218,39 @@ def test_a_dropped_and_regrown_weight_keeps_its_value_and_momentum(reinit):
     # active 0, 1, 2, 5; f = 1 / 2: k = 2, drop 1 (|w| 0.05) and 5 (0.2); grow 1 (|g| 10, just
     # dropped) and 3 (|g| 5, a new connection; its weight and momentum hold junk that must go)
     mask = torch.tensor([True, True, True, False, False, True])
-    w, rigl = one_layer([0.5, -0.05, 0.3, 0.7, 0.0, 0.2], [0.0, 10.0, 0.0, 5.0, 1.0, 0.0], mask=mask, alpha=1.0,
-                        **({} if reinit is None else {"reinit_when_same": reinit}))
+    w, rigl = one_layer(
+        [0.5, -0.05, 0.3, 0.7, 0.0, 0.2],
+        [0.0, 10.0, 0.0, 5.0, 1.0, 0.0],
+        mask=mask,
+        alpha=1.0,
+        **({} if reinit is None else {"reinit_when_same": reinit}),
+    )
     opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
     opt.state[w]["momentum_buffer"] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
     assert rigl.update_masks(opt) == [2]
     assert rigl.masks[0].tolist() == [True, True, True, True, False, False]
     buf = opt.state[w]["momentum_buffer"]
-    if reinit:      # reset like a new connection
+    if reinit:  # reset like a new connection
         assert w.tolist() == pytest.approx([0.5, 0.0, 0.3, 0.0, 0.0, 0.0]) and buf.tolist() == [1, 0, 3, 0, 0, 0]
-    else:           # the reference default: only connections not in the mask before are new
+    else:  # the reference default: only connections not in the mask before are new
         assert w.tolist() == pytest.approx([0.5, -0.05, 0.3, 0.0, 0.0, 0.0]) and buf.tolist() == [1, 2, 3, 0, 0, 0]
 
 
 def test_exact_ties_without_noise_drop_the_lowest_index():
     # 4 tied active weights, f ≈ 0.45: k = 1; the grown one is 7 (largest |g|)
     for seed in range(3):
-        w, rigl = one_layer([0.3, -0.3, 0.3, 0.3, 0, 0, 0, 0], [0, 0, 0, 0, 1, 2, 3, 4], total_steps=1000, delta_t=1,
-                            alpha=0.45, end_fraction=1.0, t=5, drop_noise_std=0, seed=seed, count="truncate")
+        w, rigl = one_layer(
+            [0.3, -0.3, 0.3, 0.3, 0, 0, 0, 0],
+            [0, 0, 0, 0, 1, 2, 3, 4],
+            total_steps=1000,
+            delta_t=1,
+            alpha=0.45,
+            end_fraction=1.0,
+            t=5,
+            drop_noise_std=0,
+            seed=seed,
+            count="truncate",
+        )
         rigl.update_masks()
         assert rigl.masks[0].tolist() == [False, True, True, True, False, False, False, True]
     # the same in the grow, and for more than one tie (torch.topk alone would not promise it)
@@ -229,16 +262,26 @@ def test_exact_ties_without_noise_drop_the_lowest_index():
 
 def test_the_noise_breaks_ties_at_random_but_reproducibly():
     def dropped(seed, t):
-        w, rigl = one_layer([0.3, -0.3, 0.3, 0.3, 0, 0, 0, 0], [0, 0, 0, 0, 1, 2, 3, 4], total_steps=1000,
-                            delta_t=1, alpha=0.45, end_fraction=1.0, t=t, seed=seed, count="truncate")
+        w, rigl = one_layer(
+            [0.3, -0.3, 0.3, 0.3, 0, 0, 0, 0],
+            [0, 0, 0, 0, 1, 2, 3, 4],
+            total_steps=1000,
+            delta_t=1,
+            alpha=0.45,
+            end_fraction=1.0,
+            t=t,
+            seed=seed,
+            count="truncate",
+        )
         assert rigl.drop_counts() == [1]
         rigl.update_masks()
         out = torch.nonzero(~rigl.masks[0][:4]).flatten().tolist()
         assert len(out) == 1 and w[out[0]] == 0 and bool(rigl.masks[0][7])
         return out[0]
+
     pairs = [(seed, t) for seed in (0, 1, 2) for t in (1, 2, 3)]
     first = [dropped(s, t) for s, t in pairs]
-    assert [dropped(s, t) for s, t in pairs] == first        # the same (seed, step): the same choice
+    assert [dropped(s, t) for s, t in pairs] == first  # the same (seed, step): the same choice
     assert set(first) != {0} and len(set(first)) >= 2, first  # not always the lowest index
     # the seed, the step and the layer all move the noise
     assert not torch.equal(drop_noise((5,), 1e-5, 0, 1, 0), drop_noise((5,), 1e-5, 1, 1, 0))
@@ -253,7 +296,7 @@ def test_the_noise_does_not_reorder_distinct_weights():
     w = torch.zeros(n)
     active = torch.randperm(n, generator=g)[:100]
     signs = torch.where(torch.rand(100, generator=g) < 0.5, -1.0, 1.0)
-    w[active] = 0.01 * (torch.randperm(100, generator=g) + 1).float() * signs   # |θ| 1000σ apart
+    w[active] = 0.01 * (torch.randperm(100, generator=g) + 1).float() * signs  # |θ| 1000σ apart
     grad = torch.randn(n, generator=g)
     want, want_kept = drop_and_grow(w, grad, w != 0, 30)
     for seed in range(5):
@@ -262,8 +305,7 @@ def test_the_noise_does_not_reorder_distinct_weights():
         new, kept = drop_and_grow(w, grad, w != 0, 30, noise)
         assert torch.equal(new, want) and torch.equal(kept, want_kept)
         w_a, noisy = one_layer(w, grad, total_steps=1000, delta_t=1, alpha=0.6, end_fraction=1.0, t=3, seed=seed)
-        w_b, plain = one_layer(w, grad, total_steps=1000, delta_t=1, alpha=0.6, end_fraction=1.0, t=3,
-                               drop_noise_std=0)
+        w_b, plain = one_layer(w, grad, total_steps=1000, delta_t=1, alpha=0.6, end_fraction=1.0, t=3, drop_noise_std=0)
         noisy.update_masks()
         plain.update_masks()
         assert torch.equal(noisy.masks[0], plain.masks[0]) and torch.equal(w_a, w_b)
@@ -277,14 +319,17 @@ def test_the_options_reach_rigl_and_are_checked():
     s = method_class("rigl").settings_from(cfg, steps_per_epoch=3)
     assert (s.reinit_when_same, s.count, s.drop_noise_std, s.seed) == (False, "truncate", 1e-5, 4)
     config.validate(cfg)
-    old = make_cfg("method=rigl", "sparsity=0.9", "method.reinit_when_same=true", "method.count=round",
-                   "method.drop_noise_std=0")
+    old = make_cfg(
+        "method=rigl", "sparsity=0.9", "method.reinit_when_same=true", "method.count=round", "method.drop_noise_std=0"
+    )
     config.validate(old)
     s = method_class("rigl").settings_from(old, steps_per_epoch=3)
     assert (s.reinit_when_same, s.count, s.drop_noise_std) == (True, "round", 0)
-    for override, message in (("method.count=floor", r"invalid method.count='floor': valid: truncate, round"),
-                              ("method.reinit_when_same=1", r"invalid method.reinit_when_same=1: must be true or false"),
-                              ("method.drop_noise_std=-1", r"invalid method.drop_noise_std=-1: must be >= 0")):
+    for override, message in (
+        ("method.count=floor", r"invalid method.count='floor': valid: truncate, round"),
+        ("method.reinit_when_same=1", r"invalid method.reinit_when_same=1: must be true or false"),
+        ("method.drop_noise_std=-1", r"invalid method.drop_noise_std=-1: must be >= 0"),
+    ):
         with pytest.raises(ConfigError, match=message):
             config.validate(make_cfg("method=rigl", "sparsity=0.9", override))
     for bad in (dict(count="floor"), dict(drop_noise_std=-1.0)):

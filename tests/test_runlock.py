@@ -1,5 +1,6 @@
 """Two launchers on one run directory: one trains, the other says so and exits 0;
 stale locks are taken over; writes never share a temporary file; rows are never doubled."""
+
 import csv
 import errno
 import json
@@ -29,8 +30,14 @@ TIMING = ["epoch_s", "forward_s", "backward_s", "optimizer_s", "swap_s", "eval_s
 
 def launch(*args, cwd):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "mlbreg", "train", *args, "progress=false"], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlbreg", "train", *args, "progress=false"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def dead_pid() -> int:
@@ -62,7 +69,7 @@ def test_two_processes_started_at_once_train_once(tmp_path):
     assert f"on {socket.gethostname()} pid " in line and " since " in line
     run = the_run(tmp_path / "out")
     assert epochs_of(run) == list(range(1, 81))
-    assert (run / ".lock").read_bytes() == b""          # released
+    assert (run / ".lock").read_bytes() == b""  # released
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
     # the same command again: finished, skipped, with its numbers, and nothing else happens
     again = launch(*BUSY, "output_root=out", cwd=tmp_path)
@@ -72,8 +79,9 @@ def test_two_processes_started_at_once_train_once(tmp_path):
 
 
 def test_a_joblib_sweep_with_the_same_job_twice_trains_it_once(tmp_path):
-    proc = launch("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *BUSY[:-1], "seed=8,8",
-                  "output_root=out", cwd=tmp_path)
+    proc = launch(
+        "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *BUSY[:-1], "seed=8,8", "output_root=out", cwd=tmp_path
+    )
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err
     assert out.count("mlbreg: finished ") == 1 and out.count("already running on") == 1, out
@@ -101,7 +109,7 @@ def test_a_held_lock_skips_and_waits(tmp_path):
     assert not (run / "metrics.csv").exists()
     timer = threading.Timer(0.5, holder.release)
     timer.start()
-    waited = train(make_cfg("epochs=2", "backend=torch", "wait_for_lock=true"), run)   # blocks until released
+    waited = train(make_cfg("epochs=2", "backend=torch", "wait_for_lock=true"), run)  # blocks until released
     timer.join()
     assert waited["status"] == "finished" and epochs_of(run) == [1, 2]
 
@@ -111,10 +119,11 @@ def test_without_os_locks_a_lease_file_excludes_and_goes_stale(tmp_path, monkeyp
 
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "no locks available")
+
     monkeypatch.setattr(fcntl, "flock", no_locks)
     first, second = RunLock(tmp_path, stale_after=60), RunLock(tmp_path, stale_after=60)
     assert first.acquire() is None and (tmp_path / ".lock.lease").exists()
-    assert second.acquire()["pid"] == os.getpid()            # a live holder on this host
+    assert second.acquire()["pid"] == os.getpid()  # a live holder on this host
     first.release()
     assert second.acquire() is None
     second.release()
@@ -126,24 +135,26 @@ def test_without_os_locks_a_lease_file_excludes_and_goes_stale(tmp_path, monkeyp
         assert lock.acquire() is None and lock.taken_over["pid"] == holder["pid"]
         lock.release()
     (tmp_path / ".lock.lease").write_text(json.dumps(dict(host="node-7", pid=1, started="now", mode="lease")))
-    assert RunLock(tmp_path, stale_after=60).acquire()["host"] == "node-7"   # fresh heartbeat elsewhere
+    assert RunLock(tmp_path, stale_after=60).acquire()["host"] == "node-7"  # fresh heartbeat elsewhere
 
 
 def test_a_kill_between_the_row_and_the_checkpoint_resumes_to_the_same_rows(tmp_path):
     common = ["epochs=4", "backend=torch", "checkpoint_every=1", "seed=3"]
-    killer = ("import os, sys; import mlbreg.rundir as r; n = {'k': 0}; save = r.RunDir.save_checkpoint\n"
-              "def crash(self, state):\n"
-              "    n['k'] += 1\n"
-              "    if n['k'] == 2: os._exit(9)   # epoch 2's row is written, its checkpoint is not\n"
-              "    save(self, state)\n"
-              "r.RunDir.save_checkpoint = crash\n"
-              "from mlbreg.cli import main; sys.exit(main(sys.argv[1:]))")
+    killer = (
+        "import os, sys; import mlbreg.rundir as r; n = {'k': 0}; save = r.RunDir.save_checkpoint\n"
+        "def crash(self, state):\n"
+        "    n['k'] += 1\n"
+        "    if n['k'] == 2: os._exit(9)   # epoch 2's row is written, its checkpoint is not\n"
+        "    save(self, state)\n"
+        "r.RunDir.save_checkpoint = crash\n"
+        "from mlbreg.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     args = ["train", *common, "output_root=out", "progress=false"]
     died = subprocess.run([sys.executable, "-c", killer, *args], cwd=tmp_path, env=env, capture_output=True)
     assert died.returncode == 9
     run = the_run(tmp_path / "out")
-    assert epochs_of(run) == [1, 2]                          # a row the checkpoint does not cover
+    assert epochs_of(run) == [1, 2]  # a row the checkpoint does not cover
     subprocess.run([sys.executable, "-m", "mlbreg", *args], cwd=tmp_path, env=env, check=True, capture_output=True)
     reference = tmp_path / "reference"
     train(make_cfg(*common), reference)
@@ -157,8 +168,7 @@ def test_csv_rows_of_one_key_are_kept_once_and_a_cut_line_is_dropped(tmp_path):
     path.write_text("epoch,layer,density\r\n1,a,0.5\r\n1,b,0.4\r\n1,a,0.6\r\n2,a,0.7\r\n3,a,0.")
     CsvLog(path, ["epoch", "layer", "density"], key=("epoch", "layer")).keep_epochs_up_to(3)
     rows = list(csv.DictReader(path.open(newline="")))
-    assert [(r["epoch"], r["layer"], r["density"]) for r in rows] == [("1", "b", "0.4"), ("1", "a", "0.6"),
-                                                                      ("2", "a", "0.7")]
+    assert [(r["epoch"], r["layer"], r["density"]) for r in rows] == [("1", "b", "0.4"), ("1", "a", "0.6"), ("2", "a", "0.7")]
 
 
 def test_two_writers_of_one_file_never_collide(tmp_path):
@@ -170,6 +180,7 @@ def test_two_writers_of_one_file_never_collide(tmp_path):
                 atomic_write_bytes(target, lambda f, i=i: f.write(f"{tag}{i}".encode() * 100))
         except Exception as err:  # noqa: BLE001 - the test collects what a writer hit
             errors.append(err)
+
     threads = [threading.Thread(target=writer, args=(t,)) for t in "ab"]
     for t in threads:
         t.start()
@@ -198,7 +209,7 @@ def test_the_report_reads_a_run_being_written_consistently(tmp_path, capsys):
     runs = pd.read_csv(tmp_path / "r" / "runs.csv")
     by_seed = runs.set_index("seed")
     assert by_seed.at[0, "included"] and by_seed.at[1, "status"] == "running" and not by_seed.at[1, "included"]
-    assert by_seed.at[1, "epochs_done"] == 3                  # the half row is not an epoch
+    assert by_seed.at[1, "epochs_done"] == 3  # the half row is not an epoch
     lock.release()
     # the holder is gone (a killed run): the report says so instead of "running" forever
     (live / ".lock").write_text(json.dumps(dict(host=socket.gethostname(), pid=dead_pid(), started="then")))

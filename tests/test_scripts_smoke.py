@@ -10,6 +10,7 @@ are all there only reports (as in real use). `mlbreg` is this interpreter with t
 PYTHONPATH (MLBREG points at a wrapper). Plots are drawn where a test checks them (small dpi, no mask
 pictures); elsewhere REPORT_ARGS=--no-plots keeps the reports fast.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 
-TOY = ["dataset=digits", "model=mlp", "epochs=2", "seed=0", "lam=1", "sparsity=0.9", "progress=false",
-       "num_threads=1", "checkpoint_every=0"]
+TOY = [
+    "dataset=digits",
+    "model=mlp",
+    "epochs=2",
+    "seed=0",
+    "lam=1",
+    "sparsity=0.9",
+    "progress=false",
+    "num_threads=1",
+    "checkpoint_every=0",
+]
 # ML LinBreg on torch layers: the scripts are under test here, not the native kernels (figure2 keeps them)
 TORCH = [*TOY, "backend=torch"]
 # two values of λ and of m: the ablation plots need a series with two points
@@ -103,8 +113,12 @@ def test_table1_trains_every_row_of_two_architectures_and_writes_table_1_and_its
     # resnet18: 7 rows, 5 runs (the three ML LinBreg λ are one at lam=1); vgg16's 5 rows are among them
     check_runs(report, 5, {"sgd", "prune_finetune", "rigl", "linbreg", "mllinbreg"})
     assert "--sweep +experiment=table1_resnet18" in out and "--sweep +experiment=table1_vgg16" in out
-    for name in ("results.tex", "accuracy_vs_sparsity_digits_mlp.png", "training_curves_digits_mlp.png",
-                 "train_flops_digits_mlp.png"):
+    for name in (
+        "results.tex",
+        "accuracy_vs_sparsity_digits_mlp.png",
+        "training_curves_digits_mlp.png",
+        "train_flops_digits_mlp.png",
+    ):
         assert (report / name).stat().st_size > 0, name
 
 
@@ -116,7 +130,7 @@ def test_table2_writes_the_mask_initialization_table(shared):
     assert set(runs["init"]) == {"uniform", "er", "erk"}
     for name in ("mask_init.md", "mask_init.csv", "mask_init.tex"):
         assert (report / name).stat().st_size > 0, name
-    assert not (report / "accuracy_vs_sparsity_digits_mlp.png").exists()   # REPORT_ARGS=--no-plots reached it
+    assert not (report / "accuracy_vs_sparsity_digits_mlp.png").exists()  # REPORT_ARGS=--no-plots reached it
 
 
 def test_figure3_sweeps_the_tinyimagenet_preset_with_the_arguments(shared):
@@ -133,9 +147,11 @@ def test_figure6_runs_its_three_sweeps_per_architecture(shared):
     out = run_sh(shared, "figure6_sparsity_range.sh", *TORCH, ARCHS="resnet18")
     sweeps = sweeps_run(out)
     args = " ".join(TORCH)
-    assert sweeps == [f"+experiment=table1_resnet18 {args}", f"+experiment=ablation_lambda model=resnet18 {args}",
-                      "+experiment=table1_resnet18 +experiment/row=prune_finetune_sp90 "
-                      f"sparsity=0.5,0.7,0.8,0.9,0.95,0.98 {args}"]
+    assert sweeps == [
+        f"+experiment=table1_resnet18 {args}",
+        f"+experiment=ablation_lambda model=resnet18 {args}",
+        f"+experiment=table1_resnet18 +experiment/row=prune_finetune_sp90 sparsity=0.5,0.7,0.8,0.9,0.95,0.98 {args}",
+    ]
     check_runs(reports(shared) / "figure6", 5, {"sgd", "prune_finetune", "rigl", "linbreg", "mllinbreg"})
 
 
@@ -176,7 +192,8 @@ def test_figure7_runs_the_ablations_at_tinyimagenet_scale_with_the_arguments_las
     args = " ".join(ABLATION)
     assert sweeps_run(out) == [
         f"+experiment=ablation_lambda dataset=tinyimagenet model=wrn28_10 {args}",
-        f"+experiment=ablation_m dataset=tinyimagenet model=wrn28_10 {args}"]
+        f"+experiment=ablation_m dataset=tinyimagenet model=wrn28_10 {args}",
+    ]
     check_runs(reports(shared) / "figure7_lambda", 6, {"linbreg", "mllinbreg"})
     check_runs(reports(shared) / "figure7_m", 4, {"mllinbreg"})
 
@@ -186,6 +203,7 @@ def _cpu_timing_rows() -> list[str]:
     check refuse the whole sweep) those that can run here."""
     from mlbreg.backends import sparseprop_available
     from mlbreg.backends.native import build
+
     rows = ["sgd", "sgd_bf16", "mllinbreg_lam1_torch"]
     rows += ["mllinbreg_lam1_sparseprop"] if sparseprop_available() else []
     rows += ["mllinbreg_lam1_native", "mllinbreg_lam1_native_bf16"] if build.unavailable_reason() is None else []
@@ -209,8 +227,17 @@ def test_reproduce_digits_runs_every_sweep_and_writes_its_four_reports(shared, t
     """reproduce_digits.sh (JOBS=1: the joblib launcher in one process) at one seed, λ = 0.03 and a 90% target:
     its six sweeps succeed (the three baselines, the λ and m ablations, the mask initializations) and its four
     reports list their runs."""
-    out = run_sh(shared, "reproduce_digits.sh", "epochs=2", "seed=0", "lam=0.03", "sparsity=0.9", "backend=torch",
-                 OUTPUTS=str(tmp_path), JOBS="1")
+    out = run_sh(
+        shared,
+        "reproduce_digits.sh",
+        "epochs=2",
+        "seed=0",
+        "lam=0.03",
+        "sparsity=0.9",
+        "backend=torch",
+        OUTPUTS=str(tmp_path),
+        JOBS="1",
+    )
     sweeps = sweeps_run(out)
     assert len(sweeps) == 6 and all("hydra/launcher=joblib hydra.launcher.n_jobs=1" in s for s in sweeps)
     check_runs(tmp_path / "reports" / "digits_methods", 5, {"sgd", "prune_finetune", "rigl", "linbreg", "mllinbreg"})
@@ -225,14 +252,34 @@ def test_reproduce_digits_with_docs_copies_the_readme_tables_and_plots(shared, t
     """reproduce_digits.sh as the README runs it (joblib, 2 jobs; every λ and m; plots) with DOCS=...: the
     tables and plots the README shows are copied to DOCS."""
     docs = tmp_path / "docs"
-    out = run_sh(shared, "reproduce_digits.sh", "epochs=2", "seed=0", "sparsity=0.9", "backend=torch",
-                 OUTPUTS=str(tmp_path / "outputs"), DOCS=str(docs), REPORT_ARGS="--dpi 30")
+    out = run_sh(
+        shared,
+        "reproduce_digits.sh",
+        "epochs=2",
+        "seed=0",
+        "sparsity=0.9",
+        "backend=torch",
+        OUTPUTS=str(tmp_path / "outputs"),
+        DOCS=str(docs),
+        REPORT_ARGS="--dpi 30",
+    )
     assert f"copied the tables and plots to {docs}/" in out
-    assert sorted(p.name for p in docs.iterdir()) == sorted([
-        "methods.md", "ablation_lambda.md", "ablation_m.md", "mask_init.md", "layers.md",
-        "accuracy_vs_sparsity_digits_mlp.png", "training_curves_digits_mlp.png", "ablation_lambda_digits_mlp.png",
-        "ablation_m_digits_mlp.png", "layer_density_digits_mlp.png", "layer_density_epochs_digits_mlp.png",
-        "masks_digits_mlp_mllinbreg.png"])
+    assert sorted(p.name for p in docs.iterdir()) == sorted(
+        [
+            "methods.md",
+            "ablation_lambda.md",
+            "ablation_m.md",
+            "mask_init.md",
+            "layers.md",
+            "accuracy_vs_sparsity_digits_mlp.png",
+            "training_curves_digits_mlp.png",
+            "ablation_lambda_digits_mlp.png",
+            "ablation_m_digits_mlp.png",
+            "layer_density_digits_mlp.png",
+            "layer_density_epochs_digits_mlp.png",
+            "masks_digits_mlp_mllinbreg.png",
+        ]
+    )
 
 
 @pytest.mark.slow
@@ -242,11 +289,28 @@ def test_reproduce_paper_runs_every_script_at_toy_sizes(shared, tmp_path):
     presets = [s.split()[0] for s in sweeps_run(out)]
     table1 = [f"+experiment=table1_{arch}" for arch in ("resnet18", "vgg16", "wrn28_10")]
     figure6 = [p for arch in table1 for p in (arch, "+experiment=ablation_lambda", arch)]
-    assert presets == [*table1, "+experiment=table2_mask_init", "+experiment=ablation_lambda", "+experiment=ablation_m",
-                       *figure6, "+experiment=tinyimagenet", "+experiment=ablation_lambda", "+experiment=ablation_m",
-                       "+experiment=cpu_timing"]
-    for name in ("table1", "table2", "figure4_lambda", "figure4_m", "figure6", "figure3", "figure7_lambda",
-                 "figure7_m", "figure2"):
+    assert presets == [
+        *table1,
+        "+experiment=table2_mask_init",
+        "+experiment=ablation_lambda",
+        "+experiment=ablation_m",
+        *figure6,
+        "+experiment=tinyimagenet",
+        "+experiment=ablation_lambda",
+        "+experiment=ablation_m",
+        "+experiment=cpu_timing",
+    ]
+    for name in (
+        "table1",
+        "table2",
+        "figure4_lambda",
+        "figure4_m",
+        "figure6",
+        "figure3",
+        "figure7_lambda",
+        "figure7_m",
+        "figure2",
+    ):
         assert (tmp_path / "reports" / name / "results.md").exists(), name
 
 
@@ -257,8 +321,13 @@ def test_reproduce_paper_runs_every_script_at_toy_sizes(shared, tmp_path):
 def test_gpu_check_refuses_without_a_cuda_gpu_before_writing_anything(tmp_path):
     """gpu_check.sh on a machine without CUDA: exit 1 with a message that says so, and no result folder
     (every part of it measures the GPU; on the CPU it would run CPU benchmarks for minutes)."""
-    out = run(["bash", str(SCRIPTS / "gpu_check.sh")], python_env(OUT=str(tmp_path / "gpu"), PYTHON=sys.executable,
-                                                             RUNS=str(tmp_path / "runs")), ROOT, timeout=120, rc=1)
+    out = run(
+        ["bash", str(SCRIPTS / "gpu_check.sh")],
+        python_env(OUT=str(tmp_path / "gpu"), PYTHON=sys.executable, RUNS=str(tmp_path / "runs")),
+        ROOT,
+        timeout=120,
+        rc=1,
+    )
     assert "sees no CUDA GPU" in out and "needs a CUDA GPU" in out and "nothing ran" in out
     assert not (tmp_path / "gpu").exists() and not (tmp_path / "runs").exists()
 
@@ -269,8 +338,12 @@ def test_gpu_check_full_pass_on_a_gpu(tmp_path):
     """gpu_check.sh on a CUDA machine: every method's training exits 0 and each benchmark writes its table
     (one full pass: many minutes)."""
     out_dir = tmp_path / "gpu"
-    run(["bash", str(SCRIPTS / "gpu_check.sh")], python_env(OUT=str(out_dir), PYTHON=sys.executable,
-                                                             RUNS=str(tmp_path / "runs")), ROOT, timeout=3600)
+    run(
+        ["bash", str(SCRIPTS / "gpu_check.sh")],
+        python_env(OUT=str(out_dir), PYTHON=sys.executable, RUNS=str(tmp_path / "runs")),
+        ROOT,
+        timeout=3600,
+    )
     assert (out_dir / "device.txt").read_text().strip()
     results = [line for line in (out_dir / "methods_cuda.txt").read_text().splitlines() if line.startswith("rc=")]
     assert len(results) == 9 and all(line.startswith("rc=0 ") for line in results), results
@@ -281,11 +354,14 @@ def test_gpu_check_full_pass_on_a_gpu(tmp_path):
 # --------------------------------------------------------------------------- Python scripts
 
 
-@pytest.mark.parametrize("script, first_line", [
-    ("bench_epoch.py", "Device loader throughput and epoch time"),
-    ("bench_optim.py", "Optimizer step time: LinBreg and ML LinBreg"),
-    ("reproduce_gpu_hours.py", "How many GPU-hours each paper preset takes"),
-])
+@pytest.mark.parametrize(
+    "script, first_line",
+    [
+        ("bench_epoch.py", "Device loader throughput and epoch time"),
+        ("bench_optim.py", "Optimizer step time: LinBreg and ML LinBreg"),
+        ("reproduce_gpu_hours.py", "How many GPU-hours each paper preset takes"),
+    ],
+)
 def test_python_script_help(script, first_line, tmp_path):
     """`--help` of each Python script exits 0 and shows its usage and description."""
     out = run([sys.executable, str(SCRIPTS / script), "--help"], python_env(), tmp_path, timeout=120)
@@ -296,13 +372,37 @@ def test_bench_epoch_toy_run_prints_every_measurement_with_ml_linbreg_on_torch_l
     """bench_epoch.py on the CPU at toy sizes (ConvNet, 64 images, one warm-up and one timed epoch) prints
     its table; the ML LinBreg row is torch layers as labelled (MLBREG_NATIVE_ISA=bad: backend=auto would
     try the native kernels and print a note)."""
-    out = run([sys.executable, str(SCRIPTS / "bench_epoch.py"), "--device", "cpu", "--train-size", "64",
-               "--batch-size", "32", "--epochs", "1", "--loader-size", "64", "--warmup-steps", "1",
-               "model=convnet", "num_threads=1"], python_env(MLBREG_NATIVE_ISA="bad"), tmp_path)
+    out = run(
+        [
+            sys.executable,
+            str(SCRIPTS / "bench_epoch.py"),
+            "--device",
+            "cpu",
+            "--train-size",
+            "64",
+            "--batch-size",
+            "32",
+            "--epochs",
+            "1",
+            "--loader-size",
+            "64",
+            "--warmup-steps",
+            "1",
+            "model=convnet",
+            "num_threads=1",
+        ],
+        python_env(MLBREG_NATIVE_ISA="bad"),
+        tmp_path,
+    )
     assert "overrides: ['model=convnet', 'num_threads=1']" in out
     assert "native kernels" not in out
-    for row in ("| device loader alone |", "| SGD epoch (64 images, batch 32) |", "| ML LinBreg epoch (m=100, torch layers) |",
-                "| ML LinBreg / SGD epoch |", "| loader / model throughput |"):
+    for row in (
+        "| device loader alone |",
+        "| SGD epoch (64 images, batch 32) |",
+        "| ML LinBreg epoch (m=100, torch layers) |",
+        "| ML LinBreg / SGD epoch |",
+        "| loader / model throughput |",
+    ):
         assert row in out, row
     ratio = re.search(r"\| ML LinBreg / SGD epoch \| ([0-9.]+)x", out)
     assert ratio and float(ratio.group(1)) > 0
@@ -311,14 +411,23 @@ def test_bench_epoch_toy_run_prints_every_measurement_with_ml_linbreg_on_torch_l
 def test_bench_optim_toy_run_prints_every_optimizer_against_sgd(tmp_path):
     """bench_optim.py on the CPU, ConvNet, one timed step: SGD and the eager and compiled LinBreg / ML LinBreg
     rows, each with its ratio to SGD."""
-    out = run([sys.executable, str(SCRIPTS / "bench_optim.py"), "--models", "convnet", "--repeats", "1",
-               "--device", "cpu"], python_env(), tmp_path)
+    out = run(
+        [sys.executable, str(SCRIPTS / "bench_optim.py"), "--models", "convnet", "--repeats", "1", "--device", "cpu"],
+        python_env(),
+        tmp_path,
+    )
     assert "# optimizer step time, CPU, 1 threads" in out and "convnet (" in out
     rows = re.findall(r"^\| (.+?) \| ([0-9.]+) \| ([0-9.]+)x \|$", out, re.M)
     labels = [label for label, _, _ in rows]
-    assert labels == ["SGD(foreach, momentum)", "LinBreg (l1)", "ML LinBreg fine step",
-                      "ML LinBreg coarse step (density 0.05)", "LinBreg (l1), compiled", "ML LinBreg fine step, compiled",
-                      "ML LinBreg coarse step (density 0.05), compiled"]
+    assert labels == [
+        "SGD(foreach, momentum)",
+        "LinBreg (l1)",
+        "ML LinBreg fine step",
+        "ML LinBreg coarse step (density 0.05)",
+        "LinBreg (l1), compiled",
+        "ML LinBreg fine step, compiled",
+        "ML LinBreg coarse step (density 0.05), compiled",
+    ]
     assert rows[0][2] == "1.00" and all(float(ms) > 0 for _, ms, _ in rows)
 
 
@@ -326,9 +435,29 @@ def test_reproduce_gpu_hours_toy_run_writes_its_tables(tmp_path):
     """reproduce_gpu_hours.py on the CPU at toy sizes (the MLP on CIFAR-shaped images, 32 of them): two presets,
     two distinct timings (ablation_m reuses table2's ML LinBreg one), the tables in .md and .csv."""
     out_md = tmp_path / "gpu_hours.md"
-    out = run([sys.executable, str(SCRIPTS / "reproduce_gpu_hours.py"), "--presets", "table2_mask_init", "ablation_m",
-               "--device", "cpu", "--train-size", "32", "--out", str(out_md), "model=mlp", "seed=0", "init=uniform",
-               "m=10", "backend=torch", "num_threads=1"], python_env(), tmp_path)
+    out = run(
+        [
+            sys.executable,
+            str(SCRIPTS / "reproduce_gpu_hours.py"),
+            "--presets",
+            "table2_mask_init",
+            "ablation_m",
+            "--device",
+            "cpu",
+            "--train-size",
+            "32",
+            "--out",
+            str(out_md),
+            "model=mlp",
+            "seed=0",
+            "init=uniform",
+            "m=10",
+            "backend=torch",
+            "num_threads=1",
+        ],
+        python_env(),
+        tmp_path,
+    )
     assert out.count("timed cifar10/mlp/") == 2
     assert "table2_mask_init: 2 runs," in out and "ablation_m: 1 runs," in out
     presets = pd.read_csv(tmp_path / "gpu_hours.csv")

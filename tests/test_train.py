@@ -1,4 +1,5 @@
 """Whole tiny trainings on scikit-learn's digits, through the real config and loop."""
+
 import pandas as pd
 import pytest
 import torch
@@ -66,6 +67,7 @@ def test_flops_account_matches_hand_computation(tmp_path):
     from mlbreg.data import load_dataset
     from mlbreg.flops import dense_layer_flops
     from mlbreg.models import create_model
+
     cfg, _, metrics = run(tmp_path, "epochs=1", "m=2", "lam=1000", "batch_size=1437")
     # λ huge and one step per epoch: the weights never change from the 1% init, so f_S is constant
     data = load_dataset("digits")
@@ -92,6 +94,7 @@ def test_channels_last_auto_resolves_by_precision_and_keeps_run_names():
     """channels_last=auto (the default) is on with bf16 and off with fp32, and names a run as
     channels_last=false (the default it replaced) did; an explicit true is another run."""
     from mlbreg.config import use_channels_last
+
     assert not use_channels_last(make_cfg()) and use_channels_last(make_cfg("precision=bf16"))
     assert not use_channels_last(make_cfg("precision=bf16", "channels_last=false"))
     assert use_channels_last(make_cfg("channels_last=true"))
@@ -103,7 +106,8 @@ def test_channels_last_auto_resolves_by_precision_and_keeps_run_names():
 
 def test_a_key_added_later_keeps_old_run_names_at_its_default(monkeypatch):
     import mlbreg.config as config
-    before = run_name(make_cfg("lam=0.1"))       # a config tree without the new keys
+
+    before = run_name(make_cfg("lam=0.1"))  # a config tree without the new keys
     monkeypatch.setattr(config, "LATER_KEYS", {**config.LATER_KEYS, "new_knob": 0.5, "method.new_option": "off"})
     assert run_name(make_cfg("lam=0.1", "+new_knob=0.5", "+method.new_option=off")) == before
     assert run_name(make_cfg("lam=0.1", "+new_knob=0.7", "+method.new_option=off")) != before
@@ -135,7 +139,7 @@ def test_bf16_autocast_runs_and_sparsity_comes_from_fp32_weights(tmp_path):
     _bf16_run(tmp_path, epochs=2)
 
 
-@pytest.mark.slow   # bf16 convs are emulated (slow) on CPUs without AVX-512 BF16: ~3 min on a 2-core EPYC
+@pytest.mark.slow  # bf16 convs are emulated (slow) on CPUs without AVX-512 BF16: ~3 min on a 2-core EPYC
 def test_bf16_autocast_trains_to_accuracy(tmp_path):
     assert _bf16_run(tmp_path, epochs=30).test_acc_pct >= 85.0
 
@@ -146,12 +150,14 @@ def test_native_bf16_trains_to_the_fp32_accuracy_band(tmp_path):
     native in the coarse steps (forced: the band must not depend on the timed choice)."""
     import mlbreg.backends.native.backend as native_backend
     from mlbreg.backends.native import unavailable_reason
+
     if unavailable_reason():
         pytest.skip(unavailable_reason())
     original = native_backend.NativeBackend.__init__
 
     def forced(self, *args, **kwargs):
         original(self, *args, **{**kwargs, "force": True})
+
     native_backend.NativeBackend.__init__ = forced
     try:
         common = ("backend=native", "model=convnet", "epochs=15", "m=10", "lam=0.003", "init.density=0.1")
@@ -213,7 +219,7 @@ class _StrictLoader:
             if strict:
                 torch.cuda.set_sync_debug_mode("error")
             try:
-                yield batch          # the loop body, one training step, runs here
+                yield batch  # the loop body, one training step, runs here
             finally:
                 torch.cuda.set_sync_debug_mode(0)
 
@@ -222,6 +228,7 @@ class _StrictLoader:
 @pytest.mark.parametrize("method", ["mllinbreg", "linbreg", "sgd"])
 def test_cuda_training_steps_never_synchronize(tmp_path, monkeypatch, method):
     import mlbreg.build as train_module  # build() calls make_loader
+
     real = train_module.make_loader
 
     def make_loader(**kwargs):

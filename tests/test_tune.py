@@ -1,4 +1,5 @@
 """mlbreg tune: λ for a target sparsity."""
+
 import json
 import math
 import os
@@ -30,8 +31,12 @@ TARGETS = (0.5, 0.9, 0.95, 0.99)
 # the probes the search takes on each curve, per target in TARGETS (of the 12 allowed): bracketing
 # by secant-sized steps and regula falsi. Bisection with plain x4 bracketing would need
 # 5, 7, 5, 5 / 12+, 8, 5, 2 / 12+, 7, 12, 9 / 7, 4, 6, 10 on these (12+: not reached in 12)
-PROBES = {(1.0, 3.0, 0.03): (3, 7, 3, 3), (0.3, 4.0, 1.0): (5, 5, 3, 2), (3.0, -2.0, 1e-3): (6, 5, 5, 5),
-          (0.25, 2.0, 0.03): (3, 3, 4, 5)}
+PROBES = {
+    (1.0, 3.0, 0.03): (3, 7, 3, 3),
+    (0.3, 4.0, 1.0): (5, 5, 3, 2),
+    (3.0, -2.0, 1e-3): (6, 5, 5, 5),
+    (0.25, 2.0, 0.03): (3, 3, 4, 5),
+}
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -45,16 +50,17 @@ def test_search_reaches_the_target_within_a_few_probes(target, a, b, lam0):
     def probe(lam):
         calls.append(lam)
         return f(lam)
+
     found = search(probe, lam0, target, tolerance=0.005, max_probes=12, lam_min=1e-12, lam_max=1e12)
     assert found["reached"], found
     assert abs(found["sparsity"] - target) <= 0.005 and found["sparsity"] == f(found["lam"])
-    assert len(calls) == len(set(calls))                # no λ probed twice
+    assert len(calls) == len(set(calls))  # no λ probed twice
     assert len(calls) <= PROBES[(a, b, lam0)][TARGETS.index(target)]
-    assert search(lambda lam: f(lam), lam0, target, lam_min=1e-12, lam_max=1e12) == found   # deterministic
+    assert search(lambda lam: f(lam), lam0, target, lam_min=1e-12, lam_max=1e12) == found  # deterministic
 
 
 def test_search_reports_a_saturating_curve_as_unreachable_with_the_closest_probe():
-    f = logistic(1.0, 3.0, ceiling=0.9)               # never sparser than 90%
+    f = logistic(1.0, 3.0, ceiling=0.9)  # never sparser than 90%
     found = search(f, 0.03, 0.95, max_probes=12)
     assert not found["reached"] and ("out of reach" in found["reason"] or "exceed" in found["reason"])
     assert found["sparsity"] == max(s for _, s in found["probes"])
@@ -96,8 +102,19 @@ def test_a_killed_tune_resumes_and_reuses_its_finished_probes(reference, tmp_pat
     _, ref, _ = reference
     ref_rows = pd.read_csv(reference[0] / "tune" / "tune.csv")
     assert len(ref_rows) >= 3, "the kill needs a tune of several probes"
-    args = [sys.executable, "-m", "mlbreg", "tune", "--target-sparsity", "0.95", "--max-probes", "8",
-            *TUNE_ARGS, "output_root=out", "progress=false"]
+    args = [
+        sys.executable,
+        "-m",
+        "mlbreg",
+        "tune",
+        "--target-sparsity",
+        "0.95",
+        "--max-probes",
+        "8",
+        *TUNE_ARGS,
+        "output_root=out",
+        "progress=false",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -112,17 +129,29 @@ def test_a_killed_tune_resumes_and_reuses_its_finished_probes(reference, tmp_pat
     again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     rows = pd.read_csv(tune_csv)
-    assert rows["lam"].tolist() == ref_rows["lam"].tolist()          # the same search, to the last probe
+    assert rows["lam"].tolist() == ref_rows["lam"].tolist()  # the same search, to the last probe
     assert rows["sparsity_pct"].tolist() == ref_rows["sparsity_pct"].tolist()
-    assert rows["reused"].iloc[:done].all() and not rows["reused"].iloc[done + 1:].any()
+    assert rows["reused"].iloc[:done].all() and not rows["reused"].iloc[done + 1 :].any()
     assert f"λ={ref['lam']:g} gives sparsity" in again.stdout
 
 
 def test_tune_sweeps_one_tune_per_job_and_reports_unreachable(tmp_path, capsys):
-    code = main(["tune", "--target-sparsity", "0.95", "--max-probes", "1", "-m", "seed=0,1", *TUNE_ARGS,
-                 f"output_root={tmp_path}", "progress=false"])
+    code = main(
+        [
+            "tune",
+            "--target-sparsity",
+            "0.95",
+            "--max-probes",
+            "1",
+            "-m",
+            "seed=0,1",
+            *TUNE_ARGS,
+            f"output_root={tmp_path}",
+            "progress=false",
+        ]
+    )
     err = capsys.readouterr().err
-    assert code == 2                                        # neither job reached the target
+    assert code == 2  # neither job reached the target
     assert err.count("target sparsity 95% not reached: no probe within ±0.5 pp after 1 probes") == 2
     assert "Closest: λ=0.03" in err
     results = sorted(tmp_path.rglob("result.json"))
@@ -130,10 +159,13 @@ def test_tune_sweeps_one_tune_per_job_and_reports_unreachable(tmp_path, capsys):
     assert {p.parent.name.split("_")[1] for p in results} == {"seed0", "seed1"}
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--target-sparsity", "1.5"], "invalid --target-sparsity 1.5: must be in (0, 1)"),
-    (["--target-sparsity", "0.9", "--tolerance", "0"], "invalid --tolerance 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--target-sparsity", "1.5"], "invalid --target-sparsity 1.5: must be in (0, 1)"),
+        (["--target-sparsity", "0.9", "--tolerance", "0"], "invalid --tolerance 0"),
+    ],
+)
 def test_bad_tune_options_name_the_value(argv, message, capsys):
     with pytest.raises(SystemExit):
         main(["tune", *argv])

@@ -6,6 +6,7 @@ The runs are tiny (digits for one to three epochs, or 64 synthetic 3x8x8 images)
 watches the run from inside, through forward hooks, an optimizer step hook or a spy, rather
 than through its end result, which would be the same with the key ignored.
 """
+
 import math
 import os
 import signal
@@ -26,8 +27,16 @@ from helpers import make_cfg
 
 # a conv net on 64 random 3x8x8 images, batches of 32: two training steps in one epoch. Three
 # input channels: a 1-channel NCHW batch is also channels_last-contiguous, a 3-channel one is not
-TINY_CONV = ("dataset=synthetic", "dataset.shape=[3,8,8]", "dataset.train_size=64", "dataset.test_size=32",
-             "batch_size=32", "model=convnet", "epochs=1", "backend=torch")
+TINY_CONV = (
+    "dataset=synthetic",
+    "dataset.shape=[3,8,8]",
+    "dataset.train_size=64",
+    "dataset.test_size=32",
+    "batch_size=32",
+    "model=convnet",
+    "epochs=1",
+    "backend=torch",
+)
 TINY_STEPS = 2
 
 
@@ -40,6 +49,7 @@ def train_watching(tmp_path, monkeypatch, watch, *overrides):
         parts = real_build(cfg, device)
         watch(parts.model, parts.method)
         return parts
+
     monkeypatch.setattr(loop, "build", build)
     outcome = train(make_cfg(*overrides), tmp_path)
     assert outcome["status"] == "finished"
@@ -49,23 +59,35 @@ def train_watching(tmp_path, monkeypatch, watch, *overrides):
 def record_layers(records):
     """A `watch` that appends, for every Conv2d / Linear forward in training mode (evaluation is not
     a training step), what the layer saw: its kind, input and output dtype and memory format."""
+
     def is_cl(t):
         return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
 
     def hook(mod, args, out):
         if mod.training:
             x = args[0]
-            records.append(dict(kind=type(mod).__name__, x_dtype=x.dtype, out_dtype=out.dtype, w_dtype=mod.weight.dtype,
-                                x_cl=is_cl(x), out_cl=is_cl(out), w_cl=is_cl(mod.weight)))
+            records.append(
+                dict(
+                    kind=type(mod).__name__,
+                    x_dtype=x.dtype,
+                    out_dtype=out.dtype,
+                    w_dtype=mod.weight.dtype,
+                    x_cl=is_cl(x),
+                    out_cl=is_cl(out),
+                    w_cl=is_cl(mod.weight),
+                )
+            )
 
     def watch(model, method):
         for mod in model.modules():
             if isinstance(mod, (nn.Conv2d, nn.Linear)):
                 mod.register_forward_hook(hook)
+
     return watch
 
 
 # -- the learning-rate schedule ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("scheduler", ["cosine", "constant"])
 def test_lr_column_and_every_step_follow_the_configured_schedule(tmp_path, monkeypatch, scheduler):
@@ -73,28 +95,38 @@ def test_lr_column_and_every_step_follow_the_configured_schedule(tmp_path, monke
     0.5·lr·(1 + cos(πk/T)), and the epoch row's `lr` is that formula at the row's step (the rate the
     next step gets). scheduler=constant keeps lr. Computed here from the data set's size, not the run's."""
     lr0, epochs, batch = 0.1, 3, 128
-    per_epoch = math.ceil(len(load_dataset("digits").train.y) / batch)      # 1437 images: 12 steps
+    per_epoch = math.ceil(len(load_dataset("digits").train.y) / batch)  # 1437 images: 12 steps
     total = epochs * per_epoch
     seen = []
 
     def watch(model, method):
-        method.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(
-            [g["lr"] for g in opt.param_groups]))
-    _, metrics = train_watching(tmp_path, monkeypatch, watch, f"epochs={epochs}", f"batch_size={batch}", f"lr={lr0}",
-                                f"scheduler={scheduler}", "backend=torch")
+        method.optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append([g["lr"] for g in opt.param_groups]))
+
+    _, metrics = train_watching(
+        tmp_path,
+        monkeypatch,
+        watch,
+        f"epochs={epochs}",
+        f"batch_size={batch}",
+        f"lr={lr0}",
+        f"scheduler={scheduler}",
+        "backend=torch",
+    )
 
     def expected(step):
         return 0.5 * lr0 * (1 + math.cos(math.pi * step / total)) if scheduler == "cosine" else lr0
+
     assert metrics.step.tolist() == [per_epoch * e for e in range(1, epochs + 1)]
     assert metrics.lr.tolist() == pytest.approx([expected(s) for s in metrics.step], rel=1e-6, abs=1e-12)
     assert len(seen) == total
-    for k, lrs in enumerate(seen):               # every param group (weights, biases) at the same rate
+    for k, lrs in enumerate(seen):  # every param group (weights, biases) at the same rate
         assert lrs == pytest.approx([expected(k)] * len(lrs), rel=1e-6), f"step {k}"
     if scheduler == "cosine":
         assert metrics.lr.iloc[-1] == pytest.approx(0, abs=1e-12) and seen[0][0] == lr0
 
 
 # -- channels_last, bf16 ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_channels_last_reaches_the_activations_of_a_training_step(tmp_path, monkeypatch, channels_last):
@@ -104,7 +136,7 @@ def test_channels_last_reaches_the_activations_of_a_training_step(tmp_path, monk
     records = []
     train_watching(tmp_path, monkeypatch, record_layers(records), *TINY_CONV, f"channels_last={channels_last}")
     convs = [r for r in records if r["kind"] == "Conv2d"]
-    assert len(convs) == 3 * TINY_STEPS                   # three convs per step
+    assert len(convs) == 3 * TINY_STEPS  # three convs per step
     for key in ("x_cl", "w_cl", "out_cl"):
         assert [r[key] for r in convs] == [channels_last] * len(convs), key
 
@@ -118,10 +150,11 @@ def test_bf16_autocast_reaches_the_layers_of_a_training_step(tmp_path, monkeypat
     assert sorted({r["kind"] for r in records}) == ["Conv2d", "Linear"] and len(records) == 4 * TINY_STEPS
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     assert {r["out_dtype"] for r in records} == {dtype}
-    assert {r["w_dtype"] for r in records} == {torch.float32}     # the weights stay fp32
+    assert {r["w_dtype"] for r in records} == {torch.float32}  # the weights stay fp32
 
 
 # -- the compiled LinBreg update --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("compile_optimizer", [True, False])
 def test_compile_optimizer_runs_the_update_through_torch_compile(tmp_path, monkeypatch, compile_optimizer):
@@ -138,11 +171,20 @@ def test_compile_optimizer_runs_the_update_through_torch_compile(tmp_path, monke
         def counted(*a, **kw):
             spy["calls"] += 1
             return compiled(*a, **kw)
+
         return counted
+
     monkeypatch.setattr(torch, "compile", spying_compile)
     groups = []
-    _, metrics = train_watching(tmp_path, monkeypatch, lambda model, method: groups.append(
-        len(method.optimizer.param_groups)), "epochs=1", "m=5", "backend=torch", f"compile_optimizer={compile_optimizer}")
+    _, metrics = train_watching(
+        tmp_path,
+        monkeypatch,
+        lambda model, method: groups.append(len(method.optimizer.param_groups)),
+        "epochs=1",
+        "m=5",
+        "backend=torch",
+        f"compile_optimizer={compile_optimizer}",
+    )
     steps = int(metrics.step.iloc[-1])
     assert steps == 12 and groups == [2] and metrics.coarse_steps.iloc[-1] > 0
     if compile_optimizer:
@@ -152,6 +194,7 @@ def test_compile_optimizer_runs_the_update_through_torch_compile(tmp_path, monke
 
 
 # -- refusals that leave the run directory as it was ------------------------------------------
+
 
 def files(run):
     """Every file of the run (bytes, mtime), but its lock (taken and released around the attempt)
@@ -169,6 +212,7 @@ def interrupt_at_step(monkeypatch, step):
         if counter["n"] == step:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, *args)
+
     monkeypatch.setattr(FlopsAccount, "add_step", add_step)
 
 
@@ -185,9 +229,11 @@ def test_a_checkpoint_of_another_config_is_refused_and_left_alone(tmp_path, caps
     assert main(["train", *common, "lam=0.05"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    last = err.splitlines()[-1]        # after Hydra's "Error executing job with overrides: [...]"
-    assert last.startswith(f"mlbreg: checkpoint {run / 'checkpoint.pt'} belongs to a different config or mlbreg "
-                           f"version (run key {key!r}, expected ")
+    last = err.splitlines()[-1]  # after Hydra's "Error executing job with overrides: [...]"
+    assert last.startswith(
+        f"mlbreg: checkpoint {run / 'checkpoint.pt'} belongs to a different config or mlbreg "
+        f"version (run key {key!r}, expected "
+    )
     assert last.endswith("Start fresh with resume=false.")
     assert files(run) == before
     # the same refusal from the library call, for the same reason
@@ -202,9 +248,8 @@ def test_a_checkpoint_of_another_format_is_refused_and_left_alone(tmp_path, monk
     mlbreg's, or a hand-edited file) is refused on resume by the one upgrade function, naming the file, the
     format and `resume=false`: exit code 2, one line, no traceback; no file of the run changes."""
     run = tmp_path / "run"
-    common = ["epochs=2", "m=5", "method.criterion=adaptive", "backend=torch", f"hydra.run.dir={run}",
-              "progress=false"]
-    interrupt_at_step(monkeypatch, 15)                     # in epoch 2 (12 steps per epoch)
+    common = ["epochs=2", "m=5", "method.criterion=adaptive", "backend=torch", f"hydra.run.dir={run}", "progress=false"]
+    interrupt_at_step(monkeypatch, 15)  # in epoch 2 (12 steps per epoch)
     with pytest.raises(SystemExit) as stop:
         main(["train", *common])
     assert stop.value.code == 128 + signal.SIGTERM
@@ -223,8 +268,10 @@ def test_a_checkpoint_of_another_format_is_refused_and_left_alone(tmp_path, monk
     err = capsys.readouterr().err
     assert "Traceback" not in err
     age = "a newer" if written == 3 else "an older"
-    assert err.splitlines()[-1] == (f"mlbreg: checkpoint {run / 'checkpoint.pt'} has format {written or 1}, written by "
-                                    f"{age} mlbreg; this one reads format 2 only. Start this run fresh with "
-                                    "resume=false, or resume it with the mlbreg that wrote it.")
+    assert err.splitlines()[-1] == (
+        f"mlbreg: checkpoint {run / 'checkpoint.pt'} has format {written or 1}, written by "
+        f"{age} mlbreg; this one reads format 2 only. Start this run fresh with "
+        "resume=false, or resume it with the mlbreg that wrote it."
+    )
     assert files(run) == before
     assert RunDir(run).read_status()["status"] == "interrupted"

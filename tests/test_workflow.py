@@ -1,5 +1,6 @@
 """The research workflow around a run: returned metrics, env.json, the
 prune_finetune default, and submitit's timeout signal."""
+
 import json
 import os
 import signal
@@ -29,8 +30,15 @@ class GrabReturn(Callback):
 
 def test_hydra_job_returns_the_final_metrics(tmp_path):
     RETURNS.clear()
-    code = main(["train", "epochs=2", f"output_root={tmp_path}", "progress=false",
-                 "+hydra.callbacks.grab._target_=test_workflow.GrabReturn"])
+    code = main(
+        [
+            "train",
+            "epochs=2",
+            f"output_root={tmp_path}",
+            "progress=false",
+            "+hydra.callbacks.grab._target_=test_workflow.GrabReturn",
+        ]
+    )
     assert code == 0
     (value,) = RETURNS
     (run_dir,) = [p.parent for p in tmp_path.rglob("status.json")]
@@ -79,6 +87,7 @@ def _stop_at_step(mp, step, signum=signal.SIGTERM):
         if count["n"] == step:
             os.kill(os.getpid(), signum)
         return original(self, kind, batch, *structure)
+
     mp.setattr(FlopsAccount, "add_step", add_step)
 
 
@@ -100,7 +109,7 @@ def test_prune_finetune_absolute_epochs_still_work(tmp_path):
 
 
 def test_sigusr2_checkpoints_mid_epoch_like_sigterm(tmp_path, monkeypatch):
-    cfg = make_cfg("epochs=3", "m=5")                   # digits: 12 steps per epoch
+    cfg = make_cfg("epochs=3", "m=5")  # digits: 12 steps per epoch
     _stop_at_step(monkeypatch, 17, signal.SIGUSR2)
     out = train(cfg, tmp_path)
     assert out["status"] == "interrupted" and out["signal"] == signal.SIGUSR2 and out["step"] == 17
@@ -118,7 +127,7 @@ def test_sigusr2_goes_on_to_submitits_handler_after_the_checkpoint(tmp_path, mon
     def submitit_like(signum, frame):
         ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
         seen.append((signum, ckpt["position"]["step"], RunDir(tmp_path).read_status()["status"]))
-        raise SystemExit(-1)                           # what submitit does after requeueing
+        raise SystemExit(-1)  # what submitit does after requeueing
 
     previous = signal.signal(signal.SIGUSR2, submitit_like)
     try:
@@ -132,6 +141,7 @@ def test_sigusr2_goes_on_to_submitits_handler_after_the_checkpoint(tmp_path, mon
 
 def _tensorboard_scalars(log_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(log_dir))
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
@@ -139,35 +149,39 @@ def _tensorboard_scalars(log_dir):
 
 def test_tensorboard_logger_writes_the_csv_rows_and_a_resume_purges_the_rest(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
-    cfg = make_cfg("epochs=4", "checkpoint_every=2", "logger=tensorboard")   # digits: 12 steps per epoch
+    cfg = make_cfg("epochs=4", "checkpoint_every=2", "logger=tensorboard")  # digits: 12 steps per epoch
     original = FlopsAccount.add_step
     count = {"n": 0}
 
     def crash_at_step_40(self, kind, batch, *structure):
         count["n"] += 1
-        if count["n"] == 40:      # epoch 4: epoch 3's row (step 36) is logged, the checkpoint is at step 24
+        if count["n"] == 40:  # epoch 4: epoch 3's row (step 36) is logged, the checkpoint is at step 24
             raise RuntimeError("node lost")
         return original(self, kind, batch, *structure)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(FlopsAccount, "add_step", crash_at_step_40)
         with pytest.raises(RuntimeError, match="node lost"):
             train(cfg, tmp_path)
     assert [s for s, _ in _tensorboard_scalars(tmp_path / "tensorboard")["metrics/train_loss"]] == [12, 24, 36]
-    assert train(cfg, tmp_path)["status"] == "finished"      # resumes at step 24
+    assert train(cfg, tmp_path)["status"] == "finished"  # resumes at step 24
     rows = pd.read_csv(tmp_path / "metrics.csv")
     scalars = _tensorboard_scalars(tmp_path / "tensorboard")
     assert rows["step"].tolist() == [12, 24, 36, 48]
     for column in ("test_acc_pct", "train_loss", "sparsity_pct", "model_bytes_sparse"):
-        assert scalars[f"metrics/{column}"] == [(s, pytest.approx(v, rel=1e-6))
-                                                for s, v in zip(rows["step"], rows[column])], column
+        assert scalars[f"metrics/{column}"] == [(s, pytest.approx(v, rel=1e-6)) for s, v in zip(rows["step"], rows[column])], (
+            column
+        )
 
 
 def test_logger_tensorboard_is_not_part_of_the_run_identity():
     from mlbreg.config import run_name
+
     assert run_name(make_cfg("logger=tensorboard")) == run_name(make_cfg())
 
 
 def test_bad_logger_names_the_valid_ones():
     from mlbreg.config import ConfigError, validate
+
     with pytest.raises(ConfigError, match="invalid logger='wandb'.*csv, tensorboard"):
         validate(make_cfg("logger=wandb"))

@@ -21,6 +21,7 @@ choice.py (which layers run sparse: eligibility, timed comparison, cached choice
 native/ (the project's kernels), sparseprop.py. `BACKENDS` is a `Registry` of name -> factory
 `(model, device, method_name, **options)`; native and SparseProp are imported only when chosen.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -47,8 +48,7 @@ def sparseprop_available() -> bool:
 
 
 def _distributed() -> bool:
-    return (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1)
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 def _has_coarse_steps(method_name: str) -> bool:
@@ -73,12 +73,14 @@ def _cpu_only(name: str, device: torch.device) -> None:
 
 def _native_backend(model: nn.Module, **options):
     from .native.backend import NativeBackend
+
     return NativeBackend(model, **options)
 
 
 def _sparseprop_backend(model: nn.Module, precision: str = "fp32", channels_last: bool = False, **options):
     # SparseProp layers run fp32 outside autocast only: a bf16 run keeps them dense (see sparseprop.py)
     from .sparseprop import SparsePropBackend
+
     return SparsePropBackend(model, **options)
 
 
@@ -87,6 +89,7 @@ def _auto(model: nn.Module, device: torch.device, method_name: str, **options):
     if not (device.type == "cpu" and _has_coarse_steps(method_name) and not _distributed()):
         return TorchBackend(model)
     from .native import build
+
     try:
         build.load()
     except build.NativeUnavailable as err:
@@ -109,6 +112,7 @@ def _torch(model: nn.Module, device: torch.device, method_name: str, **options):
 def _native(model: nn.Module, device: torch.device, method_name: str, **options):
     _cpu_only("native", device)
     from .native import build
+
     try:
         build.load()
     except build.NativeUnavailable as err:
@@ -120,7 +124,9 @@ def _native(model: nn.Module, device: torch.device, method_name: str, **options)
 def _sparseprop(model: nn.Module, device: torch.device, method_name: str, **options):
     _cpu_only("sparseprop", device)
     if not sparseprop_available():
-        raise RuntimeError("backend=sparseprop needs the SparseProp package: pip install pybind11 scipy && "
-                           "pip install --no-build-isolation 'sparseprop>=0.1.14' (see docs/backends.md); "
-                           "or use backend=torch")
+        raise RuntimeError(
+            "backend=sparseprop needs the SparseProp package: pip install pybind11 scipy && "
+            "pip install --no-build-isolation 'sparseprop>=0.1.14' (see docs/backends.md); "
+            "or use backend=torch"
+        )
     return _sparseprop_backend(model, **options)

@@ -7,6 +7,7 @@ support sizes, read from the machine's record of timed choices (choice_store.py)
 of one command choose alike, and checkpointed (``state_dict``) so a resumed run makes the same choices
 as the run it continues.
 """
+
 from __future__ import annotations
 
 import math
@@ -119,16 +120,23 @@ class LayerChoice:
         self.store = store
         self.context = context
         self.decisions: dict[str, dict] = {}
-        self.source: dict[str, str] = {}           # key -> what decided it (reported in env.json)
+        self.source: dict[str, str] = {}  # key -> what decided it (reported in env.json)
         self.timing_seconds = 0.0
 
     def key(self, layer, batch_size: int) -> str:
         nnz_bin = math.floor(math.log(max(layer.nnz, 1)) / math.log1p(self.bucket))
-        return (f"{self.context} | threads {torch.get_num_threads()} | batch {batch_size} | "
-                f"{layer_signature(layer)} | nnz bin {nnz_bin}")
+        return (
+            f"{self.context} | threads {torch.get_num_threads()} | batch {batch_size} | "
+            f"{layer_signature(layer)} | nnz bin {nnz_bin}"
+        )
 
-    def choose(self, layer, batch_size: int | None, forced_mode: Callable[[Any], Any],
-               time_layer: Callable[[Any], tuple[Any, str, dict]]) -> tuple[Any, str]:
+    def choose(
+        self,
+        layer,
+        batch_size: int | None,
+        forced_mode: Callable[[Any], Any],
+        time_layer: Callable[[Any], tuple[Any, str, dict]],
+    ) -> tuple[Any, str]:
         """(mode, why) for a built `layer` (a swap_layer.SwapLayer; sets its ``timings`` and ``decided_by``):
         forced, from this run, from the machine's record, or timed now by ``time_layer(layer)`` ->
         (mode, why, timings)."""
@@ -151,11 +159,13 @@ class LayerChoice:
             mode, why, timings = time_layer(layer)
             self.timing_seconds += time.perf_counter() - t0
             return dict(nnz=layer.nnz, mode=mode, why=why, timings=timings)
+
         if self.store is None:
             return time_now(), "timed in this run (no machine record)"
         entry, timed = self.store.get_or_time(key, time_now)
-        return entry, (f"timed in this run, recorded in {self.store.path}" if timed
-                       else f"the machine's record {self.store.path}")
+        return entry, (
+            f"timed in this run, recorded in {self.store.path}" if timed else f"the machine's record {self.store.path}"
+        )
 
     # -- checkpoints: the format of LayerSwapBackend.state_dict ------------------------
     FORMAT = 2

@@ -12,6 +12,7 @@ File: ``$MLBREG_CHOICE_CACHE`` (a folder; ``off`` disables the record: every lau
 torch version. JSON only: reading it never runs code. A file that does not parse is set aside (renamed
 ``*.bad``) with a note, and the record starts empty.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -57,8 +58,11 @@ class ChoiceStore:
             data = err
         if not isinstance(data, dict):
             bad = self.path.with_suffix(".bad")
-            print(f"mlbreg: note: the layer-choice record {self.path} is unreadable ({data!s:.80}); "
-                  f"moved to {bad}, timing afresh", file=sys.stderr)
+            print(
+                f"mlbreg: note: the layer-choice record {self.path} is unreadable ({data!s:.80}); "
+                f"moved to {bad}, timing afresh",
+                file=sys.stderr,
+            )
             os.replace(self.path, bad)
             return {}
         return data

@@ -1,5 +1,6 @@
 """The torch backend: plain torch layers on any device, nothing swapped (see backends/__init__.py
 for the hooks every backend provides)."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -7,6 +8,7 @@ from torch import nn
 
 class TorchBackend:
     """Plain torch layers: nothing to swap."""
+
     name = "torch"
 
     def __init__(self, model: nn.Module):

@@ -1,5 +1,6 @@
 """Flat positions of a dense tensor's elements in memory order, whatever its memory format: the swapped
 layers gather their values from (and scatter gradients into) weights that may be channels_last."""
+
 from __future__ import annotations
 
 import torch

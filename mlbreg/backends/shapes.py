@@ -1,5 +1,6 @@
 """Per-sample input shapes of the swappable layers, which the timed layer choice runs at: recorded
 by a forward pre-hook during dense training steps, or found by one dummy forward."""
+
 from __future__ import annotations
 
 import torch
@@ -8,10 +9,12 @@ from torch import nn
 
 def shape_hook(layer):
     """A forward pre-hook recording `layer.in_shape` / `layer.in_grad` (a swap_layer.SwapLayer) in training forwards."""
+
     def hook(mod, args):
         if args and isinstance(args[0], torch.Tensor) and torch.is_grad_enabled() and mod.training:
             layer.in_shape = tuple(args[0].shape[1:])
             layer.in_grad = bool(args[0].requires_grad)
+
     return hook
 
 
@@ -26,6 +29,7 @@ def ensure_shapes(model: nn.Module, layers: list, in_shape: tuple | None) -> Non
     def recorder(layer):
         def hook(mod, args):
             seen.setdefault(id(layer), (tuple(args[0].shape[1:]), args[0]))
+
         return hook
 
     handles = [layer.module.register_forward_pre_hook(recorder(layer)) for layer in missing]
@@ -33,7 +37,7 @@ def ensure_shapes(model: nn.Module, layers: list, in_shape: tuple | None) -> Non
     param = next(model.parameters())
     x = torch.zeros((2,) + in_shape, dtype=param.dtype, device=param.device)
     try:
-        model.eval()                          # no BN statistics touched
+        model.eval()  # no BN statistics touched
         with torch.no_grad():
             model(x)
     finally:

@@ -46,6 +46,7 @@ default: the over-``on`` mode for stride-1 convs). Input shapes come from a forw
 during dense steps, or from one dummy forward (eval mode, no grad) with ``in_shape``.
 Time spent in the timed comparisons accumulates in ``timing_seconds``.
 """
+
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
@@ -62,13 +63,15 @@ from .swap_layer import single_thread
 try:
     from sparseprop import backend as _spb  # (sparseprop's __init__ imports the top-level extension module `backend`)
 except Exception as err:  # noqa: BLE001 - a broken build is as unusable as a missing one
-    raise ImportError("the SparseProp backend needs the SparseProp package (pip install pybind11 scipy && "
-                      "pip install --no-build-isolation 'sparseprop>=0.1.14'); use backend=torch") from err
+    raise ImportError(
+        "the SparseProp backend needs the SparseProp package (pip install pybind11 scipy && "
+        "pip install --no-build-isolation 'sparseprop>=0.1.14'); use backend=torch"
+    ) from err
 
 __all__ = ["SparsePropBackend", "conv_eligible", "linear_eligible"]
 
 INT16_MAX = 32767
-BATCH_ALIGN = 8     # SparseProp's conv kernels are wrong for the last batch % 8 samples
+BATCH_ALIGN = 8  # SparseProp's conv kernels are wrong for the last batch % 8 samples
 
 
 # --------------------------------------------------------------------------- guards
@@ -98,7 +101,7 @@ def _conv_structure(mask: torch.Tensor):
     oc, ic, k, _ = mask.shape
     flat = mask.reshape(-1)
     idx = flat.nonzero().squeeze(1)
-    per_oc_ic = mask.reshape(oc, ic, k * k).sum(-1, dtype=torch.int64)       # (OC, IC)
+    per_oc_ic = mask.reshape(oc, ic, k * k).sum(-1, dtype=torch.int64)  # (OC, IC)
     per_oc = per_oc_ic.sum(1)
     w_oc = torch.zeros(oc + 1, dtype=torch.int64)
     torch.cumsum(per_oc, 0, out=w_oc[1:])
@@ -132,20 +135,23 @@ class _SparseConvFn(torch.autograd.Function):
         b, ic, h, w = x.shape
         oh, ow = _conv_out_size(h, k, pad, stride), _conv_out_size(w, k, pad, stride)
         val = _np(w_val, torch.float32)
-        idx = (_np(w_idx[0], torch.int32), _np(w_idx[1], torch.int16), _np(w_idx[2], torch.uint8),
-               _np(w_idx[3], torch.uint8))
+        idx = (_np(w_idx[0], torch.int32), _np(w_idx[1], torch.int16), _np(w_idx[2], torch.uint8), _np(w_idx[3], torch.uint8))
         if voo:
-            x = x.contiguous()                                  # guard 1: the over-on kernels read NCHW
+            x = x.contiguous()  # guard 1: the over-on kernels read NCHW
         if voo and stride == 1:
             out = torch.zeros(b, oc, oh, ow)
-            _spb.sparse_conv2d_vectorized_forward_over_on_stride_1(_np(x, torch.float32), *idx, val, _np(out, torch.float32),
-                                                                   k, pad)
+            _spb.sparse_conv2d_vectorized_forward_over_on_stride_1(
+                _np(x, torch.float32), *idx, val, _np(out, torch.float32), k, pad
+            )
             saved = x
         else:
-            xp = x.permute(1, 2, 3, 0).contiguous()            # (IC, H, W, B), from any input layout
+            xp = x.permute(1, 2, 3, 0).contiguous()  # (IC, H, W, B), from any input layout
             outp = torch.zeros(oc, oh, ow, b)
-            fn = (_spb.sparse_conv2d_vectorized_forward_stride_1 if stride == 1
-                  else _spb.sparse_conv2d_vectorized_forward_stride_2)
+            fn = (
+                _spb.sparse_conv2d_vectorized_forward_stride_1
+                if stride == 1
+                else _spb.sparse_conv2d_vectorized_forward_stride_2
+            )
             fn(_np(xp, torch.float32), *idx, val, _np(outp, torch.float32), k, pad)
             # batch-innermost -> NCHW once here: BN & co. on the permuted view copy it twice
             out = outp.permute(3, 0, 1, 2).contiguous()
@@ -160,23 +166,36 @@ class _SparseConvFn(torch.autograd.Function):
         saved, w_val = ctx.saved_tensors
         k, pad, stride, voo = ctx.k, ctx.pad, ctx.stride, ctx.voo
         w_idx = ctx.w_idx
-        idx = (_np(w_idx[0], torch.int32), _np(w_idx[1], torch.int16), _np(w_idx[2], torch.uint8),
-               _np(w_idx[3], torch.uint8))
-        grad_val = torch.from_numpy(np.zeros(w_val.shape[0], np.float32))   # calloc: no OpenMP fork for a small fill
+        idx = (_np(w_idx[0], torch.int32), _np(w_idx[1], torch.int16), _np(w_idx[2], torch.uint8), _np(w_idx[3], torch.uint8))
+        grad_val = torch.from_numpy(np.zeros(w_val.shape[0], np.float32))  # calloc: no OpenMP fork for a small fill
         grad_in = torch.zeros_like(saved)
         if voo:
-            go = grad_out.contiguous()                          # guard 3: NCHW-contiguous grad
-            fn = (_spb.sparse_conv2d_vectorized_backward_over_on_stride_1 if stride == 1
-                  else _spb.sparse_conv2d_vectorized_backward_over_on_stride_2)
+            go = grad_out.contiguous()  # guard 3: NCHW-contiguous grad
+            fn = (
+                _spb.sparse_conv2d_vectorized_backward_over_on_stride_1
+                if stride == 1
+                else _spb.sparse_conv2d_vectorized_backward_over_on_stride_2
+            )
         else:
-            go = grad_out.permute(1, 2, 3, 0).contiguous()      # (OC, OH, OW, B)
-            fn = (_spb.sparse_conv2d_vectorized_backward_stride_1 if stride == 1
-                  else _spb.sparse_conv2d_vectorized_backward_stride_2)
+            go = grad_out.permute(1, 2, 3, 0).contiguous()  # (OC, OH, OW, B)
+            fn = (
+                _spb.sparse_conv2d_vectorized_backward_stride_1
+                if stride == 1
+                else _spb.sparse_conv2d_vectorized_backward_stride_2
+            )
         # one thread: SparseProp sums the weight gradient with OpenMP reductions and atomics whose order
         # varies from call to call; on one thread the sums, and so every run, are reproducible
         with single_thread():
-            fn(_np(saved, torch.float32), *idx, _np(w_val, torch.float32), _np(go, torch.float32),
-               _np(grad_in, torch.float32), _np(grad_val, torch.float32), k, pad)
+            fn(
+                _np(saved, torch.float32),
+                *idx,
+                _np(w_val, torch.float32),
+                _np(go, torch.float32),
+                _np(grad_in, torch.float32),
+                _np(grad_val, torch.float32),
+                k,
+                pad,
+            )
         if not voo:
             grad_in = grad_in.permute(3, 0, 1, 2).contiguous()
         return (grad_in if ctx.needs_input_grad[0] else None), grad_val, None, None, None, None, None, None
@@ -187,11 +206,15 @@ class _SparseLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_val, w_idx, n):
-        xt = x.t().contiguous()                                 # (M, B); a torch copy (guard 1)
+        xt = x.t().contiguous()  # (M, B); a torch copy (guard 1)
         out = torch.zeros(n, x.shape[0])
-        _spb.sparse_linear_vectorized_forward(_np(xt, torch.float32), _np(w_idx[0], torch.int32),
-                                              _np(w_idx[1], torch.int32), _np(w_val, torch.float32),
-                                              _np(out, torch.float32))
+        _spb.sparse_linear_vectorized_forward(
+            _np(xt, torch.float32),
+            _np(w_idx[0], torch.int32),
+            _np(w_idx[1], torch.int32),
+            _np(w_val, torch.float32),
+            _np(out, torch.float32),
+        )
         ctx.save_for_backward(xt, w_val)
         ctx.w_idx = w_idx
         return out.t()
@@ -199,13 +222,18 @@ class _SparseLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         xt, w_val = ctx.saved_tensors
-        go = grad_out.t().contiguous()                          # (N, B)
+        go = grad_out.t().contiguous()  # (N, B)
         grad_xt = torch.zeros_like(xt)
-        grad_val = torch.from_numpy(np.zeros(w_val.shape[0], np.float32))   # calloc: no OpenMP fork for a small fill
-        _spb.sparse_linear_vectorized_backward(_np(xt, torch.float32), _np(ctx.w_idx[0], torch.int32),
-                                               _np(ctx.w_idx[1], torch.int32), _np(w_val, torch.float32),
-                                               _np(go, torch.float32), _np(grad_xt, torch.float32),
-                                               _np(grad_val, torch.float32))
+        grad_val = torch.from_numpy(np.zeros(w_val.shape[0], np.float32))  # calloc: no OpenMP fork for a small fill
+        _spb.sparse_linear_vectorized_backward(
+            _np(xt, torch.float32),
+            _np(ctx.w_idx[0], torch.int32),
+            _np(ctx.w_idx[1], torch.int32),
+            _np(w_val, torch.float32),
+            _np(go, torch.float32),
+            _np(grad_xt, torch.float32),
+            _np(grad_val, torch.float32),
+        )
         return (grad_xt.t() if ctx.needs_input_grad[0] else None), grad_val, None, None
 
 
@@ -213,16 +241,15 @@ def sparse_conv2d(x: torch.Tensor, w_val: torch.Tensor, w_idx: tuple, conv: nn.C
     """conv(x) with the structure (w_val, w_idx); guards 1-3 applied; no bias."""
     b = x.shape[0]
     extra = (-b) % BATCH_ALIGN
-    if extra:                                                   # guard 2: zero-pad the batch
+    if extra:  # guard 2: zero-pad the batch
         x = torch.cat([x, x.new_zeros((extra,) + tuple(x.shape[1:]))])
-    out = _SparseConvFn.apply(x, w_val, w_idx, conv.out_channels, conv.kernel_size[0], conv.padding[0],
-                              conv.stride[0], voo)
+    out = _SparseConvFn.apply(x, w_val, w_idx, conv.out_channels, conv.kernel_size[0], conv.padding[0], conv.stride[0], voo)
     return out[:b] if extra else out
 
 
 def sparse_linear(x: torch.Tensor, w_val: torch.Tensor, w_idx: tuple, linear: nn.Linear) -> torch.Tensor:
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])             # guard 1: _SparseLinearFn passes a contiguous x.t()
+    x2 = x.reshape(-1, x.shape[-1])  # guard 1: _SparseLinearFn passes a contiguous x.t()
     out = _SparseLinearFn.apply(x2, w_val, w_idx, linear.out_features)
     return out.reshape(*lead, linear.out_features)
 
@@ -246,15 +273,37 @@ class SparsePropBackend(LayerSwapBackend):
         bucket: a timed decision is reused while the layer's nnz stays within this relative
             distance (log scale) of the nnz it was timed at.
     """
+
     name = "sparseprop"
 
-    def __init__(self, model: nn.Module, batch_size: int | None = None, in_shape=None, *,
-                 optimizer: torch.optim.Optimizer | None = None, force: bool = False,
-                 force_mode: bool | None = None, min_speedup: float = 1.05, warmup: int = 1, repeats: int = 3,
-                 bucket: float = 0.1, choice_store="machine"):
+    def __init__(
+        self,
+        model: nn.Module,
+        batch_size: int | None = None,
+        in_shape=None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        force: bool = False,
+        force_mode: bool | None = None,
+        min_speedup: float = 1.05,
+        warmup: int = 1,
+        repeats: int = 3,
+        bucket: float = 0.1,
+        choice_store="machine",
+    ):
         self.force_mode = force_mode
-        super().__init__(model, batch_size, in_shape, optimizer=optimizer, force=force, min_speedup=min_speedup,
-                         warmup=warmup, repeats=repeats, bucket=bucket, choice_store=choice_store)
+        super().__init__(
+            model,
+            batch_size,
+            in_shape,
+            optimizer=optimizer,
+            force=force,
+            min_speedup=min_speedup,
+            warmup=warmup,
+            repeats=repeats,
+            bucket=bucket,
+            choice_store=choice_store,
+        )
 
     def _choice_context(self) -> str:
         try:
@@ -273,7 +322,7 @@ class SparsePropBackend(LayerSwapBackend):
         if layer.kind == "conv":
             idx, w_idx, max_per_oc = _conv_structure(mask)
             layer.nnz = int(idx.numel())
-            if max_per_oc > INT16_MAX:        # guard 5
+            if max_per_oc > INT16_MAX:  # guard 5
                 return f"{max_per_oc} > {INT16_MAX} non-zeros in one output channel"
         else:
             idx, w_idx = _linear_structure(mask)
@@ -288,7 +337,7 @@ class SparsePropBackend(LayerSwapBackend):
 
     def _candidates(self, layer) -> list[bool]:
         if layer.kind == "linear":
-            return [False]                    # one linear kernel (the mode flag is unused)
+            return [False]  # one linear kernel (the mode flag is unused)
         return [False, True]
 
     # -- timed comparison --------------------------------------------------------------
@@ -312,6 +361,7 @@ class SparsePropBackend(LayerSwapBackend):
                 else:
                     out = sparse_linear(x, w_val, layer.kernel, mod)
                 out.backward(grad)
+
             return run
 
         candidates = {"dense": run_dense}
@@ -320,6 +370,7 @@ class SparsePropBackend(LayerSwapBackend):
 
         def reset():
             x.grad = w_dense.grad = w_val.grad = None
+
         med = timed_rounds(candidates, self.warmup, self.repeats, reset)
         timings = {f"{name}_ms": 1e3 * v for name, v in med.items()}
         sparse = {name: v for name, v in med.items() if name != "dense"}

@@ -18,6 +18,7 @@ hooks still run); deleting it makes the layer dense again. The module tree never
 pickle of the model gets plain forwards and no-op hooks instead (``swap_layer.Installed``).
 Subclasses provide the eligibility reasons, the structure, the timed comparison and the forwards.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -36,11 +37,23 @@ from .swap_layer import Installed, SwapLayer, single_thread
 class LayerSwapBackend:
     """The shared machinery; see the module docstring. Subclasses define ``name`` and the hooks below
     (``_reason``, ``_build``, ``_forced_mode``, ``_time_layer``, ``_sparse_forward``)."""
+
     name = "swap"
 
-    def __init__(self, model: nn.Module, batch_size: int | None = None, in_shape=None, *,
-                 optimizer: torch.optim.Optimizer | None = None, force: bool = False, min_speedup: float = 1.05,
-                 warmup: int = 1, repeats: int = 3, bucket: float = 0.1, choice_store: Any = "machine"):
+    def __init__(
+        self,
+        model: nn.Module,
+        batch_size: int | None = None,
+        in_shape=None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        force: bool = False,
+        min_speedup: float = 1.05,
+        warmup: int = 1,
+        repeats: int = 3,
+        bucket: float = 0.1,
+        choice_store: Any = "machine",
+    ):
         self.model = model
         self.batch_size = batch_size
         self.in_shape = tuple(in_shape) if in_shape is not None else None
@@ -51,18 +64,18 @@ class LayerSwapBackend:
         if choice_store == "machine":
             choice_store = None if force else default_store()
         self.choices = LayerChoice(force=force, bucket=bucket, store=choice_store, context=self._choice_context())
-        self._record: dict[tuple[str, str], dict[str, Any]] = {}    # (layer, key) -> the choice made
+        self._record: dict[tuple[str, str], dict[str, Any]] = {}  # (layer, key) -> the choice made
         self.rebuilds = 0
         self.layers: list[SwapLayer] = []
         for name, mod in prunable_modules(model):
             kind = "conv" if isinstance(mod, nn.Conv2d) else "linear"
             self.layers.append(SwapLayer(name, mod, kind, self._reason(mod, kind)))
-        self._stale = True            # the structure must be (re)built before the next sparse step
-        self._active = False          # are the swapped layers' forwards installed?
+        self._stale = True  # the structure must be (re)built before the next sparse step
+        self._active = False  # are the swapped layers' forwards installed?
         for layer in self.layers:
             if layer.reason is None:
                 layer.module.register_forward_pre_hook(Installed(shape_hook(layer)))
-        self._generator = torch.Generator().manual_seed(0)    # timing inputs: leave the global RNG alone
+        self._generator = torch.Generator().manual_seed(0)  # timing inputs: leave the global RNG alone
 
     @property
     def decisions(self) -> dict[str, dict]:
@@ -97,7 +110,7 @@ class LayerSwapBackend:
         """The layer without its bias on the sparse kernels."""
         raise NotImplementedError
 
-    linear_any_rank = False           # may a swapped linear layer take (..., F) inputs, not only (B, F)?
+    linear_any_rank = False  # may a swapped linear layer take (..., F) inputs, not only (B, F)?
     # may the sparse layers run under bf16 autocast (bf16 or fp32 inputs; the backend computes in fp32)?
     runs_under_autocast = False
 
@@ -124,7 +137,7 @@ class LayerSwapBackend:
 
     def after_step(self, kind: str) -> None:
         if kind != "sparse":
-            self._stale = True                # a fine step may have changed the support
+            self._stale = True  # a fine step may have changed the support
             return
         if self._active:
             self._refresh_values()
@@ -166,9 +179,14 @@ class LayerSwapBackend:
         for layer in self.layers:
             key = (layer.name, layer.choice_key or layer.decided_by or "ineligible")
             if key not in self._record:
-                self._record[key] = dict(layer=layer.name, nnz=layer.nnz, choice=self._choice_label(layer),
-                                         why=layer.reason or layer.why,
-                                         decided_by=layer.decided_by or "ineligible", key=layer.choice_key)
+                self._record[key] = dict(
+                    layer=layer.name,
+                    nnz=layer.nnz,
+                    choice=self._choice_label(layer),
+                    why=layer.reason or layer.why,
+                    decided_by=layer.decided_by or "ineligible",
+                    key=layer.choice_key,
+                )
 
     def swapped_layers(self) -> list[str]:
         return [layer.name for layer in self.layers if layer.swapped]
@@ -241,8 +259,9 @@ class LayerSwapBackend:
             out = self._sparse_forward(layer, x)
             if mod.bias is None:
                 return out
-            bias = mod.bias.to(out.dtype)       # a bf16 output stays bf16 (as a conv under autocast)
+            bias = mod.bias.to(out.dtype)  # a bf16 output stays bf16 (as a conv under autocast)
             return out + (bias.view(1, -1, 1, 1) if layer.kind == "conv" else bias)
+
         return forward
 
     def _activate(self, refresh: bool) -> None:
@@ -261,7 +280,7 @@ class LayerSwapBackend:
                 del layer.module.forward
             if layer.w_val is not None:
                 layer.w_val.grad = None
-            layer.grad_buf = None             # dense steps may write into an exposed buffer: never reuse it
+            layer.grad_buf = None  # dense steps may write into an exposed buffer: never reuse it
         self._deactivate_extra()
         self._active = False
 

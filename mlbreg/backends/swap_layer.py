@@ -1,5 +1,6 @@
 """One prunable layer of the CPU sparse backends (``SwapLayer``): its sparse structure, values and value
 gradient, the choice made for it, and the two context helpers the swapping needs. See swap.py."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -58,25 +59,26 @@ class Plain:
 @dataclass
 class SwapLayer:
     """One prunable layer and, while a structure is built, its sparse form."""
+
     name: str
     module: nn.Module
-    kind: str                                   # "conv" | "linear"
-    reason: str | None                       # static guard failure (None: eligible)
-    in_shape: tuple | None = None            # per-sample input shape seen in a forward
-    in_grad: bool = True                        # does the layer's input require grad in training?
-    idx: torch.Tensor | None = None          # int64 flat positions of the structure in the dense weight
-    mem_idx: torch.Tensor | None = None      # the same positions in the weight's memory order (channels_last)
-    weight_strides: tuple = ()                  # the weight strides mem_idx was computed for
-    w_val: torch.Tensor | None = None        # fp32 values on idx, a leaf that gets .grad
-    kernel: Any = None                          # the backend's structure for its kernels
+    kind: str  # "conv" | "linear"
+    reason: str | None  # static guard failure (None: eligible)
+    in_shape: tuple | None = None  # per-sample input shape seen in a forward
+    in_grad: bool = True  # does the layer's input require grad in training?
+    idx: torch.Tensor | None = None  # int64 flat positions of the structure in the dense weight
+    mem_idx: torch.Tensor | None = None  # the same positions in the weight's memory order (channels_last)
+    weight_strides: tuple = ()  # the weight strides mem_idx was computed for
+    w_val: torch.Tensor | None = None  # fp32 values on idx, a leaf that gets .grad
+    kernel: Any = None  # the backend's structure for its kernels
     nnz: int = 0
-    grad_buf: torch.Tensor | None = None     # dense weight gradient buffer of this coarse phase
-    buf_version: int = -1                       # grad_buf._version after its last scatter
-    mode: Any = None                            # None: dense; else the backend's sparse mode
-    why: str = ""                               # why this choice (for reports)
+    grad_buf: torch.Tensor | None = None  # dense weight gradient buffer of this coarse phase
+    buf_version: int = -1  # grad_buf._version after its last scatter
+    mode: Any = None  # None: dense; else the backend's sparse mode
+    why: str = ""  # why this choice (for reports)
     timings: dict = field(default_factory=dict)
-    choice_key: str = ""                        # the LayerChoice key of the choice (choice.py)
-    decided_by: str = ""                        # what decided it: forced, the machine's record, ...
+    choice_key: str = ""  # the LayerChoice key of the choice (choice.py)
+    decided_by: str = ""  # what decided it: forced, the machine's record, ...
 
     @property
     def weight(self) -> torch.Tensor:
@@ -109,20 +111,20 @@ class SwapLayer:
         """The value gradient (if this step used the layer) into the dense ``weight.grad``; also the hook that
         runs when backward has accumulated ``w_val.grad`` (swap.py)."""
         if not self.swapped or self.w_val.grad is None:
-            return                            # dense, or not used in this step
+            return  # dense, or not used in this step
         g = self.w_val.grad
         self.w_val.grad = None
         w = self.weight
-        if w.grad is None:                    # the usual case: the dense weight took no part
+        if w.grad is None:  # the usual case: the dense weight took no part
             with single_thread():
                 if self.grad_buf is None:
                     self.grad_buf = torch.zeros(w.shape, dtype=w.dtype)
                 elif self.grad_buf._version != self.buf_version:
-                    self.grad_buf.zero_()     # written since (a dense gradient added in place): zero outside S again
+                    self.grad_buf.zero_()  # written since (a dense gradient added in place): zero outside S again
                 self.grad_buf.view(-1).scatter_(0, self.idx, g)
             self.buf_version = self.grad_buf._version
             w.grad = self.grad_buf
-        else:                                 # a dense fallback ran too, or grads were not reset: accumulate
+        else:  # a dense fallback ran too, or grads were not reset: accumulate
             memory_flat(w.grad).index_add_(0, memory_index(w.grad, self.idx), g)
 
     def structure_moved(self) -> bool:
@@ -133,6 +135,14 @@ class SwapLayer:
 
     def summary_row(self, choice: str) -> dict[str, Any]:
         numel = self.weight.numel()
-        return dict(layer=self.name, kind=self.kind, in_shape=self.in_shape, nnz=self.nnz,
-                    density=self.nnz / numel if numel else 0.0, choice=choice,
-                    why=self.reason or self.why, decided_by=self.decided_by or "ineligible", **self.timings)
+        return dict(
+            layer=self.name,
+            kind=self.kind,
+            in_shape=self.in_shape,
+            nnz=self.nnz,
+            density=self.nnz / numel if numel else 0.0,
+            choice=choice,
+            why=self.reason or self.why,
+            decided_by=self.decided_by or "ineligible",
+            **self.timings,
+        )

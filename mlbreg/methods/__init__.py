@@ -5,6 +5,7 @@ One class per method (mlbreg/methods/<family>.py), registered in `METHODS`; each
 settings, rules and run-name parts (see `base.Method`). The rest of mlbreg asks the class:
 `method_class(cfg.method.name).init_density(cfg)`, `.name_parts(cfg)`, `.check(cfg)`, ...
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -19,8 +20,7 @@ from .sgd import SGDMethod
 from .static import StaticMethod
 
 METHODS: Registry[type[Method]] = Registry("method")
-for _cls in (MLLinBregMethod, LinBregMethod, SGDMethod, RigLMethod, PruneFinetuneMethod, SETMethod, StaticMethod,
-             GMPMethod):
+for _cls in (MLLinBregMethod, LinBregMethod, SGDMethod, RigLMethod, PruneFinetuneMethod, SETMethod, StaticMethod, GMPMethod):
     METHODS.register(_cls.name, _cls)
 
 
@@ -41,6 +41,20 @@ def method_from_config(cfg, model: nn.Module, steps_per_epoch: int) -> Method:
     return cls(model, cls.settings_from(cfg, steps_per_epoch))
 
 
-__all__ = ["METHODS", "Method", "method_class", "build_method", "method_from_config", "prunable_weights",
-           "split_param_groups", "SGDMethod", "LinBregMethod", "MLLinBregMethod", "RigLMethod",
-           "PruneFinetuneMethod", "SETMethod", "StaticMethod", "GMPMethod"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "method_class",
+    "build_method",
+    "method_from_config",
+    "prunable_weights",
+    "split_param_groups",
+    "SGDMethod",
+    "LinBregMethod",
+    "MLLinBregMethod",
+    "RigLMethod",
+    "PruneFinetuneMethod",
+    "SETMethod",
+    "StaticMethod",
+    "GMPMethod",
+]

@@ -18,6 +18,7 @@ that adding a method is one class (see CONTRIBUTING.md, "Architecture"):
 - `lam_sets_sparsity`: its sparsity follows λ (`mlbreg tune` searches λ for a target sparsity).
 - `name_parts(cfg)`: its part of the run directory's name.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,8 +51,7 @@ def split_param_groups(model: nn.Module, reg: str, lam: float) -> list[dict]:
 
 def sgd(model: nn.Module, s) -> torch.optim.SGD:
     """The torch SGD the dense and fixed-density baselines step with (settings `s`)."""
-    return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, dampening=s.dampening,
-                           weight_decay=s.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, dampening=s.dampening, weight_decay=s.weight_decay)
 
 
 def mask_counts(masks: list[torch.Tensor]) -> torch.Tensor:
@@ -62,11 +62,22 @@ def mask_counts(masks: list[torch.Tensor]) -> torch.Tensor:
 def config_values(cfg, steps_per_epoch: int) -> dict[str, Any]:
     """Every value a method may take from a config: top-level keys, derived counts, and the
     method group's own keys (`cfg.method.*`, which are exactly its Settings fields)."""
-    values = dict(lr=cfg.lr, momentum=cfg.momentum, lam=cfg.lam, m=cfg.m, reg=cfg.regularizer.name,
-                  sparsity=cfg.sparsity, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, seed=cfg.seed,
-                  total_steps=cfg.epochs * steps_per_epoch,
-                  compiled={"auto": None, True: True, False: False}[cfg.compile_optimizer],
-                  init_scheme=cfg.init.scheme, dense_first=cfg.init.dense_first, dense_last=cfg.init.dense_last)
+    values = dict(
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        lam=cfg.lam,
+        m=cfg.m,
+        reg=cfg.regularizer.name,
+        sparsity=cfg.sparsity,
+        epochs=cfg.epochs,
+        steps_per_epoch=steps_per_epoch,
+        seed=cfg.seed,
+        total_steps=cfg.epochs * steps_per_epoch,
+        compiled={"auto": None, True: True, False: False}[cfg.compile_optimizer],
+        init_scheme=cfg.init.scheme,
+        dense_first=cfg.init.dense_first,
+        dense_last=cfg.init.dense_last,
+    )
     values.update({k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"})
     return values
 
@@ -78,9 +89,9 @@ class Method:
     # where training starts (docs/algorithms.md §4): "dense" (Kaiming, scale 1), "target" (a sparse init at
     # the target density 1 - sparsity: fixed-density methods) or "init_density" (a sparse init at init.density)
     start: ClassVar[str] = "init_density"
-    needs_sparsity: ClassVar[bool] = False         # cfg.sparsity is this method's target (it must be set)
-    has_coarse_steps: ClassVar[bool] = False       # sparse CPU backends (native, sparseprop) serve its steps
-    lam_sets_sparsity: ClassVar[bool] = False      # its sparsity follows λ (what `mlbreg tune` searches)
+    needs_sparsity: ClassVar[bool] = False  # cfg.sparsity is this method's target (it must be set)
+    has_coarse_steps: ClassVar[bool] = False  # sparse CPU backends (native, sparseprop) serve its steps
+    lam_sets_sparsity: ClassVar[bool] = False  # its sparsity follows λ (what `mlbreg tune` searches)
     unused_keys: ClassVar[tuple[str, ...]] = ()
     main_keys: ClassVar[tuple[str, ...]] = ()
 
@@ -94,8 +105,9 @@ class Method:
         fields = {f.name for f in dataclasses.fields(cls.Settings)}
         unknown = sorted(set(values) - fields)
         if unknown:
-            raise ValueError(f"method {cls.name} has no setting {', '.join(map(repr, unknown))}; "
-                             f"valid: {', '.join(sorted(fields))}")
+            raise ValueError(
+                f"method {cls.name} has no setting {', '.join(map(repr, unknown))}; valid: {', '.join(sorted(fields))}"
+            )
         return cls.Settings(**values)
 
     @classmethod
@@ -114,8 +126,7 @@ class Method:
     def check(cls, cfg) -> None:
         """Raise ConfigError for a bad value of a key this method reads."""
         if (cls.needs_sparsity or cls.start == "target") and cfg.sparsity is None:
-            raise ConfigError(f"invalid sparsity=null: method={cls.name} needs a target sparsity in (0, 1), "
-                              "e.g. sparsity=0.9")
+            raise ConfigError(f"invalid sparsity=null: method={cls.name} needs a target sparsity in (0, 1), e.g. sparsity=0.9")
         check_table(cfg, cls.rules)
 
     @classmethod
@@ -128,8 +139,10 @@ class Method:
         """Notes on set keys this method does not read (allowed, so that one sweep can
         cover several methods, e.g. `method=sgd,rigl sparsity=0.9`)."""
         if cfg.sparsity is not None and "sparsity" in cls.unused_keys:
-            return [f"sparsity={cfg.sparsity} is not used by method={cls.name} (rigl, set, static, gmp and "
-                    "prune_finetune use a target sparsity; ML LinBreg's and LinBreg's follows from lam)"]
+            return [
+                f"sparsity={cfg.sparsity} is not used by method={cls.name} (rigl, set, static, gmp and "
+                "prune_finetune use a target sparsity; ML LinBreg's and LinBreg's follows from lam)"
+            ]
         return []
 
     # -- the loop's interface ----------------------------------------------------------

@@ -1,5 +1,6 @@
 """LinBreg and ML LinBreg (docs/algorithms.md §1-§3): sparse weights from a sparse start via
 linearized Bregman iterations; ML LinBreg adds coarse steps on the support."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,18 +32,32 @@ class MLLinBregSettings(LinBregSettings):
     eps: float = 1e-3
 
 
-LINBREG_RULES = (("method.delta", above(0)), ("method.weight_decay", at_least(0)),
-                 ("method.dampening", interval(0, 1)), ("method.momentum_style", choice(MOMENTUM_STYLES)))
+LINBREG_RULES = (
+    ("method.delta", above(0)),
+    ("method.weight_decay", at_least(0)),
+    ("method.dampening", interval(0, 1)),
+    ("method.momentum_style", choice(MOMENTUM_STYLES)),
+)
 
 
 def _optimizer_args(model, s: LinBregSettings) -> dict:
-    return dict(params=split_param_groups(model, s.reg, s.lam), lr=s.lr, lam=s.lam, reg=s.reg, delta=s.delta,
-                momentum=s.momentum, dampening=s.dampening, weight_decay=s.weight_decay, compiled=s.compiled,
-                momentum_style=s.momentum_style)
+    return dict(
+        params=split_param_groups(model, s.reg, s.lam),
+        lr=s.lr,
+        lam=s.lam,
+        reg=s.reg,
+        delta=s.delta,
+        momentum=s.momentum,
+        dampening=s.dampening,
+        weight_decay=s.weight_decay,
+        compiled=s.compiled,
+        momentum_style=s.momentum_style,
+    )
 
 
 class _BregmanMethod(Method):
     """What LinBreg and ML LinBreg share: the momentum convention's check."""
+
     rules = LINBREG_RULES
     lam_sets_sparsity = True
 
@@ -50,12 +65,16 @@ class _BregmanMethod(Method):
     def check(cls, cfg) -> None:
         super().check(cfg)
         if cfg.method.get("momentum_style") == "reference" and cfg.method.get("dampening"):
-            fail("method.dampening", cfg.method.dampening, "must be 0 with method.momentum_style=reference "
-                 "(its buffer b ← β·b + (1 − β)·τ·g has no dampening)")
+            fail(
+                "method.dampening",
+                cfg.method.dampening,
+                "must be 0 with method.momentum_style=reference (its buffer b ← β·b + (1 − β)·τ·g has no dampening)",
+            )
 
 
 class LinBregMethod(_BregmanMethod):
     """LinBreg: a full weight gradient every step, sparse weights (2·f_S + f_D per step)."""
+
     name = "linbreg"
     Settings = LinBregSettings
     rules = LINBREG_RULES
@@ -75,22 +94,23 @@ class LinBregMethod(_BregmanMethod):
 
 class MLLinBregMethod(_BregmanMethod):
     """ML LinBreg: fine step (full gradient) every m steps, coarse steps on the support."""
+
     name = "mllinbreg"
     Settings = MLLinBregSettings
     rules = LINBREG_RULES + (
         ("method.criterion", choice(MLLinBreg.CRITERIA)),
         ("method.kappa", interval(0, 1, meaning=" (‖Rg‖ >= κ‖g‖ starts a coarse cycle)")),
-        ("method.eps", at_least(0)))
+        ("method.eps", at_least(0)),
+    )
     has_coarse_steps = True
     unused_keys = ("sparsity",)
     main_keys = ("lam",)
 
     def __init__(self, model, settings: MLLinBregSettings):
         s = settings
-        super().__init__(MLLinBreg(**_optimizer_args(model, s), m=s.m, criterion=s.criterion, kappa=s.kappa,
-                                   eps=s.eps))
+        super().__init__(MLLinBreg(**_optimizer_args(model, s), m=s.m, criterion=s.criterion, kappa=s.kappa, eps=s.eps))
         self.weights = prunable_weights(model)
-        self._support_nnz = None      # |S| per layer, for the current cycle
+        self._support_nnz = None  # |S| per layer, for the current cycle
 
     @classmethod
     def name_parts(cls, cfg) -> list[str]:

@@ -1,5 +1,6 @@
 """Gradual magnitude pruning (Zhu & Gupta 2017): dense SGD while the sparsity rises along a
 cubic schedule to the target, pruning every Δt steps (`mlbreg.sparsity.gmp`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,13 +38,15 @@ class GMPMethod(Method):
     are re-masked after every step, as in prune + fine-tune. The last pruning, at t_end, is
     at the target exactly. Steps before the first pruning are dense (3·f_D); the others
     compute on the masks of that step (3·f_S(t))."""
+
     name = "gmp"
     Settings = GMPSettings
     rules = SGD_RULES + (
         ("method.begin", interval(0, 1, "[)", " (t0 = begin·T: the schedule starts; a fraction of all steps)")),
         ("method.end", interval(0, 1, "(]", " (t_end = end·T: the target is reached; a fraction of all steps)")),
         ("method.frequency", integer(1, " (Δt: steps between prunings)")),
-        ("method.scope", choice(SCOPES)))
+        ("method.scope", choice(SCOPES)),
+    )
     start = "dense"
     needs_sparsity = True
     unused_keys = ("lam", "m", "regularizer.name", "init.density", "init.scale")
@@ -55,8 +58,17 @@ class GMPMethod(Method):
         self.weights = prunable_weights(model)
         last = len(self.weights) - 1
         dense = tuple(([0] if s.dense_first else []) + ([last] if s.dense_last and last > 0 else []))
-        self.gmp = GMP(self.weights, target=s.sparsity, total_steps=s.total_steps, begin=s.begin, end=s.end,
-                       frequency=s.frequency, scope=s.scope, scheme=s.init_scheme, dense=dense)
+        self.gmp = GMP(
+            self.weights,
+            target=s.sparsity,
+            total_steps=s.total_steps,
+            begin=s.begin,
+            end=s.end,
+            frequency=s.frequency,
+            scope=s.scope,
+            scheme=s.init_scheme,
+            dense=dense,
+        )
         self._mask_nnz = None
 
     @classmethod
@@ -66,8 +78,12 @@ class GMPMethod(Method):
         if m.begin >= m.end:
             fail("method.begin", m.begin, f"must be < method.end={m.end} (the schedule runs from begin·T to end·T)")
         if m.scope == "global" and (cfg.init.dense_first or cfg.init.dense_last):
-            fail("method.scope", "global", "ranks all layers together, so init.dense_first / init.dense_last "
-                 "cannot keep a layer dense; use method.scope=layer or set both to false")
+            fail(
+                "method.scope",
+                "global",
+                "ranks all layers together, so init.dense_first / init.dense_last "
+                "cannot keep a layer dense; use method.scope=layer or set both to false",
+            )
 
     @classmethod
     def name_parts(cls, cfg) -> list[str]:

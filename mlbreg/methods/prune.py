@@ -1,4 +1,5 @@
 """Prune + fine-tune (docs/algorithms.md §5): dense SGD, one-shot global magnitude pruning, fine-tuning."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class PruneFinetuneMethod(Method):
     weights are loaded at construction and pruned at once, and every epoch fine-tunes.
     Fine-tuning steps, then re-masks weights and momentum.
     """
+
     name = "prune_finetune"
     Settings = PruneFinetuneSettings
     rules = SGD_RULES
@@ -108,13 +110,15 @@ class PruneFinetuneMethod(Method):
             self.prune(epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "pruned_at_epoch": self.pruned_at_epoch,
-                "masks": None if self.masks is None else [m.clone() for m in self.masks]}
+        return {
+            **super().state_dict(),
+            "pruned_at_epoch": self.pruned_at_epoch,
+            "masks": None if self.masks is None else [m.clone() for m in self.masks],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         masks = state.get("masks")
-        self.masks = None if masks is None else [m.to(device=w.device, dtype=torch.bool)
-                                                 for m, w in zip(masks, self.weights)]
+        self.masks = None if masks is None else [m.to(device=w.device, dtype=torch.bool) for m, w in zip(masks, self.weights)]
         self._mask_nnz = None
         self.pruned_at_epoch = state.get("pruned_at_epoch")

@@ -6,6 +6,7 @@ k = ⌊f·n⌋ (`count`), drop scores |θ| plus N(0, 1e-5²) noise that breaks t
 (`drop_noise_std`, seeded from the run's seed, the step and the layer), and a dropped
 weight regrown in the same update keeps its value and momentum (`reinit_when_same`).
 `reinit_when_same=true count=round drop_noise_std=0` gives mlbreg's earlier RigL."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class RigLMethod(Method):
     momentum are re-masked. Mask-update steps (full dense gradient, no SGD step) are those
     of `mlbreg.sparsity.rigl`. Weight decay defaults to 5e-4, the RigL paper's CIFAR-10
     value (ImageNet: 1e-4)."""
+
     name = "rigl"
     Settings = RigLSettings
     rules = SGD_RULES + (
@@ -51,20 +53,30 @@ class RigLMethod(Method):
         ("method.end_fraction", interval(0, 1, "(]", " (T_end as a fraction of all steps)")),
         ("method.reinit_when_same", boolean),
         ("method.count", choice(COUNTS)),
-        ("method.drop_noise_std", at_least(0, " (stddev of the noise on the drop scores; 0: none)")))
+        ("method.drop_noise_std", at_least(0, " (stddev of the noise on the drop scores; 0: none)")),
+    )
     start = "target"
     needs_sparsity = True
     unused_keys = ("lam", "m", "regularizer.name", "init.density")
     main_keys = ("sparsity",)
-    grow = "gradient"      # how the mask machinery grows (mlbreg.sparsity.rigl.GROWS)
+    grow = "gradient"  # how the mask machinery grows (mlbreg.sparsity.rigl.GROWS)
 
     def __init__(self, model, settings: RigLSettings):
         s = settings
         super().__init__(sgd(model, s))
         self.weights = prunable_weights(model)
-        self.rigl = RigL(self.weights, total_steps=s.total_steps, delta_t=s.delta_t, alpha=s.alpha,
-                         end_fraction=s.end_fraction, reinit_when_same=s.reinit_when_same, count=s.count,
-                         drop_noise_std=s.drop_noise_std, seed=s.seed, grow=self.grow)
+        self.rigl = RigL(
+            self.weights,
+            total_steps=s.total_steps,
+            delta_t=s.delta_t,
+            alpha=s.alpha,
+            end_fraction=s.end_fraction,
+            reinit_when_same=s.reinit_when_same,
+            count=s.count,
+            drop_noise_std=s.drop_noise_std,
+            seed=s.seed,
+            grow=self.grow,
+        )
         self._mask_nnz = None
 
     @classmethod
@@ -84,9 +96,9 @@ class RigLMethod(Method):
 
     def step(self) -> None:
         if self.rigl.is_update_step():
-            self.rigl.update_masks(self.optimizer)   # no SGD step on mask-update steps
+            self.rigl.update_masks(self.optimizer)  # no SGD step on mask-update steps
         else:
-            self.optimizer.step()        # re-masking θ and b after the step makes a gradient mask redundant
+            self.optimizer.step()  # re-masking θ and b after the step makes a gradient mask redundant
             self.rigl.apply_masks(self.optimizer)
         self.rigl.advance()
 
@@ -106,6 +118,7 @@ class SETMethod(RigLMethod):
     the reference (google-research/rigl, `SparseSETOptimizer`), an update step takes the
     SGD step first and then updates the masks, so no step needs a dense gradient: every
     step is "sparse" (3·f_S)."""
+
     name = "set"
     grow = "random"
 

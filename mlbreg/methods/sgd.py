@@ -1,4 +1,5 @@
 """Dense SGD: the baseline every sparse method is measured against."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ SGD_RULES = (("method.weight_decay", at_least(0)), ("method.dampening", interval
 
 class SGDMethod(Method):
     """Dense SGD baseline (momentum, weight decay; the CIFAR recipe), from dense Kaiming weights."""
+
     name = "sgd"
     Settings = SGDSettings
     rules = SGD_RULES

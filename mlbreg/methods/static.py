@@ -1,4 +1,5 @@
 """Static sparse training: the init mask, never updated (the fixed-mask baseline of RigL's paper)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ class StaticMethod(Method):
     initialization are the mask for the whole run. Every step is a torch SGD step
     (momentum, weight decay 5e-4 as RigL's CIFAR-10 setup), after which weights and
     momentum are re-masked; every step computes on the mask (3·f_S)."""
+
     name = "static"
     Settings = StaticSettings
     rules = SGD_RULES

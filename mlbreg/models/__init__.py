@@ -4,6 +4,7 @@ Models register a builder under a short name; experiments (and the Hydra
 configs) refer to architectures only by that name, so adding a model never
 touches the training code.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -53,5 +54,4 @@ def prunable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-__all__ = ["MODELS", "register_model", "create_model", "check_model_name", "is_external", "list_models",
-           "prunable_modules"]
+__all__ = ["MODELS", "register_model", "create_model", "check_model_name", "is_external", "list_models", "prunable_modules"]

@@ -9,6 +9,7 @@ stem) is rebuilt for the data's channel count (1 for MNIST / digits), and one fo
 shape (train and eval mode, batch 2, no statistics or RNG state touched) checks that the model takes it and
 returns one logits tensor. Extra ``model.*`` keys are passed to the builder (``+model.aux_logits=false``).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -21,8 +22,9 @@ from ..checks import ConfigError
 
 PREFIXES = ("torchvision.", "timm.")
 TORCHVISION_NAMES = "torchvision.<name> for a name of python -c 'import torchvision.models as m; print(m.list_models(m))'"
-HOW_TO_LIST = (f"{TORCHVISION_NAMES}, or timm.<name> (with timm installed) for one of "
-               "python -c 'import timm; print(timm.list_models())'")
+HOW_TO_LIST = (
+    f"{TORCHVISION_NAMES}, or timm.<name> (with timm installed) for one of python -c 'import timm; print(timm.list_models())'"
+)
 
 
 def is_external(name) -> bool:
@@ -32,12 +34,14 @@ def is_external(name) -> bool:
 def _library_names(library: str) -> list[str]:
     if library == "torchvision":
         import torchvision.models
+
         return torchvision.models.list_models(torchvision.models)
     try:
         timm = importlib.import_module("timm")
     except ImportError:
-        raise ConfigError(f"invalid model.name='timm.*': timm is not installed (pip install timm); "
-                          f"or use {TORCHVISION_NAMES}") from None
+        raise ConfigError(
+            f"invalid model.name='timm.*': timm is not installed (pip install timm); or use {TORCHVISION_NAMES}"
+        ) from None
     return timm.list_models()
 
 
@@ -48,8 +52,9 @@ def check_name(name: str) -> None:
     if arch not in names:
         close = difflib.get_close_matches(arch, names, n=3)
         hint = f" (did you mean {', '.join(f'{library}.{c}' for c in close)}?)" if close else ""
-        raise ConfigError(f"invalid model.name={name!r}: {library} has no classification model {arch!r}{hint}; "
-                          f"use {HOW_TO_LIST}")
+        raise ConfigError(
+            f"invalid model.name={name!r}: {library} has no classification model {arch!r}{hint}; use {HOW_TO_LIST}"
+        )
 
 
 def create_external(name: str, num_classes: int, in_shape, **kwargs) -> nn.Module:
@@ -59,6 +64,7 @@ def create_external(name: str, num_classes: int, in_shape, **kwargs) -> nn.Modul
     try:
         if library == "torchvision":
             import torchvision.models
+
             model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
             _adapt_stem(model, name, in_shape[0])
         else:
@@ -80,19 +86,35 @@ def _adapt_stem(model: nn.Module, name: str, channels: int) -> None:
     if first is not None and first[1].in_channels == 3 and first[1].groups == 1:
         path, conv = first
         parent, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(parent), attr, nn.Conv2d(
-            channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            bias=conv.bias is not None, padding_mode=conv.padding_mode))
+        setattr(
+            model.get_submodule(parent),
+            attr,
+            nn.Conv2d(
+                channels,
+                conv.out_channels,
+                conv.kernel_size,
+                conv.stride,
+                conv.padding,
+                conv.dilation,
+                bias=conv.bias is not None,
+                padding_mode=conv.padding_mode,
+            ),
+        )
         return
-    raise ConfigError(f"invalid model={name}: its first conv does not take 3 channels, so it cannot be adapted to "
-                      f"{channels}-channel data; use a data set with 3-channel images")
+    raise ConfigError(
+        f"invalid model={name}: its first conv does not take 3 channels, so it cannot be adapted to "
+        f"{channels}-channel data; use a data set with 3-channel images"
+    )
 
 
 def _check_forward(model: nn.Module, name: str, num_classes: int, in_shape: tuple) -> None:
     """One batch of 2 zeros in train and in eval mode: one (2, num_classes) tensor each, else ConfigError.
     BatchNorm statistics and the RNG state are restored."""
-    buffers = {k: b.clone() for k, b in model.state_dict().items() if k.endswith(("running_mean", "running_var",
-                                                                                  "num_batches_tracked"))}
+    buffers = {
+        k: b.clone()
+        for k, b in model.state_dict().items()
+        if k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    }
     x = torch.zeros(2, *in_shape)
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -100,14 +122,18 @@ def _check_forward(model: nn.Module, name: str, num_classes: int, in_shape: tupl
                 out = model.train(mode)(x)
                 if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
                     what = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                    raise ConfigError(f"invalid model={name}: in {'train' if mode else 'eval'} mode it returns {what}, "
-                                      f"not logits of shape (batch, {num_classes}) (aux outputs: "
-                                      "+model.aux_logits=false)")
+                    raise ConfigError(
+                        f"invalid model={name}: in {'train' if mode else 'eval'} mode it returns {what}, "
+                        f"not logits of shape (batch, {num_classes}) (aux outputs: "
+                        "+model.aux_logits=false)"
+                    )
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - a RuntimeError, an AssertionError (torch._assert), ...: input too small
-        raise ConfigError(f"invalid model={name}: it does not take inputs of shape {in_shape} "
-                          f"({str(err).splitlines()[0]}); use a data set with larger images or another model") from err
+        raise ConfigError(
+            f"invalid model={name}: it does not take inputs of shape {in_shape} "
+            f"({str(err).splitlines()[0]}); use a data set with larger images or another model"
+        ) from err
     finally:
         model.load_state_dict(buffers, strict=False)
         model.train()

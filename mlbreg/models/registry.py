@@ -3,6 +3,7 @@
 Its own module (not ``mlbreg.models/__init__``) so that the model files can import
 it while ``__init__`` imports the model files to fill it: no import cycle.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -4,6 +4,7 @@ Differs from the ImageNet torchvision model by a 3x3 stride-1 stem and no
 max-pool, so 32x32 inputs keep 32x32 resolution in the first stage
 (~0.56 GMAC per 32x32 image).
 """
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -21,9 +22,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()  # identity unless the shape changes
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))

@@ -1,4 +1,5 @@
 """Small models for quick experiments on tiny images (8x8 digits, MNIST, CIFAR)."""
+
 from __future__ import annotations
 
 import math

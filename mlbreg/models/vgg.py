@@ -1,4 +1,5 @@
 """VGG-16 with batch norm, CIFAR variant (single linear classifier, ~0.31 GMAC at 32x32)."""
+
 from __future__ import annotations
 
 import torch.nn as nn

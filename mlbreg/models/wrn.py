@@ -1,4 +1,5 @@
 """WideResNet (Zagoruyko & Komodakis, 2016); WRN-28-10 is ~5.25 GMAC at 32x32."""
+
 from __future__ import annotations
 
 import torch.nn as nn

@@ -22,6 +22,7 @@ updates only, and only plain numbers and strings in param groups so `state_dict(
 The multi-tensor path can also run through `torch.compile` (`compiled=`), which fuses
 its kernels: the same function, traced, with the learning rate as a 0-d tensor.
 """
+
 from __future__ import annotations
 
 import types
@@ -66,14 +67,27 @@ class LinBreg(Optimizer):
             seconds (compilation); the results equal the eager update's to fp32 rounding.
     """
 
-    def __init__(self, params, lr: float = 1e-3, lam: float = 0.0, reg: str = "l1", delta: float = 1.0,
-                 momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
-                 foreach: bool | None = None, compiled: bool | None = False, momentum_style: str = "torch"):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        lam: float = 0.0,
+        reg: str = "l1",
+        delta: float = 1.0,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        foreach: bool | None = None,
+        compiled: bool | None = False,
+        momentum_style: str = "torch",
+    ):
         if momentum_style not in MOMENTUM_STYLES:
             raise ValueError(f"unknown momentum_style {momentum_style!r}; valid: {', '.join(MOMENTUM_STYLES)}")
         if momentum_style == "reference" and dampening != 0:
-            raise ValueError(f"dampening={dampening} has no meaning with momentum_style='reference' "
-                             "(its buffer is b ← β·b + (1 − β)·τ·g); use dampening=0")
+            raise ValueError(
+                f"dampening={dampening} has no meaning with momentum_style='reference' "
+                "(its buffer is b ← β·b + (1 − β)·τ·g); use dampening=0"
+            )
         if lr < 0:
             raise ValueError(f"invalid learning rate lr={lr}; must be >= 0")
         if lam < 0:
@@ -85,8 +99,17 @@ class LinBreg(Optimizer):
         if weight_decay < 0:
             raise ValueError(f"invalid weight_decay={weight_decay}; must be >= 0")
         check_regularizer(reg)
-        defaults = dict(lr=lr, lam=lam, reg=reg, delta=delta, momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, foreach=foreach, momentum_style=momentum_style)
+        defaults = dict(
+            lr=lr,
+            lam=lam,
+            reg=reg,
+            delta=delta,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            momentum_style=momentum_style,
+        )
         super().__init__(params, defaults)
         for group in self.param_groups:
             check_regularizer(group["reg"])
@@ -95,8 +118,8 @@ class LinBreg(Optimizer):
         if compiled not in (True, False, None):
             raise ValueError(f"invalid compiled={compiled!r}; valid: True, False, None (auto)")
         self.compiled = compiled
-        self._compiled_update = None   # this optimizer's torch.compile'd linbreg_update
-        self._lr_tensors: dict = {}    # per group: τ as a 0-d tensor on the parameters' device
+        self._compiled_update = None  # this optimizer's torch.compile'd linbreg_update
+        self._lr_tensors: dict = {}  # per group: τ as a 0-d tensor on the parameters' device
 
     # -- state ---------------------------------------------------------------------------
     def _group_tensors(self, group):
@@ -127,9 +150,10 @@ class LinBreg(Optimizer):
         if not params or self.compiled is False or group["foreach"] is False:
             return False
         if group["momentum"] != 0 and any(b is None for b in bufs):
-            return False   # the first step creates the buffers (b = g): eager, once
+            return False  # the first step creates the buffers (b = g): eager, once
         if self.compiled is None:
             from torch.utils._triton import has_triton
+
             return params[0].is_cuda and has_triton()
         return True
 
@@ -138,8 +162,13 @@ class LinBreg(Optimizer):
             # A private copy of the function's code object gives this optimizer its own
             # dynamo cache: a process that builds many optimizers (a Hydra sweep run in
             # one process, the tests) never exhausts the shared recompile limit.
-            fn = types.FunctionType(linbreg_update.__code__.replace(), linbreg_update.__globals__,
-                                    "linbreg_update", linbreg_update.__defaults__, linbreg_update.__closure__)
+            fn = types.FunctionType(
+                linbreg_update.__code__.replace(),
+                linbreg_update.__globals__,
+                "linbreg_update",
+                linbreg_update.__defaults__,
+                linbreg_update.__closure__,
+            )
             fn.__kwdefaults__ = linbreg_update.__kwdefaults__
             self._compiled_update = torch.compile(fn, fullgraph=True, dynamic=False)
         return self._compiled_update
@@ -148,7 +177,7 @@ class LinBreg(Optimizer):
         key = (id(group), device)
         if key not in self._lr_tensors:
             self._lr_tensors[key] = torch.zeros((), dtype=torch.float32, device=device)
-        return self._lr_tensors[key].fill_(group["lr"])   # no host sync: a fill kernel
+        return self._lr_tensors[key].fill_(group["lr"])  # no host sync: a fill kernel
 
     def _step_group(self, group, masks_for: Callable | None = None, refresh_support: bool = False) -> None:
         """One update of `group`: restricted to `masks_for(params)` if given; with
@@ -162,9 +191,15 @@ class LinBreg(Optimizer):
                 if "support" not in self.state[p]:
                     self.state[p]["support"] = torch.empty_like(p, memory_format=torch.preserve_format)
             support_out = [self.state[p]["support"] for p in params]
-        settings = dict(reg=group["reg"], lam=group["lam"], delta=group["delta"], momentum=group["momentum"],
-                        dampening=group["dampening"], weight_decay=group["weight_decay"],
-                        momentum_style=group.get("momentum_style", "torch"))
+        settings = dict(
+            reg=group["reg"],
+            lam=group["lam"],
+            delta=group["delta"],
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            weight_decay=group["weight_decay"],
+            momentum_style=group.get("momentum_style", "torch"),
+        )
         done = False
         if self._use_compiled(group, params, bufs):
             lr = self._lr_tensor(group, params[0].device)
@@ -175,12 +210,25 @@ class LinBreg(Optimizer):
                 # compilation fails before the graph runs, so nothing was updated yet
                 if self.compiled is not None:
                     raise
-                warnings.warn(f"compiling the LinBreg update failed ({type(err).__name__}: {err}); "
-                              "using the eager multi-tensor update from now on", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"compiling the LinBreg update failed ({type(err).__name__}: {err}); "
+                    "using the eager multi-tensor update from now on",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
                 self.compiled = False
         if not done:
-            linbreg_update(params, grads, duals, bufs, masks, support_out, lr=group["lr"],
-                           foreach=self._use_foreach(group, params), **settings)
+            linbreg_update(
+                params,
+                grads,
+                duals,
+                bufs,
+                masks,
+                support_out,
+                lr=group["lr"],
+                foreach=self._use_foreach(group, params),
+                **settings,
+            )
         if refresh_support and support_out is None and group["reg"] != "none":
             for p in params:
                 self.state[p]["support"] = support(p.detach(), group["reg"])
@@ -225,23 +273,48 @@ class MLLinBreg(LinBreg):
 
     CRITERIA = ("fixed", "adaptive")
 
-    def __init__(self, params, lr: float = 1e-3, lam: float = 0.0, reg: str = "l1", delta: float = 1.0,
-                 momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
-                 m: int = 100, criterion: str = "fixed", kappa: float = 0.45, eps: float = 1e-3,
-                 foreach: bool | None = None, compiled: bool | None = False, momentum_style: str = "torch"):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        lam: float = 0.0,
+        reg: str = "l1",
+        delta: float = 1.0,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        m: int = 100,
+        criterion: str = "fixed",
+        kappa: float = 0.45,
+        eps: float = 1e-3,
+        foreach: bool | None = None,
+        compiled: bool | None = False,
+        momentum_style: str = "torch",
+    ):
         if int(m) != m or m < 1:
             raise ValueError(f"invalid m={m}; the cycle period must be an integer >= 1")
         if criterion not in self.CRITERIA:
             raise ValueError(f"unknown criterion {criterion!r}; valid: {', '.join(self.CRITERIA)}")
-        super().__init__(params, lr=lr, lam=lam, reg=reg, delta=delta, momentum=momentum, dampening=dampening,
-                         weight_decay=weight_decay, foreach=foreach, compiled=compiled, momentum_style=momentum_style)
+        super().__init__(
+            params,
+            lr=lr,
+            lam=lam,
+            reg=reg,
+            delta=delta,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            compiled=compiled,
+            momentum_style=momentum_style,
+        )
         self.m = int(m)
         self.criterion = criterion
         self.kappa = kappa
         self.eps = eps
-        self.steps_taken = 0          # k
-        self.coarse_cycle = True      # does the current cycle take coarse steps?
-        self.cycle_start = 0          # the step k of the current cycle's fine step
+        self.steps_taken = 0  # k
+        self.coarse_cycle = True  # does the current cycle take coarse steps?
+        self.cycle_start = 0  # the step k of the current cycle's fine step
         self.coarse_cycles_started = 0  # (the adaptive criterion keeps θ_last in state[p]["theta_last"])
 
     def next_step_is_fine(self) -> bool:
@@ -269,7 +342,7 @@ class MLLinBreg(LinBreg):
         else:
             for group in self.param_groups:
                 if group["reg"] == "none":
-                    self._step_group(group)      # unregularized tensors are always updated
+                    self._step_group(group)  # unregularized tensors are always updated
                 else:
                     self._step_group(group, self._support_masks)
         self.steps_taken += 1
@@ -290,7 +363,7 @@ class MLLinBreg(LinBreg):
                 params.append(p)
                 grads.append(p.grad)
                 if group["reg"] == "none":
-                    restricted.append(p.grad)   # unregularized tensors are always in the coarse model
+                    restricted.append(p.grad)  # unregularized tensors are always in the coarse model
                 else:
                     reg_grads.append(p.grad)
                     supports.append(support(p.detach(), group["reg"]).to(p.grad.dtype))
@@ -309,9 +382,9 @@ class MLLinBreg(LinBreg):
         if moved:
             last = [self.state[p]["theta_last"] for p in moved]
             sums += [sq_norm(torch._foreach_sub(moved, last)), sq_norm(moved)]
-        g_sq, rg_sq, *diff = torch.stack(sums).tolist()    # one host sync per test
+        g_sq, rg_sq, *diff = torch.stack(sums).tolist()  # one host sync per test
         moved_enough = not diff or diff[0] ** 0.5 >= self.eps * diff[1] ** 0.5
-        start = rg_sq ** 0.5 >= self.kappa * g_sq ** 0.5 and moved_enough
+        start = rg_sq**0.5 >= self.kappa * g_sq**0.5 and moved_enough
         if start:
             for p in params:
                 if "theta_last" in self.state[p]:
@@ -323,9 +396,14 @@ class MLLinBreg(LinBreg):
     # -- checkpointing: the cycle position is part of the optimizer's state --------------
     def state_dict(self):
         sd = super().state_dict()
-        sd["ml_linbreg"] = {"steps_taken": self.steps_taken, "coarse_cycle": self.coarse_cycle,
-                            "cycle_start": self.cycle_start, "coarse_cycles_started": self.coarse_cycles_started,
-                            "m": self.m, "criterion": self.criterion}
+        sd["ml_linbreg"] = {
+            "steps_taken": self.steps_taken,
+            "coarse_cycle": self.coarse_cycle,
+            "cycle_start": self.cycle_start,
+            "coarse_cycles_started": self.coarse_cycles_started,
+            "m": self.m,
+            "criterion": self.criterion,
+        }
         return sd
 
     def load_state_dict(self, state_dict):

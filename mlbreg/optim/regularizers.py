@@ -12,6 +12,7 @@ dual variable v and return δ·shrink(v, λ) directly.
 Groups for `group`: each 2-D kernel θ[o, i, :, :] of a conv weight (n_g = kh·kw), each row
 θ[o, :] of a linear weight (n_g = in_features); a 1-D tensor is one group per entry.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,7 +41,7 @@ def group_dims(x: torch.Tensor) -> tuple[int, ...]:
 
 def group_size(x: torch.Tensor) -> int:
     """n_g: the number of entries in one group of this tensor."""
-    return math.prod([x.shape[d] for d in group_dims(x)])   # a list: torch.compile traces it
+    return math.prod([x.shape[d] for d in group_dims(x)])  # a list: torch.compile traces it
 
 
 def group_norms(x: torch.Tensor) -> torch.Tensor:

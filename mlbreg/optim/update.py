@@ -2,6 +2,7 @@
 (docs/algorithms.md §2-§3), as a per-tensor loop or a multi-tensor `torch._foreach_*` path behind
 one signature; `mlbreg.optim.linbreg` holds the optimizers around it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,8 +41,11 @@ def linbreg_update(
     if not params:
         return
     if weight_decay != 0:
-        grads = (torch._foreach_add(grads, params, alpha=weight_decay) if foreach
-                 else [g.add(p, alpha=weight_decay) for g, p in zip(grads, params)])
+        grads = (
+            torch._foreach_add(grads, params, alpha=weight_decay)
+            if foreach
+            else [g.add(p, alpha=weight_decay) for g, p in zip(grads, params)]
+        )
     if momentum != 0 and momentum_style == "reference":
         # b ← β·b + (1 − β)·τ·g from b = 0, then v ← v − b: the torch-style update of the
         # scaled gradient x = (1 − β)·τ·g with d = 0 (b = x on the first step is β·0 + x)
@@ -104,7 +108,7 @@ def _write_support(params, support_out) -> None:
         if torch.compiler.is_compiling():
             s.copy_(p != 0)
         else:
-            torch.ne(p, 0, out=s)   # no temporary: a fresh large buffer costs page faults on CPU
+            torch.ne(p, 0, out=s)  # no temporary: a fresh large buffer costs page faults on CPU
 
 
 def _momentum_update(grads, bufs, masks, momentum, dampening, foreach) -> None:

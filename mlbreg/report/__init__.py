@@ -35,6 +35,7 @@ dense-start methods, ...; `Method.unused_keys` of `mlbreg.methods`). So
 configuration and seed are the same computation, and the second is counted as a duplicate,
 not as another seed.
 """
+
 from __future__ import annotations
 
 from .command import main

@@ -1,5 +1,6 @@
 """Included runs -> one row per configuration (mean, std with ddof=1, n over seeds), and the
 per-layer frames -> one row per configuration and prunable layer at the final epoch."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,8 +11,23 @@ from .collect import CANONICAL, FINAL_METRICS, TIME_COLUMNS
 from .configs import unused_keys
 
 AGG_METRICS = FINAL_METRICS + list(TIME_COLUMNS.values()) + ["time_other_s"]
-DESCRIBE = ["dataset", "model", "method", "setting", "regularizer", "lam", "m", "init", "density",
-            "target_sparsity", "backend", "precision", "lr", "epochs", "device"]
+DESCRIBE = [
+    "dataset",
+    "model",
+    "method",
+    "setting",
+    "regularizer",
+    "lam",
+    "m",
+    "init",
+    "density",
+    "target_sparsity",
+    "backend",
+    "precision",
+    "lr",
+    "epochs",
+    "device",
+]
 
 
 def _rank(values: pd.Series, order: list[str]) -> pd.Series:
@@ -60,15 +76,23 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     ok = runs[runs["included"].astype(bool)]
     if ok.empty:
         return pd.DataFrame()
-    agg = pd.DataFrame([_aggregate_config(config_id, group)
-                        for config_id, group in ok.groupby("config_id", sort=False)])
-    order = {"dataset": list(DATASET_LABELS), "model": list(MODEL_LABELS), "method": METHOD_ORDER,
-             "init": list(INIT_LABELS)}
+    agg = pd.DataFrame([_aggregate_config(config_id, group) for config_id, group in ok.groupby("config_id", sort=False)])
+    order = {"dataset": list(DATASET_LABELS), "model": list(MODEL_LABELS), "method": METHOD_ORDER, "init": list(INIT_LABELS)}
     for col, values in order.items():
         agg[f"_{col}_rank"] = _rank(agg[col], values)
     agg["_setting_rank"] = _setting_rank(agg["setting"])
-    sort = ["_dataset_rank", "dataset", "_model_rank", "model", "_method_rank", "lam", "target_sparsity", "m",
-            "_init_rank", "_setting_rank"]
+    sort = [
+        "_dataset_rank",
+        "dataset",
+        "_model_rank",
+        "model",
+        "_method_rank",
+        "lam",
+        "target_sparsity",
+        "m",
+        "_init_rank",
+        "_setting_rank",
+    ]
     agg = agg.sort_values(sort, kind="stable", na_position="first").reset_index(drop=True)
     return agg.drop(columns=[c for c in agg if c.startswith("_")])
 
@@ -99,11 +123,22 @@ def final_layers(layers: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
 def _aggregate_layer(conf: pd.Series, layer: str, group: pd.DataFrame) -> dict:
     """One configuration's rows of one layer -> its row: description, n, seeds, statistics."""
     first = group.iloc[0]
-    row = dict(dataset=conf["dataset"], model=conf["model"], method=conf["method"], setting=conf["setting"],
-               config_id=conf["config_id"], n=int(group["seed"].nunique()),
-               seeds=",".join(str(s) for s in sorted(group["seed"].unique())), epoch=int(first["epoch"]),
-               layer=layer, layer_index=int(first["layer_index"]), kind=first.get("kind"),
-               shape=first.get("shape"), numel=first.get("numel"), kernels=first.get("kernels"))
+    row = dict(
+        dataset=conf["dataset"],
+        model=conf["model"],
+        method=conf["method"],
+        setting=conf["setting"],
+        config_id=conf["config_id"],
+        n=int(group["seed"].nunique()),
+        seeds=",".join(str(s) for s in sorted(group["seed"].unique())),
+        epoch=int(first["epoch"]),
+        layer=layer,
+        layer_index=int(first["layer_index"]),
+        kind=first.get("kind"),
+        shape=first.get("shape"),
+        numel=first.get("numel"),
+        kernels=first.get("kernels"),
+    )
     for col in ("density", "nonzeros", "zero_kernels"):
         values = pd.to_numeric(group[col], errors="coerce") if col in group else pd.Series(dtype=float)
         row[f"{col}_mean"] = values.mean()

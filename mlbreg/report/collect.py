@@ -1,6 +1,7 @@
 """Run directories -> a `Collection`: the runs frame, the metrics frame, the layers frame and
 the environments, each run read from its text files (config.yaml, status.json, metrics.csv
 or summary.csv, layers.csv, env.json)."""
+
 from __future__ import annotations
 
 import io
@@ -22,15 +23,41 @@ from ..status import Status
 from .configs import config_id, mark_duplicates, settings, unused_keys
 
 # short columns of the runs frame and tables -> dotted config keys
-CANONICAL = {"dataset": "dataset.name", "model": "model.name", "method": "method.name",
-             "regularizer": "regularizer.name", "lam": "lam", "m": "m", "init": "init.scheme",
-             "density": "init.density", "target_sparsity": "sparsity", "backend": "backend", "lr": "lr",
-             "epochs": "epochs", "seed": "seed", "precision": "precision"}
+CANONICAL = {
+    "dataset": "dataset.name",
+    "model": "model.name",
+    "method": "method.name",
+    "regularizer": "regularizer.name",
+    "lam": "lam",
+    "m": "m",
+    "init": "init.scheme",
+    "density": "init.density",
+    "target_sparsity": "sparsity",
+    "backend": "backend",
+    "lr": "lr",
+    "epochs": "epochs",
+    "seed": "seed",
+    "precision": "precision",
+}
 
-FINAL_METRICS = ["test_acc_pct", "sparsity_pct", "sparsity_all_params_pct", "conv_sparsity_pct",
-                 "train_flops_vs_sgd", "inference_flops_vs_dense", "train_loss", "test_loss", "train_acc_pct",
-                 "nonzeros", "prunable_params", "fine_steps", "coarse_steps", "train_gflops",
-                 "model_bytes_dense", "model_bytes_sparse"]
+FINAL_METRICS = [
+    "test_acc_pct",
+    "sparsity_pct",
+    "sparsity_all_params_pct",
+    "conv_sparsity_pct",
+    "train_flops_vs_sgd",
+    "inference_flops_vs_dense",
+    "train_loss",
+    "test_loss",
+    "train_acc_pct",
+    "nonzeros",
+    "prunable_params",
+    "fine_steps",
+    "coarse_steps",
+    "train_gflops",
+    "model_bytes_dense",
+    "model_bytes_sparse",
+]
 # per-epoch seconds of metrics.csv -> summed over the run (Figure 2). The report's per-run columns
 # (`time_train_s`, `time_forward_s`, ...) are what users read: they are the sums of metrics.csv's
 # `epoch_s`, `forward_s`, ... columns; `time_other_s` is train minus the four measured parts.
@@ -45,14 +72,15 @@ class ReportError(RuntimeError):
 
 @dataclass
 class Collection:
-    runs: pd.DataFrame      # one row per run directory (included or not)
-    metrics: pd.DataFrame   # one row per run and epoch (every run that has a metrics.csv)
+    runs: pd.DataFrame  # one row per run directory (included or not)
+    metrics: pd.DataFrame  # one row per run and epoch (every run that has a metrics.csv)
     outside_sweep: int = 0  # runs under the directories that are not part of the --sweep selection
     layers: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["path", "epoch", "layer"]))
-    envs: dict[str, dict[str, Any] | None] = field(default_factory=dict)   # run path -> env.json (None: none)
+    envs: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # run path -> env.json (None: none)
 
 
 # -- finding and reading runs ------------------------------------------------------------------
+
 
 def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Every directory under `paths` holding config.yaml and metrics.csv or status.json."""
@@ -61,7 +89,7 @@ def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
         if not root.is_dir():
             raise ReportError(f"no such directory: {root}")
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))   # .hydra, .submitit
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .hydra, .submitit
             if "config.yaml" in filenames and ("metrics.csv" in filenames or "status.json" in filenames):
                 found.setdefault(Path(dirpath).resolve())
                 dirnames[:] = []
@@ -75,7 +103,7 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(value, f"{prefix}{key}."))
         return out
     if isinstance(data, list):
-        data = json.dumps(data)   # hashable, readable: "[256, 128]"
+        data = json.dumps(data)  # hashable, readable: "[256, 128]"
     return {prefix[:-1]: data}
 
 
@@ -153,7 +181,7 @@ def _read_config(path: Path, row: dict[str, Any]) -> bool:
     for short, key in CANONICAL.items():
         row[short] = flat.get(key)
     row["device"] = flat.get("device")
-    row["_identity"] = _flatten(identity(config))   # the keys that name the run (config.run_name)
+    row["_identity"] = _flatten(identity(config))  # the keys that name the run (config.run_name)
     return True
 
 
@@ -166,7 +194,7 @@ def _read_status(path: Path, row: dict[str, Any]) -> dict[str, Any]:
             status = json.loads(status_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError, OSError):
             status = {"status": "unreadable"}
-        if not isinstance(status, dict):      # valid JSON, but not a status record (`[1]`, `"x"`)
+        if not isinstance(status, dict):  # valid JSON, but not a status record (`[1]`, `"x"`)
             status = {"status": "unreadable", "message": "status.json is not a JSON object"}
     row["status"] = status.get("status", "no status.json")
     row["message"] = status.get("message", "")
@@ -196,8 +224,9 @@ def _read_final(path: Path, row: dict[str, Any], status: dict[str, Any]) -> tupl
             final = pd.read_csv(path / "summary.csv").iloc[-1].to_dict()
         except Exception:  # noqa: BLE001
             final = {}
-    row["epochs_done"] = int(final["epoch"]) if "epoch" in final and not pd.isna(final["epoch"]) else (
-        int(status.get("epoch", 0) or 0))
+    row["epochs_done"] = (
+        int(final["epoch"]) if "epoch" in final and not pd.isna(final["epoch"]) else (int(status.get("epoch", 0) or 0))
+    )
     for key in FINAL_METRICS:
         row[key] = final.get(key, np.nan)
     parts = [row.get(c, np.nan) for c in TIMED_PARTS]
@@ -216,9 +245,12 @@ def _inclusion(row: dict[str, Any], final: dict[str, Any], has_metrics: bool) ->
         return dict(included=False, reason="finished, but no metrics.csv or summary.csv")
     if has_metrics and row["missing_epochs"]:
         total = int(epochs) if epochs is not None else row["epochs_done"]
-        return dict(included=False, reason=f"finished, but metrics.csv has {total - len(row['missing_epochs'])} of "
-                                           f"{total} epochs "
-                                           f"(lacks {epoch_ranges(row['missing_epochs'])}); resume=false retrains it")
+        return dict(
+            included=False,
+            reason=f"finished, but metrics.csv has {total - len(row['missing_epochs'])} of "
+            f"{total} epochs "
+            f"(lacks {epoch_ranges(row['missing_epochs'])}); resume=false retrains it",
+        )
     if pd.isna(row["test_acc_pct"]):
         return dict(included=False, reason="finished, but its last metrics row has no test accuracy")
     return dict(included=True, reason="")
@@ -250,10 +282,12 @@ def _missing_epochs(metrics: pd.DataFrame | None, row: dict[str, Any]) -> list[i
 
 # -- the collection --------------------------------------------------------------------------
 
+
 def expand_sweep(overrides: list[str]) -> list[str]:
     """The run names that `mlbreg train -m <overrides>` produces (see `mlbreg.hydra_glue`)."""
     from ..hydra_glue import SweepError
     from ..hydra_glue import expand_sweep as expand
+
     try:
         return expand(overrides)
     except SweepError as err:
@@ -267,8 +301,18 @@ def _missing_rows(expected: Iterable[str], rows: list[dict[str, Any]]) -> list[d
     for name in expected:
         if name not in found:
             dataset, model, method = name.split("/")[:3]
-            missing.append(dict(run=name, path="", status="missing", included=False,
-                                reason="not run yet (no directory)", dataset=dataset, model=model, method=method))
+            missing.append(
+                dict(
+                    run=name,
+                    path="",
+                    status="missing",
+                    included=False,
+                    reason="not run yet (no directory)",
+                    dataset=dataset,
+                    model=model,
+                    method=method,
+                )
+            )
     return missing
 
 
@@ -294,8 +338,7 @@ def collect(paths: Iterable[str | os.PathLike], sweeps: Iterable[str] = ()) -> C
     for sweep in sweeps:
         expected.update(dict.fromkeys(expand_sweep(shlex.split(sweep))))
     if not dirs and not expected:
-        raise ReportError(f"no run directories (config.yaml + metrics.csv or status.json) under "
-                          f"{', '.join(map(str, paths))}")
+        raise ReportError(f"no run directories (config.yaml + metrics.csv or status.json) under {', '.join(map(str, paths))}")
     rows, frames, layer_frames = [], [], []
     envs: dict[str, dict[str, Any] | None] = {}
     outside_sweep = 0
@@ -321,7 +364,10 @@ def collect(paths: Iterable[str | os.PathLike], sweeps: Iterable[str] = ()) -> C
     metrics = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["path", "epoch"])
     info = runs[["path", "run", "config_id", "included", "dataset", "model", "method", "setting", "seed"]].copy()
     metrics = metrics.merge(info, on="path", how="left")
-    layers = (pd.concat(layer_frames, ignore_index=True) if layer_frames
-              else pd.DataFrame(columns=["path", "epoch", "layer", "layer_index", "density"]))
+    layers = (
+        pd.concat(layer_frames, ignore_index=True)
+        if layer_frames
+        else pd.DataFrame(columns=["path", "epoch", "layer", "layer_index", "density"])
+    )
     layers = layers.merge(info, on="path", how="left")
     return Collection(runs=runs, metrics=metrics, outside_sweep=outside_sweep, layers=layers, envs=envs)

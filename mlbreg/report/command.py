@@ -1,5 +1,6 @@
 """The command: `collect` -> tables, plots and report.md in OUTDIR (`write_report`), and the
 summary printed to the terminal (`main`, the argparse of `mlbreg report`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ def noted_runs(runs: pd.DataFrame) -> pd.DataFrame:
     return runs.loc[runs["note"].fillna("").astype(bool), ["run", "note"]].reset_index(drop=True)
 
 
-def write_report(collection: Collection, out: Path, plots: bool = True, dpi: int = 150,
-                 masks: int = 4) -> dict[str, list[Path]]:
+def write_report(
+    collection: Collection, out: Path, plots: bool = True, dpi: int = 150, masks: int = 4
+) -> dict[str, list[Path]]:
     """All tables and plots of `collection` into `out`; returns the written files by kind.
     `masks`: mask pictures for up to that many configurations per (dataset, model)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -41,8 +43,10 @@ def write_report(collection: Collection, out: Path, plots: bool = True, dpi: int
     excluded = excluded_runs(runs)
     excluded.to_csv(out / "excluded.csv", index=False)
     written["data"] += [out / "runs.csv", out / "metrics.csv", out / "layer_epochs.csv", out / "excluded.csv"]
-    sections = [f"# mlbreg report\n\n{int(runs['included'].sum())} of {len(runs)} runs included "
-                f"(finished, every epoch in metrics.csv); values are mean ± std (ddof=1) over the n seeds.\n"]
+    sections = [
+        f"# mlbreg report\n\n{int(runs['included'].sum())} of {len(runs)} runs included "
+        f"(finished, every epoch in metrics.csv); values are mean ± std (ddof=1) over the n seeds.\n"
+    ]
     env_lines = environment_notes(collection)
     if env_lines:
         sections.append("## Environments\n\n" + "\n".join(f"- {line}" for line in env_lines) + "\n")
@@ -75,9 +79,9 @@ def write_report(collection: Collection, out: Path, plots: bool = True, dpi: int
         sections.append(f"## Notes ({len(noted)})\n\n{to_markdown(noted)}")
     if plots:
         from .plots import make_plots  # matplotlib only when plotting
+
         drawn, notes = mask_runs(collection, agg, masks)
-        written["plots"] = make_plots(agg, metrics, out, dpi=dpi, layers=collection.layers, layer_agg=layer_agg,
-                                      masks=drawn)
+        written["plots"] = make_plots(agg, metrics, out, dpi=dpi, layers=collection.layers, layer_agg=layer_agg, masks=drawn)
         pngs = [p for p in written["plots"] if p.suffix == ".png"]
         if pngs:
             sections.append("## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs) + "\n")
@@ -92,18 +96,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mlbreg report",
         description="Tables (CSV, Markdown, LaTeX) and plots (PNG, PDF) from run or sweep directories. "
-                    "Unfinished, diverged and failed runs are listed and left out of the means.")
+        "Unfinished, diverged and failed runs are listed and left out of the means.",
+    )
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="run or sweep directories (searched recursively)")
     parser.add_argument("--out", metavar="OUTDIR", help="where to write (default: DIR/report of the first DIR)")
-    parser.add_argument("--sweep", action="append", default=[], metavar="OVERRIDES",
-                        help="only the runs of `mlbreg train -m OVERRIDES` (one quoted string, e.g. "
-                             "'+experiment=table1_resnet18'); runs it makes that are not found are listed as "
-                             "missing. Repeat for several sweeps.")
+    parser.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="OVERRIDES",
+        help="only the runs of `mlbreg train -m OVERRIDES` (one quoted string, e.g. "
+        "'+experiment=table1_resnet18'); runs it makes that are not found are listed as "
+        "missing. Repeat for several sweeps.",
+    )
     parser.add_argument("--no-plots", action="store_true", help="tables only")
     parser.add_argument("--dpi", type=int, default=150, help="resolution of the PNG plots (default 150)")
-    parser.add_argument("--masks", type=int, default=4, metavar="N",
-                        help="mask pictures (model.pt of one run per configuration) for up to N sparse "
-                             "configurations per dataset and architecture, one per method first (default 4; 0: none)")
+    parser.add_argument(
+        "--masks",
+        type=int,
+        default=4,
+        metavar="N",
+        help="mask pictures (model.pt of one run per configuration) for up to N sparse "
+        "configurations per dataset and architecture, one per method first (default 4; 0: none)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
     try:
@@ -113,9 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     written = write_report(collection, out, plots=not args.no_plots, dpi=args.dpi, masks=args.masks)
     runs = collection.runs
-    print(f"{len(runs)} runs, {int(runs['included'].sum())} included in the tables and plots"
-          + (f" ({collection.outside_sweep} other runs under {', '.join(args.dirs)} are not in --sweep)"
-             if collection.outside_sweep else ""))
+    print(
+        f"{len(runs)} runs, {int(runs['included'].sum())} included in the tables and plots"
+        + (
+            f" ({collection.outside_sweep} other runs under {', '.join(args.dirs)} are not in --sweep)"
+            if collection.outside_sweep
+            else ""
+        )
+    )
     excluded = excluded_runs(runs)
     if len(excluded):
         print(f"excluded from the means ({len(excluded)}):")

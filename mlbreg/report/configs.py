@@ -4,6 +4,7 @@ A configuration is the run's identifying config (`mlbreg.config.identity`) witho
 seed, after blanking the keys its method does not read (`Method.unused_keys`); its
 "Setting" shows the method's main keys (`Method.main_keys`) and the keys that vary.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,18 +19,21 @@ def unused_keys(method: str) -> tuple[str, ...]:
     """The dotted config keys `method` does not read; () for a method mlbreg no longer has
     (a run directory from an older version)."""
     from ..methods import METHODS, method_class
+
     return method_class(method).unused_keys if method in METHODS else ()
 
 
 def main_keys(method: str) -> tuple[str, ...]:
     """The hyperparameters `method`'s rows are about (always shown, the x of its curve in Figure 1)."""
     from ..methods import METHODS, method_class
+
     return method_class(method).main_keys if method in METHODS else ()
 
 
 def config_id(method: str, ident: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The configuration a run belongs to: its identity without seed and unused keys."""
     from ..config import digest
+
     unused = unused_keys(method)
     key = {k: v for k, v in ident.items() if k != "seed" and k not in unused}
     return digest(key, 10), key

@@ -1,5 +1,6 @@
 """The report's per-layer plots: density per layer at the final epoch, density per layer and
 epoch, and the mask pictures (see `mlbreg.report.plots` for the file names)."""
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,17 @@ def plot_layer_density(layer_agg: pd.DataFrame, agg: pd.DataFrame, out: Path, ma
             # a log axis cannot show a bar end at or below 0: the lower error stops at 10% of the bar
             yerr = np.vstack([np.minimum(std, 0.9 * mean), std])
             n = int(mine["n"].min())
-            ax.bar(x - 0.4 + width * (k + 0.5), mean, width, yerr=yerr, capsize=2, color=color, alpha=0.9,
-                   label=f"{_series_label(conf['method'], conf['setting'], [])}, n={n}", error_kw=dict(lw=0.8))
+            ax.bar(
+                x - 0.4 + width * (k + 0.5),
+                mean,
+                width,
+                yerr=yerr,
+                capsize=2,
+                color=color,
+                alpha=0.9,
+                label=f"{_series_label(conf['method'], conf['setting'], [])}, n={n}",
+                error_kw=dict(lw=0.8),
+            )
         ax.set_yscale("log")
         ax.set_ylim(10 ** math.floor(math.log10(low / 2)), 180)
         _percent_axis(ax.yaxis)
@@ -66,6 +76,7 @@ def plot_layer_density_epochs(layers: pd.DataFrame, agg: pd.DataFrame, out: Path
     dense configurations left out), the mean over the configuration's included seeds."""
     from matplotlib.colors import LogNorm
     from matplotlib.ticker import MaxNLocator
+
     plt = _plt()
     paths = []
     if layers is None or layers.empty or "included" not in layers:
@@ -86,14 +97,26 @@ def plot_layer_density_epochs(layers: pd.DataFrame, agg: pd.DataFrame, out: Path
         vmin = 10 ** math.floor(math.log10(positive.min())) if positive.size else 1e-3
         cmap = plt.get_cmap("viridis").with_extremes(bad="black", under="black")
         heights = [0.8 + 0.22 * len(g) for _, g, _ in grids]
-        fig, axes = plt.subplots(len(grids), 1, figsize=(9, sum(heights) + 0.6), squeeze=False,
-                                 gridspec_kw=dict(height_ratios=heights), layout="constrained", sharex=True)
+        fig, axes = plt.subplots(
+            len(grids),
+            1,
+            figsize=(9, sum(heights) + 0.6),
+            squeeze=False,
+            gridspec_kw=dict(height_ratios=heights),
+            layout="constrained",
+            sharex=True,
+        )
         for ax, (conf, grid, n) in zip(axes[:, 0], grids):
             epochs = grid.columns.to_numpy(dtype=float)
             values = np.ma.masked_less_equal(grid.to_numpy(dtype=float), 0)
-            image = ax.imshow(values, aspect="auto", interpolation="nearest", cmap=cmap,
-                              norm=LogNorm(vmin=vmin, vmax=1),
-                              extent=(epochs.min() - 0.5, epochs.max() + 0.5, len(grid) - 0.5, -0.5))
+            image = ax.imshow(
+                values,
+                aspect="auto",
+                interpolation="nearest",
+                cmap=cmap,
+                norm=LogNorm(vmin=vmin, vmax=1),
+                extent=(epochs.min() - 0.5, epochs.max() + 0.5, len(grid) - 0.5, -0.5),
+            )
             ax.set_yticks(np.arange(len(grid)))
             ax.set_yticklabels([name for _, name in grid.index], fontsize=7 if len(grid) > 12 else 8)
             ax.grid(False)
@@ -123,6 +146,7 @@ def plot_masks(mask_runs: list, out: Path) -> list[Path]:
     weight (linear) or a kernel (conv), coloured by its fraction of non-zeros, white when empty."""
     from matplotlib.colors import ListedColormap
     from matplotlib.ticker import MaxNLocator
+
     plt = _plt()
     paths = []
     # mid to dark blue: a kernel with one non-zero of nine must stand out from the white of empty ones
@@ -133,14 +157,20 @@ def plot_masks(mask_runs: list, out: Path) -> list[Path]:
         conf = item.config
         cols = min(4, len(item.masks))
         rows = math.ceil(len(item.masks) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols + 0.8, 3.1 * rows + 0.9), squeeze=False,
-                                 layout="constrained")
+        fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols + 0.8, 3.1 * rows + 0.9), squeeze=False, layout="constrained")
         image = None
         for ax, mask in zip(axes.ravel(), item.masks):
             # a panel may have fewer pixels than the layer has rows: resampling after colouring blends
             # a lone non-zero into a lighter pixel instead of dropping it
-            image = ax.imshow(np.ma.masked_equal(mask.image, 0), cmap=cmap, vmin=0, vmax=1, aspect="auto",
-                              interpolation="antialiased", interpolation_stage="rgba")
+            image = ax.imshow(
+                np.ma.masked_equal(mask.image, 0),
+                cmap=cmap,
+                vmin=0,
+                vmax=1,
+                aspect="auto",
+                interpolation="antialiased",
+                interpolation_stage="rgba",
+            )
             ax.grid(False)
             ax.set_title(_mask_title(mask), fontsize=8)
             unit = "channel" if mask.kind == "conv" else "feature"
@@ -149,15 +179,14 @@ def plot_masks(mask_runs: list, out: Path) -> list[Path]:
             ax.tick_params(labelsize=7)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
             ax.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-            for spine in ax.spines.values():   # white cells at the border need a frame
+            for spine in ax.spines.values():  # white cells at the border need a frame
                 spine.set_edgecolor("0.5")
-        for ax in axes.ravel()[len(item.masks):]:
+        for ax in axes.ravel()[len(item.masks) :]:
             ax.set_visible(False)
         bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, pad=0.02)
         bar.set_label("non-zero fraction (white: all zero)")
         label = _series_label(conf["method"], conf["setting"], [])
-        fig.suptitle(f"{_title(conf['dataset'], conf['model'])}: non-zero weights of {label}\n{item.run}",
-                     fontsize=10)
+        fig.suptitle(f"{_title(conf['dataset'], conf['model'])}: non-zero weights of {label}\n{item.run}", fontsize=10)
         slug = Path(item.path).name
         paths += _save(fig, out, f"masks_{conf['dataset']}_{conf['model']}_{conf['method']}_{slug}")
     return paths

@@ -1,5 +1,6 @@
 """Mask pictures: which weights (linear) or kernels (conv) of a run's model.pt are non-zero,
 for one run of a few configurations per (dataset, model)."""
+
 from __future__ import annotations
 
 import math
@@ -23,14 +24,15 @@ class LayerMask:
     a linear layer (out x in) or one kernel of a conv layer (out_channels x in_channels),
     and a block of `block` cells where the layer is larger than the picture. 0 exactly
     where every weight of the cell is zero (an empty kernel)."""
+
     layer: str
-    kind: str                 # "conv" | "linear"
+    kind: str  # "conv" | "linear"
     shape: tuple[int, ...]
     image: np.ndarray
-    block: tuple[int, int]    # cells per pixel (rows, columns); (1, 1): not downsampled
-    density: float            # non-zero weights / all weights
-    empty: int                # empty kernels (conv) or zero weights (linear)
-    cells: int                # kernels (conv) or weights (linear)
+    block: tuple[int, int]  # cells per pixel (rows, columns); (1, 1): not downsampled
+    density: float  # non-zero weights / all weights
+    empty: int  # empty kernels (conv) or zero weights (linear)
+    cells: int  # kernels (conv) or weights (linear)
 
 
 def _block_mean(values: np.ndarray, block: tuple[int, int]) -> np.ndarray:
@@ -49,6 +51,7 @@ def mask_image(name: str, weight, max_side: int = 256) -> LayerMask:
     """The picture of one Conv2d (4-d) or Linear (2-d) weight; sides above `max_side` cells
     are averaged over blocks so that a ResNet's 512x512 kernels still fit a panel."""
     import torch
+
     w = torch.as_tensor(weight).detach().cpu()
     nonzero = w != 0
     if w.dim() == 4:
@@ -60,8 +63,16 @@ def mask_image(name: str, weight, max_side: int = 256) -> LayerMask:
     else:
         raise ValueError(f"{name}: a {w.dim()}-d weight is neither a conv nor a linear layer")
     block = tuple(max(1, math.ceil(side / max_side)) for side in cells.shape)
-    return LayerMask(layer=name, kind=kind, shape=tuple(w.shape), image=_block_mean(cells, block), block=block,
-                     density=float(nonzero.double().mean()), empty=empty, cells=cells.size)
+    return LayerMask(
+        layer=name,
+        kind=kind,
+        shape=tuple(w.shape),
+        image=_block_mean(cells, block),
+        block=block,
+        density=float(nonzero.double().mean()),
+        empty=empty,
+        cells=cells.size,
+    )
 
 
 def mask_images(model_file: Path, max_side: int = 256) -> list[LayerMask]:
@@ -71,24 +82,30 @@ def mask_images(model_file: Path, max_side: int = 256) -> list[LayerMask]:
     exactly its 4-d and 2-d `.weight` tensors (BN weights are 1-d). Loaded tensors-only: a file
     holding any other Python object is a TensorFileError, never unpickled."""
     from ..safe_load import load_tensors, state_dict_in
+
     state = state_dict_in(load_tensors(model_file, "model file"))
     if state is None:
         raise ValueError(f"{model_file} holds no state_dict (a dict of tensors)")
-    return [mask_image(key[:-len(".weight")], t, max_side) for key, t in state.items()
-            if key.endswith(".weight") and getattr(t, "dim", lambda: 0)() in (2, 4)]
+    return [
+        mask_image(key[: -len(".weight")], t, max_side)
+        for key, t in state.items()
+        if key.endswith(".weight") and getattr(t, "dim", lambda: 0)() in (2, 4)
+    ]
 
 
 @dataclass
 class MaskRun:
     """One configuration's mask picture: the configuration, the run drawn, its layers."""
-    config: dict[str, Any]    # its row of the aggregated frame
+
+    config: dict[str, Any]  # its row of the aggregated frame
     run: str
     path: str
     masks: list[LayerMask]
 
 
-def mask_runs(collection: Collection, agg: pd.DataFrame, limit: int = 4,
-              max_side: int = 256) -> tuple[list[MaskRun], list[str]]:
+def mask_runs(
+    collection: Collection, agg: pd.DataFrame, limit: int = 4, max_side: int = 256
+) -> tuple[list[MaskRun], list[str]]:
     """Up to `limit` configurations per (dataset, model) -> the masks of one run each, and notes
     on configurations that had no readable model.pt.
 
@@ -125,6 +142,5 @@ def mask_runs(collection: Collection, agg: pd.DataFrame, limit: int = 4,
                 break
             else:
                 label = f"{METHOD_LABELS.get(conf['method'], conf['method'])} {conf['setting'] or ''}".strip()
-                notes.append(f"no mask picture for {label} ({conf['dataset']}/{conf['model']}): "
-                             f"none of its runs has model.pt")
+                notes.append(f"no mask picture for {label} ({conf['dataset']}/{conf['model']}): none of its runs has model.pt")
     return chosen, notes

@@ -1,4 +1,5 @@
 """What the report's plots share: matplotlib (Agg) set up, PNG + PDF saved, titles, labels, colours."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -11,10 +12,13 @@ from ..labels import DATASET_LABELS, METHOD_COLORS, METHOD_LABELS, MODEL_LABELS
 
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    plt.rcParams.update({"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3,
-                         "font.size": 10, "legend.fontsize": 8, "axes.titlesize": 11})
+
+    plt.rcParams.update(
+        {"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "font.size": 10, "legend.fontsize": 8, "axes.titlesize": 11}
+    )
     return plt
 
 
@@ -53,4 +57,5 @@ def _config_colors(configs: pd.DataFrame) -> list:
 def _percent_axis(axis, scale: float = 1.0) -> None:
     """Tick labels "0.1%", "1%", "10%" for values that are `scale` x a percentage."""
     from matplotlib.ticker import FuncFormatter
+
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{scale * v:g}%"))

@@ -19,6 +19,7 @@ pictures the `MaskRun`s of `mlbreg.report.masks` (arrays made from model.pt ther
 module reads a file). Error bars and bands are ± one standard deviation over seeds (ddof=1).
 Shared set-up, titles and colours: `mlbreg.report.plot_style`.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,11 @@ from .aggregate import representatives as _representatives
 from .layer_plots import plot_layer_density, plot_layer_density_epochs, plot_masks
 from .plot_style import _legend, _plt, _save, _series_label, _title
 
-CURVES = [("test_acc_pct", "Test accuracy (%)", False), ("sparsity_pct", "Sparsity (%)", False),
-          ("train_loss", "Train loss (cross-entropy)", True)]
+CURVES = [
+    ("test_acc_pct", "Test accuracy (%)", False),
+    ("sparsity_pct", "Sparsity (%)", False),
+    ("train_loss", "Train loss (cross-entropy)", True),
+]
 
 
 def _series(block: pd.DataFrame, drop_keys: list[str]) -> dict[tuple[str, str], pd.DataFrame]:
@@ -64,9 +68,19 @@ def plot_accuracy_vs_sparsity(agg: pd.DataFrame, out: Path) -> list[Path]:
                     ax.axhspan(mean - std, mean + std, color=color, alpha=0.12, lw=0)
                 continue
             n = int(series["n"].min())
-            ax.errorbar(x, y, xerr=series["sparsity_pct_std"].fillna(0), yerr=series["test_acc_pct_std"].fillna(0),
-                        marker="o", ms=5, capsize=3, lw=1.2, color=color, label=f"{label}, n={n}",
-                        ls="-" if len(series) > 1 else "none")
+            ax.errorbar(
+                x,
+                y,
+                xerr=series["sparsity_pct_std"].fillna(0),
+                yerr=series["test_acc_pct_std"].fillna(0),
+                marker="o",
+                ms=5,
+                capsize=3,
+                lw=1.2,
+                color=color,
+                label=f"{label}, n={n}",
+                ls="-" if len(series) > 1 else "none",
+            )
         ax.set_xlabel("Sparsity of the prunable weights (%)")
         ax.set_ylabel("Test accuracy (%)")
         ax.set_title(f"{_title(dataset, model)}: accuracy vs sparsity (mean ± std over seeds)")
@@ -88,12 +102,11 @@ def plot_ablation(agg: pd.DataFrame, out: Path, key: str, column: str, xlabel: s
         one_per_method = len(groups) == len({method for method, _ in groups})
         for (method, label), series in groups.items():
             series = series.sort_values(column)
-            style = dict(marker="o", ms=5, capsize=3, lw=1.2, label=label,
-                         color=METHOD_COLORS.get(method) if one_per_method else None)
-            axes[0].errorbar(series[column], series["test_acc_pct_mean"], yerr=series["test_acc_pct_std"].fillna(0),
-                             **style)
-            axes[1].errorbar(series[column], series["sparsity_pct_mean"], yerr=series["sparsity_pct_std"].fillna(0),
-                             **style)
+            style = dict(
+                marker="o", ms=5, capsize=3, lw=1.2, label=label, color=METHOD_COLORS.get(method) if one_per_method else None
+            )
+            axes[0].errorbar(series[column], series["test_acc_pct_mean"], yerr=series["test_acc_pct_std"].fillna(0), **style)
+            axes[1].errorbar(series[column], series["sparsity_pct_mean"], yerr=series["sparsity_pct_std"].fillna(0), **style)
         plotted = pd.concat(groups.values())
         values = sorted(plotted[column].unique())
         for ax, ylabel in zip(axes, ["Test accuracy (%)", "Sparsity (%)"]):
@@ -105,8 +118,9 @@ def plot_ablation(agg: pd.DataFrame, out: Path, key: str, column: str, xlabel: s
                 ax.set_xticklabels([f"{v:g}" for v in values])
                 ax.minorticks_off()
         n = int(plotted["n"].min())
-        fig.suptitle(f"{_title(dataset, model)}: {xlabel.split(' (')[0]} ablation (mean ± std over {n} seed"
-                     f"{'s' if n != 1 else ''})")
+        fig.suptitle(
+            f"{_title(dataset, model)}: {xlabel.split(' (')[0]} ablation (mean ± std over {n} seed{'s' if n != 1 else ''})"
+        )
         _legend(axes[0], loc="best")
         fig.tight_layout()
         paths += _save(fig, out, f"{name}_{dataset}_{model}")
@@ -122,17 +136,15 @@ def _curves_figure(configs: pd.DataFrame, ok: pd.DataFrame, title: str, by_metho
         if rows.empty:
             continue
         label = _series_label(conf["method"], conf["setting"], [])
-        color = (METHOD_COLORS.get(conf["method"]) if by_method else
-                 cmap(0.9 * i / max(1, len(configs) - 1)))
+        color = METHOD_COLORS.get(conf["method"]) if by_method else cmap(0.9 * i / max(1, len(configs) - 1))
         for ax, (col, _ylabel, logy) in zip(axes, CURVES):
             stats = rows.groupby("epoch")[col].agg(["mean", "std"]).reset_index()
             ax.plot(stats["epoch"], stats["mean"], color=color, lw=1.3, label=label)
             if stats["std"].notna().any():
                 low = stats["mean"] - stats["std"].fillna(0)
-                if logy:   # a band below zero cannot be drawn on a log axis: clip it at 5% of the mean
+                if logy:  # a band below zero cannot be drawn on a log axis: clip it at 5% of the mean
                     low = np.maximum(low, 0.05 * stats["mean"])
-                ax.fill_between(stats["epoch"], low, stats["mean"] + stats["std"].fillna(0), color=color,
-                                alpha=0.18, lw=0)
+                ax.fill_between(stats["epoch"], low, stats["mean"] + stats["std"].fillna(0), color=color, alpha=0.18, lw=0)
     for ax, (_col, ylabel, logy) in zip(axes, CURVES):
         ax.set_xlabel("Epoch")
         ax.set_ylabel(ylabel)
@@ -143,8 +155,14 @@ def _curves_figure(configs: pd.DataFrame, ok: pd.DataFrame, title: str, by_metho
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         rows_of_legend = math.ceil(len(labels) / 4)
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), frameon=False,
-                   bbox_to_anchor=(0.5, -0.02 - 0.045 * rows_of_legend))
+        fig.legend(
+            handles,
+            labels,
+            loc="lower center",
+            ncol=min(4, len(labels)),
+            frameon=False,
+            bbox_to_anchor=(0.5, -0.02 - 0.045 * rows_of_legend),
+        )
     fig.tight_layout()
     return fig
 
@@ -164,8 +182,7 @@ def plot_training_curves(agg: pd.DataFrame, metrics: pd.DataFrame, out: Path, ma
             by_method = block["method"].nunique() == len(block)
             paths += _save(_curves_figure(block, ok, title, by_method), out, name)
             continue
-        paths += _save(_curves_figure(_representatives(block), ok, f"{title}, one configuration per method", True),
-                       out, name)
+        paths += _save(_curves_figure(_representatives(block), ok, f"{title}, one configuration per method", True), out, name)
         for method, group in block.groupby("method", sort=False):
             if len(group) > 1:
                 label = METHOD_LABELS.get(method, method)
@@ -216,9 +233,11 @@ def plot_cpu_time(agg: pd.DataFrame, out: Path) -> list[Path]:
         if block.empty:
             continue
         precision = block["precision"] if "precision" in block else pd.Series(["fp32"] * len(block), index=block.index)
-        labels = [f"{lab} [{b}{'' if p in (None, 'fp32') or pd.isna(p) else ', ' + str(p)}"
-                  f"{'' if d in (None, 'auto') or pd.isna(d) else ', ' + str(d)}]"
-                  for lab, b, p, d in zip(_bar_labels(block), block["backend"], precision, block["device"])]
+        labels = [
+            f"{lab} [{b}{'' if p in (None, 'fp32') or pd.isna(p) else ', ' + str(p)}"
+            f"{'' if d in (None, 'auto') or pd.isna(d) else ', ' + str(d)}]"
+            for lab, b, p, d in zip(_bar_labels(block), block["backend"], precision, block["device"])
+        ]
         fig, ax = plt.subplots(figsize=(9, 1.2 + 0.34 * len(block)))
         y = np.arange(len(block))[::-1]
         left = np.zeros(len(block))
@@ -240,8 +259,15 @@ def plot_cpu_time(agg: pd.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
-def make_plots(agg: pd.DataFrame, metrics: pd.DataFrame, out: Path, dpi: int = 150, layers: pd.DataFrame | None = None,
-               layer_agg: pd.DataFrame | None = None, masks: Iterable = ()) -> list[Path]:
+def make_plots(
+    agg: pd.DataFrame,
+    metrics: pd.DataFrame,
+    out: Path,
+    dpi: int = 150,
+    layers: pd.DataFrame | None = None,
+    layer_agg: pd.DataFrame | None = None,
+    masks: Iterable = (),
+) -> list[Path]:
     """Every plot the runs allow (an ablation plot needs a series with two values of its key;
     the per-layer plots need layers.csv, the mask pictures model.pt)."""
     if agg.empty:

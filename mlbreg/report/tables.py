@@ -1,5 +1,6 @@
 """The report's tables as frames (Table 1 results, Table 2 mask initialization, per-layer
 density, Figure 2's time split), and a table as CSV, Markdown and LaTeX (booktabs)."""
+
 from __future__ import annotations
 
 import math
@@ -33,25 +34,31 @@ def _has_conv(agg: pd.DataFrame) -> bool:
 
 def _config_columns(frame: pd.DataFrame) -> dict[str, pd.Series]:
     """The columns that name a configuration: dataset, architecture, method, setting, n."""
-    return {"Dataset": frame["dataset"].map(lambda v: DATASET_LABELS.get(v, v)),
-            "Architecture": frame["model"].map(lambda v: MODEL_LABELS.get(v, v)),
-            "Method": frame["method"].map(lambda v: METHOD_LABELS.get(v, v)),
-            "Setting": frame["setting"].fillna(""),
-            "n": frame["n"]}
+    return {
+        "Dataset": frame["dataset"].map(lambda v: DATASET_LABELS.get(v, v)),
+        "Architecture": frame["model"].map(lambda v: MODEL_LABELS.get(v, v)),
+        "Method": frame["method"].map(lambda v: METHOD_LABELS.get(v, v)),
+        "Setting": frame["setting"].fillna(""),
+        "n": frame["n"],
+    }
 
 
 def results_table(agg: pd.DataFrame, latex: bool = False) -> pd.DataFrame:
     """Table 1: architecture, method, setting -> n, sparsity and test accuracy (mean ± std)."""
-    table = pd.DataFrame({
-        **_config_columns(agg),
-        "Sparsity (%)": [_pm(m, s, latex=latex) for m, s in zip(agg["sparsity_pct_mean"], agg["sparsity_pct_std"])],
-        "Test acc (%)": [_pm(m, s, latex=latex) for m, s in zip(agg["test_acc_pct_mean"], agg["test_acc_pct_std"])],
-    })
+    table = pd.DataFrame(
+        {
+            **_config_columns(agg),
+            "Sparsity (%)": [_pm(m, s, latex=latex) for m, s in zip(agg["sparsity_pct_mean"], agg["sparsity_pct_std"])],
+            "Test acc (%)": [_pm(m, s, latex=latex) for m, s in zip(agg["test_acc_pct_mean"], agg["test_acc_pct_std"])],
+        }
+    )
     if _has_conv(agg):
-        table["Conv. sparsity (%)"] = [_pm(m, s, latex=latex) for m, s in
-                                       zip(agg["conv_sparsity_pct_mean"], agg["conv_sparsity_pct_std"])]
-    table["Train FLOPs (% of SGD)"] = [_pct(m, s, latex) for m, s in
-                                       zip(agg["train_flops_vs_sgd_mean"], agg["train_flops_vs_sgd_std"])]
+        table["Conv. sparsity (%)"] = [
+            _pm(m, s, latex=latex) for m, s in zip(agg["conv_sparsity_pct_mean"], agg["conv_sparsity_pct_std"])
+        ]
+    table["Train FLOPs (% of SGD)"] = [
+        _pct(m, s, latex) for m, s in zip(agg["train_flops_vs_sgd_mean"], agg["train_flops_vs_sgd_std"])
+    ]
     dense, sparse = agg.get("model_bytes_dense_mean"), agg.get("model_bytes_sparse_mean")
     if dense is not None and sparse is not None and (dense.notna() | sparse.notna()).any():
         table["Model size (dense / compressed)"] = [_size_pair(d, s) for d, s in zip(dense, sparse)]
@@ -64,10 +71,10 @@ def human_bytes(n: float) -> str:
         return ""
     units = ["B", "kB", "MB", "GB", "TB"]
     k = 0 if n < 1000 else min(len(units) - 1, int(math.log10(n) // 3))
-    text = f"{n / 1000 ** k:.3g}"
-    if float(text) >= 1000 and k + 1 < len(units):   # 999.7 kB rounds to "1e+03": the next unit
+    text = f"{n / 1000**k:.3g}"
+    if float(text) >= 1000 and k + 1 < len(units):  # 999.7 kB rounds to "1e+03": the next unit
         k += 1
-        text = f"{n / 1000 ** k:.3g}"
+        text = f"{n / 1000**k:.3g}"
     return f"{n:.0f} B" if k == 0 else f"{text} {units[k]}"
 
 
@@ -93,16 +100,19 @@ def mask_init_table(agg: pd.DataFrame, latex: bool = False) -> pd.DataFrame | No
     def other(setting: str, init: str) -> str:
         parts = [p for p in str(setting).split(", ") if p and p != f"init={init}"]
         return ", ".join(parts)
-    return pd.DataFrame({
-        "Dataset": sub["dataset"].map(lambda v: DATASET_LABELS.get(v, v)),
-        "Architecture": sub["model"].map(lambda v: MODEL_LABELS.get(v, v)),
-        "Method": sub["method"].map(lambda v: METHOD_LABELS.get(v, v)),
-        "Mask initialization": sub["init"].map(lambda v: INIT_LABELS.get(v, v)),
-        "Setting": [other(s, i) for s, i in zip(sub["setting"], sub["init"])],
-        "n": sub["n"],
-        "Sparsity (%)": [_pm(m, s, 3, latex) for m, s in zip(sub["sparsity_pct_mean"], sub["sparsity_pct_std"])],
-        "Test acc (%)": [_pm(m, s, 3, latex) for m, s in zip(sub["test_acc_pct_mean"], sub["test_acc_pct_std"])],
-    }).reset_index(drop=True)
+
+    return pd.DataFrame(
+        {
+            "Dataset": sub["dataset"].map(lambda v: DATASET_LABELS.get(v, v)),
+            "Architecture": sub["model"].map(lambda v: MODEL_LABELS.get(v, v)),
+            "Method": sub["method"].map(lambda v: METHOD_LABELS.get(v, v)),
+            "Mask initialization": sub["init"].map(lambda v: INIT_LABELS.get(v, v)),
+            "Setting": [other(s, i) for s, i in zip(sub["setting"], sub["init"])],
+            "n": sub["n"],
+            "Sparsity (%)": [_pm(m, s, 3, latex) for m, s in zip(sub["sparsity_pct_mean"], sub["sparsity_pct_std"])],
+            "Test acc (%)": [_pm(m, s, 3, latex) for m, s in zip(sub["test_acc_pct_mean"], sub["test_acc_pct_std"])],
+        }
+    ).reset_index(drop=True)
 
 
 def layers_table(layer_agg: pd.DataFrame, latex: bool = False) -> pd.DataFrame | None:
@@ -110,19 +120,26 @@ def layers_table(layer_agg: pd.DataFrame, latex: bool = False) -> pd.DataFrame |
     empty kernels, mean ± std over seeds."""
     if layer_agg.empty:
         return None
-    table = pd.DataFrame({
-        **_config_columns(layer_agg),
-        "Layer": layer_agg["layer"],
-        "Shape": layer_agg["shape"].fillna(""),
-        "Density (%)": [_pm(100 * m, 100 * s if not pd.isna(s) else s, latex=latex)
-                        for m, s in zip(layer_agg["density_mean"], layer_agg["density_std"])],
-        "Non-zeros": [f"{m:,.0f} / {t:,.0f}" if not pd.isna(m) and not pd.isna(t) else "–"
-                      for m, t in zip(layer_agg["nonzeros_mean"], layer_agg["numel"])],
-    })
+    table = pd.DataFrame(
+        {
+            **_config_columns(layer_agg),
+            "Layer": layer_agg["layer"],
+            "Shape": layer_agg["shape"].fillna(""),
+            "Density (%)": [
+                _pm(100 * m, 100 * s if not pd.isna(s) else s, latex=latex)
+                for m, s in zip(layer_agg["density_mean"], layer_agg["density_std"])
+            ],
+            "Non-zeros": [
+                f"{m:,.0f} / {t:,.0f}" if not pd.isna(m) and not pd.isna(t) else "–"
+                for m, t in zip(layer_agg["nonzeros_mean"], layer_agg["numel"])
+            ],
+        }
+    )
     if (layer_agg["kind"] == "conv").any():
-        table["Empty kernels"] = [f"{m:,.1f} / {t:,.0f}" if k == "conv" and not pd.isna(m) else ""
-                                  for k, m, t in zip(layer_agg["kind"], layer_agg["zero_kernels_mean"],
-                                                     layer_agg["kernels"])]
+        table["Empty kernels"] = [
+            f"{m:,.1f} / {t:,.0f}" if k == "conv" and not pd.isna(m) else ""
+            for k, m, t in zip(layer_agg["kind"], layer_agg["zero_kernels_mean"], layer_agg["kernels"])
+        ]
     return table
 
 
@@ -130,14 +147,19 @@ def cpu_time_table(agg: pd.DataFrame) -> pd.DataFrame | None:
     """Figure 2 as numbers: training seconds (summed over epochs) split by phase, per configuration."""
     if "time_train_s_mean" not in agg or agg["time_train_s_mean"].isna().all():
         return None
-    table = pd.DataFrame({
-        "Dataset": agg["dataset"].map(lambda v: DATASET_LABELS.get(v, v)),
-        "Architecture": agg["model"].map(lambda v: MODEL_LABELS.get(v, v)),
-        "Method": agg["method"].map(lambda v: METHOD_LABELS.get(v, v)),
-        "Setting": agg["setting"].fillna(""),
-        "Backend": agg["backend"], "Precision": agg["precision"] if "precision" in agg else "fp32",
-        "Device": agg["device"], "Epochs": agg["epochs"], "n": agg["n"],
-    })
+    table = pd.DataFrame(
+        {
+            "Dataset": agg["dataset"].map(lambda v: DATASET_LABELS.get(v, v)),
+            "Architecture": agg["model"].map(lambda v: MODEL_LABELS.get(v, v)),
+            "Method": agg["method"].map(lambda v: METHOD_LABELS.get(v, v)),
+            "Setting": agg["setting"].fillna(""),
+            "Backend": agg["backend"],
+            "Precision": agg["precision"] if "precision" in agg else "fp32",
+            "Device": agg["device"],
+            "Epochs": agg["epochs"],
+            "n": agg["n"],
+        }
+    )
     columns = [("time_train_s", "Train (s)")] + [(c, f"{n.split(' (')[0].capitalize()} (s)") for c, n in TIME_PARTS]
     for col, name in columns:
         table[name] = [_pm(m, s, 2) for m, s in zip(agg.get(f"{col}_mean", np.nan), agg.get(f"{col}_std", np.nan))]
@@ -164,8 +186,12 @@ def _latex_escape(text: str) -> str:
 def to_latex(table: pd.DataFrame) -> str:
     """A booktabs tabular; the first columns are not repeated while they stay the same."""
     cols = list(table.columns)
-    out = [r"\begin{tabular}{" + "l" * len(cols) + "}", r"\toprule",
-           " & ".join(_latex_escape(c) for c in cols) + r" \\", r"\midrule"]
+    out = [
+        r"\begin{tabular}{" + "l" * len(cols) + "}",
+        r"\toprule",
+        " & ".join(_latex_escape(c) for c in cols) + r" \\",
+        r"\midrule",
+    ]
     previous: list[str] = []
     for row in table.itertuples(index=False):
         vals = [str(v) for v in row]

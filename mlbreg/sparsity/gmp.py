@@ -24,6 +24,7 @@ weights being pruned every Δt steps.
 The masks are applied to the weights and their momentum by the caller after every step
 (`mlbreg.methods.GMPMethod`), as in prune + fine-tune.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,9 @@ def gmp_sparsity(t: int, target: float, t0: int, t_end: int) -> float:
 
 
 @torch.no_grad()
-def layer_magnitude_masks(weights: list[torch.Tensor], masks: list[torch.Tensor] | None,
-                          counts: list[int]) -> list[torch.Tensor]:
+def layer_magnitude_masks(
+    weights: list[torch.Tensor], masks: list[torch.Tensor] | None, counts: list[int]
+) -> list[torch.Tensor]:
     """Per layer, a boolean mask keeping the `counts[i]` largest |θ| among the active weights
     (`masks`; None: all active); inactive ones come last, ties go to the lower index."""
     out = []
@@ -80,9 +82,19 @@ class GMP:
         dense: indices of layers kept dense (scope "layer"; they count towards the budget).
     """
 
-    def __init__(self, weights: list[torch.Tensor], *, target: float, total_steps: int, begin: float = 0.2,
-                 end: float = 0.75, frequency: int = 100, scope: str = "layer", scheme: str = "uniform",
-                 dense: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        weights: list[torch.Tensor],
+        *,
+        target: float,
+        total_steps: int,
+        begin: float = 0.2,
+        end: float = 0.75,
+        frequency: int = 100,
+        scope: str = "layer",
+        scheme: str = "uniform",
+        dense: tuple[int, ...] = (),
+    ):
         if not 0 < target < 1:
             raise ValueError(f"invalid sparsity={target!r}: gmp needs a target sparsity in (0, 1)")
         if not 0 <= begin < end <= 1:
@@ -95,8 +107,10 @@ class GMP:
         self.target = float(target)
         self.t0, self.t_end = int(begin * total_steps), int(end * total_steps)
         if self.t_end <= self.t0:
-            raise ValueError(f"begin={begin} and end={end} of {total_steps} steps leave no step to prune over "
-                             f"(t0={self.t0}, t_end={self.t_end}); widen them or train longer")
+            raise ValueError(
+                f"begin={begin} and end={end} of {total_steps} steps leave no step to prune over "
+                f"(t0={self.t0}, t_end={self.t_end}); widen them or train longer"
+            )
         self.frequency = int(frequency)
         self.scope, self.scheme = scope, scheme
         self.dense = tuple(dense)
@@ -120,14 +134,14 @@ class GMP:
         names = list(self.shapes)
         densities = layer_densities(self.shapes, 1.0 - sparsity, self.scheme, tuple(names[i] for i in self.dense))
         counts = exact_counts({n: math.prod(s) for n, s in self.shapes.items()}, densities)
-        return [max(counts[n], 1) for n in names]   # no layer cut off entirely
+        return [max(counts[n], 1) for n in names]  # no layer cut off entirely
 
     @torch.no_grad()
     def prune(self, sparsity: float, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Masks at overall `sparsity`, applied to the weights and their momentum."""
         if self.scope == "global":
             masks = global_magnitude_masks(self.weights, sparsity)
-            if self.masks is not None:      # never revive a pruned weight (a tie at 0)
+            if self.masks is not None:  # never revive a pruned weight (a tie at 0)
                 masks = [m & old for m, old in zip(masks, self.masks)]
         else:
             masks = layer_magnitude_masks(self.weights, self.masks, self.counts(sparsity))
@@ -148,8 +162,13 @@ class GMP:
 
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return dict(masks=None if self.masks is None else [m.clone() for m in self.masks],
-                    steps_taken=self.steps_taken, prunes_done=self.prunes_done, t0=self.t0, t_end=self.t_end)
+        return dict(
+            masks=None if self.masks is None else [m.clone() for m in self.masks],
+            steps_taken=self.steps_taken,
+            prunes_done=self.prunes_done,
+            t0=self.t0,
+            t_end=self.t_end,
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         masks = state["masks"]
@@ -160,5 +179,7 @@ class GMP:
         self.masks = masks
         self.steps_taken, self.prunes_done = int(state["steps_taken"]), int(state["prunes_done"])
         if (int(state["t0"]), int(state["t_end"])) != (self.t0, self.t_end):
-            raise ValueError(f"the checkpoint's GMP schedule (t0={state['t0']}, t_end={state['t_end']}) is not this "
-                             f"run's (t0={self.t0}, t_end={self.t_end})")
+            raise ValueError(
+                f"the checkpoint's GMP schedule (t0={state['t0']}, t_end={state['t_end']}) is not this "
+                f"run's (t0={self.t0}, t_end={self.t_end})"
+            )

@@ -5,6 +5,7 @@ ResNet-18 / WRN-28-10 shapes without building anything); `sparse_init_` applies 
 model: Kaiming-normal weights, an exact-count random mask per layer, and the
 variance-preserving factor c/√p_l.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,9 @@ def _raw_ratio(shape: tuple[int, ...], scheme: str) -> float:
     return (n_in + n_out) / (n_in * n_out)
 
 
-def layer_densities(shapes: Mapping[str, tuple[int, ...]], density: float, scheme: str = "uniform",
-                    dense: tuple[str, ...] = ()) -> dict[str, float]:
+def layer_densities(
+    shapes: Mapping[str, tuple[int, ...]], density: float, scheme: str = "uniform", dense: tuple[str, ...] = ()
+) -> dict[str, float]:
     """Per-layer densities p_l with Σ p_l·N_l = density·Σ N_l and p_l ≤ 1.
 
     ε is solved over the layers that are not dense; a layer whose p_l would exceed 1 is
@@ -99,9 +101,16 @@ def random_mask(shape: tuple[int, ...], count: int, generator: torch.Generator) 
 
 
 @torch.no_grad()
-def sparse_init_(model: nn.Module, density: float, scheme: str = "uniform", scale: float = 1.0,
-                 dense_first: bool = False, dense_last: bool = False, by_group: bool = False,
-                 seed: int = 0) -> dict[str, float]:
+def sparse_init_(
+    model: nn.Module,
+    density: float,
+    scheme: str = "uniform",
+    scale: float = 1.0,
+    dense_first: bool = False,
+    dense_last: bool = False,
+    by_group: bool = False,
+    seed: int = 0,
+) -> dict[str, float]:
     """Sparse initialization of every prunable weight; returns the layer densities used.
 
     W ← (c/√p_l)·(M ⊙ W_kaiming); with by_group the mask keeps whole kernels / rows, with
@@ -128,7 +137,7 @@ def sparse_init_(model: nn.Module, density: float, scheme: str = "uniform", scal
         mask = random_mask(units[name], counts[name], generator)
         mask = mask.view(mask.shape + (1,) * (w.dim() - mask.dim())).expand_as(w)
         p = counts[name] / n_units
-        w.mul_(mask).mul_(scale / math.sqrt(p))          # p > 0: every layer keeps a unit
+        w.mul_(mask).mul_(scale / math.sqrt(p))  # p > 0: every layer keeps a unit
         mod.weight.copy_(w)
         achieved[name] = p
     return achieved
@@ -141,8 +150,7 @@ def momentum_buffers(optimizer: torch.optim.Optimizer, params: list[torch.Tensor
 
 
 @torch.no_grad()
-def apply_masks_(params: list[torch.Tensor], masks: list[torch.Tensor],
-                 optimizer: torch.optim.Optimizer | None = None) -> None:
+def apply_masks_(params: list[torch.Tensor], masks: list[torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
     """θ ← M ⊙ θ and, given the optimizer, b ← M ⊙ b for its momentum buffers (one
     multi-tensor kernel for both). After a masked SGD step this is all the masking needed:
     whatever the step did outside M is undone, θ and b there are 0 again."""

@@ -5,6 +5,7 @@ exactly round(sparsity·N) of the N weights are pruned; ties in |θ| are broken 
 (layer order, then flat index: the earlier weight is pruned first), so the result is
 deterministic. `finetune_split` decides how the epochs of a run are split.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,8 +36,7 @@ def global_magnitude_masks(weights: list[torch.Tensor], sparsity: float) -> list
     return [m.view_as(w) for m, w in zip(keep.split([w.numel() for w in weights]), weights)]
 
 
-def finetune_split(epochs: int, finetune_epochs: int | float, from_checkpoint: str | None = None
-                   ) -> tuple[int, int]:
+def finetune_split(epochs: int, finetune_epochs: int | float, from_checkpoint: str | None = None) -> tuple[int, int]:
     """(dense epochs, fine-tuning epochs) of a prune_finetune run.
 
     `finetune_epochs` is a number of epochs (an integer >= 1, paper: 20 of 200) or a
@@ -54,8 +54,10 @@ def finetune_split(epochs: int, finetune_epochs: int | float, from_checkpoint: s
     else:
         raise ValueError(f"invalid finetune_epochs={finetune_epochs!r}: must be an integer >= 1 or a fraction in (0, 1)")
     if ft >= epochs:
-        raise ValueError(f"invalid finetune_epochs={finetune_epochs!r}: gives {ft} fine-tuning epochs, which leaves no "
-                         f"dense epoch of epochs={epochs}; use fewer (e.g. a fraction like 0.1) or more epochs")
+        raise ValueError(
+            f"invalid finetune_epochs={finetune_epochs!r}: gives {ft} fine-tuning epochs, which leaves no "
+            f"dense epoch of epochs={epochs}; use fewer (e.g. a fraction like 0.1) or more epochs"
+        )
     return int(epochs) - ft, ft
 
 
@@ -79,17 +81,22 @@ def load_dense_weights(model: torch.nn.Module, path: str | Path) -> Path:
     try:
         saved = load_tensors(file, "method.from_checkpoint file")
     except TensorFileError as err:
-        raise ConfigError(f"{err}; give a state_dict file (a run's model.pt or directory, or a file of "
-                          f"torch.save(model.state_dict(), FILE))") from err
+        raise ConfigError(
+            f"{err}; give a state_dict file (a run's model.pt or directory, or a file of torch.save(model.state_dict(), FILE))"
+        ) from err
     state = state_dict_in(saved, ("model", "state_dict"))
     if state is None:
-        raise ConfigError(f"method.from_checkpoint: {file} holds no state_dict (a dict of tensors, or one under "
-                          f"'model' or 'state_dict'); give a run's model.pt or directory, or a file of "
-                          f"torch.save(model.state_dict(), FILE)")
+        raise ConfigError(
+            f"method.from_checkpoint: {file} holds no state_dict (a dict of tensors, or one under "
+            f"'model' or 'state_dict'); give a run's model.pt or directory, or a file of "
+            f"torch.save(model.state_dict(), FILE)"
+        )
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         detail = " ".join(str(err).split())
-        raise ConfigError(f"method.from_checkpoint: {file} does not fit this model (same model= and dataset= as the "
-                          f"dense run are needed): {detail}") from err
+        raise ConfigError(
+            f"method.from_checkpoint: {file} does not fit this model (same model= and dataset= as the "
+            f"dense run are needed): {detail}"
+        ) from err
     return file

@@ -42,6 +42,7 @@ update, then the mask update); its caller (`mlbreg.methods.SETMethod`) does that
 
 Everything is one topk per layer and a few whole-tensor ops; no per-element Python.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,8 +52,7 @@ import torch
 
 from .masks import apply_masks_, momentum_buffers
 
-__all__ = ["COUNTS", "GROWS", "RigL", "drop_and_grow", "drop_and_grow_random", "drop_fraction", "drop_noise",
-           "grow_generator"]
+__all__ = ["COUNTS", "GROWS", "RigL", "drop_and_grow", "drop_and_grow_random", "drop_fraction", "drop_noise", "grow_generator"]
 
 
 def drop_fraction(t: int, alpha: float, t_end: int) -> float:
@@ -63,7 +63,7 @@ def drop_fraction(t: int, alpha: float, t_end: int) -> float:
 
 
 COUNTS = ("truncate", "round")
-GROWS = ("gradient", "random")      # RigL: the largest |g|; SET: uniformly at random
+GROWS = ("gradient", "random")  # RigL: the largest |g|; SET: uniformly at random
 _GROW_STREAM = 0x5E7_5EED_0000_0001  # keeps SET's grow draws apart from the drop noise of the same (seed, t, layer)
 
 
@@ -92,18 +92,19 @@ def _extreme(score: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
 
 def _drop(weight: torch.Tensor, mask: torch.Tensor, k: int, noise: torch.Tensor | None) -> torch.Tensor:
     """The flat mask after dropping the k active weights of smallest |θ| (+ `noise`)."""
-    dtype = torch.promote_types(weight.dtype, torch.float32)   # noise of 1e-5 must not vanish in half precision
+    dtype = torch.promote_types(weight.dtype, torch.float32)  # noise of 1e-5 must not vanish in half precision
     score = weight.reshape(-1).abs().to(dtype)
     if noise is not None:
         score = score + noise.reshape(-1).to(device=weight.device, dtype=dtype)
     flat_mask = mask.reshape(-1)
     drop_score = torch.where(flat_mask, score, torch.tensor(float("inf"), dtype=dtype, device=weight.device))
-    return flat_mask & ~_extreme(drop_score, k, largest=False)   # inactive weights are never "dropped"
+    return flat_mask & ~_extreme(drop_score, k, largest=False)  # inactive weights are never "dropped"
 
 
 @torch.no_grad()
-def drop_and_grow(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, k: int,
-                  noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def drop_and_grow(
+    weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, k: int, noise: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """New mask after dropping the k smallest-score active weights (score |θ|, plus `noise`
     where given) and growing the k largest-|g| weights among the inactive ones (after the
     drop).
@@ -122,8 +123,9 @@ def drop_and_grow(weight: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, 
 
 
 @torch.no_grad()
-def drop_and_grow_random(weight: torch.Tensor, mask: torch.Tensor, k: int, generator: torch.Generator,
-                         noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def drop_and_grow_random(
+    weight: torch.Tensor, mask: torch.Tensor, k: int, generator: torch.Generator, noise: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SET's update: drop as `drop_and_grow`, then grow k weights drawn uniformly at random
     (a `randperm` of the CPU `generator`) among those not active after the drop, taken in
     index order, so the draw does not depend on the device. Returns (new_mask, kept)."""
@@ -166,10 +168,21 @@ class RigL:
     These options are constructor arguments, not checkpoint state.
     """
 
-    def __init__(self, weights: list[torch.Tensor], *, total_steps: int, delta_t: int = 100, alpha: float = 0.3,
-                 end_fraction: float = 0.75, masks: list[torch.Tensor] | None = None,
-                 reinit_when_same: bool = False, count: str = "truncate", drop_noise_std: float = 1e-5,
-                 seed: int = 0, grow: str = "gradient"):
+    def __init__(
+        self,
+        weights: list[torch.Tensor],
+        *,
+        total_steps: int,
+        delta_t: int = 100,
+        alpha: float = 0.3,
+        end_fraction: float = 0.75,
+        masks: list[torch.Tensor] | None = None,
+        reinit_when_same: bool = False,
+        count: str = "truncate",
+        drop_noise_std: float = 1e-5,
+        seed: int = 0,
+        grow: str = "gradient",
+    ):
         if int(delta_t) != delta_t or delta_t < 1:
             raise ValueError(f"invalid delta_t={delta_t}; must be an integer >= 1")
         if not 0 <= alpha <= 1:
@@ -186,8 +199,9 @@ class RigL:
             raise ValueError(f"invalid grow={grow!r}; valid: {', '.join(GROWS)}")
         self.weights = list(weights)
         with torch.no_grad():
-            self.masks = [m.to(torch.bool).clone() for m in masks] if masks is not None else \
-                [w.detach() != 0 for w in self.weights]
+            self.masks = (
+                [m.to(torch.bool).clone() for m in masks] if masks is not None else [w.detach() != 0 for w in self.weights]
+            )
         self._count_active()
         self.delta_t = int(delta_t)
         self.alpha = float(alpha)
@@ -229,13 +243,14 @@ class RigL:
             if k == 0 or (self.grow == "gradient" and w.grad is None):
                 continue
             old = self.masks[i]
-            noise = drop_noise(w.shape, self.drop_noise_std, self.seed, self.steps_taken, i) \
-                if self.drop_noise_std > 0 else None
+            noise = (
+                drop_noise(w.shape, self.drop_noise_std, self.seed, self.steps_taken, i) if self.drop_noise_std > 0 else None
+            )
             if self.grow == "gradient":
                 new_mask, kept = drop_and_grow(w, w.grad, old, k, noise)
             else:
                 new_mask, kept = drop_and_grow_random(w, old, k, grow_generator(self.seed, self.steps_taken, i), noise)
-            keep = kept if self.reinit_when_same else new_mask & old   # what keeps its value and momentum
+            keep = kept if self.reinit_when_same else new_mask & old  # what keeps its value and momentum
             w.mul_(keep)
             if buffers[i] is not None:
                 buffers[i].mul_(keep)
@@ -252,16 +267,21 @@ class RigL:
 
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return dict(masks=[m.clone() for m in self.masks], steps_taken=self.steps_taken,
-                    updates_done=self.updates_done, delta_t=self.delta_t, alpha=self.alpha, t_end=self.t_end)
+        return dict(
+            masks=[m.clone() for m in self.masks],
+            steps_taken=self.steps_taken,
+            updates_done=self.updates_done,
+            delta_t=self.delta_t,
+            alpha=self.alpha,
+            t_end=self.t_end,
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["masks"]) != len(self.masks):
             raise ValueError(f"RigL state has {len(state['masks'])} masks, this model {len(self.masks)}")
         for mine, theirs in zip(self.masks, state["masks"]):
             if mine.shape != theirs.shape:
-                raise ValueError(f"RigL mask of shape {tuple(theirs.shape)} does not fit a weight of shape "
-                                 f"{tuple(mine.shape)}")
+                raise ValueError(f"RigL mask of shape {tuple(theirs.shape)} does not fit a weight of shape {tuple(mine.shape)}")
         self.masks = [m.to(device=w.device, dtype=torch.bool) for m, w in zip(state["masks"], self.weights)]
         self._count_active()
         self.steps_taken = int(state["steps_taken"])

@@ -27,6 +27,7 @@ still compute in fp32 (a bf16 input is widened; fp32 master weights as autocast 
 sparse coarse steps are at least as exact as the dense bf16 ones, and the timed choice compares each
 layer with the dense layer as the run would execute it (bf16 autocast, channels_last when set).
 """
+
 from __future__ import annotations
 
 import math
@@ -48,7 +49,7 @@ __all__ = ["NativeBackend", "conv_reason", "linear_reason"]
 def conv_reason(conv: nn.Module) -> str | None:
     """None if the native kernels compute this conv (any square kernel, any equal stride), else why not."""
     why = choice.conv_reason(conv, "the native kernels are")
-    if why is None and conv.weight.numel() >= 2 ** 31:
+    if why is None and conv.weight.numel() >= 2**31:
         why = "too many weights for int32 indices"
     return why
 
@@ -63,8 +64,11 @@ def _fp32_cpu(x) -> bool:
 
 def _act_cpu(x, dtype: torch.dtype | None) -> bool:
     """A CPU tensor of `dtype` (None: fp32 or bf16)."""
-    return (isinstance(x, torch.Tensor) and x.device.type == "cpu"
-            and (x.dtype in (torch.float32, torch.bfloat16) if dtype is None else x.dtype == dtype))
+    return (
+        isinstance(x, torch.Tensor)
+        and x.device.type == "cpu"
+        and (x.dtype in (torch.float32, torch.bfloat16) if dtype is None else x.dtype == dtype)
+    )
 
 
 class NativeBackend(LayerSwapBackend):
@@ -85,20 +89,44 @@ class NativeBackend(LayerSwapBackend):
         precision, channels_last: how the run's dense layers execute ("fp32" | "bf16" autocast; NHWC
             inputs), the baseline of the timed choice.
     """
+
     name = "native"
     runs_under_autocast = True
-    linear_any_rank = True            # a Linear on (B, ..., F) inputs (a transformer's tokens) runs on rows
+    linear_any_rank = True  # a Linear on (B, ..., F) inputs (a transformer's tokens) runs on rows
 
-    def __init__(self, model: nn.Module, batch_size: int | None = None, in_shape=None, *,
-                 optimizer: torch.optim.Optimizer | None = None, force: bool = False, min_speedup: float = 1.05,
-                 warmup: int = 1, repeats: int = 3, bucket: float = 0.1, native_bn: bool = True,
-                 precision: str = "fp32", channels_last: bool = False, choice_store="machine"):
+    def __init__(
+        self,
+        model: nn.Module,
+        batch_size: int | None = None,
+        in_shape=None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        force: bool = False,
+        min_speedup: float = 1.05,
+        warmup: int = 1,
+        repeats: int = 3,
+        bucket: float = 0.1,
+        native_bn: bool = True,
+        precision: str = "fp32",
+        channels_last: bool = False,
+        choice_store="machine",
+    ):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision={precision!r}: must be fp32 or bf16")
         self.ext = build.load()
         self.precision, self.channels_last = precision, channels_last
-        super().__init__(model, batch_size, in_shape, optimizer=optimizer, force=force, min_speedup=min_speedup,
-                         warmup=warmup, repeats=repeats, bucket=bucket, choice_store=choice_store)
+        super().__init__(
+            model,
+            batch_size,
+            in_shape,
+            optimizer=optimizer,
+            force=force,
+            min_speedup=min_speedup,
+            warmup=warmup,
+            repeats=repeats,
+            bucket=bucket,
+            choice_store=choice_store,
+        )
         self.native_bn = native_bn
         self.bns = [m for m in model.modules() if type(m) is nn.BatchNorm2d] if native_bn else []
         self.pools = [m for m in model.modules() if type(m) in POOLS and not pool_reason(m)] if native_bn else []
@@ -114,16 +142,17 @@ class NativeBackend(LayerSwapBackend):
     def fusion_summary(self) -> list[dict]:
         """Beyond ``summary()``'s prunable layers: every BatchNorm2d, pooling layer and untraceable module,
         with what runs natively and why (fusion.summary_rows); empty with ``native_bn=False``."""
-        return (summary_rows(self.model, self.graph, self.pools, POOLS, set(self.swapped_layers()))
-                if self.native_bn else [])
+        return summary_rows(self.model, self.graph, self.pools, POOLS, set(self.swapped_layers())) if self.native_bn else []
 
     @property
     def simd_path(self) -> str:
         return self.ext.simd_path()
 
     def _choice_context(self) -> str:
-        return (f"native {self.ext.__name__} {self.simd_path} {self.precision} channels_last={int(self.channels_last)} "
-                f"min_speedup={self.min_speedup:g}")
+        return (
+            f"native {self.ext.__name__} {self.simd_path} {self.precision} channels_last={int(self.channels_last)} "
+            f"min_speedup={self.min_speedup:g}"
+        )
 
     def _reason(self, mod: nn.Module, kind: str) -> str | None:
         return conv_reason(mod) if kind == "conv" else linear_reason(mod)
@@ -151,14 +180,14 @@ class NativeBackend(LayerSwapBackend):
         over the whole chain of layers."""
         mod = layer.module
         shape = (self.batch_size,) + layer.in_shape
-        if layer.kind == "linear":              # (B, ..., F) inputs (tokens): one (B * ..., F) matrix
+        if layer.kind == "linear":  # (B, ..., F) inputs (tokens): one (B * ..., F) matrix
             shape = (math.prod(shape[:-1]), shape[-1])
         x = torch.randn(shape, generator=self._generator)
         if self.channels_last and layer.kind == "conv":
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_(layer.in_grad)
         bf16 = self.precision == "bf16"
-        act = self.act_dtype             # what native neighbours hand on and expect (CHWB)
+        act = self.act_dtype  # what native neighbours hand on and expect (CHWB)
         if layer.kind == "conv":
             xn = ops.from_chwb(ops.to_chwb(x.detach()).to(act)).requires_grad_(layer.in_grad)
         else:
@@ -186,11 +215,15 @@ class NativeBackend(LayerSwapBackend):
             grad = grad.contiguous(memory_format=torch.channels_last)
         grad_d = grad.to(out.dtype)
         grad_n = ops.from_chwb(ops.to_chwb(grad.to(act))) if layer.kind == "conv" else grad.to(act).t().contiguous().t()
-        candidates = {"dense": lambda: dense().backward(grad_d), "dense_ctx": lambda: dense_ctx().backward(grad_n),
-                      "native": lambda: native().backward(grad_n)}
+        candidates = {
+            "dense": lambda: dense().backward(grad_d),
+            "dense_ctx": lambda: dense_ctx().backward(grad_n),
+            "native": lambda: native().backward(grad_n),
+        }
 
         def reset():
             x.grad = xn.grad = w_dense.grad = w_val.grad = None
+
         med = timed_rounds(candidates, self.warmup, self.repeats, reset)
         timings = {f"{name}_ms": 1e3 * v for name, v in med.items()}
         speedup = med["dense"] / med["native"]
@@ -207,17 +240,23 @@ class NativeBackend(LayerSwapBackend):
         the timings (cached and checkpointed), so a resumed run settles the same way."""
         if self.choices.force:
             return
-        chain = [layer for layer in self.layers if layer.reason is None and layer.kernel is not None
-                 and {"dense_ms", "dense_ctx_ms", "native_ms"} <= set(layer.timings)]
+        chain = [
+            layer
+            for layer in self.layers
+            if layer.reason is None
+            and layer.kernel is not None
+            and {"dense_ms", "dense_ctx_ms", "native_ms"} <= set(layer.timings)
+        ]
         if len(chain) < 2:
             return
         own = [{None: lay.timings["dense_ms"], "native": lay.timings["native_ms"] * self.min_speedup} for lay in chain]
         half = [max(0.0, lay.timings["dense_ctx_ms"] - lay.timings["dense_ms"]) / 2 for lay in chain]
 
-        def boundary(i, prev, cur):      # layer i-1 in state prev, layer i in state cur
+        def boundary(i, prev, cur):  # layer i-1 in state prev, layer i in state cur
             if prev == cur:
                 return 0.0
-            return half[i] if cur is None else half[i - 1]   # the dense side pays its half conversion
+            return half[i] if cur is None else half[i - 1]  # the dense side pays its half conversion
+
         states = (None, "native")
         cost = [{s: own[0][s] for s in states}]
         back = [{}]
@@ -233,8 +272,10 @@ class NativeBackend(LayerSwapBackend):
             lay = chain[i]
             if lay.mode != s:
                 ratio = lay.timings["dense_ms"] / lay.timings["native_ms"]
-                lay.why = (f"native {ratio:.2f}x alone; {'native' if s else 'dense'} with its neighbours "
-                           f"(conversions {2 * half[i]:.1f} ms)")
+                lay.why = (
+                    f"native {ratio:.2f}x alone; {'native' if s else 'dense'} with its neighbours "
+                    f"(conversions {2 * half[i]:.1f} ms)"
+                )
                 lay.mode = s
             s = back[i].get(s, s)
 
@@ -276,17 +317,23 @@ class NativeBackend(LayerSwapBackend):
         if x.dim() == 2:
             return ops.sparse_linear(x, layer.w_val, layer.kernel, self.precision == "bf16")
         out = ops.sparse_linear(x.reshape(-1, x.shape[-1]), layer.w_val, layer.kernel, self.precision == "bf16")
-        return out.reshape(*x.shape[:-1], out.shape[-1])        # (B, ..., F): tokens as rows
+        return out.reshape(*x.shape[:-1], out.shape[-1])  # (B, ..., F): tokens as rows
 
     def bn_act(self, bn: nn.Module, x: torch.Tensor, res: torch.Tensor | None = None, relu: bool = False):
         """``act(bn(x) [+ res])``: native when bn is a plain BatchNorm2d and x a CPU batch in the CHWB layout
         and the activation dtype (fp32; bf16 with precision=bf16), i.e. the output of a native layer; the
         statistics and arithmetic are fp32 either way. After a dense-kept layer torch's BatchNorm runs on its
         output: converting it would only be converted back for the next dense layer."""
-        if (type(bn) is nn.BatchNorm2d and _act_cpu(x, self.act_dtype) and x.dim() == 4 and x.shape[0] > 0
-                and ops.is_chwb(x) and (bn.weight is None or _fp32_cpu(bn.weight))
-                and (res is None or (_act_cpu(res, None) and res.shape == x.shape))
-                and (not bn.training or x.numel() > x.shape[1])):
+        if (
+            type(bn) is nn.BatchNorm2d
+            and _act_cpu(x, self.act_dtype)
+            and x.dim() == 4
+            and x.shape[0] > 0
+            and ops.is_chwb(x)
+            and (bn.weight is None or _fp32_cpu(bn.weight))
+            and (res is None or (_act_cpu(res, None) and res.shape == x.shape))
+            and (not bn.training or x.numel() > x.shape[1])
+        ):
             return ops.batch_norm(bn, ops.from_chwb(ops.to_chwb(x)), self.ext, res=res, relu=relu)
         # the module's own forward (ours may be installed on it: calling bn(x) would come back here)
         out = type(bn).forward(bn, x) if "forward" in bn.__dict__ else bn(x)
@@ -301,8 +348,8 @@ class NativeBackend(LayerSwapBackend):
             if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == bn.num_features:
                 return self.bn_act(bn, x)
             return dense_forward(bn, x)
-        return forward
 
+        return forward
 
 
 def _bn_act_caller(backend: NativeBackend):
@@ -310,12 +357,17 @@ def _bn_act_caller(backend: NativeBackend):
     the BatchNorm module, the conv output, the residual (or None) and the ReLU (its module, True for a functional
     one, False for none). A BatchNorm or ReLU module that got forward hooks after the tracing is called as a
     module (its hooks run; the BatchNorm still native), unfused."""
+
     def bn_act(bn, x, res, relu):
-        if bn._forward_hooks or bn._forward_pre_hooks or (isinstance(relu, nn.Module) and
-                                                          (relu._forward_hooks or relu._forward_pre_hooks)):
+        if (
+            bn._forward_hooks
+            or bn._forward_pre_hooks
+            or (isinstance(relu, nn.Module) and (relu._forward_hooks or relu._forward_pre_hooks))
+        ):
             out = bn(x) if res is None else bn(x) + res
             return relu(out) if isinstance(relu, nn.Module) else F.relu(out) if relu else out
         return backend.bn_act(bn, x, res=res, relu=relu is not False)
+
     return bn_act
 
 
@@ -326,4 +378,5 @@ def _pinned_forward(backend: NativeBackend, mod: nn.Module, gm):
         if backend._active and mod.training:
             return gm.forward(*args, **kwargs)
         return plain(mod, *args, **kwargs)
+
     return forward

@@ -10,6 +10,7 @@ targets on this CPU (AVX-512, else AVX2+FMA, else plain C++); the others force a
 tests and comparisons). After loading, a self-check runs every kernel on a small case against torch:
 a build that computes wrong numbers is never used.
 """
+
 from __future__ import annotations
 
 import functools
@@ -69,7 +70,8 @@ def cpu_fingerprint() -> str:
 
 def cache_dir() -> Path:
     root = os.environ.get("MLBREG_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mlbreg")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mlbreg"
+    )
     return Path(root)
 
 
@@ -84,8 +86,9 @@ def _isa() -> str:
 def _load(isa: str):
     if platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
         raise NativeUnavailable(f"untested CPU architecture {platform.machine()}")
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)   # "no CUDA runtime": not needed here
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime": not needed here
     from torch.utils import cpp_extension
+
     src_hash = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]
     # the checkout's path too: ninja rebuilds when the source path in its build file changes, so two
     # checkouts sharing one cache would otherwise rebuild each other's extension on every load
@@ -101,19 +104,25 @@ def _load(isa: str):
     cflags += {"auto": [], "avx2": ["-DMLBREG_FORCE_AVX2"], "plain": ["-DMLBREG_FORCE_PLAIN"]}[isa]
     name = f"mlbreg_native_{isa}_{src_hash}"
     if not any(build_dir.glob(f"{name}*.so")):
-        print(f"mlbreg: building the native CPU kernels ({isa} path; once, ~30 s; cached in {build_dir})",
-              file=sys.stderr)
+        print(f"mlbreg: building the native CPU kernels ({isa} path; once, ~30 s; cached in {build_dir})", file=sys.stderr)
     try:
-        with redirect_stdout(io.StringIO()):       # ninja's progress lines are not the user's business
-            mod = cpp_extension.load(name=name, sources=[str(SOURCE)],
-                                     extra_cflags=cflags, extra_ldflags=["-fopenmp"],
-                                     build_directory=str(build_dir), verbose=False)
+        with redirect_stdout(io.StringIO()):  # ninja's progress lines are not the user's business
+            mod = cpp_extension.load(
+                name=name,
+                sources=[str(SOURCE)],
+                extra_cflags=cflags,
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                verbose=False,
+            )
     except Exception as err:  # noqa: BLE001 - compiler missing, ninja missing, build error: all "unavailable"
         lines = str(err).strip().splitlines()
-        why = next((ln.strip() for ln in lines if "error" in ln.lower() and "ninja" not in ln.lower()),
-                   lines[-1] if lines else "")
-        raise NativeUnavailable(f"could not build the native kernels ({type(err).__name__}: {why[:200]}); "
-                                f"needs g++ and ninja (pip install ninja)") from err
+        why = next(
+            (ln.strip() for ln in lines if "error" in ln.lower() and "ninja" not in ln.lower()), lines[-1] if lines else ""
+        )
+        raise NativeUnavailable(
+            f"could not build the native kernels ({type(err).__name__}: {why[:200]}); needs g++ and ninja (pip install ninja)"
+        ) from err
     _self_check(mod)
     return mod
 
@@ -151,8 +160,9 @@ def _self_check(mod) -> None:
         x = torch.randn(batch, 4, 7, 15, generator=gen, dtype=torch.float64)
         err = ops.max_conv_error(mod, x, w, stride, pad)
         if not err < 1e-4:
-            raise NativeUnavailable(f"the native build ({mod.simd_path()}) failed its self-check "
-                                    f"(conv stride {stride}, kernel {k}: relative error {err:.2e})")
+            raise NativeUnavailable(
+                f"the native build ({mod.simd_path()}) failed its self-check "
+                f"(conv stride {stride}, kernel {k}: relative error {err:.2e})"
+            )
     if not ops.max_bn_error(mod, gen) < 1e-4:
         raise NativeUnavailable(f"the native build ({mod.simd_path()}) failed its BatchNorm self-check")
-

@@ -19,6 +19,7 @@ largest traceable submodules, each traced alone; what is left runs per-layer swa
 all this (``summary_rows``). The graph is traced once, in the mode the model is in (call it in training mode: a forward that
 branches on ``self.training`` keeps the branch it traced).
 """
+
 from __future__ import annotations
 
 import operator
@@ -40,11 +41,12 @@ _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 @dataclass
 class Fusion:
     """One fused chain: the BatchNorm2d's name in the model, its conv, and what follows it."""
+
     bn: str
     conv: str
     res: bool
     relu: bool
-    root: str                          # the traced module it lives in ("" = the model)
+    root: str  # the traced module it lives in ("" = the model)
 
     @property
     def pattern(self) -> str:
@@ -55,6 +57,7 @@ class Fusion:
 class GraphPlan:
     """The traced modules (name, module, rewritten GraphModule) that hold at least one fusion, every fusion,
     and (module name, reason) for each module that was not traced."""
+
     roots: list = field(default_factory=list)
     fusions: list = field(default_factory=list)
     notes: list = field(default_factory=list)
@@ -93,8 +96,10 @@ def _residual(node, bn):
     add must write into bn's output (``out += res``), not into the residual."""
     if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
         return None
-    if not ((node.op == "call_function" and node.target in _ADD_FUNCTIONS)
-            or (node.op == "call_method" and node.target in ("add", "add_"))):
+    if not (
+        (node.op == "call_function" and node.target in _ADD_FUNCTIONS)
+        or (node.op == "call_method" and node.target in ("add", "add_"))
+    ):
         return None
     a, b = node.args
     if node.target in (operator.iadd, "add_") and a is not bn:
@@ -132,7 +137,7 @@ def _rewrite(gm: fx.GraphModule, bn_act, root: str) -> list[Fusion]:
             act = graph.get_attr(end.target) if relu and end.op == "call_module" else relu
             fused = graph.call_function(bn_act, (graph.get_attr(node.target), conv, res, act))
         end.replace_all_uses_with(fused)
-        for dead in dict.fromkeys((end, add, node)):        # end may be the add
+        for dead in dict.fromkeys((end, add, node)):  # end may be the add
             if dead is not None and not dead.users:
                 graph.erase_node(dead)
         prefix = f"{root}." if root else ""
@@ -164,9 +169,14 @@ def _plan(mod: nn.Module, name: str, bn_act, plan: GraphPlan, plain: fx.Tracer) 
     try:
         gm = _trace(mod)
     except Exception as err:  # noqa: BLE001 - any tracing failure means: try the submodules
-        plan.notes.append((name or "(model)", f"not traceable by torch.fx ({type(err).__name__}: "
-                                               f"{str(err).splitlines()[0][:160] if str(err) else ''}); "
-                                               "its submodules are traced alone"))
+        plan.notes.append(
+            (
+                name or "(model)",
+                f"not traceable by torch.fx ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:160] if str(err) else ''}); "
+                "its submodules are traced alone",
+            )
+        )
         for child, sub in mod.named_children():
             _plan(sub, f"{name}.{child}" if name else child, bn_act, plan, plain)
         return
@@ -191,8 +201,8 @@ def pool_forward(pool: nn.Module):
         if isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu" and is_chwb(x):
             return pool_chwb(dense_forward, pool, x)
         return dense_forward(pool, x)
-    return forward
 
+    return forward
 
 
 def summary_rows(model: nn.Module, plan: GraphPlan, pools: list, pool_kinds: tuple, native: set) -> list[dict]:
@@ -215,8 +225,15 @@ def summary_rows(model: nn.Module, plan: GraphPlan, pools: list, pool_kinds: tup
                 row = dict(choice="native", why="alone (no fusable chain through it), on a native layer's output")
             rows.append(dict(layer=name, kind="batchnorm", **row))
         elif isinstance(mod, pool_kinds):
-            row = (dict(choice="CHWB layout", why="pools the batch-innermost layout in place") if id(mod) in native_pools
-                   else dict(choice="dense", why="return_indices=True" if getattr(mod, "return_indices", False)
-                             else f"{type(mod).__name__}: not a plain torch pooling layer"))
+            row = (
+                dict(choice="CHWB layout", why="pools the batch-innermost layout in place")
+                if id(mod) in native_pools
+                else dict(
+                    choice="dense",
+                    why="return_indices=True"
+                    if getattr(mod, "return_indices", False)
+                    else f"{type(mod).__name__}: not a plain torch pooling layer",
+                )
+            )
             rows.append(dict(layer=name, kind="pool", **row))
     return rows

@@ -12,6 +12,7 @@ the dense weight (the values are ``weight.view(-1)[idx]``). A stride-1 conv also
 flipped structure for its input gradient (a gather, like the forward); a strided conv's input gradient
 is a gather over the transposed structure, by parity class of the input position.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,6 +27,7 @@ from torch.nn import functional as F
 class OpTimes:
     """Seconds per kind of native work ("conv" kernels, "bn" fused BatchNorm, "layout" copies into CHWB),
     accumulated while ``enabled`` (benchmarks); off by default (one attribute read per call)."""
+
     enabled = False
     seconds: dict = defaultdict(float)
 
@@ -68,16 +70,17 @@ def pool_chwb(forward, pool, x: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Structure:
     """The fixed support of one conv (or linear, as a 1x1 conv on a 1x1 image) for the kernels."""
+
     ext: Any
     c_out: int
     c_in: int
     k: int
     stride: int
     pad: int
-    idx: torch.Tensor                 # int64 (nnz,) flat positions in the dense weight, kernel order
-    bptr: torch.Tensor                # int32 (c_out*k*k + 1,) bucket starts
-    chan: torch.Tensor                # int32 (nnz,) input channel per non-zero
-    t_perm: torch.Tensor | None = None   # kernel-order index of each transposed non-zero
+    idx: torch.Tensor  # int64 (nnz,) flat positions in the dense weight, kernel order
+    bptr: torch.Tensor  # int32 (c_out*k*k + 1,) bucket starts
+    chan: torch.Tensor  # int32 (nnz,) input channel per non-zero
+    t_perm: torch.Tensor | None = None  # kernel-order index of each transposed non-zero
     t_bptr: torch.Tensor | None = None
     t_chan: torch.Tensor | None = None
 
@@ -98,15 +101,24 @@ def build_structure(ext, mask: torch.Tensor, stride: int = 1, pad: int = 0) -> S
         mask = mask[:, :, None, None]
     c_out, c_in, k, k2 = mask.shape
     assert k == k2, mask.shape
-    if mask.numel() >= 2 ** 31:
+    if mask.numel() >= 2**31:
         raise ValueError(f"weight with {mask.numel()} entries is too large for int32 indices")
     nz = mask.nonzero()
     co, ci, u, v = nz.unbind(1)
     flat = ((co * c_in + ci) * k + u) * k + v
     order = torch.argsort(((co * k + u) * k + v) * c_in + ci)
     bucket = ((co * k + u) * k + v)[order]
-    st = Structure(ext, c_out, c_in, k, stride, pad, flat[order].contiguous(), _buckets(bucket, c_out * k * k),
-                   ci[order].to(torch.int32).contiguous())
+    st = Structure(
+        ext,
+        c_out,
+        c_in,
+        k,
+        stride,
+        pad,
+        flat[order].contiguous(),
+        _buckets(bucket, c_out * k * k),
+        ci[order].to(torch.int32).contiguous(),
+    )
     # transposed structure for the input gradient: per input channel, buckets of output channels;
     # flipped kernel positions for stride 1 (the gradient is then a stride-1 conv of the output
     # gradient), as they are for a strided conv (the transposed gather reads them directly)
@@ -123,11 +135,24 @@ def build_structure(ext, mask: torch.Tensor, stride: int = 1, pad: int = 0) -> S
 def _input_grad(st: Structure, g: torch.Tensor, val: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
     """The input gradient (CHWB) in `dtype` (the forward input's: float32 or bfloat16)."""
     t_val = val.index_select(0, st.t_perm)
-    if st.stride == 1:      # a stride-1 conv of the output gradient with the flipped, transposed kernel
+    if st.stride == 1:  # a stride-1 conv of the output gradient with the flipped, transposed kernel
         pad = st.k - 1 - st.pad
         gp = _timed("layout", st.ext.pad_chwb, g, pad)
-        return _timed("conv", st.ext.conv_gather_padded, gp, g.shape[1] + 2 * pad, g.shape[2] + 2 * pad, g.shape[3],
-                      st.t_bptr, st.t_chan, t_val, st.c_in, st.k, 1, dtype == torch.bfloat16)
+        return _timed(
+            "conv",
+            st.ext.conv_gather_padded,
+            gp,
+            g.shape[1] + 2 * pad,
+            g.shape[2] + 2 * pad,
+            g.shape[3],
+            st.t_bptr,
+            st.t_chan,
+            t_val,
+            st.c_in,
+            st.k,
+            1,
+            dtype == torch.bfloat16,
+        )
     out = _timed("conv", st.ext.conv_tgather, g, st.t_bptr, st.t_chan, t_val, st.c_in, h, w, st.k, st.stride, st.pad)
     return out if out.dtype == dtype else from_chwb(to_chwb(out).to(dtype))
 
@@ -146,8 +171,21 @@ class SparseConvFn(torch.autograd.Function):
         val = w_val.detach().contiguous()
         xp = _timed("layout", st.ext.pad_chwb, xc, st.pad)
         hp, wp = xc.shape[1] + 2 * st.pad, xc.shape[2] + 2 * st.pad
-        out = _timed("conv", st.ext.conv_gather_padded, xp, hp, wp, xc.shape[3], st.bptr, st.chan, val, st.c_out,
-                     st.k, st.stride, out_bf16)
+        out = _timed(
+            "conv",
+            st.ext.conv_gather_padded,
+            xp,
+            hp,
+            wp,
+            xc.shape[3],
+            st.bptr,
+            st.chan,
+            val,
+            st.c_out,
+            st.k,
+            st.stride,
+            out_bf16,
+        )
         ctx.st, ctx.hw, ctx.padded_hw, ctx.in_dtype = st, (x.shape[2], x.shape[3]), (hp, wp), x.dtype
         ctx.save_for_backward(xp if w_val.requires_grad else None, val)
         return out
@@ -158,8 +196,11 @@ class SparseConvFn(torch.autograd.Function):
         st = ctx.st
         g = to_chwb(grad)
         dx = _input_grad(st, g, val, *ctx.hw, ctx.in_dtype) if ctx.needs_input_grad[0] else None
-        dval = (_timed("conv", st.ext.conv_sddmm_padded, g, xp, *ctx.padded_hw, st.bptr, st.chan, st.k, st.stride)
-                if ctx.needs_input_grad[1] else None)
+        dval = (
+            _timed("conv", st.ext.conv_sddmm_padded, g, xp, *ctx.padded_hw, st.bptr, st.chan, st.k, st.stride)
+            if ctx.needs_input_grad[1]
+            else None
+        )
         return dx, dval, None, None
 
 
@@ -179,8 +220,9 @@ class BatchNormFn(torch.autograd.Function):
     the running estimate)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, res, ext, relu: bool, training: bool, running_mean, running_var,
-                factor: float, eps: float):
+    def forward(
+        ctx, x, weight, bias, res, ext, relu: bool, training: bool, running_mean, running_var, factor: float, eps: float
+    ):
         c = x.shape[1]
         xc = x.permute(1, 2, 3, 0)
         assert xc.is_contiguous(), "BatchNormFn needs a CHWB input"
@@ -208,20 +250,44 @@ class BatchNormFn(torch.autograd.Function):
     def backward(ctx, grad):
         xc, y, gamma, mean, var = ctx.saved_tensors
         g = to_chwb(grad)
-        dx, dgamma, dbeta, dres = _timed("bn", ctx.ext.bn_backward, g, xc, y.permute(1, 2, 3, 0) if ctx.relu else xc,
-                                         gamma, mean, var, ctx.eps, ctx.relu, ctx.training, ctx.has_res)
+        dx, dgamma, dbeta, dres = _timed(
+            "bn",
+            ctx.ext.bn_backward,
+            g,
+            xc,
+            y.permute(1, 2, 3, 0) if ctx.relu else xc,
+            gamma,
+            mean,
+            var,
+            ctx.eps,
+            ctx.relu,
+            ctx.training,
+            ctx.has_res,
+        )
         if ctx.has_res:
             dres = dres if ctx.relu else from_chwb(g)
             if dres.dtype != ctx.res_dtype:
                 dres = from_chwb(to_chwb(dres).to(ctx.res_dtype))
         else:
             dres = None
-        return (dx, dgamma if ctx.affine[0] else None, dbeta if ctx.affine[1] else None, dres,
-                None, None, None, None, None, None, None)
+        return (
+            dx,
+            dgamma if ctx.affine[0] else None,
+            dbeta if ctx.affine[1] else None,
+            dres,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def batch_norm(bn: torch.nn.BatchNorm2d, x: torch.Tensor, ext, res: torch.Tensor | None = None,
-               relu: bool = False) -> torch.Tensor:
+def batch_norm(
+    bn: torch.nn.BatchNorm2d, x: torch.Tensor, ext, res: torch.Tensor | None = None, relu: bool = False
+) -> torch.Tensor:
     """``act(bn(x) [+ res])`` with the module's statistics handled as nn.BatchNorm2d.forward does."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -257,7 +323,7 @@ def max_conv_error(ext, x64: torch.Tensor, w: torch.Tensor, stride: int, pad: in
 
 
 def max_bn_error(ext, gen: torch.Generator) -> float:
-    x = torch.randn(3, 5, 4, 11, generator=gen)          # (C, H, W, B) physical
+    x = torch.randn(3, 5, 4, 11, generator=gen)  # (C, H, W, B) physical
     r = torch.randn(3, 5, 4, 11, generator=gen)
     bn = torch.nn.BatchNorm2d(3)
     with torch.no_grad():
@@ -272,5 +338,10 @@ def max_bn_error(ext, gen: torch.Generator) -> float:
     g = torch.randn(out.shape, generator=gen)
     out.backward(g)
     ref.backward(g)
-    return max(_rel(out, ref), _rel(xa.grad, xb.grad), _rel(ra.grad, rb.grad), _rel(bn.weight.grad, ref_bn.weight.grad),
-               _rel(bn.running_var, ref_bn.running_var))
+    return max(
+        _rel(out, ref),
+        _rel(xa.grad, xb.grad),
+        _rel(ra.grad, rb.grad),
+        _rel(bn.weight.grad, ref_bn.weight.grad),
+        _rel(bn.running_var, ref_bn.running_var),
+    )
