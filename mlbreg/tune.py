@@ -183,12 +183,35 @@ def tune_name(cfg: DictConfig, target: float) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=TUNE_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def _probe_row(n: int, lam: float, final: dict, outcome: dict, seconds: float, run_dir) -> dict[str, Any]:
+    """tune.csv's row of probe `n`."""
+    return dict(
+        probe=n,
+        lam=lam,
+        sparsity_pct=final["sparsity_pct"],
+        test_acc_pct=final["test_acc_pct"],
+        status=outcome["status"],
+        reused=bool(outcome.get("skipped")),
+        seconds=round(seconds, 2),
+        run_dir=str(run_dir),
+    )
+
+
+def _probe_line(n, lam, final, sparsity, target, tolerance, outcome, seconds, run_dir) -> str:
+    """The line printed after probe `n`."""
+    side = "ok" if abs(sparsity - target) <= tolerance else ("below" if sparsity < target else "above")
+    return (
+        f"mlbreg tune: probe {n}: λ={lam:g} -> sparsity {final['sparsity_pct']:.2f}% ({side}; target "
+        f"{100 * target:g} ± {100 * tolerance:g}), test acc {final['test_acc_pct']:.2f}%"
+        f"{', reused' if outcome.get('skipped') else f', {seconds:.1f} s'}  {run_dir}"
+    )
 
 
 class _Interrupted(Exception):
@@ -230,26 +253,10 @@ def tune(
             raise _ProbeFailed(outcome, run_dir)
         final = outcome.get("final") or {}
         outcomes[lam] = dict(final, run_dir=str(run_dir))
-        rows.append(
-            dict(
-                probe=len(rows) + 1,
-                lam=lam,
-                sparsity_pct=final["sparsity_pct"],
-                test_acc_pct=final["test_acc_pct"],
-                status=outcome["status"],
-                reused=bool(outcome.get("skipped")),
-                seconds=round(seconds, 2),
-                run_dir=str(run_dir),
-            )
-        )
+        rows.append(_probe_row(len(rows) + 1, lam, final, outcome, seconds, run_dir))
         _write_csv(tune_dir / "tune.csv", rows)
         sparsity = final["sparsity_pct"] / 100
-        side = "ok" if abs(sparsity - target) <= tolerance else ("below" if sparsity < target else "above")
-        echo(
-            f"mlbreg tune: probe {len(rows)}: λ={lam:g} -> sparsity {final['sparsity_pct']:.2f}% ({side}; target "
-            f"{100 * target:g} ± {100 * tolerance:g}), test acc {final['test_acc_pct']:.2f}%"
-            f"{', reused' if outcome.get('skipped') else f', {seconds:.1f} s'}  {run_dir}"
-        )
+        echo(_probe_line(len(rows), lam, final, sparsity, target, tolerance, outcome, seconds, run_dir))
         return sparsity
 
     base = dict(target_sparsity=target, tolerance=tolerance, method=cfg.method.name, start_lam=float(cfg.lam))

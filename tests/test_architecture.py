@@ -61,7 +61,7 @@ LAYERS = {
     "__main__": 9,
 }
 LEAVES = {name for name, layer in LAYERS.items() if layer == 0}
-MAX_MODULE_LINES = 450   # counted after `ruff format` (its wrapping, not code golf, sets the length)
+MAX_MODULE_LINES = 450  # counted after `ruff format` (its wrapping, not code golf, sets the length)
 MAX_FUNCTION_LINES = 70
 
 
