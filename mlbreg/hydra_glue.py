@@ -31,7 +31,6 @@ class SweepError(ValueError):
 
 
 def register_resolvers() -> None:
-
     def _run_name(*, _root_):
         # Hydra resolves the run dir before it creates it: checking the config (and that
         # the data is there) here makes bad input fail before anything is written.

@@ -357,7 +357,6 @@ def main(argv: list[str]) -> int:
 
 
 def _register_name_resolver(target: float) -> None:
-
     def _name(*, _root_):
         validate(_root_)
         method = method_class(_root_.method.name)
