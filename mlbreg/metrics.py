@@ -56,7 +56,7 @@ def sparsity_summary(model: nn.Module, rows: list[dict] | None = None) -> dict[s
     return dict(
         sparsity_pct=100.0 * (1 - prunable_nnz / prunable),
         sparsity_all_params_pct=100.0 * (1 - (prunable_nnz + other_nnz) / (prunable + other_numel)),
-        conv_sparsity_pct=100.0 * zero_kernels / kernels if kernels else 0.0,
+        conv_sparsity_pct=100.0 * zero_kernels / kernels if kernels else float("nan"),  # nan: no conv layer
         nonzeros=prunable_nnz,
         prunable_params=prunable,
     )

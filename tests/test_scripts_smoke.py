@@ -110,8 +110,8 @@ def test_table1_trains_every_row_of_two_architectures_and_writes_table_1_and_its
     out = run_sh(shared, "table1.sh", *TORCH, ARCHS="resnet18 vgg16", REPORT_ARGS=PLOTS)
     assert sweeps_run(out) == [f"+experiment=table1_{arch} {' '.join(TORCH)}" for arch in ("resnet18", "vgg16")]
     report = reports(shared) / "table1"
-    # resnet18: 7 rows, 5 runs (the three ML LinBreg λ are one at lam=1); vgg16's 5 rows are among them
-    check_runs(report, 5, {"sgd", "prune_finetune", "rigl", "linbreg", "mllinbreg"})
+    # resnet18: 10 rows, 8 runs (the three ML LinBreg λ are one at lam=1); vgg16's rows are among them
+    check_runs(report, 8, {"sgd", "prune_finetune", "gmp", "static", "set", "rigl", "linbreg", "mllinbreg"})
     assert "--sweep +experiment=table1_resnet18" in out and "--sweep +experiment=table1_vgg16" in out
     for name in (
         "results.tex",
@@ -152,7 +152,9 @@ def test_figure6_runs_its_three_sweeps_per_architecture(shared):
         f"+experiment=ablation_lambda model=resnet18 {args}",
         f"+experiment=table1_resnet18 +experiment/row=prune_finetune_sp90 sparsity=0.5,0.7,0.8,0.9,0.95,0.98 {args}",
     ]
-    check_runs(reports(shared) / "figure6", 5, {"sgd", "prune_finetune", "rigl", "linbreg", "mllinbreg"})
+    check_runs(
+        reports(shared) / "figure6", 8, {"sgd", "prune_finetune", "gmp", "static", "set", "rigl", "linbreg", "mllinbreg"}
+    )
 
 
 def test_reproduce_paper_runs_the_script_chosen_by_scripts_with_the_arguments(shared):
@@ -225,7 +227,7 @@ def test_figure2_times_every_row_and_draws_the_time_split(shared):
 
 def test_reproduce_digits_runs_every_sweep_and_writes_its_four_reports(shared, tmp_path):
     """reproduce_digits.sh (JOBS=1: the joblib launcher in one process) at one seed, λ = 0.03 and a 90% target:
-    its six sweeps succeed (the three baselines, the λ and m ablations, the mask initializations) and its four
+    its nine sweeps succeed (the six baselines, the λ and m ablations, the mask initializations) and its four
     reports list their runs."""
     out = run_sh(
         shared,
@@ -239,8 +241,12 @@ def test_reproduce_digits_runs_every_sweep_and_writes_its_four_reports(shared, t
         JOBS="1",
     )
     sweeps = sweeps_run(out)
-    assert len(sweeps) == 6 and all("hydra/launcher=joblib hydra.launcher.n_jobs=1" in s for s in sweeps)
-    check_runs(tmp_path / "reports" / "digits_methods", 5, {"sgd", "prune_finetune", "rigl", "linbreg", "mllinbreg"})
+    assert len(sweeps) == 9 and all("hydra/launcher=joblib hydra.launcher.n_jobs=1" in s for s in sweeps)
+    check_runs(
+        tmp_path / "reports" / "digits_methods",
+        8,
+        {"sgd", "prune_finetune", "gmp", "static", "set", "rigl", "linbreg", "mllinbreg"},
+    )
     check_runs(tmp_path / "reports" / "digits_lambda", 2, {"linbreg", "mllinbreg"})
     assert set(check_runs(tmp_path / "reports" / "digits_m", 7, {"mllinbreg"})["m"]) == {1, 5, 10, 25, 50, 100, 200}
     check_runs(tmp_path / "reports" / "digits_mask_init", 6, {"rigl", "mllinbreg"})

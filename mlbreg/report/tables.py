@@ -26,10 +26,9 @@ def _pct(mean: float, std: float, latex: bool = False) -> str:
 
 
 def _has_conv(agg: pd.DataFrame) -> bool:
-    """Whether a convolutional sparsity column means anything (some model has conv layers)."""
-    if agg["model"].isin(["resnet18", "vgg16", "wrn28_10", "convnet"]).any():
-        return True
-    return "conv_sparsity_pct_mean" in agg and bool((agg["conv_sparsity_pct_mean"].fillna(0) > 0).any())
+    """Whether a convolutional sparsity column means anything: some model has conv layers (a model
+    without any has no conv sparsity: nan in metrics.csv)."""
+    return "conv_sparsity_pct_mean" in agg and bool(agg["conv_sparsity_pct_mean"].notna().any())
 
 
 def _config_columns(frame: pd.DataFrame) -> dict[str, pd.Series]:
