@@ -53,3 +53,24 @@ def run_mllinbreg(model, make, batches, m=3, lam=0.05, reg="l1", lr=0.05, precis
 def make_batches(sizes, shape=(2, 16, 16), seed=1):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(b, *shape, generator=g), torch.randint(0, 10, (b,), generator=g)) for b in sizes]
+
+
+def signal_at_step(monkeypatch, step: int, signum=None):
+    """Fault injection: deliver `signum` (default SIGTERM) to this process while training step `step`
+    runs (counted in `FlopsAccount.add_step`, called once per step). Returns the unpatched method, for a
+    test that restores it before the rerun."""
+    import os
+    import signal
+
+    from mlbreg.flops import FlopsAccount
+
+    original, count = FlopsAccount.add_step, {"n": 0}
+
+    def add_step(self, *args):
+        count["n"] += 1
+        if count["n"] == step:
+            os.kill(os.getpid(), signum or signal.SIGTERM)
+        return original(self, *args)
+
+    monkeypatch.setattr(FlopsAccount, "add_step", add_step)
+    return original

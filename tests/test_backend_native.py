@@ -19,7 +19,7 @@ from mlbreg.models import create_model
 from mlbreg.optim import MLLinBreg
 from mlbreg.sparsity import sparse_init_
 
-from helpers import backend_step, make_batches, make_cfg, run_mllinbreg
+from helpers import backend_step, make_batches, make_cfg, run_mllinbreg, signal_at_step
 
 try:
     EXT = native_build.load()
@@ -686,8 +686,6 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, precision, epochs, kill_
     resumed equals the uninterrupted run bit for bit (metrics, layers, weights); with precision=bf16 too
     (fine steps under bf16 autocast and channels_last, coarse steps on the native kernels, bf16
     activations)."""
-    import os
-    import signal
 
     from test_resume import assert_same_results
 
@@ -706,16 +704,7 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, precision, epochs, kill_
         f"precision={precision}",
     ]
     ref = train(make_cfg(*overrides), tmp_path / "ref")
-    original = FlopsAccount.add_step
-    counter = {"n": 0}
-
-    def add_step(self, kind, batch, *structure):
-        counter["n"] += 1
-        if counter["n"] == kill_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, kind, batch, *structure)
-
-    monkeypatch.setattr(FlopsAccount, "add_step", add_step)
+    original = signal_at_step(monkeypatch, kill_at)
     out = train(make_cfg(*overrides), tmp_path / "run")
     assert out["status"] == "interrupted" and out["step"] == kill_at
     monkeypatch.setattr(FlopsAccount, "add_step", original)

@@ -1,9 +1,6 @@
 """The baselines SET, static sparse training and gradual magnitude pruning (GMP): hand-worked
 updates, their schedules, their training FLOPs against hand counts, resumes and bad settings."""
 
-import os
-import signal
-
 import pandas as pd
 import pytest
 import torch
@@ -11,14 +8,13 @@ from torch import nn
 
 from mlbreg.checks import ConfigError
 from mlbreg.config import validate
-from mlbreg.flops import FlopsAccount
 from mlbreg.methods import build_method
 from mlbreg.models import create_model, prunable_modules
 from mlbreg.sparsity import GMP, RigL, drop_and_grow_random, gmp_sparsity, layer_magnitude_masks, sparse_init_
 from mlbreg.sparsity.rigl import drop_noise, grow_generator
 from mlbreg.train import train
 
-from helpers import make_cfg
+from helpers import make_cfg, signal_at_step
 
 IN_SHAPE = (1, 8, 8)
 SMALL = ["model.hidden=[16]", "backend=torch"]  # 64-16-10: f_D = 2·64·16 + 2·16·10 = 2368 per sample
@@ -242,15 +238,7 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_same_masks(method, tmp_path, mon
     momentum equal the uninterrupted run's."""
     overrides = [*method, "epochs=4", "model.hidden=[32]", "backend=torch"]
     assert train(make_cfg(*overrides), tmp_path / "ref")["status"] == "finished"
-    original, count = FlopsAccount.add_step, {"n": 0}
-
-    def add_step(self, *args):
-        count["n"] += 1
-        if count["n"] == 21:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, *args)
-
-    monkeypatch.setattr(FlopsAccount, "add_step", add_step)
+    signal_at_step(monkeypatch, 21)
     assert train(make_cfg(*overrides), tmp_path / "run")["status"] == "interrupted"
     monkeypatch.undo()
     assert train(make_cfg(*overrides), tmp_path / "run")["status"] == "finished"

@@ -5,7 +5,6 @@ checkpoint, so two launches of one command, and a killed + resumed run, compute 
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from mlbreg.backends.choice import LayerChoice
 from mlbreg.backends.choice_store import ChoiceStore, default_store
 from mlbreg.backends.native import build as native_build
 
-from helpers import make_cfg
+from helpers import make_cfg, signal_at_step
 
 pytestmark = pytest.mark.skipif(
     native_build.unavailable_reason() is not None, reason="the native kernels are not available here"
@@ -195,16 +194,7 @@ def test_killed_and_resumed_native_run_with_timed_choices_is_identical(tmp_path,
     monkeypatch.setenv("MLBREG_CHOICE_CACHE", str(record))
     overrides = [*RUN, "epochs=3", "backend=native"]
     ref = train(make_cfg(*overrides), tmp_path / "ref")
-    original = FlopsAccount.add_step
-    counter = {"n": 0}
-
-    def add_step(self, kind, batch, *structure):
-        counter["n"] += 1
-        if counter["n"] == 33:  # a coarse step of epoch 2 (23 steps per epoch)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, kind, batch, *structure)
-
-    monkeypatch.setattr(FlopsAccount, "add_step", add_step)
+    original = signal_at_step(monkeypatch, 33)  # a coarse step of epoch 2 (23 steps per epoch)
     assert train(make_cfg(*overrides), tmp_path / "run")["status"] == "interrupted"
     monkeypatch.setattr(FlopsAccount, "add_step", original)
     planted = tmp_path / "planted"

@@ -26,8 +26,9 @@ import pytest
 import torch
 
 from mlbreg.cli import main
-from mlbreg.flops import FlopsAccount
 from mlbreg.rundir import RunDir
+
+from helpers import signal_at_step
 
 ROOT = Path(__file__).resolve().parents[1]
 # 12 steps per epoch on digits; one thread: the resumed runs are compared bitwise with `finished`
@@ -65,18 +66,7 @@ def assert_same_results(a: Path, b: Path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def stop_at_step(monkeypatch, step: int):
-    """SIGTERM to this process while step `step` runs: the run checkpoints and stops ("interrupted")."""
-    original = FlopsAccount.add_step
-    counter = {"n": 0}
-
-    def add_step(self, *args):
-        counter["n"] += 1
-        if counter["n"] == step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, *args)
-
-    monkeypatch.setattr(FlopsAccount, "add_step", add_step)
+stop_at_step = signal_at_step
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from mlbreg.flops import FlopsAccount
 from mlbreg.rundir import RunDir
 from mlbreg.train import train
 
-from helpers import make_cfg
+from helpers import make_cfg, signal_at_step
 
 ROOT = Path(__file__).resolve().parents[1]
 # backend=torch: bitwise equality needs a fixed choice of layers (backend=auto may pick
@@ -108,18 +107,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, method):
         assert all(torch.equal(a, b) for a, b in zip(*masks))
 
 
-def _signal_at_step(monkeypatch, step: int, signum=signal.SIGTERM):
-    """Fault injection: deliver a signal to this process while step `step` runs."""
-    original = FlopsAccount.add_step
-    counter = {"n": 0}
-
-    def add_step(self, kind, batch, *structure):
-        counter["n"] += 1
-        if counter["n"] == step:
-            os.kill(os.getpid(), signum)
-        return original(self, kind, batch, *structure)
-
-    monkeypatch.setattr(FlopsAccount, "add_step", add_step)
+_signal_at_step = signal_at_step
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -8,7 +8,6 @@ than through its end result, which would be the same with the key ignored.
 """
 
 import math
-import os
 import signal
 
 import pandas as pd
@@ -19,11 +18,10 @@ from torch import nn
 import mlbreg.loop as loop
 from mlbreg.cli import main
 from mlbreg.data import load_dataset
-from mlbreg.flops import FlopsAccount
 from mlbreg.rundir import CHECKPOINT_FORMAT, CheckpointError, RunDir
 from mlbreg.train import train
 
-from helpers import make_cfg
+from helpers import make_cfg, signal_at_step
 
 # a conv net on 64 random 3x8x8 images, batches of 32: two training steps in one epoch. Three
 # input channels: a 1-channel NCHW batch is also channels_last-contiguous, a 3-channel one is not
@@ -202,18 +200,7 @@ def files(run):
     return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.iterdir() if p.is_file() and p.name != ".lock"}
 
 
-def interrupt_at_step(monkeypatch, step):
-    """SIGTERM to this process while step `step` runs: the run checkpoints and stops ("interrupted")."""
-    original = FlopsAccount.add_step
-    counter = {"n": 0}
-
-    def add_step(self, *args):
-        counter["n"] += 1
-        if counter["n"] == step:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, *args)
-
-    monkeypatch.setattr(FlopsAccount, "add_step", add_step)
+interrupt_at_step = signal_at_step
 
 
 def test_a_checkpoint_of_another_config_is_refused_and_left_alone(tmp_path, capsys):
